@@ -1,0 +1,466 @@
+//! The HTTP API (the Contract, `docs/api.md`). Handlers parse and check the request,
+//! hand it to the [`Node`], and turn the outcome into a status code and body. Every
+//! error leaves as `{"error":{"code","message"}}` with the status of its code; no input
+//! reaches a panic (bad paths, bodies and parameters are 400, sizes 413).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use capkv_core::validate::{self, MAX_SCAN_LIMIT, MAX_TIMEOUT_MS};
+use capkv_core::{
+    ApiError, ClusterInfo, Consistency, DeleteResponse, ErrorBody, FaultRequest, FaultState, KeyspaceSpec, Mode,
+    PutResponse, ScanEntry,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use utoipa::OpenApi;
+
+use crate::cp::{now_ms, Command, Condition, Op, Written};
+use crate::node::Node;
+use crate::rpc::{ForwardOp, ForwardReply};
+
+/// Requests without `timeout_ms` get this deadline.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Arc<Node>,
+    pub prometheus: Option<PrometheusHandle>,
+}
+
+/// An API error on its way out.
+pub struct Failure(pub ApiError);
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Failure {
+        Failure(e)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(ErrorBody { error: self.0 })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, Failure>;
+
+fn path_error(e: PathRejection) -> Failure {
+    Failure(ApiError::bad_request(format!("bad path: {e}")))
+}
+
+fn body_error(e: BytesRejection, limit: usize) -> Failure {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        Failure(ApiError::too_large(format!("value is larger than the limit of {limit} bytes")))
+    } else {
+        Failure(ApiError::bad_request(format!("cannot read body: {e}")))
+    }
+}
+
+/// Query parameters, parsed strictly: unknown names and malformed values are 400, so a
+/// typo such as `if_verison` never silently turns a CAS into a blind write.
+struct Params {
+    pairs: Vec<(String, String)>,
+}
+
+impl Params {
+    fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Params, ApiError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+            .map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
+        let mut seen = BTreeSet::new();
+        for (k, _) in &pairs {
+            if !allowed.contains(&k.as_str()) {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter '{k}'; allowed here: {}",
+                    allowed.join(", ")
+                )));
+            }
+            if !seen.insert(k.clone()) {
+                return Err(ApiError::bad_request(format!("query parameter '{k}' given twice")));
+            }
+        }
+        Ok(Params { pairs })
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    fn number(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        self.get(name)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| ApiError::bad_request(format!("{name} must be a non-negative integer, got '{v}'")))
+            })
+            .transpose()
+    }
+
+    /// The request's deadline, from `timeout_ms` (1..=60000) or the default.
+    fn deadline(&self) -> Result<Instant, ApiError> {
+        let timeout = match self.number("timeout_ms")? {
+            None => DEFAULT_TIMEOUT,
+            Some(ms) if (1..=MAX_TIMEOUT_MS).contains(&ms) => Duration::from_millis(ms),
+            Some(ms) => {
+                return Err(ApiError::bad_request(format!("timeout_ms must be between 1 and {MAX_TIMEOUT_MS}, got {ms}")))
+            }
+        };
+        Ok(Instant::now() + timeout)
+    }
+
+    fn consistency(&self) -> Result<Consistency, ApiError> {
+        self.get("consistency").map_or(Ok(Consistency::Linearizable), str::parse)
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    let s = v.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
+    validate::idempotency_key(s)?;
+    Ok(Some(s.to_owned()))
+}
+
+/// Checks a key from the path and refuses keyspaces this node knows are not cp.
+fn check_target(node: &Node, keyspace: &str, key: &str) -> Result<(), ApiError> {
+    validate::keyspace_name(keyspace)?;
+    validate::key(key.as_bytes())?;
+    check_cp(node, keyspace)
+}
+
+fn check_cp(node: &Node, keyspace: &str) -> Result<(), ApiError> {
+    // The local registry may lag behind a keyspace just created; an unknown keyspace is
+    // decided by the leader (404), so only a known ap keyspace is refused here.
+    if let Some(spec) = node.reader.keyspace(keyspace)? {
+        if spec.mode == Mode::Ap {
+            return Err(ApiError::new(
+                capkv_core::ErrorCode::NotImplemented,
+                format!("keyspace '{keyspace}' is an ap keyspace; ap replication is not served yet"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn condition(params: &Params) -> Result<Option<Condition>, ApiError> {
+    match (params.number("if_version")?, params.get("if_value")) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request("give if_version or if_value, not both")),
+        (Some(v), None) => Ok(Some(Condition::Version(v))),
+        (None, Some(v)) => Ok(Some(Condition::Value(v.as_bytes().to_vec()))),
+        (None, None) => Ok(None),
+    }
+}
+
+fn command(op: Op, headers: &HeaderMap) -> Result<Command, ApiError> {
+    Ok(Command { op, idempotency_key: idempotency_key(headers)?, proposed_at_ms: now_ms() })
+}
+
+/// Writes a value.
+#[utoipa::path(put, path = "/v1/kv/{ks}/{key}", tag = "kv",
+    params(("ks" = String, Path, description = "keyspace"), ("key" = String, Path, description = "key, 1..=1024 bytes"),
+        ("if_version" = Option<u64>, Query, description = "CAS on the key's version; 0 = only if absent"),
+        ("if_value" = Option<String>, Query, description = "CAS on the current value"),
+        ("timeout_ms" = Option<u64>, Query, description = "deadline, default 2000"),
+        ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key applies once")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = PutResponse), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
+async fn put_key(
+    State(st): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<PutResponse>> {
+    let Path((ks, key)) = path.map_err(path_error)?;
+    let params = Params::parse(q, &["if_version", "if_value", "timeout_ms"])?;
+    let limit = st.node.config.max_value_bytes;
+    let value = body.map_err(|e| body_error(e, limit))?;
+    if value.len() > limit {
+        return Err(ApiError::too_large(format!("value is {} bytes; the limit is {limit}", value.len())).into());
+    }
+    check_target(&st.node, &ks, &key)?;
+    let op = Op::Put { keyspace: ks, key: key.into_bytes(), value: value.to_vec(), condition: condition(&params)? };
+    match st.node.write(command(op, &headers)?, params.deadline()?).await? {
+        Written::Put { version } => Ok(Json(PutResponse { version })),
+        other => Err(ApiError::internal(format!("unexpected reply {other:?}")).into()),
+    }
+}
+
+/// Reads a value: the body is the value's bytes, `X-Capkv-Version` its version.
+#[utoipa::path(get, path = "/v1/kv/{ks}/{key}", tag = "kv",
+    params(("ks" = String, Path), ("key" = String, Path),
+        ("consistency" = Option<String>, Query, description = "linearizable (default) or serializable"),
+        ("timeout_ms" = Option<u64>, Query)),
+    responses((status = 200, body = Vec<u8>, content_type = "application/octet-stream",
+        headers(("X-Capkv-Version" = u64, description = "the key's version"))),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
+async fn get_key(
+    State(st): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
+    let Path((ks, key)) = path.map_err(path_error)?;
+    let params = Params::parse(q, &["consistency", "timeout_ms"])?;
+    check_target(&st.node, &ks, &key)?;
+    let op = ForwardOp::Get { keyspace: ks.clone(), key: key.into_bytes() };
+    let reply = match params.consistency()? {
+        Consistency::Serializable => st.node.read_local(&op)?,
+        Consistency::Linearizable => st.node.linearizable_read(op, params.deadline()?).await?,
+    };
+    match reply {
+        ForwardReply::Value(Some((version, value))) => {
+            let mut resp = value.into_response();
+            let h = resp.headers_mut();
+            h.insert("x-capkv-version", HeaderValue::from(version));
+            h.insert("content-type", HeaderValue::from_static("application/octet-stream"));
+            Ok(resp)
+        }
+        ForwardReply::Value(None) => Err(ApiError::not_found(format!("key not found in keyspace '{ks}'")).into()),
+        other => Err(ApiError::internal(format!("unexpected reply {other:?}")).into()),
+    }
+}
+
+/// Deletes a key (200 whether or not it existed; `deleted` tells).
+#[utoipa::path(delete, path = "/v1/kv/{ks}/{key}", tag = "kv",
+    params(("ks" = String, Path), ("key" = String, Path), ("if_version" = Option<u64>, Query),
+        ("if_value" = Option<String>, Query), ("timeout_ms" = Option<u64>, Query),
+        ("Idempotency-Key" = Option<String>, Header)),
+    responses((status = 200, body = DeleteResponse), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 504, body = ErrorBody)))]
+async fn delete_key(
+    State(st): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> ApiResult<Json<DeleteResponse>> {
+    let Path((ks, key)) = path.map_err(path_error)?;
+    let params = Params::parse(q, &["if_version", "if_value", "timeout_ms"])?;
+    check_target(&st.node, &ks, &key)?;
+    let op = Op::Delete { keyspace: ks, key: key.into_bytes(), condition: condition(&params)? };
+    match st.node.write(command(op, &headers)?, params.deadline()?).await? {
+        Written::Delete { deleted, version } => Ok(Json(DeleteResponse { deleted, version })),
+        other => Err(ApiError::internal(format!("unexpected reply {other:?}")).into()),
+    }
+}
+
+/// Lists keys of a keyspace in key order. `X-Capkv-More: true` when `limit` cut the list;
+/// continue with `after=` the last key returned.
+#[utoipa::path(get, path = "/v1/kv/{ks}", tag = "kv",
+    params(("ks" = String, Path), ("prefix" = Option<String>, Query), ("after" = Option<String>, Query),
+        ("limit" = Option<u64>, Query, description = "default 1000, at most 10000"),
+        ("consistency" = Option<String>, Query), ("timeout_ms" = Option<u64>, Query)),
+    responses((status = 200, body = Vec<ScanEntry>), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn scan_keys(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
+    let Path(ks) = path.map_err(path_error)?;
+    let params = Params::parse(q, &["prefix", "after", "limit", "consistency", "timeout_ms"])?;
+    validate::keyspace_name(&ks)?;
+    check_cp(&st.node, &ks)?;
+    let limit = match params.number("limit")? {
+        None => 1000,
+        Some(n) if (1..=MAX_SCAN_LIMIT as u64).contains(&n) => n as usize,
+        Some(n) => return Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_SCAN_LIMIT}, got {n}")).into()),
+    };
+    let op = ForwardOp::Scan {
+        keyspace: ks,
+        prefix: params.get("prefix").unwrap_or("").as_bytes().to_vec(),
+        after: params.get("after").map(|a| a.as_bytes().to_vec()),
+        limit,
+    };
+    let reply = match params.consistency()? {
+        Consistency::Serializable => st.node.read_local(&op)?,
+        Consistency::Linearizable => st.node.linearizable_read(op, params.deadline()?).await?,
+    };
+    let ForwardReply::Scan { rows, more } = reply else {
+        return Err(ApiError::internal("unexpected reply to a scan").into());
+    };
+    let entries: Vec<ScanEntry> = rows.iter().map(|(k, v, val)| ScanEntry::new(k, val, *v)).collect();
+    let mut resp = Json(entries).into_response();
+    resp.headers_mut().insert("x-capkv-more", HeaderValue::from_static(if more { "true" } else { "false" }));
+    Ok(resp)
+}
+
+/// Creates a keyspace (201), or 409 if one with that name exists.
+#[utoipa::path(post, path = "/v1/keyspaces", tag = "keyspaces", request_body = KeyspaceSpec,
+    params(("timeout_ms" = Option<u64>, Query), ("Idempotency-Key" = Option<String>, Header)),
+    responses((status = 201, body = KeyspaceSpec), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+async fn create_keyspace(
+    State(st): State<AppState>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Result<Json<KeyspaceSpec>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<KeyspaceSpec>)> {
+    let params = Params::parse(q, &["timeout_ms"])?;
+    let Json(spec) = body.map_err(|e| ApiError::bad_request(format!("bad keyspace spec: {}", e.body_text())))?;
+    let spec = spec.normalized()?;
+    let op = Op::CreateKeyspace { spec: spec.clone() };
+    st.node.write(command(op, &headers)?, params.deadline()?).await?;
+    Ok((StatusCode::CREATED, Json(spec)))
+}
+
+/// Lists keyspaces (linearizable by default).
+#[utoipa::path(get, path = "/v1/keyspaces", tag = "keyspaces",
+    params(("consistency" = Option<String>, Query), ("timeout_ms" = Option<u64>, Query)),
+    responses((status = 200, body = Vec<KeyspaceSpec>), (status = 503, body = ErrorBody)))]
+async fn list_keyspaces(State(st): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Vec<KeyspaceSpec>>> {
+    let params = Params::parse(q, &["consistency", "timeout_ms"])?;
+    let reply = match params.consistency()? {
+        Consistency::Serializable => st.node.read_local(&ForwardOp::ListKeyspaces)?,
+        Consistency::Linearizable => st.node.linearizable_read(ForwardOp::ListKeyspaces, params.deadline()?).await?,
+    };
+    match reply {
+        ForwardReply::Keyspaces(list) => Ok(Json(list)),
+        _ => Err(ApiError::internal("unexpected reply to a keyspace list").into()),
+    }
+}
+
+/// This node's view of the cluster: its role, the leader, every node and whether it is reachable.
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = ClusterInfo)))]
+async fn cluster(State(st): State<AppState>) -> Json<ClusterInfo> {
+    Json(st.node.cluster_info().await)
+}
+
+fn fault_state(node: &Node) -> FaultState {
+    FaultState {
+        enabled: node.config.enable_faults,
+        isolate_from: node.faults.isolated().into_iter().map(|id| node.name_of(id)).collect(),
+    }
+}
+
+fn require_faults(node: &Node) -> Result<(), ApiError> {
+    if node.config.enable_faults {
+        Ok(())
+    } else {
+        Err(ApiError::new(capkv_core::ErrorCode::Forbidden, "fault injection is disabled; start the node with --enable-faults"))
+    }
+}
+
+/// Isolates this node from the listed nodes: all peer traffic to and from them is dropped.
+#[utoipa::path(post, path = "/v1/faults", tag = "faults", request_body = FaultRequest,
+    responses((status = 200, body = FaultState), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn set_faults(
+    State(st): State<AppState>,
+    body: Result<Json<FaultRequest>, JsonRejection>,
+) -> ApiResult<Json<FaultState>> {
+    require_faults(&st.node)?;
+    let Json(req) = body.map_err(|e| ApiError::bad_request(format!("bad fault request: {}", e.body_text())))?;
+    let mut ids = BTreeSet::new();
+    for name in &req.isolate_from {
+        let m = st.node.config.member_by_name(name).ok_or_else(|| ApiError::bad_request(format!("unknown node '{name}'")))?;
+        if m.id == st.node.id() {
+            return Err(ApiError::bad_request("a node cannot be isolated from itself").into());
+        }
+        ids.insert(m.id);
+    }
+    tracing::warn!(isolate_from = ?req.isolate_from, "fault injection: isolating");
+    st.node.faults.isolate(ids);
+    Ok(Json(fault_state(&st.node)))
+}
+
+/// Removes every fault on this node.
+#[utoipa::path(delete, path = "/v1/faults", tag = "faults",
+    responses((status = 200, body = FaultState), (status = 403, body = ErrorBody)))]
+async fn clear_faults(State(st): State<AppState>) -> ApiResult<Json<FaultState>> {
+    require_faults(&st.node)?;
+    tracing::warn!("fault injection: healed");
+    st.node.faults.isolate(BTreeSet::new());
+    Ok(Json(fault_state(&st.node)))
+}
+
+/// The faults active on this node.
+#[utoipa::path(get, path = "/v1/faults", tag = "faults", responses((status = 200, body = FaultState)))]
+async fn get_faults(State(st): State<AppState>) -> Json<FaultState> {
+    Json(fault_state(&st.node))
+}
+
+/// Liveness: 200 while the process serves HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "alive")))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format")))]
+async fn prometheus(State(st): State<AppState>) -> Response {
+    match &st.prometheus {
+        Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
+        None => Failure(ApiError::new(capkv_core::ErrorCode::NotImplemented, "metrics recorder not installed")).into_response(),
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "capkv", description = "A distributed key-value store in which every keyspace picks its side of CAP."),
+    paths(put_key, get_key, delete_key, scan_keys, create_keyspace, list_keyspaces, cluster, set_faults, clear_faults,
+        get_faults, healthz, prometheus),
+    components(schemas(ErrorBody, ApiError, capkv_core::ErrorCode, PutResponse, DeleteResponse, ScanEntry, KeyspaceSpec,
+        Mode, ClusterInfo, capkv_core::ClusterNode, FaultRequest, FaultState))
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+async fn fallback(method: Method, uri: axum::http::Uri) -> Failure {
+    Failure(ApiError::not_found(format!("no such endpoint: {method} {}", uri.path())))
+}
+
+/// A short operation name per route, the `op` label of the request metrics.
+fn op_name(method: &Method, path: Option<&str>) -> &'static str {
+    match (method.as_str(), path.unwrap_or("")) {
+        ("PUT", "/v1/kv/{ks}/{*key}") => "put",
+        ("GET", "/v1/kv/{ks}/{*key}") => "get",
+        ("DELETE", "/v1/kv/{ks}/{*key}") => "delete",
+        ("GET", "/v1/kv/{ks}") => "scan",
+        ("POST", "/v1/keyspaces") => "keyspace_create",
+        ("GET", "/v1/keyspaces") => "keyspace_list",
+        ("GET", "/v1/cluster") => "cluster",
+        (_, "/v1/faults") => "faults",
+        (_, "/metrics") => "metrics",
+        (_, "/healthz") => "healthz",
+        (_, "/v1/openapi.json") => "openapi",
+        _ => "other",
+    }
+}
+
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let op = op_name(req.method(), req.extensions().get::<MatchedPath>().map(|p| p.as_str()));
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("capkv_http_requests_total", "op" => op, "status" => status).increment(1);
+    metrics::histogram!("capkv_http_request_duration_seconds", "op" => op).record(started.elapsed().as_secs_f64());
+    resp
+}
+
+pub fn router(state: AppState) -> Router {
+    // Bodies up to the value limit are read; the handler answers anything larger with
+    // 413 before it is buffered whole (the limit bounds memory per request).
+    let body_limit = state.node.config.max_value_bytes + 1;
+    Router::new()
+        .route("/v1/kv/{ks}/{*key}", put(put_key).get(get_key).delete(delete_key))
+        .route("/v1/kv/{ks}", get(scan_keys))
+        .route("/v1/keyspaces", post(create_keyspace).get(list_keyspaces))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/faults", post(set_faults).delete(clear_faults).get(get_faults))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(prometheus))
+        .route("/healthz", get(healthz))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(record_metrics))
+        .with_state(state)
+}

@@ -1,0 +1,330 @@
+//! The command line: `serve` and `dev` run nodes; every other command is a thin
+//! front end over `capkv-client`.
+
+use std::path::PathBuf;
+
+use capkv_client::{Client, ClientError, Consistency, KeyspaceSpec, Mode, WriteOptions};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{parse_cluster, ConfigError, ConfigFile, NodeConfig};
+
+#[derive(Parser)]
+#[command(name = "capkv", version, about = "A distributed key-value store in which every keyspace picks its side of CAP")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub struct NodeArg {
+    /// Node URL(s) to talk to, comma-separated; the client learns the others from the cluster.
+    #[arg(long, default_value = "http://127.0.0.1:7001")]
+    pub node: String,
+}
+
+impl NodeArg {
+    fn client(&self) -> Client {
+        Client::new(self.node.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned))
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run one node.
+    Serve(ServeArgs),
+    /// Run a local cluster of N nodes in the foreground (Ctrl-C stops it).
+    Dev {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value_t = 7000)]
+        base_port: u16,
+        #[arg(long, default_value = "./capkv-data")]
+        data_dir: PathBuf,
+    },
+    /// Write a value.
+    Put {
+        keyspace: String,
+        key: String,
+        value: String,
+        /// Only if the key's version is V (0: only if absent).
+        #[arg(long)]
+        if_version: Option<u64>,
+        /// Only if the key's current value is X.
+        #[arg(long)]
+        if_value: Option<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Read a value.
+    Get {
+        keyspace: String,
+        key: String,
+        /// Read this node's replica without asking the leader (may be stale).
+        #[arg(long)]
+        serializable: bool,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Delete a key.
+    Del {
+        keyspace: String,
+        key: String,
+        #[arg(long)]
+        if_version: Option<u64>,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// List keys in key order.
+    Scan {
+        keyspace: String,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Create or list keyspaces.
+    Keyspace {
+        #[command(subcommand)]
+        cmd: KeyspaceCmd,
+    },
+    /// Show every node: role, term, applied index, reachable peers.
+    Status {
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Inject network faults on every node (nodes must run with --enable-faults).
+    Fault {
+        #[command(subcommand)]
+        cmd: FaultCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeyspaceCmd {
+    Create {
+        name: String,
+        #[arg(long, value_enum)]
+        mode: ModeArg,
+        #[arg(long)]
+        n: Option<u32>,
+        #[arg(long)]
+        r: Option<u32>,
+        #[arg(long)]
+        w: Option<u32>,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    List {
+        #[command(flatten)]
+        node: NodeArg,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    Cp,
+    Ap,
+}
+
+#[derive(Subcommand)]
+pub enum FaultCmd {
+    /// Split the cluster: each GROUP is comma-separated node ids; nodes in different
+    /// groups cannot exchange messages. Nodes in no group are left alone.
+    Partition {
+        #[arg(required = true, num_args = 2..)]
+        groups: Vec<String>,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Remove every fault on every node.
+    Heal {
+        #[command(flatten)]
+        node: NodeArg,
+    },
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// This node's id, e.g. n1.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// HTTP listen address (default: this node's address in --cluster).
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Peer listen address (default: this node's address in --cluster).
+    #[arg(long)]
+    pub peer: Option<String>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Every node: id=peer_addr@http_addr,...
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Allow /v1/faults (testing only).
+    #[arg(long)]
+    pub enable_faults: bool,
+    /// Largest value accepted, in bytes (default 1 MiB).
+    #[arg(long)]
+    pub max_value_bytes: Option<usize>,
+    /// Snapshot and purge the Raft log every N entries (default 10000).
+    #[arg(long)]
+    pub snapshot_every: Option<u64>,
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> Result<NodeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(p) => ConfigFile::load(p)?,
+            None => ConfigFile::default(),
+        };
+        let id = self.id.or(file.id).ok_or(ConfigError::Missing("--id"))?;
+        let cluster = parse_cluster(&self.cluster.or(file.cluster).ok_or(ConfigError::Missing("--cluster"))?)?;
+        let data_dir = self.data_dir.or(file.data_dir).ok_or(ConfigError::Missing("--data-dir"))?;
+        let mut cfg = NodeConfig::new(id, cluster, data_dir, self.http.or(file.http), self.peer.or(file.peer))?;
+        cfg.enable_faults = self.enable_faults || file.enable_faults.unwrap_or(false);
+        if let Some(v) = self.max_value_bytes.or(file.max_value_bytes) {
+            if v == 0 || v > 64 * 1024 * 1024 {
+                return Err(ConfigError::Invalid("--max-value-bytes must be between 1 and 67108864".into()));
+            }
+            cfg.max_value_bytes = v;
+        }
+        if let Some(v) = self.snapshot_every.or(file.snapshot_every) {
+            if v == 0 {
+                return Err(ConfigError::Invalid("--snapshot-every must be at least 1".into()));
+            }
+            cfg.snapshot_every = v;
+        }
+        Ok(cfg)
+    }
+}
+
+fn print_value(bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => println!("{s}"),
+        Err(_) => println!("(binary, {} bytes)", bytes.len()),
+    }
+}
+
+fn fail(e: ClientError) -> String {
+    e.to_string()
+}
+
+/// Runs a client command; `Err` carries the message to print (the exit status is 1).
+pub async fn run_client(cmd: Cmd) -> Result<(), String> {
+    match cmd {
+        Cmd::Serve(_) | Cmd::Dev { .. } => unreachable!("handled by main"),
+        Cmd::Put { keyspace, key, value, if_version, if_value, idempotency_key, node } => {
+            let opts = WriteOptions { if_version, if_value, idempotency_key, timeout_ms: None };
+            let r = node.client().put(&keyspace, key.as_bytes(), value.into_bytes(), &opts).await.map_err(fail)?;
+            println!("ok, version {}", r.version);
+        }
+        Cmd::Get { keyspace, key, serializable, node } => {
+            let c = if serializable { Consistency::Serializable } else { Consistency::Linearizable };
+            match node.client().get(&keyspace, key.as_bytes(), c).await.map_err(fail)? {
+                Some(v) => print_value(&v.value),
+                None => return Err(format!("key '{key}' not found")),
+            }
+        }
+        Cmd::Del { keyspace, key, if_version, node } => {
+            let opts = WriteOptions { if_version, ..Default::default() };
+            let r = node.client().delete(&keyspace, key.as_bytes(), &opts).await.map_err(fail)?;
+            println!("{}", if r.deleted { "deleted" } else { "not found (nothing deleted)" });
+        }
+        Cmd::Scan { keyspace, prefix, limit, node } => {
+            let (entries, more) = node.client().scan(&keyspace, &prefix, None, Some(limit)).await.map_err(fail)?;
+            for e in &entries {
+                let key = String::from_utf8_lossy(&e.key_bytes()).into_owned();
+                let value = String::from_utf8_lossy(&e.value_bytes()).into_owned();
+                println!("{key}\t{value}\t(version {})", e.version);
+            }
+            if more {
+                println!("... more (raise --limit)");
+            }
+        }
+        Cmd::Keyspace { cmd: KeyspaceCmd::Create { name, mode, n, r, w, node } } => {
+            let mode = match mode {
+                ModeArg::Cp => Mode::Cp,
+                ModeArg::Ap => Mode::Ap,
+            };
+            let spec = node.client().create_keyspace(&KeyspaceSpec { name, mode, n, r, w }).await.map_err(fail)?;
+            println!("created {}", serde_json::to_string(&spec).unwrap_or_default());
+        }
+        Cmd::Keyspace { cmd: KeyspaceCmd::List { node } } => {
+            for ks in node.client().list_keyspaces().await.map_err(fail)? {
+                println!("{}", serde_json::to_string(&ks).unwrap_or_default());
+            }
+        }
+        Cmd::Status { node } => status(node.client()).await?,
+        Cmd::Fault { cmd: FaultCmd::Partition { groups, node } } => partition(node.client(), &groups).await?,
+        Cmd::Fault { cmd: FaultCmd::Heal { node } } => heal(node.client()).await?,
+    }
+    Ok(())
+}
+
+async fn status(client: Client) -> Result<(), String> {
+    let info = client.cluster().await.map_err(fail)?;
+    println!("{:<6} {:<10} {:>6} {:>10} {:>10}  {:<8} reachable peers", "node", "role", "term", "applied", "commit", "leader");
+    for n in &info.nodes {
+        match client.cluster_of(&format!("http://{}", n.http_addr)).await {
+            Ok(v) => {
+                let peers: Vec<&str> =
+                    v.nodes.iter().filter(|p| p.reachable && p.id != v.node).map(|p| p.id.as_str()).collect();
+                println!(
+                    "{:<6} {:<10} {:>6} {:>10} {:>10}  {:<8} {}",
+                    v.node,
+                    v.role,
+                    v.term,
+                    v.applied_index,
+                    v.commit_index,
+                    v.leader.as_deref().unwrap_or("-"),
+                    if peers.is_empty() { "none".to_owned() } else { peers.join(",") }
+                );
+            }
+            Err(e) => println!("{:<6} {:<10} {e}", n.id, "down"),
+        }
+    }
+    Ok(())
+}
+
+async fn partition(client: Client, groups: &[String]) -> Result<(), String> {
+    let info = client.cluster().await.map_err(fail)?;
+    let groups: Vec<Vec<String>> =
+        groups.iter().map(|g| g.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for id in groups.iter().flatten() {
+        if !info.nodes.iter().any(|n| &n.id == id) {
+            return Err(format!("unknown node '{id}'; the cluster has {}", info.nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>().join(", ")));
+        }
+        if !seen.insert(id.clone()) {
+            return Err(format!("node '{id}' is in more than one group"));
+        }
+    }
+    let mut failed = Vec::new();
+    for n in &info.nodes {
+        let Some(mine) = groups.iter().find(|g| g.contains(&n.id)) else { continue };
+        let others: Vec<String> = groups.iter().filter(|g| *g != mine).flatten().cloned().collect();
+        match client.set_faults(&format!("http://{}", n.http_addr), others.clone()).await {
+            Ok(_) => println!("{}: isolated from {}", n.id, others.join(",")),
+            Err(e) => failed.push(format!("{}: {e}", n.id)),
+        }
+    }
+    if failed.is_empty() { Ok(()) } else { Err(failed.join("\n")) }
+}
+
+async fn heal(client: Client) -> Result<(), String> {
+    let info = client.cluster().await.map_err(fail)?;
+    let mut failed = Vec::new();
+    for n in &info.nodes {
+        match client.set_faults(&format!("http://{}", n.http_addr), Vec::new()).await {
+            Ok(_) => println!("{}: healed", n.id),
+            Err(e) => failed.push(format!("{}: {e}", n.id)),
+        }
+    }
+    if failed.is_empty() { Ok(()) } else { Err(failed.join("\n")) }
+}

@@ -1,0 +1,127 @@
+//! cp keyspaces: one Raft group (openraft) replicating a state machine over the [`Engine`].
+//!
+//! ```text
+//!   Node::write ──client_write──▶ openraft ──append──▶ LogStore ──▶ Engine (Tree::Log)
+//!                                    │                    └─ GroupCommit: fsync, then ack
+//!                                    └──apply (committed)──▶ StateMachine ──▶ Engine (Tree::Data)
+//!   Node::read (linearizable) ──ensure_linearizable (ReadIndex)──▶ Reader ──▶ Engine (Tree::Data)
+//! ```
+//!
+//! Ordering rules, enforced in [`log_store`] and [`state_machine`]:
+//! 1. An appended entry is reported flushed to openraft only after an fsync that began
+//!    after it was written. openraft only counts a node toward a commit quorum after
+//!    that, so an acknowledged write is on disk on a majority.
+//! 2. The vote is fsynced before `save_vote` returns (a node must never vote twice in a term).
+//! 3. The state machine writes without fsync: after a crash it may be behind the log, and
+//!    openraft re-applies from the log. So the log is never purged past what is durable
+//!    in the state machine: `purge` fsyncs first.
+//!
+//! [`Engine`]: crate::storage::Engine
+
+// openraft's `StorageError` is large and is the error type its storage traits demand;
+// boxing it in our helpers would only add conversions at every trait boundary.
+#![allow(clippy::result_large_err)]
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+use std::fmt;
+use std::io::Cursor;
+
+use capkv_core::{ApiError, KeyspaceSpec};
+use serde::{Deserialize, Serialize};
+
+/// Raft's node id: the number in a node name such as `n3`.
+pub type NodeId = u64;
+
+/// What openraft stores about each member: how to reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerNode {
+    pub name: String,
+    pub peer_addr: String,
+    pub http_addr: String,
+}
+
+impl fmt::Display for PeerNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.peer_addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// The Raft type configuration of capkv's cp group.
+    pub TypeConfig:
+        D = Command,
+        R = Reply,
+        NodeId = NodeId,
+        Node = PeerNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StorageResult<T> = Result<T, openraft::StorageError<NodeId>>;
+
+/// A compare-and-set precondition on a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Condition {
+    /// The key's version must equal this; `0` means the key must be absent.
+    Version(u64),
+    /// The key must exist with exactly this value.
+    Value(Vec<u8>),
+}
+
+/// A state-changing operation on the cp state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Put { keyspace: String, key: Vec<u8>, value: Vec<u8>, condition: Option<Condition> },
+    Delete { keyspace: String, key: Vec<u8>, condition: Option<Condition> },
+    CreateKeyspace { spec: KeyspaceSpec },
+}
+
+/// A Raft log entry's payload: an operation plus what makes its application
+/// deterministic and idempotent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub op: Op,
+    /// The client's `Idempotency-Key`: a second command with the same key gets the
+    /// first one's reply and changes nothing.
+    pub idempotency_key: Option<String>,
+    /// Wall-clock time at the proposer, in ms since the Unix epoch. Used only to expire
+    /// idempotency records; carried in the entry so every replica expires the same ones.
+    pub proposed_at_ms: u64,
+}
+
+/// The outcome of applying a [`Command`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Written {
+    Put { version: u64 },
+    Delete { deleted: bool, version: u64 },
+    KeyspaceCreated,
+    /// A blank or membership entry: nothing a client asked for.
+    Internal,
+}
+
+/// What a client gets back for a [`Command`]: deterministic, so it can be stored for
+/// idempotent retries.
+pub type Reply = Result<Written, ApiError>;
+
+/// Milliseconds since the Unix epoch on this node's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Serializes a value that is part of our own storage or wire format.
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    bincode::serialize(value).expect("bincode serialization of our own types cannot fail")
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::Error> {
+    bincode::deserialize(bytes)
+}

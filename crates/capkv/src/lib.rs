@@ -1,0 +1,24 @@
+//! capkv: a distributed key-value store in which every keyspace picks its side of CAP.
+//!
+//! Module map (see `docs/architecture.md` for the design):
+//!
+//! - [`storage`]: the `Engine` trait, fjall and in-memory engines, group commit.
+//! - [`net`]: the peer transport and its fault filter; [`rpc`]: the messages it carries.
+//! - [`cp`]: the Raft group (openraft): log store, state machine, network adapter.
+//! - [`node`]: assembles a node; request paths with deadlines and leader forwarding.
+//! - [`api`]: the HTTP API (axum) and its OpenAPI description.
+//! - [`server`], [`dev`], [`cli`]: the `serve` and `dev` commands and the client CLI.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod cp;
+pub mod dev;
+pub mod net;
+pub mod node;
+pub mod rpc;
+pub mod server;
+pub mod storage;
+
+/// The one transport every node-to-node message goes through.
+pub type PeerTransport = net::Transport<rpc::PeerRequest, rpc::PeerResponse>;

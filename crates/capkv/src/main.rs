@@ -1,0 +1,34 @@
+//! The `capkv` binary: parses the command line and calls the library.
+
+use clap::Parser;
+
+use capkv::cli::{run_client, Cli, Cmd};
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("starting the runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Cmd::Serve(args) => {
+                init_tracing();
+                let config = args.into_config().map_err(|e| e.to_string())?;
+                capkv::server::run(config).await
+            }
+            Cmd::Dev { nodes, base_port, data_dir } => {
+                init_tracing();
+                capkv::dev::run(capkv::dev::DevOptions { nodes, base_port, data_dir }).await
+            }
+            other => run_client(other).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,424 @@
+//! A node: storage, the cp Raft group and the peer transport assembled, and the request
+//! paths of the API with their deadlines and leader forwarding.
+//!
+//! Any node serves any request. A write or linearizable read that reaches a follower is
+//! forwarded to the leader over the peer transport; the client never looks for the
+//! leader. Every path ends in one of three ways, and the error says which:
+//!
+//! - success;
+//! - `unavailable` (503): it certainly did not take effect: this node cannot reach a
+//!   majority (checked first, so the minority side of a partition answers at once), or
+//!   no leader could be reached before the deadline;
+//! - `timeout` (504): the deadline passed after the write may have been proposed: it
+//!   may or may not take effect.
+//!
+//! Reachability is measured, not guessed: every node pings every peer through the same
+//! transport (and fault filter) that Raft uses, so a partition shows up within
+//! [`REACHABLE_WINDOW`] on both sides.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capkv_core::{ApiError, ClusterInfo, ClusterNode, ErrorCode};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{ServerState, SnapshotPolicy};
+
+use crate::config::NodeConfig;
+use crate::cp::log_store::LogStore;
+use crate::cp::network::NetworkFactory;
+use crate::cp::state_machine::{Reader, StateMachine};
+use crate::cp::{NodeId, PeerNode, Raft, Written};
+use crate::net::{FaultFilter, NetError};
+use crate::rpc::{Forward, ForwardOp, ForwardReply, PeerRequest, PeerResponse};
+use crate::storage::{Engine, FjallEngine, GroupCommit};
+use crate::PeerTransport;
+
+/// A peer counts as reachable if it was heard from this recently.
+pub const REACHABLE_WINDOW: Duration = Duration::from_millis(1000);
+/// How often every peer is pinged.
+const PING_INTERVAL: Duration = Duration::from_millis(200);
+/// Pause between attempts while a leader is being elected or moves.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// Forwarding hops a request may take while leadership moves.
+const FORWARD_HOPS: u8 = 3;
+/// Time kept back when forwarding, so the forwarder hears the remote's precise answer
+/// (503 or 504) before its own deadline.
+const FORWARD_MARGIN: Duration = Duration::from_millis(50);
+
+pub struct Node {
+    pub config: NodeConfig,
+    pub raft: Raft,
+    pub reader: Reader,
+    pub transport: Arc<PeerTransport>,
+    pub faults: Arc<FaultFilter>,
+    engine: Arc<dyn Engine>,
+    group_commit: GroupCommit,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, std::io::Error),
+}
+
+/// How an attempt on the leader failed.
+enum AttemptError {
+    /// Not the leader (any more): nothing was proposed; try again.
+    NotLeader,
+    /// A final answer for the client.
+    Final(ApiError),
+}
+
+impl Node {
+    /// Opens storage, starts Raft and the peer listener, and bootstraps the cluster on
+    /// first start. The HTTP side is started by the caller.
+    pub async fn start(config: NodeConfig, peer_listener: tokio::net::TcpListener) -> Result<Arc<Node>, StartError> {
+        let engine: Arc<dyn Engine> = Arc::new(
+            FjallEngine::open(&config.data_dir.join("store")).map_err(|e| StartError::Storage(e.to_string()))?,
+        );
+        Node::start_with_engine(config, peer_listener, engine).await
+    }
+
+    pub async fn start_with_engine(
+        config: NodeConfig,
+        peer_listener: tokio::net::TcpListener,
+        engine: Arc<dyn Engine>,
+    ) -> Result<Arc<Node>, StartError> {
+        let group_commit = GroupCommit::start(engine.clone());
+        let log_store = LogStore::new(engine.clone(), group_commit.clone());
+        let sm = StateMachine::open(engine.clone()).map_err(|e| StartError::Storage(e.to_string()))?;
+        let reader = Reader::new(engine.clone());
+
+        let faults = Arc::new(FaultFilter::default());
+        let peers: BTreeMap<NodeId, String> =
+            config.cluster.iter().filter(|m| m.id != config.id).map(|m| (m.id, m.peer_addr.clone())).collect();
+        // A frame carries at most one AppendEntries batch of MAX_PAYLOAD_ENTRIES values.
+        let frame_bytes_max = (MAX_PAYLOAD_ENTRIES as usize + 8) * (config.max_value_bytes + 4096);
+        let transport = Arc::new(PeerTransport::new(config.id, peers, faults.clone(), frame_bytes_max));
+
+        let raft_config = openraft::Config {
+            cluster_name: "capkv".into(),
+            heartbeat_interval: config.heartbeat_ms,
+            election_timeout_min: config.election_timeout_min_ms,
+            election_timeout_max: config.election_timeout_max_ms,
+            install_snapshot_timeout: 10_000,
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            max_in_snapshot_log_to_keep: config.snapshot_every.min(1000),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let network = NetworkFactory { me: config.id, transport: transport.clone() };
+        let raft = Raft::new(config.id, Arc::new(raft_config), network, log_store, sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+
+        let node = Arc::new(Node { config, raft, reader, transport, faults, engine, group_commit });
+
+        let handler_node = node.clone();
+        let handler: crate::net::Handler<PeerRequest, PeerResponse> = Arc::new(move |from, req| {
+            let node = handler_node.clone();
+            Box::pin(async move { node.handle_peer(from, req).await })
+        });
+        tokio::spawn(node.transport.clone().serve(peer_listener, handler));
+
+        node.bootstrap().await?;
+        tokio::spawn(node.clone().ping_loop());
+        tokio::spawn(node.clone().metrics_loop());
+        Ok(node)
+    }
+
+    /// On first start every node proposes the same initial membership; openraft accepts
+    /// it on pristine nodes and refuses it (harmlessly) once a node has state.
+    async fn bootstrap(&self) -> Result<(), StartError> {
+        if self.raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
+            tracing::info!("resuming existing cluster state");
+            return Ok(());
+        }
+        let members: BTreeMap<NodeId, PeerNode> = self
+            .config
+            .cluster
+            .iter()
+            .map(|m| {
+                (m.id, PeerNode { name: m.name.clone(), peer_addr: m.peer_addr.clone(), http_addr: m.http_addr.clone() })
+            })
+            .collect();
+        match self.raft.initialize(members).await {
+            Ok(()) => tracing::info!("initialized a new cluster"),
+            Err(RaftError::APIError(e)) => tracing::info!(reason = %e, "cluster already initialized"),
+            Err(RaftError::Fatal(e)) => return Err(StartError::Raft(e.to_string())),
+        }
+        Ok(())
+    }
+
+    /// Stops Raft and makes everything written durable.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        if let Err(e) = self.group_commit.sync().await {
+            tracing::warn!(error = %e, "final sync");
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    pub fn name_of(&self, id: NodeId) -> String {
+        self.config.member(id).map_or_else(|| format!("node{id}"), |m| m.name.clone())
+    }
+
+    fn voters(&self) -> BTreeSet<NodeId> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config.membership().voter_ids().collect()
+    }
+
+    pub fn reachable(&self, id: NodeId) -> bool {
+        id == self.id() || self.transport.reachable(id, REACHABLE_WINDOW)
+    }
+
+    /// Whether this node can currently exchange messages with a majority of the voters.
+    pub fn has_quorum(&self) -> bool {
+        let voters = self.voters();
+        if voters.is_empty() {
+            return false;
+        }
+        let up = voters.iter().filter(|v| self.reachable(**v)).count();
+        up * 2 > voters.len()
+    }
+
+    fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Runs a write (or linearizable read) on the leader, forwarding as needed.
+    pub async fn execute(&self, op: ForwardOp, deadline: Instant, hops_left: u8) -> Result<ForwardReply, ApiError> {
+        let is_write = matches!(op, ForwardOp::Write(_));
+        let mut last = ApiError::unavailable("no leader was reachable before the deadline");
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(last);
+            }
+            if !self.has_quorum() {
+                return Err(ApiError::unavailable(format!(
+                    "node {} cannot reach a majority of the cluster; the request was not applied",
+                    self.config.name
+                )));
+            }
+            match self.leader() {
+                Some(l) if l == self.id() => match self.attempt_on_leader(&op, deadline).await {
+                    Ok(reply) => return Ok(reply),
+                    Err(AttemptError::Final(e)) => return Err(e),
+                    Err(AttemptError::NotLeader) => {}
+                },
+                Some(l) if hops_left > 0 => {
+                    let left = deadline.saturating_duration_since(now);
+                    let fwd = Forward {
+                        op: op.clone(),
+                        timeout_ms: left.saturating_sub(FORWARD_MARGIN).as_millis() as u64,
+                        hops_left: hops_left - 1,
+                    };
+                    metrics::counter!("capkv_forwarded_requests_total").increment(1);
+                    match self.transport.call(l, PeerRequest::Forward(fwd), left).await {
+                        Ok(PeerResponse::Forward(Ok(reply))) => return Ok(reply),
+                        // The remote guarantees an unavailable request was not applied.
+                        Ok(PeerResponse::Forward(Err(e))) if e.code == ErrorCode::Unavailable => last = e,
+                        Ok(PeerResponse::Forward(Err(e))) => return Err(e),
+                        Ok(_) => return Err(ApiError::internal("leader answered with the wrong message type")),
+                        Err(e) if e.maybe_delivered() => {
+                            return Err(if is_write {
+                                ApiError::timeout(format!("forwarded to the leader, outcome unknown: {e}"))
+                            } else {
+                                ApiError::timeout(format!("no answer from the leader: {e}"))
+                            });
+                        }
+                        Err(e) => last = ApiError::unavailable(format!("leader unreachable: {e}")),
+                    }
+                }
+                Some(_) => last = ApiError::unavailable("leadership is moving; the request was not applied"),
+                None => last = ApiError::unavailable("no leader elected yet; the request was not applied"),
+            }
+            tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()))).await;
+        }
+    }
+
+    async fn attempt_on_leader(&self, op: &ForwardOp, deadline: Instant) -> Result<ForwardReply, AttemptError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let ForwardOp::Write(cmd) = op {
+            return match tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await {
+                Err(_) => Err(AttemptError::Final(ApiError::timeout(
+                    "the write was proposed but not committed before the deadline; it may still take effect",
+                ))),
+                Ok(Ok(resp)) => resp.data.map(ForwardReply::Written).map_err(AttemptError::Final),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(AttemptError::NotLeader),
+                Ok(Err(RaftError::APIError(e))) => Err(AttemptError::Final(ApiError::internal(e.to_string()))),
+                Ok(Err(RaftError::Fatal(e))) => {
+                    Err(AttemptError::Final(ApiError::unavailable(format!("raft is not running: {e}"))))
+                }
+            };
+        }
+        match tokio::time::timeout(left, self.raft.ensure_linearizable()).await {
+            Err(_) => Err(AttemptError::Final(ApiError::timeout("could not confirm leadership before the deadline"))),
+            Ok(Ok(_)) => self.read_local(op).map_err(AttemptError::Final),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => Err(AttemptError::NotLeader),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(AttemptError::NotLeader),
+            Ok(Err(RaftError::Fatal(e))) => {
+                Err(AttemptError::Final(ApiError::unavailable(format!("raft is not running: {e}"))))
+            }
+        }
+    }
+
+    /// Serves a read from this node's replica (serializable; linearizable once the
+    /// caller has confirmed leadership).
+    pub fn read_local(&self, op: &ForwardOp) -> Result<ForwardReply, ApiError> {
+        match op {
+            ForwardOp::Get { keyspace, key } => {
+                self.require_keyspace(keyspace)?;
+                Ok(ForwardReply::Value(self.reader.get(keyspace, key)?))
+            }
+            ForwardOp::Scan { keyspace, prefix, after, limit } => {
+                self.require_keyspace(keyspace)?;
+                let (rows, more) = self.reader.scan(keyspace, prefix, after.as_deref(), *limit)?;
+                Ok(ForwardReply::Scan { rows, more })
+            }
+            ForwardOp::ListKeyspaces => Ok(ForwardReply::Keyspaces(self.reader.keyspaces()?)),
+            ForwardOp::Write(_) => Err(ApiError::internal("a write is not a read")),
+        }
+    }
+
+    fn require_keyspace(&self, name: &str) -> Result<(), ApiError> {
+        match self.reader.keyspace(name)? {
+            Some(_) => Ok(()),
+            None => Err(ApiError::not_found(format!("keyspace '{name}' does not exist"))),
+        }
+    }
+
+    /// Convenience for the API: run a write and return what the state machine answered.
+    pub async fn write(&self, cmd: crate::cp::Command, deadline: Instant) -> Result<Written, ApiError> {
+        match self.execute(ForwardOp::Write(cmd), deadline, FORWARD_HOPS).await? {
+            ForwardReply::Written(w) => Ok(w),
+            other => Err(ApiError::internal(format!("unexpected reply to a write: {other:?}"))),
+        }
+    }
+
+    /// A linearizable read, forwarded to the leader if needed.
+    pub async fn linearizable_read(&self, op: ForwardOp, deadline: Instant) -> Result<ForwardReply, ApiError> {
+        self.execute(op, deadline, FORWARD_HOPS).await
+    }
+
+    async fn handle_peer(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
+        match req {
+            PeerRequest::Ping => PeerResponse::Pong,
+            PeerRequest::AppendEntries(r) => PeerResponse::AppendEntries(self.raft.append_entries(r).await),
+            PeerRequest::Vote(r) => PeerResponse::Vote(self.raft.vote(r).await),
+            PeerRequest::InstallSnapshot(r) => PeerResponse::InstallSnapshot(self.raft.install_snapshot(r).await),
+            PeerRequest::Forward(f) => {
+                tracing::debug!(from, op = ?std::mem::discriminant(&f.op), "forwarded request");
+                let deadline = Instant::now() + Duration::from_millis(f.timeout_ms);
+                PeerResponse::Forward(self.execute(f.op, deadline, f.hops_left).await)
+            }
+        }
+    }
+
+    async fn ping_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(PING_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for m in self.config.cluster.iter().filter(|m| m.id != self.id()) {
+                let (t, id) = (self.transport.clone(), m.id);
+                tokio::spawn(async move {
+                    if let Err(e) = t.call(id, PeerRequest::Ping, REACHABLE_WINDOW).await {
+                        if !matches!(e, NetError::Isolated(_)) {
+                            tracing::trace!(peer = id, error = %e, "ping failed");
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    async fn metrics_loop(self: Arc<Self>) {
+        let mut rx = self.raft.metrics();
+        let mut leader = None;
+        loop {
+            {
+                let m = rx.borrow_and_update();
+                metrics::gauge!("capkv_raft_term").set(m.current_term as f64);
+                metrics::gauge!("capkv_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
+                metrics::gauge!("capkv_raft_applied_index").set(m.last_applied.map_or(0, |l| l.index) as f64);
+                metrics::gauge!("capkv_raft_is_leader").set(if m.state == ServerState::Leader { 1.0 } else { 0.0 });
+                if m.current_leader != leader {
+                    leader = m.current_leader;
+                    metrics::counter!("capkv_raft_leader_changes_total").increment(1);
+                    tracing::info!(leader = ?leader.map(|l| self.name_of(l)), term = m.current_term, "leader changed");
+                }
+            }
+            if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(1), self.commit_index()).await {
+                metrics::gauge!("capkv_raft_commit_index").set(c as f64);
+            }
+            let reachable = self.config.cluster.iter().filter(|m| self.reachable(m.id)).count();
+            metrics::gauge!("capkv_peers_reachable").set(reachable.saturating_sub(1) as f64);
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    async fn commit_index(&self) -> Result<u64, openraft::error::Fatal<NodeId>> {
+        self.raft.with_raft_state(|st| st.committed.map_or(0, |l| l.index)).await
+    }
+
+    /// This node's view of the cluster, for `/v1/cluster` and `capkv status`.
+    pub async fn cluster_info(&self) -> ClusterInfo {
+        let m = self.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let commit_index = self.commit_index().await.unwrap_or(0);
+        ClusterInfo {
+            node: self.config.name.clone(),
+            role: role.to_owned(),
+            leader: m.current_leader.map(|l| self.name_of(l)),
+            term: m.current_term,
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            commit_index,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            has_quorum: self.has_quorum(),
+            nodes: self
+                .config
+                .cluster
+                .iter()
+                .map(|n| ClusterNode {
+                    id: n.name.clone(),
+                    peer_addr: n.peer_addr.clone(),
+                    http_addr: n.http_addr.clone(),
+                    reachable: self.reachable(n.id),
+                })
+                .collect(),
+            isolated_from: self.faults.isolated().into_iter().map(|id| self.name_of(id)).collect(),
+        }
+    }
+
+    /// Engine access for diagnostics.
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+}
+
+/// Most log entries in one AppendEntries message (bounds a frame to this many values).
+pub const MAX_PAYLOAD_ENTRIES: u64 = 64;

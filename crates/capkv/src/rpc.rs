@@ -1,0 +1,61 @@
+//! Messages between nodes, carried by the peer transport (`net`).
+
+use capkv_core::{ApiError, KeyspaceSpec};
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::cp::state_machine::ScanRow;
+use crate::cp::{Command, NodeId, TypeConfig, Written};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Liveness probe; keeps reachability fresh whatever Raft is doing.
+    Ping,
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A client request a node passes on to the node it believes is the leader.
+    Forward(Forward),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    Pong,
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    Forward(Result<ForwardReply, ApiError>),
+}
+
+/// A forwarded client request, with what is left of its deadline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Forward {
+    pub op: ForwardOp,
+    pub timeout_ms: u64,
+    /// How many more times it may be forwarded (bounds forwarding loops while
+    /// leadership moves).
+    pub hops_left: u8,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardOp {
+    Write(Command),
+    /// A linearizable point read.
+    Get { keyspace: String, key: Vec<u8> },
+    /// A linearizable scan.
+    Scan { keyspace: String, prefix: Vec<u8>, after: Option<Vec<u8>>, limit: usize },
+    /// A linearizable read of the keyspace registry.
+    ListKeyspaces,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardReply {
+    Written(Written),
+    Value(Option<(u64, Vec<u8>)>),
+    Scan { rows: Vec<ScanRow>, more: bool },
+    Keyspaces(Vec<KeyspaceSpec>),
+}

@@ -1,0 +1,63 @@
+//! `capkv serve`: one node, until SIGINT or SIGTERM.
+//!
+//! Shutdown order: stop accepting HTTP requests and let in-flight ones finish, stop
+//! Raft, then fsync, so a clean stop never needs recovery on the next start.
+
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::api::{router, AppState};
+use crate::config::NodeConfig;
+use crate::node::Node;
+
+/// Latency buckets (seconds) for the request histograms.
+const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+fn install_metrics() -> Option<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .ok()?
+        .install_recorder()
+        .ok()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    Some(handle)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+}
+
+pub async fn run(config: NodeConfig) -> Result<(), String> {
+    let prometheus = install_metrics();
+    let http = tokio::net::TcpListener::bind(&config.http_addr)
+        .await
+        .map_err(|e| format!("cannot listen for HTTP on {}: {e}", config.http_addr))?;
+    let peer = tokio::net::TcpListener::bind(&config.peer_addr)
+        .await
+        .map_err(|e| format!("cannot listen for peers on {}: {e}", config.peer_addr))?;
+    tracing::info!(node = %config.name, http = %config.http_addr, peer = %config.peer_addr,
+        data_dir = %config.data_dir.display(), faults = config.enable_faults, "starting");
+    let node = Node::start(config, peer).await.map_err(|e| e.to_string())?;
+    let app = router(AppState { node: node.clone(), prometheus });
+    axum::serve(http, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("http server: {e}"))?;
+    node.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}

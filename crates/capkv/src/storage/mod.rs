@@ -1,0 +1,166 @@
+//! Storage: the `Engine` trait and its two implementations.
+//!
+//! Everything a node persists goes through [`Engine`]: the Raft log and vote, the state
+//! machine's data, and the last snapshot. The trait is deliberately small (point reads,
+//! ordered range reads, atomic write batches, and an explicit `sync`) so that the cp
+//! layer states its own ordering rules in terms of it:
+//!
+//! - a write batch is atomic (all of its operations are visible, or none) but **not**
+//!   durable until a later [`Engine::sync`] returns;
+//! - `sync` makes every batch written before it durable (fsync).
+//!
+//! [`GroupCommit`] turns many "write, then wait for sync" callers into one fsync.
+//!
+//! Two engines: [`FjallEngine`] (an LSM tree on disk, the production engine) and
+//! [`MemoryEngine`] (ordered maps, for tests of the layers above).
+
+mod fjall_engine;
+mod group_commit;
+mod memory;
+
+pub use fjall_engine::FjallEngine;
+pub use group_commit::GroupCommit;
+pub use memory::MemoryEngine;
+
+/// The separate ordered key spaces of a node's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tree {
+    /// Raft log entries, keyed by big-endian index.
+    Log,
+    /// Small records: the Raft vote, committed and purged ids, the state machine's
+    /// applied id and membership, the current snapshot.
+    Meta,
+    /// The replicated state machine: keyspaces, keys, idempotency records.
+    Data,
+}
+
+impl Tree {
+    pub const ALL: [Tree; 3] = [Tree::Log, Tree::Meta, Tree::Data];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Log => "raft_log",
+            Tree::Meta => "meta",
+            Tree::Data => "data",
+        }
+    }
+}
+
+/// A storage failure. Storage errors are not recoverable by the caller: the cp layer
+/// turns them into a fatal Raft error and the node stops serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("storage engine: {0}")]
+    Engine(String),
+    #[error("corrupt record in {tree}: {detail}")]
+    Corrupt { tree: &'static str, detail: String },
+}
+
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// One operation of a write batch: `Some(value)` puts, `None` deletes.
+pub type WriteOp = (Tree, Vec<u8>, Option<Vec<u8>>);
+
+/// An ordered list of writes applied atomically by [`Engine::write`].
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    pub ops: Vec<WriteOp>,
+}
+
+impl WriteBatch {
+    pub fn new() -> WriteBatch {
+        WriteBatch::default()
+    }
+    pub fn put(&mut self, tree: Tree, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push((tree, key.into(), Some(value.into())));
+    }
+    pub fn delete(&mut self, tree: Tree, key: impl Into<Vec<u8>>) {
+        self.ops.push((tree, key.into(), None));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+/// A key-value pair read from a tree.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// An ordered, atomic-batch key-value store with an explicit durability point.
+pub trait Engine: Send + Sync + 'static {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Entries with `start <= key < end` (no upper bound when `end` is `None`), in key
+    /// order, at most `limit` of them.
+    fn range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>>;
+
+    /// The entry with the largest key in `start <= key < end`, if any.
+    fn last_in_range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>) -> Result<Option<Entry>>;
+
+    /// Applies every operation of the batch atomically. Not durable until [`Engine::sync`].
+    fn write(&self, batch: WriteBatch) -> Result<()>;
+
+    /// Makes every batch written so far durable (fsync).
+    fn sync(&self) -> Result<()>;
+}
+
+/// The smallest key greater than every key with this prefix, or `None` if there is
+/// none (the prefix is all 0xff bytes). Used as the exclusive end of a prefix range.
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+pub(crate) mod engine_tests {
+    //! Behaviour every engine must share; run against both implementations.
+    use super::*;
+
+    pub fn check_engine(e: &dyn Engine) {
+        assert_eq!(e.get(Tree::Data, b"a").unwrap(), None);
+        let mut b = WriteBatch::new();
+        b.put(Tree::Data, b"a".to_vec(), b"1".to_vec());
+        b.put(Tree::Data, b"b".to_vec(), b"2".to_vec());
+        b.put(Tree::Data, b"c".to_vec(), b"3".to_vec());
+        b.put(Tree::Log, b"a".to_vec(), b"log".to_vec());
+        e.write(b).unwrap();
+        e.sync().unwrap();
+        assert_eq!(e.get(Tree::Data, b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(e.get(Tree::Log, b"a").unwrap(), Some(b"log".to_vec()));
+        assert_eq!(e.get(Tree::Meta, b"a").unwrap(), None, "trees are separate");
+
+        let all = e.range(Tree::Data, b"", None, 100).unwrap();
+        assert_eq!(all.len(), 3);
+        let some = e.range(Tree::Data, b"b", Some(b"c"), 100).unwrap();
+        assert_eq!(some, vec![(b"b".to_vec(), b"2".to_vec())]);
+        assert_eq!(e.range(Tree::Data, b"", None, 2).unwrap().len(), 2);
+        assert_eq!(e.last_in_range(Tree::Data, b"", None).unwrap().unwrap().0, b"c".to_vec());
+        assert_eq!(e.last_in_range(Tree::Data, b"a", Some(b"c")).unwrap().unwrap().0, b"b".to_vec());
+        assert_eq!(e.last_in_range(Tree::Data, b"x", None).unwrap(), None);
+
+        let mut b = WriteBatch::new();
+        b.delete(Tree::Data, b"a".to_vec());
+        b.put(Tree::Data, b"b".to_vec(), b"22".to_vec());
+        e.write(b).unwrap();
+        assert_eq!(e.get(Tree::Data, b"a").unwrap(), None);
+        assert_eq!(e.get(Tree::Data, b"b").unwrap(), Some(b"22".to_vec()));
+    }
+
+    #[test]
+    fn prefix_end_is_the_next_prefix() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(prefix_end(b""), None);
+    }
+}

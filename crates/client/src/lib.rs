@@ -1,0 +1,296 @@
+//! A Rust client for capkv's HTTP API.
+//!
+//! A [`Client`] knows one or more node URLs. The first time it reaches a node it learns
+//! the rest of the cluster from `GET /v1/cluster`; when the node it is using does not
+//! answer at the connection level, it tries the next one it knows. HTTP errors from a
+//! node (404, 409, 503, ...) are answers, not node failures, and are returned as
+//! [`ClientError::Api`] without failing over.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub use capkv_core::{
+    ApiError, ClusterInfo, Consistency, DeleteResponse, ErrorBody, ErrorCode, FaultRequest, FaultState, KeyspaceSpec,
+    Mode, PutResponse, ScanEntry,
+};
+use reqwest::{Method, StatusCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// A node answered with an error.
+    #[error("{status} {error}")]
+    Api { status: u16, error: ApiError },
+    /// No node could be reached.
+    #[error("no capkv node reachable (tried {tried}): {last}")]
+    Unreachable { tried: String, last: String },
+    /// A node answered with something that is not the API's format.
+    #[error("unexpected answer: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The API error code, if a node answered.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { error, .. } => Some(error.code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// Options of a write.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// CAS on the key's version (`Some(0)`: only if absent).
+    pub if_version: Option<u64>,
+    /// CAS on the key's current value.
+    pub if_value: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub timeout_ms: Option<u64>,
+}
+
+/// A value read from a cp keyspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub value: Vec<u8>,
+    pub version: u64,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    endpoints: Mutex<Vec<String>>,
+    learned: Mutex<bool>,
+}
+
+/// Percent-encodes a key as one path segment (every byte but unreserved characters).
+pub fn encode_segment(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let mut q = String::new();
+    for (k, v) in pairs {
+        if let Some(v) = v {
+            q.push(if q.is_empty() { '?' } else { '&' });
+            q.push_str(k);
+            q.push('=');
+            q.push_str(&encode_segment(v.as_bytes()));
+        }
+    }
+    q
+}
+
+impl Client {
+    /// A client for the nodes at these base URLs (e.g. `http://127.0.0.1:7001`).
+    pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(nodes: I) -> Client {
+        let endpoints = nodes.into_iter().map(|s| s.into().trim_end_matches('/').to_owned()).collect();
+        Client {
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(70))
+                .build()
+                .expect("building the HTTP client"),
+            endpoints: Mutex::new(endpoints),
+            learned: Mutex::new(false),
+        }
+    }
+
+    /// The node URLs this client knows, in the order it tries them.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.endpoints.lock().expect("endpoints lock").clone()
+    }
+
+    async fn request(&self, method: Method, path: &str, body: Option<Vec<u8>>, headers: &[(&str, String)]) -> Result<reqwest::Response> {
+        let endpoints = self.endpoints();
+        let mut last = String::from("no node URL given");
+        for (i, base) in endpoints.iter().enumerate() {
+            let mut req = self.http.request(method.clone(), format!("{base}{path}"));
+            for (k, v) in headers {
+                req = req.header(*k, v);
+            }
+            if let Some(b) = &body {
+                req = req.body(b.clone());
+            }
+            match req.send().await {
+                Ok(resp) => {
+                    if i > 0 {
+                        // Prefer the node that answered from now on.
+                        let mut eps = self.endpoints.lock().expect("endpoints lock");
+                        eps.retain(|e| e != base);
+                        eps.insert(0, base.clone());
+                    }
+                    self.learn(base).await;
+                    return Ok(resp);
+                }
+                Err(e) if e.is_connect() => last = format!("{base}: {e}"),
+                Err(e) => return Err(ClientError::Unreachable { tried: base.clone(), last: e.to_string() }),
+            }
+        }
+        Err(ClientError::Unreachable { tried: endpoints.join(", "), last })
+    }
+
+    /// Learns the cluster's other nodes once, from the first node that answers.
+    async fn learn(&self, base: &str) {
+        if std::mem::replace(&mut *self.learned.lock().expect("learned lock"), true) {
+            return;
+        }
+        let Ok(resp) = self.http.get(format!("{base}/v1/cluster")).send().await else { return };
+        let Ok(info) = resp.json::<ClusterInfo>().await else { return };
+        let mut eps = self.endpoints.lock().expect("endpoints lock");
+        for n in info.nodes {
+            let url = format!("http://{}", n.http_addr);
+            if !eps.contains(&url) {
+                eps.push(url);
+            }
+        }
+    }
+
+    async fn check(resp: reqwest::Response) -> Result<reqwest::Response> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let error = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| ApiError::new(ErrorCode::from_http_status(status), text));
+        Err(ClientError::Api { status, error })
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
+        let resp = Self::check(resp).await?;
+        resp.json().await.map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    fn write_headers(opts: &WriteOptions) -> Vec<(&'static str, String)> {
+        opts.idempotency_key.iter().map(|k| ("idempotency-key", k.clone())).collect()
+    }
+
+    pub async fn put(&self, keyspace: &str, key: &[u8], value: Vec<u8>, opts: &WriteOptions) -> Result<PutResponse> {
+        let q = query(&[
+            ("if_version", opts.if_version.map(|v| v.to_string())),
+            ("if_value", opts.if_value.clone()),
+            ("timeout_ms", opts.timeout_ms.map(|v| v.to_string())),
+        ]);
+        let path = format!("/v1/kv/{}/{}{q}", encode_segment(keyspace.as_bytes()), encode_segment(key));
+        Self::json(self.request(Method::PUT, &path, Some(value), &Self::write_headers(opts)).await?).await
+    }
+
+    /// Reads a key; `Ok(None)` if it does not exist.
+    pub async fn get(&self, keyspace: &str, key: &[u8], consistency: Consistency) -> Result<Option<Versioned>> {
+        let c = match consistency {
+            Consistency::Linearizable => None,
+            Consistency::Serializable => Some("serializable".to_owned()),
+        };
+        let path = format!("/v1/kv/{}/{}{}", encode_segment(keyspace.as_bytes()), encode_segment(key), query(&[("consistency", c)]));
+        let resp = self.request(Method::GET, &path, None, &[]).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            let err = Self::check(resp).await.unwrap_err();
+            // An unknown keyspace is an error; an absent key is not.
+            return match &err {
+                ClientError::Api { error, .. } if error.message.starts_with("key not found") => Ok(None),
+                _ => Err(err),
+            };
+        }
+        let resp = Self::check(resp).await?;
+        let version = resp
+            .headers()
+            .get("x-capkv-version")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ClientError::Decode("missing X-Capkv-Version".into()))?;
+        let value = resp.bytes().await.map_err(|e| ClientError::Decode(e.to_string()))?.to_vec();
+        Ok(Some(Versioned { value, version }))
+    }
+
+    pub async fn delete(&self, keyspace: &str, key: &[u8], opts: &WriteOptions) -> Result<DeleteResponse> {
+        let q = query(&[
+            ("if_version", opts.if_version.map(|v| v.to_string())),
+            ("if_value", opts.if_value.clone()),
+            ("timeout_ms", opts.timeout_ms.map(|v| v.to_string())),
+        ]);
+        let path = format!("/v1/kv/{}/{}{q}", encode_segment(keyspace.as_bytes()), encode_segment(key));
+        Self::json(self.request(Method::DELETE, &path, None, &Self::write_headers(opts)).await?).await
+    }
+
+    /// One page of a scan: entries, and whether more remain after the last one.
+    pub async fn scan(&self, keyspace: &str, prefix: &str, after: Option<&str>, limit: Option<usize>) -> Result<(Vec<ScanEntry>, bool)> {
+        let q = query(&[
+            ("prefix", Some(prefix.to_owned()).filter(|p| !p.is_empty())),
+            ("after", after.map(str::to_owned)),
+            ("limit", limit.map(|l| l.to_string())),
+        ]);
+        let resp = Self::check(self.request(Method::GET, &format!("/v1/kv/{}{q}", encode_segment(keyspace.as_bytes())), None, &[]).await?).await?;
+        let more = resp.headers().get("x-capkv-more").is_some_and(|v| v == "true");
+        let entries = resp.json().await.map_err(|e| ClientError::Decode(e.to_string()))?;
+        Ok((entries, more))
+    }
+
+    pub async fn create_keyspace(&self, spec: &KeyspaceSpec) -> Result<KeyspaceSpec> {
+        let body = serde_json::to_vec(spec).expect("specs serialize");
+        let headers = [("content-type", "application/json".to_owned())];
+        Self::json(self.request(Method::POST, "/v1/keyspaces", Some(body), &headers).await?).await
+    }
+
+    pub async fn list_keyspaces(&self) -> Result<Vec<KeyspaceSpec>> {
+        Self::json(self.request(Method::GET, "/v1/keyspaces", None, &[]).await?).await
+    }
+
+    /// The cluster as seen by the first node that answers.
+    pub async fn cluster(&self) -> Result<ClusterInfo> {
+        Self::json(self.request(Method::GET, "/v1/cluster", None, &[]).await?).await
+    }
+
+    /// The cluster as seen by one particular node (no fail-over).
+    pub async fn cluster_of(&self, node_url: &str) -> Result<ClusterInfo> {
+        let resp = self.http.get(format!("{node_url}/v1/cluster")).timeout(Duration::from_secs(2)).send().await
+            .map_err(|e| ClientError::Unreachable { tried: node_url.to_owned(), last: e.to_string() })?;
+        Self::json(resp).await
+    }
+
+    /// Isolates one node (by URL) from the named nodes; an empty list heals it.
+    pub async fn set_faults(&self, node_url: &str, isolate_from: Vec<String>) -> Result<FaultState> {
+        let req = if isolate_from.is_empty() {
+            self.http.delete(format!("{node_url}/v1/faults"))
+        } else {
+            self.http.post(format!("{node_url}/v1/faults")).json(&FaultRequest { isolate_from })
+        };
+        let resp = req.timeout(Duration::from_secs(2)).send().await
+            .map_err(|e| ClientError::Unreachable { tried: node_url.to_owned(), last: e.to_string() })?;
+        Self::json(resp).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_one_encoded_segment() {
+        assert_eq!(encode_segment(b"a/b c?d"), "a%2Fb%20c%3Fd");
+        assert_eq!(encode_segment(b".."), "%2E%2E");
+        assert_eq!(encode_segment(&[0xff]), "%FF");
+    }
+
+    #[tokio::test]
+    async fn unreachable_nodes_are_reported_not_hung() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let c = Client::new([url.clone()]);
+        match c.cluster().await {
+            Err(ClientError::Unreachable { tried, .. }) => assert!(tried.contains(&url)),
+            other => panic!("expected unreachable, got {other:?}"),
+        }
+    }
+}

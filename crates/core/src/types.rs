@@ -1,0 +1,238 @@
+//! JSON bodies of the HTTP API and the keyspace registry's records.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::validate;
+
+/// Which side of CAP a keyspace is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Linearizable, replicated by Raft; the minority side of a partition answers 503.
+    Cp,
+    /// Leaderless and always writable; concurrent writes become siblings or merge.
+    Ap,
+}
+
+/// A keyspace as stored in the registry (which lives in the cp Raft group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct KeyspaceSpec {
+    pub name: String,
+    pub mode: Mode,
+    /// ap only: replicas per key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    /// ap only: replies a read waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r: Option<u32>,
+    /// ap only: acknowledgements a write waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub w: Option<u32>,
+}
+
+impl KeyspaceSpec {
+    /// Checks a spec sent by a client and fills in the defaults of its mode.
+    ///
+    /// cp keyspaces take no `n`/`r`/`w`: their replication is the Raft group's.
+    /// ap keyspaces default to n=3, r=1, w=1 and need 1 <= r,w <= n.
+    pub fn normalized(mut self) -> Result<KeyspaceSpec, ApiError> {
+        validate::keyspace_name(&self.name)?;
+        match self.mode {
+            Mode::Cp => {
+                if self.n.is_some() || self.r.is_some() || self.w.is_some() {
+                    return Err(ApiError::bad_request(
+                        "n, r and w apply to ap keyspaces only; a cp keyspace is replicated by Raft on every node",
+                    ));
+                }
+            }
+            Mode::Ap => {
+                let n = self.n.unwrap_or(3);
+                let r = self.r.unwrap_or(1);
+                let w = self.w.unwrap_or(1);
+                if !(1..=validate::MAX_REPLICAS).contains(&n) {
+                    return Err(ApiError::bad_request(format!(
+                        "n must be between 1 and {}, got {n}",
+                        validate::MAX_REPLICAS
+                    )));
+                }
+                if r == 0 || r > n || w == 0 || w > n {
+                    return Err(ApiError::bad_request(format!(
+                        "r and w must be between 1 and n={n}, got r={r} w={w}"
+                    )));
+                }
+                self.n = Some(n);
+                self.r = Some(r);
+                self.w = Some(w);
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Read consistency of a cp read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// Confirmed with a quorum (ReadIndex) before the read: sees every acknowledged write.
+    #[default]
+    Linearizable,
+    /// Served from this node's replica without contacting anyone: may be stale.
+    Serializable,
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = ApiError;
+    fn from_str(s: &str) -> Result<Self, ApiError> {
+        match s {
+            "linearizable" => Ok(Consistency::Linearizable),
+            "serializable" => Ok(Consistency::Serializable),
+            other => Err(ApiError::bad_request(format!(
+                "consistency must be 'linearizable' or 'serializable', got '{other}'"
+            ))),
+        }
+    }
+}
+
+/// Answer to a successful `PUT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PutResponse {
+    /// The cluster-wide revision of this write; the key's new version.
+    pub version: u64,
+}
+
+/// Answer to a successful `DELETE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeleteResponse {
+    /// False when the key did not exist (the delete is still a success).
+    pub deleted: bool,
+    /// The cluster-wide revision of the delete (unchanged revision when nothing was deleted).
+    pub version: u64,
+}
+
+/// One entry of a scan. Keys and values are bytes: when one is not valid UTF-8 it is
+/// sent base64-encoded in `key_base64` / `value_base64` instead of `key` / `value`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ScanEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_base64: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_base64: Option<String>,
+    pub version: u64,
+}
+
+/// Splits bytes into (utf8, base64): exactly one of the two is set.
+fn text_or_base64(bytes: &[u8]) -> (Option<String>, Option<String>) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => (Some(s.to_owned()), None),
+        Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(bytes))),
+    }
+}
+
+fn bytes_of(text: &Option<String>, b64: &Option<String>) -> Vec<u8> {
+    match (text, b64) {
+        (Some(s), _) => s.as_bytes().to_vec(),
+        (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b).unwrap_or_default(),
+        (None, None) => Vec::new(),
+    }
+}
+
+impl ScanEntry {
+    pub fn new(key: &[u8], value: &[u8], version: u64) -> ScanEntry {
+        let (key, key_base64) = text_or_base64(key);
+        let (value, value_base64) = text_or_base64(value);
+        ScanEntry { key, key_base64, value, value_base64, version }
+    }
+    pub fn key_bytes(&self) -> Vec<u8> {
+        bytes_of(&self.key, &self.key_base64)
+    }
+    pub fn value_bytes(&self) -> Vec<u8> {
+        bytes_of(&self.value, &self.value_base64)
+    }
+}
+
+/// A node as `/v1/cluster` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ClusterNode {
+    pub id: String,
+    pub peer_addr: String,
+    pub http_addr: String,
+    /// Whether the answering node has exchanged messages with this node in the last second
+    /// (always true for the answering node itself).
+    pub reachable: bool,
+}
+
+/// `GET /v1/cluster`: the answering node's view of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ClusterInfo {
+    /// The id of the node that answered.
+    pub node: String,
+    /// Its Raft role: leader, follower, candidate, learner or shutdown.
+    pub role: String,
+    /// The leader it knows of, if any.
+    pub leader: Option<String>,
+    pub term: u64,
+    /// Index of the last Raft log entry applied to its state machine.
+    pub applied_index: u64,
+    /// Index of the last Raft log entry it knows to be committed.
+    pub commit_index: u64,
+    /// Index of the last entry in its Raft log.
+    pub last_log_index: u64,
+    /// Whether it can currently reach a majority of the cp group (itself included).
+    pub has_quorum: bool,
+    pub nodes: Vec<ClusterNode>,
+    /// Nodes it is isolated from by fault injection.
+    pub isolated_from: Vec<String>,
+}
+
+/// `POST /v1/faults`: drop all peer traffic to and from these nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FaultRequest {
+    pub isolate_from: Vec<String>,
+}
+
+/// `GET /v1/faults`: the faults active on the answering node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FaultState {
+    pub enabled: bool,
+    pub isolate_from: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Result<KeyspaceSpec, ApiError> {
+        serde_json::from_str::<KeyspaceSpec>(json).unwrap().normalized()
+    }
+
+    #[test]
+    fn ap_spec_gets_dynamo_defaults() {
+        let s = spec(r#"{"name":"cart","mode":"ap"}"#).unwrap();
+        assert_eq!((s.n, s.r, s.w), (Some(3), Some(1), Some(1)));
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        assert!(spec(r#"{"name":"bank","mode":"cp","n":3}"#).is_err());
+        assert!(spec(r#"{"name":"cart","mode":"ap","n":3,"r":4}"#).is_err());
+        assert!(spec(r#"{"name":"cart","mode":"ap","w":0}"#).is_err());
+        assert!(spec(r#"{"name":"","mode":"cp"}"#).is_err());
+        assert!(serde_json::from_str::<KeyspaceSpec>(r#"{"name":"x","mode":"ca"}"#).is_err());
+    }
+
+    #[test]
+    fn scan_entries_carry_any_bytes() {
+        let e = ScanEntry::new(b"k", &[0xff, 0x00], 7);
+        assert_eq!(e.key.as_deref(), Some("k"));
+        assert!(e.value.is_none());
+        assert_eq!(e.value_bytes(), vec![0xff, 0x00]);
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(json, r#"{"key":"k","value_base64":"/wA=","version":7}"#);
+    }
+}
