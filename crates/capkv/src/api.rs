@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
@@ -119,6 +119,12 @@ impl Params {
     fn consistency(&self) -> Result<Consistency, ApiError> {
         self.get("consistency").map_or(Ok(Consistency::Linearizable), str::parse)
     }
+}
+
+/// Parses a JSON body whatever its Content-Type (so `curl -d '{...}'` works).
+fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError::bad_request(format!("cannot read body: {e}")))?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("bad JSON body: {e}")))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -300,10 +306,10 @@ async fn create_keyspace(
     State(st): State<AppState>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
-    body: Result<Json<KeyspaceSpec>, JsonRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<KeyspaceSpec>)> {
     let params = Params::parse(q, &["timeout_ms"])?;
-    let Json(spec) = body.map_err(|e| ApiError::bad_request(format!("bad keyspace spec: {}", e.body_text())))?;
+    let spec: KeyspaceSpec = json_body(body)?;
     let spec = spec.normalized()?;
     let op = Op::CreateKeyspace { spec: spec.clone() };
     st.node.write(command(op, &headers)?, params.deadline()?).await?;
@@ -352,10 +358,10 @@ fn require_faults(node: &Node) -> Result<(), ApiError> {
     responses((status = 200, body = FaultState), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn set_faults(
     State(st): State<AppState>,
-    body: Result<Json<FaultRequest>, JsonRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<FaultState>> {
     require_faults(&st.node)?;
-    let Json(req) = body.map_err(|e| ApiError::bad_request(format!("bad fault request: {}", e.body_text())))?;
+    let req: FaultRequest = json_body(body)?;
     let mut ids = BTreeSet::new();
     for name in &req.isolate_from {
         let m = st.node.config.member_by_name(name).ok_or_else(|| ApiError::bad_request(format!("unknown node '{name}'")))?;

@@ -21,12 +21,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capkv_core::{ApiError, ClusterInfo, ClusterNode, ErrorCode};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
 
 use crate::config::NodeConfig;
 use crate::cp::log_store::LogStore;
 use crate::cp::network::NetworkFactory;
+use crate::cp::proposer::{ProposeError, Proposer, BATCH_BYTES_MAX};
 use crate::cp::state_machine::{Reader, StateMachine};
 use crate::cp::{NodeId, PeerNode, Raft, Written};
 use crate::net::{FaultFilter, NetError};
@@ -52,6 +53,7 @@ pub struct Node {
     pub reader: Reader,
     pub transport: Arc<PeerTransport>,
     pub faults: Arc<FaultFilter>,
+    proposer: Proposer,
     engine: Arc<dyn Engine>,
     group_commit: GroupCommit,
 }
@@ -97,8 +99,10 @@ impl Node {
         let faults = Arc::new(FaultFilter::default());
         let peers: BTreeMap<NodeId, String> =
             config.cluster.iter().filter(|m| m.id != config.id).map(|m| (m.id, m.peer_addr.clone())).collect();
-        // A frame carries at most one AppendEntries batch of MAX_PAYLOAD_ENTRIES values.
-        let frame_bytes_max = (MAX_PAYLOAD_ENTRIES as usize + 8) * (config.max_value_bytes + 4096);
+        // A frame carries at most one AppendEntries message: MAX_PAYLOAD_ENTRIES entries,
+        // each a batch of at most BATCH_BYTES_MAX bytes (or one larger value).
+        let entry_bytes_max = BATCH_BYTES_MAX + config.max_value_bytes + 64 * 1024;
+        let frame_bytes_max = (MAX_PAYLOAD_ENTRIES as usize + 1) * entry_bytes_max;
         let transport = Arc::new(PeerTransport::new(config.id, peers, faults.clone(), frame_bytes_max));
 
         let raft_config = openraft::Config {
@@ -119,7 +123,8 @@ impl Node {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
-        let node = Arc::new(Node { config, raft, reader, transport, faults, engine, group_commit });
+        let proposer = Proposer::start(raft.clone());
+        let node = Arc::new(Node { config, raft, reader, transport, faults, proposer, engine, group_commit });
 
         let handler_node = node.clone();
         let handler: crate::net::Handler<PeerRequest, PeerResponse> = Arc::new(move |from, req| {
@@ -254,16 +259,19 @@ impl Node {
     async fn attempt_on_leader(&self, op: &ForwardOp, deadline: Instant) -> Result<ForwardReply, AttemptError> {
         let left = deadline.saturating_duration_since(Instant::now());
         if let ForwardOp::Write(cmd) = op {
-            return match tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await {
-                Err(_) => Err(AttemptError::Final(ApiError::timeout(
+            return match self.proposer.propose(cmd.clone(), deadline).await {
+                Ok(reply) => reply.map(ForwardReply::Written).map_err(AttemptError::Final),
+                Err(ProposeError::NotLeader) => Err(AttemptError::NotLeader),
+                Err(ProposeError::Deadline { proposed: true }) => Err(AttemptError::Final(ApiError::timeout(
                     "the write was proposed but not committed before the deadline; it may still take effect",
                 ))),
-                Ok(Ok(resp)) => resp.data.map(ForwardReply::Written).map_err(AttemptError::Final),
-                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(AttemptError::NotLeader),
-                Ok(Err(RaftError::APIError(e))) => Err(AttemptError::Final(ApiError::internal(e.to_string()))),
-                Ok(Err(RaftError::Fatal(e))) => {
+                Err(ProposeError::Deadline { proposed: false }) => Err(AttemptError::Final(ApiError::unavailable(
+                    "the deadline passed before the write was proposed; it was not applied",
+                ))),
+                Err(ProposeError::Stopped(e)) => {
                     Err(AttemptError::Final(ApiError::unavailable(format!("raft is not running: {e}"))))
                 }
+                Err(ProposeError::Internal(e)) => Err(AttemptError::Final(ApiError::internal(e))),
             };
         }
         match tokio::time::timeout(left, self.raft.ensure_linearizable()).await {
@@ -421,4 +429,4 @@ impl Node {
 }
 
 /// Most log entries in one AppendEntries message (bounds a frame to this many values).
-pub const MAX_PAYLOAD_ENTRIES: u64 = 64;
+pub const MAX_PAYLOAD_ENTRIES: u64 = 16;

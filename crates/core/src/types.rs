@@ -17,19 +17,39 @@ pub enum Mode {
 }
 
 /// A keyspace as stored in the registry (which lives in the cp Raft group).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 pub struct KeyspaceSpec {
     pub name: String,
     pub mode: Mode,
     /// ap only: replicas per key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub n: Option<u32>,
     /// ap only: replies a read waits for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub r: Option<u32>,
     /// ap only: acknowledgements a write waits for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub w: Option<u32>,
+}
+
+/// JSON leaves out the ap-only fields of a cp keyspace; compact binary formats (bincode,
+/// inside Raft entries and peer messages) cannot skip fields, so they get all five.
+impl Serialize for KeyspaceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let skip_none = s.is_human_readable();
+        let mut st = s.serialize_struct("KeyspaceSpec", 5)?;
+        st.serialize_field("name", &self.name)?;
+        st.serialize_field("mode", &self.mode)?;
+        for (field, value) in [("n", self.n), ("r", self.r), ("w", self.w)] {
+            if skip_none && value.is_none() {
+                st.skip_field(field)?;
+            } else {
+                st.serialize_field(field, &value)?;
+            }
+        }
+        st.end()
+    }
 }
 
 impl KeyspaceSpec {
@@ -215,6 +235,14 @@ mod tests {
     fn ap_spec_gets_dynamo_defaults() {
         let s = spec(r#"{"name":"cart","mode":"ap"}"#).unwrap();
         assert_eq!((s.n, s.r, s.w), (Some(3), Some(1), Some(1)));
+    }
+
+    #[test]
+    fn cp_spec_json_omits_ap_fields() {
+        let s = spec(r#"{"name":"bank","mode":"cp"}"#).unwrap();
+        assert_eq!(serde_json::to_string(&s).unwrap(), r#"{"name":"bank","mode":"cp"}"#);
+        let a = spec(r#"{"name":"cart","mode":"ap"}"#).unwrap();
+        assert_eq!(serde_json::to_string(&a).unwrap(), r#"{"name":"cart","mode":"ap","n":3,"r":1,"w":1}"#);
     }
 
     #[test]

@@ -202,4 +202,21 @@ mod tests {
     fn openraft_storage_suite() {
         Suite::test_all(Builder).unwrap();
     }
+
+    struct FjallBuilder(tempfile::TempDir);
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, ()> for FjallBuilder {
+        async fn build(&self) -> Result<((), LogStore, StateMachine), StorageError<NodeId>> {
+            let dir = self.0.path().join(format!("{}", rand::random::<u64>()));
+            let engine: Arc<dyn Engine> = Arc::new(crate::storage::FjallEngine::open(&dir).unwrap());
+            let gc = GroupCommit::start(engine.clone());
+            Ok(((), LogStore::new(engine.clone(), gc), StateMachine::open(engine)?))
+        }
+    }
+
+    /// The same suite on the production engine.
+    #[test]
+    fn openraft_storage_suite_on_fjall() {
+        Suite::test_all(FjallBuilder(tempfile::tempdir().unwrap())).unwrap();
+    }
 }

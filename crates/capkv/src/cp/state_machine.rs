@@ -254,7 +254,8 @@ impl StateMachine {
     /// Loads the applied state from the engine.
     pub fn open(engine: Arc<dyn Engine>) -> StorageResult<StateMachine> {
         let get = |k: &[u8]| engine.get(Tree::Meta, k).map_err(read_err);
-        let last_applied = get(META_APPLIED)?.map(|r| decode(&r)).transpose().map_err(read_err)?;
+        let last_applied: Option<LogId> =
+            get(META_APPLIED)?.map(|r| decode::<Option<LogId>>(&r)).transpose().map_err(read_err)?.flatten();
         let membership = get(META_MEMBERSHIP)?.map(|r| decode(&r)).transpose().map_err(read_err)?.unwrap_or_default();
         let revision = get(META_REVISION)?
             .map(|r| r.try_into().map(u64::from_be_bytes).map_err(|_| read_err("revision record")))
@@ -427,7 +428,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((self.last_applied, self.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Reply>>
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Vec<Reply>>>
     where
         I: IntoIterator<Item = openraft::Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
@@ -438,18 +439,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut latest_ms = 0;
         for entry in entries {
             self.last_applied = Some(entry.log_id);
-            let reply = match &entry.payload {
-                EntryPayload::Blank => Ok(Written::Internal),
-                EntryPayload::Normal(cmd) => {
-                    latest_ms = latest_ms.max(cmd.proposed_at_ms);
-                    self.apply_command(&mut txn, cmd)?
+            let mut entry_replies = Vec::new();
+            match &entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(batch) => {
+                    for cmd in &batch.0 {
+                        latest_ms = latest_ms.max(cmd.proposed_at_ms);
+                        entry_replies.push(self.apply_command(&mut txn, cmd)?);
+                    }
                 }
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                    Ok(Written::Internal)
                 }
-            };
-            replies.push(reply);
+            }
+            replies.push(entry_replies);
         }
         if latest_ms > 0 {
             self.expire_idempotency(&mut txn, latest_ms)?;
@@ -524,6 +527,7 @@ impl RaftSnapshotBuilder<TypeConfig> for PreparedSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cp::Batch;
     use crate::storage::MemoryEngine;
     use openraft::{CommittedLeaderId, Entry};
     use proptest::prelude::*;
@@ -536,11 +540,11 @@ mod tests {
     fn entry(index: u64, op: Op, idem: Option<&str>) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Command {
+            payload: EntryPayload::Normal(Batch(vec![Command {
                 op,
                 idempotency_key: idem.map(str::to_owned),
                 proposed_at_ms: 1_000_000 + index,
-            }),
+            }])),
         }
     }
 
@@ -552,8 +556,9 @@ mod tests {
         Op::Put { keyspace: "cp".into(), key: key.into(), value: value.into(), condition }
     }
 
+    /// Applies entries of one command each; the reply of each.
     async fn apply(sm: &mut StateMachine, entries: Vec<Entry<TypeConfig>>) -> Vec<Reply> {
-        sm.apply(entries).await.unwrap()
+        sm.apply(entries).await.unwrap().into_iter().flatten().collect()
     }
 
     #[tokio::test]
@@ -568,6 +573,17 @@ mod tests {
         assert_eq!(r[2], Ok(Written::Put { version: 2 }));
         assert_eq!(reader.get("cp", b"a").unwrap(), Some((1, b"1".to_vec())));
         assert_eq!(reader.revision().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn reopening_restores_the_applied_state() {
+        let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+        let mut sm = StateMachine::open(engine.clone()).unwrap();
+        apply(&mut sm, vec![entry(1, cp_keyspace(), None), entry(2, put("a", "1", None), None)]).await;
+        let before = sm.applied_state().await.unwrap();
+        let mut reopened = StateMachine::open(engine).unwrap();
+        assert_eq!(reopened.applied_state().await.unwrap(), before);
+        assert_eq!(reopened.revision, 1);
     }
 
     #[tokio::test]
@@ -628,8 +644,8 @@ mod tests {
         let (mut sm, _reader) = sm();
         apply(&mut sm, vec![entry(1, cp_keyspace(), None), entry(2, put("a", "1", None), Some("req-1"))]).await;
         let mut late = entry(3, put("b", "1", None), None);
-        if let EntryPayload::Normal(c) = &mut late.payload {
-            c.proposed_at_ms += IDEMPOTENCY_TTL_MS + 10;
+        if let EntryPayload::Normal(b) = &mut late.payload {
+            b.0[0].proposed_at_ms += IDEMPOTENCY_TTL_MS + 10;
         }
         apply(&mut sm, vec![late]).await;
         assert_eq!(sm.engine.get(Tree::Data, &idem_key("req-1")).unwrap(), None);

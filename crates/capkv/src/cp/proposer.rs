@@ -1,0 +1,159 @@
+//! Group commit for Raft proposals.
+//!
+//! openraft 0.9 appends each proposal as its own log write and waits for that write to
+//! be flushed before it appends the next, so N concurrent writes would cost N fsyncs
+//! in a row. The proposer sits in front of it: concurrent commands queue here, and one
+//! task takes everything queued (up to [`BATCH_COMMANDS_MAX`] commands or
+//! [`BATCH_BYTES_MAX`] bytes) and proposes it as one [`Batch`] entry: one append, one
+//! fsync, one replication round for all of them. While a batch is in flight the next
+//! one fills up, so the busier the node, the bigger the batches.
+//!
+//! "Was it proposed?" is decided exactly once per command, by a compare-and-swap on its
+//! state: the proposer claims it (from then on its outcome may be unknown: 504 on
+//! timeout) or the waiter cancels it first (then it was certainly never proposed: 503).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use capkv_core::ApiError;
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::{Batch, Command, Raft, Reply};
+
+/// Most commands in one log entry.
+pub const BATCH_COMMANDS_MAX: usize = 256;
+/// Most value bytes in one log entry (a single larger command still goes alone).
+pub const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Batches proposed but not yet answered; more wait in the queue.
+const IN_FLIGHT_BATCHES_MAX: usize = 4;
+/// Commands waiting to be batched before senders wait (backpressure).
+const QUEUE_MAX: usize = 4096;
+
+const QUEUED: u8 = 0;
+const CLAIMED: u8 = 1;
+const CANCELLED: u8 = 2;
+
+/// Why a proposal has no reply.
+#[derive(Debug)]
+pub enum ProposeError {
+    /// This node is not the leader: nothing was proposed.
+    NotLeader,
+    /// Raft stopped: nothing more will be applied through this node.
+    Stopped(String),
+    /// The deadline passed; `proposed` says whether it may still take effect.
+    Deadline { proposed: bool },
+    /// A bug or a broken disk.
+    Internal(String),
+}
+
+struct Pending {
+    cmd: Command,
+    state: Arc<AtomicU8>,
+    reply: oneshot::Sender<Result<Reply, ProposeError>>,
+}
+
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<Pending>,
+}
+
+fn size_of(cmd: &Command) -> usize {
+    match &cmd.op {
+        super::Op::Put { key, value, .. } => key.len() + value.len(),
+        super::Op::Delete { key, .. } => key.len(),
+        super::Op::CreateKeyspace { .. } => 64,
+    }
+}
+
+impl Proposer {
+    pub fn start(raft: Raft) -> Proposer {
+        let (tx, rx) = mpsc::channel(QUEUE_MAX);
+        tokio::spawn(run(raft, rx));
+        Proposer { tx }
+    }
+
+    /// Proposes `cmd` and waits for its reply until `deadline`.
+    pub async fn propose(&self, cmd: Command, deadline: Instant) -> Result<Reply, ProposeError> {
+        let state = Arc::new(AtomicU8::new(QUEUED));
+        let (reply, rx) = oneshot::channel();
+        let pending = Pending { cmd, state: state.clone(), reply };
+        let deadline = tokio::time::Instant::from_std(deadline);
+        match tokio::time::timeout_at(deadline, self.tx.send(pending)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(ProposeError::Stopped("the proposer has stopped".into())),
+            Err(_) => return Err(ProposeError::Deadline { proposed: false }),
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ProposeError::Stopped("the proposer has stopped".into())),
+            Err(_) => {
+                let cancelled = state.compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire).is_ok();
+                Err(ProposeError::Deadline { proposed: !cancelled })
+            }
+        }
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES_MAX));
+    while let Some(first) = rx.recv().await {
+        // Wait for a slot first, so that commands arriving meanwhile join this batch.
+        let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        let mut queued = vec![first];
+        let mut bytes = size_of(&queued[0].cmd);
+        while queued.len() < BATCH_COMMANDS_MAX && bytes < BATCH_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += size_of(&p.cmd);
+                    queued.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let claimed: Vec<Pending> = queued
+            .into_iter()
+            .filter(|p| p.state.compare_exchange(QUEUED, CLAIMED, Ordering::AcqRel, Ordering::Acquire).is_ok())
+            .collect();
+        if claimed.is_empty() {
+            continue;
+        }
+        metrics::histogram!("capkv_raft_batch_commands").record(claimed.len() as f64);
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let (cmds, waiters): (Vec<Command>, Vec<_>) = claimed.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+            let n = cmds.len();
+            let result = raft.client_write(Batch(cmds)).await;
+            drop(permit);
+            match result {
+                Ok(resp) if resp.data.len() == n => {
+                    for (w, r) in waiters.into_iter().zip(resp.data) {
+                        let _ = w.send(Ok(r));
+                    }
+                }
+                Ok(resp) => {
+                    let e = format!("batch of {n} commands got {} replies", resp.data.len());
+                    for w in waiters {
+                        let _ = w.send(Err(ProposeError::Internal(e.clone())));
+                    }
+                }
+                Err(e) => {
+                    for w in waiters {
+                        let _ = w.send(Err(match &e {
+                            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ProposeError::NotLeader,
+                            RaftError::APIError(other) => ProposeError::Internal(other.to_string()),
+                            RaftError::Fatal(f) => ProposeError::Stopped(f.to_string()),
+                        }));
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl From<ApiError> for ProposeError {
+    fn from(e: ApiError) -> ProposeError {
+        ProposeError::Internal(e.message)
+    }
+}

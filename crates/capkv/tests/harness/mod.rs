@@ -1,0 +1,242 @@
+//! Starts real `capkv serve` processes for tests and always cleans them up.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use capkv_client::{Client, ClientError, ErrorCode, KeyspaceSpec, Mode};
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub http: Vec<String>,
+    pub peer: Vec<String>,
+    children: Vec<Option<Child>>,
+    extra: Vec<String>,
+}
+
+/// Ports the OS says are free right now. Bound all at once so they are distinct.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// Polls `cond` until it is true; panics with `what` after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `f` until it returns `Some`; panics with `what` after `limit`.
+pub async fn eventually_some<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of an unlabelled metric in Prometheus text, 0 if absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+impl Cluster {
+    /// Starts `n` nodes (n1..), waits until they serve, and creates the cp keyspace `cp`.
+    pub async fn start(n: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_with(n, extra, true).await
+    }
+
+    pub async fn start_with(n: usize, extra: &[&str], faults: bool) -> Cluster {
+        let ports = free_ports(2 * n);
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if faults {
+            extra.push("--enable-faults".into());
+        }
+        let mut c = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            http: ports[..n].iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+            peer: ports[n..].iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+            children: (0..n).map(|_| None).collect(),
+            extra,
+        };
+        for i in 0..n {
+            c.spawn(i);
+        }
+        c.wait_healthy().await;
+        let spec = KeyspaceSpec { name: "cp".into(), mode: Mode::Cp, n: None, r: None, w: None };
+        let client = c.client(0);
+        eventually(Duration::from_secs(20), "the cluster elects a leader and creates keyspace cp", || async {
+            match client.create_keyspace(&spec).await {
+                Ok(_) => true,
+                Err(ClientError::Api { error, .. }) => error.code == ErrorCode::Conflict,
+                Err(_) => false,
+            }
+        })
+        .await;
+        c
+    }
+
+    pub fn cluster_spec(&self) -> String {
+        (0..self.http.len())
+            .map(|i| format!("n{}={}@{}", i + 1, self.peer[i], self.http[i]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("n{}", i + 1))
+    }
+
+    /// Starts node i (index from 0, named n{i+1}).
+    pub fn spawn(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "n{} is already running", i + 1);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("n{}.log", i + 1)))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_capkv"))
+            .arg("serve")
+            .args(["--id", &format!("n{}", i + 1)])
+            .arg("--data-dir")
+            .arg(self.data_dir(i))
+            .args(["--cluster", &self.cluster_spec()])
+            .args(&self.extra)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting capkv serve");
+        self.children[i] = Some(child);
+    }
+
+    /// `kill -9` node i and reap it.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn wipe(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "wipe a stopped node only");
+        let _ = std::fs::remove_dir_all(self.data_dir(i));
+    }
+
+    pub async fn restart(&mut self, i: usize) {
+        self.spawn(i);
+        self.wait_healthy().await;
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        format!("http://{}", self.http[i])
+    }
+
+    /// A client that talks to node i only (no fail-over), so tests know who served.
+    pub fn client(&self, i: usize) -> Client {
+        Client::new([self.url(i)])
+    }
+
+    pub async fn wait_healthy(&self) {
+        for i in 0..self.http.len() {
+            if self.children[i].is_none() {
+                continue;
+            }
+            let url = format!("{}/healthz", self.url(i));
+            eventually(Duration::from_secs(20), &format!("n{} serves /healthz", i + 1), || async {
+                reqwest::get(&url).await.is_ok_and(|r| r.status().is_success())
+            })
+            .await;
+        }
+    }
+
+    /// The index of the current leader, as the running nodes agree on it.
+    pub async fn leader(&self) -> usize {
+        eventually_some(Duration::from_secs(15), "a leader is known", || async {
+            for i in 0..self.http.len() {
+                if self.children[i].is_none() {
+                    continue;
+                }
+                if let Ok(info) = self.client(i).cluster_of(&self.url(i)).await {
+                    if info.role == "leader" {
+                        return Some(i);
+                    }
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    /// Isolates groups of nodes (indexes) from each other, on every node.
+    pub async fn partition(&self, groups: &[&[usize]]) {
+        for (g, members) in groups.iter().enumerate() {
+            let others: Vec<String> = groups
+                .iter()
+                .enumerate()
+                .filter(|(o, _)| *o != g)
+                .flat_map(|(_, m)| m.iter().map(|i| format!("n{}", i + 1)))
+                .collect();
+            for &i in *members {
+                self.client(i).set_faults(&self.url(i), others.clone()).await.unwrap();
+            }
+        }
+    }
+
+    pub async fn heal(&self) {
+        for i in 0..self.http.len() {
+            if self.children[i].is_some() {
+                self.client(i).set_faults(&self.url(i), Vec::new()).await.unwrap();
+            }
+        }
+    }
+
+    pub async fn metrics(&self, i: usize) -> String {
+        reqwest::get(format!("{}/metrics", self.url(i))).await.unwrap().text().await.unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill9(i);
+        }
+        if std::thread::panicking() {
+            // Keep the node logs of a failed test visible.
+            for i in 0..self.children.len() {
+                let path = self.dir.path().join(format!("n{}.log", i + 1));
+                if let Ok(log) = std::fs::read_to_string(&path) {
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    eprintln!("--- last lines of n{} log ---", i + 1);
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
