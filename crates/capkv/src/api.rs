@@ -17,8 +17,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use capkv_core::validate::{self, MAX_SCAN_LIMIT, MAX_TIMEOUT_MS};
 use capkv_core::{
-    ApiError, ClusterInfo, Consistency, DeleteResponse, ErrorBody, FaultRequest, FaultState, KeyspaceSpec, Mode,
-    PutResponse, ScanEntry,
+    ApiError, ClusterInfo, Consistency, DeleteResponse, ErrorBody, FaultRequest, FaultState,
+    KeyspaceSpec, Mode, PutResponse, ScanEntry,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use utoipa::OpenApi;
@@ -47,7 +47,8 @@ impl From<ApiError> for Failure {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(ErrorBody { error: self.0 })).into_response()
     }
 }
@@ -60,7 +61,9 @@ fn path_error(e: PathRejection) -> Failure {
 
 fn body_error(e: BytesRejection, limit: usize) -> Failure {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        Failure(ApiError::too_large(format!("value is larger than the limit of {limit} bytes")))
+        Failure(ApiError::too_large(format!(
+            "value is larger than the limit of {limit} bytes"
+        )))
     } else {
         Failure(ApiError::bad_request(format!("cannot read body: {e}")))
     }
@@ -85,21 +88,29 @@ impl Params {
                 )));
             }
             if !seen.insert(k.clone()) {
-                return Err(ApiError::bad_request(format!("query parameter '{k}' given twice")));
+                return Err(ApiError::bad_request(format!(
+                    "query parameter '{k}' given twice"
+                )));
             }
         }
         Ok(Params { pairs })
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        self.pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     fn number(&self, name: &str) -> Result<Option<u64>, ApiError> {
         self.get(name)
             .map(|v| {
-                v.parse::<u64>()
-                    .map_err(|_| ApiError::bad_request(format!("{name} must be a non-negative integer, got '{v}'")))
+                v.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "{name} must be a non-negative integer, got '{v}'"
+                    ))
+                })
             })
             .transpose()
     }
@@ -110,26 +121,35 @@ impl Params {
             None => DEFAULT_TIMEOUT,
             Some(ms) if (1..=MAX_TIMEOUT_MS).contains(&ms) => Duration::from_millis(ms),
             Some(ms) => {
-                return Err(ApiError::bad_request(format!("timeout_ms must be between 1 and {MAX_TIMEOUT_MS}, got {ms}")))
+                return Err(ApiError::bad_request(format!(
+                    "timeout_ms must be between 1 and {MAX_TIMEOUT_MS}, got {ms}"
+                )))
             }
         };
         Ok(Instant::now() + timeout)
     }
 
     fn consistency(&self) -> Result<Consistency, ApiError> {
-        self.get("consistency").map_or(Ok(Consistency::Linearizable), str::parse)
+        self.get("consistency")
+            .map_or(Ok(Consistency::Linearizable), str::parse)
     }
 }
 
 /// Parses a JSON body whatever its Content-Type (so `curl -d '{...}'` works).
-fn json_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let body = body.map_err(|e| ApiError::bad_request(format!("cannot read body: {e}")))?;
     serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("bad JSON body: {e}")))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
-    let s = v.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
     validate::idempotency_key(s)?;
     Ok(Some(s.to_owned()))
 }
@@ -148,7 +168,9 @@ fn check_cp(node: &Node, keyspace: &str) -> Result<(), ApiError> {
         if spec.mode == Mode::Ap {
             return Err(ApiError::new(
                 capkv_core::ErrorCode::NotImplemented,
-                format!("keyspace '{keyspace}' is an ap keyspace; ap replication is not served yet"),
+                format!(
+                    "keyspace '{keyspace}' is an ap keyspace; ap replication is not served yet"
+                ),
             ));
         }
     }
@@ -157,7 +179,9 @@ fn check_cp(node: &Node, keyspace: &str) -> Result<(), ApiError> {
 
 fn condition(params: &Params) -> Result<Option<Condition>, ApiError> {
     match (params.number("if_version")?, params.get("if_value")) {
-        (Some(_), Some(_)) => Err(ApiError::bad_request("give if_version or if_value, not both")),
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "give if_version or if_value, not both",
+        )),
         (Some(v), None) => Ok(Some(Condition::Version(v))),
         (None, Some(v)) => Ok(Some(Condition::Value(v.as_bytes().to_vec()))),
         (None, None) => Ok(None),
@@ -165,7 +189,11 @@ fn condition(params: &Params) -> Result<Option<Condition>, ApiError> {
 }
 
 fn command(op: Op, headers: &HeaderMap) -> Result<Command, ApiError> {
-    Ok(Command { op, idempotency_key: idempotency_key(headers)?, proposed_at_ms: now_ms() })
+    Ok(Command {
+        op,
+        idempotency_key: idempotency_key(headers)?,
+        proposed_at_ms: now_ms(),
+    })
 }
 
 /// Writes a value.
@@ -190,11 +218,24 @@ async fn put_key(
     let limit = st.node.config.max_value_bytes;
     let value = body.map_err(|e| body_error(e, limit))?;
     if value.len() > limit {
-        return Err(ApiError::too_large(format!("value is {} bytes; the limit is {limit}", value.len())).into());
+        return Err(ApiError::too_large(format!(
+            "value is {} bytes; the limit is {limit}",
+            value.len()
+        ))
+        .into());
     }
     check_target(&st.node, &ks, &key)?;
-    let op = Op::Put { keyspace: ks, key: key.into_bytes(), value: value.to_vec(), condition: condition(&params)? };
-    match st.node.write(command(op, &headers)?, params.deadline()?).await? {
+    let op = Op::Put {
+        keyspace: ks,
+        key: key.into_bytes(),
+        value: value.to_vec(),
+        condition: condition(&params)?,
+    };
+    match st
+        .node
+        .write(command(op, &headers)?, params.deadline()?)
+        .await?
+    {
         Written::Put { version } => Ok(Json(PutResponse { version })),
         other => Err(ApiError::internal(format!("unexpected reply {other:?}")).into()),
     }
@@ -216,7 +257,10 @@ async fn get_key(
     let Path((ks, key)) = path.map_err(path_error)?;
     let params = Params::parse(q, &["consistency", "timeout_ms"])?;
     check_target(&st.node, &ks, &key)?;
-    let op = ForwardOp::Get { keyspace: ks.clone(), key: key.into_bytes() };
+    let op = ForwardOp::Get {
+        keyspace: ks.clone(),
+        key: key.into_bytes(),
+    };
     let reply = match params.consistency()? {
         Consistency::Serializable => st.node.read_local(&op)?,
         Consistency::Linearizable => st.node.linearizable_read(op, params.deadline()?).await?,
@@ -226,10 +270,15 @@ async fn get_key(
             let mut resp = value.into_response();
             let h = resp.headers_mut();
             h.insert("x-capkv-version", HeaderValue::from(version));
-            h.insert("content-type", HeaderValue::from_static("application/octet-stream"));
+            h.insert(
+                "content-type",
+                HeaderValue::from_static("application/octet-stream"),
+            );
             Ok(resp)
         }
-        ForwardReply::Value(None) => Err(ApiError::not_found(format!("key not found in keyspace '{ks}'")).into()),
+        ForwardReply::Value(None) => {
+            Err(ApiError::not_found(format!("key not found in keyspace '{ks}'")).into())
+        }
         other => Err(ApiError::internal(format!("unexpected reply {other:?}")).into()),
     }
 }
@@ -250,8 +299,16 @@ async fn delete_key(
     let Path((ks, key)) = path.map_err(path_error)?;
     let params = Params::parse(q, &["if_version", "if_value", "timeout_ms"])?;
     check_target(&st.node, &ks, &key)?;
-    let op = Op::Delete { keyspace: ks, key: key.into_bytes(), condition: condition(&params)? };
-    match st.node.write(command(op, &headers)?, params.deadline()?).await? {
+    let op = Op::Delete {
+        keyspace: ks,
+        key: key.into_bytes(),
+        condition: condition(&params)?,
+    };
+    match st
+        .node
+        .write(command(op, &headers)?, params.deadline()?)
+        .await?
+    {
         Written::Delete { deleted, version } => Ok(Json(DeleteResponse { deleted, version })),
         other => Err(ApiError::internal(format!("unexpected reply {other:?}")).into()),
     }
@@ -270,13 +327,21 @@ async fn scan_keys(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     let Path(ks) = path.map_err(path_error)?;
-    let params = Params::parse(q, &["prefix", "after", "limit", "consistency", "timeout_ms"])?;
+    let params = Params::parse(
+        q,
+        &["prefix", "after", "limit", "consistency", "timeout_ms"],
+    )?;
     validate::keyspace_name(&ks)?;
     check_cp(&st.node, &ks)?;
     let limit = match params.number("limit")? {
         None => 1000,
         Some(n) if (1..=MAX_SCAN_LIMIT as u64).contains(&n) => n as usize,
-        Some(n) => return Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_SCAN_LIMIT}, got {n}")).into()),
+        Some(n) => {
+            return Err(ApiError::bad_request(format!(
+                "limit must be between 1 and {MAX_SCAN_LIMIT}, got {n}"
+            ))
+            .into())
+        }
     };
     let op = ForwardOp::Scan {
         keyspace: ks,
@@ -291,9 +356,15 @@ async fn scan_keys(
     let ForwardReply::Scan { rows, more } = reply else {
         return Err(ApiError::internal("unexpected reply to a scan").into());
     };
-    let entries: Vec<ScanEntry> = rows.iter().map(|(k, v, val)| ScanEntry::new(k, val, *v)).collect();
+    let entries: Vec<ScanEntry> = rows
+        .iter()
+        .map(|(k, v, val)| ScanEntry::new(k, val, *v))
+        .collect();
     let mut resp = Json(entries).into_response();
-    resp.headers_mut().insert("x-capkv-more", HeaderValue::from_static(if more { "true" } else { "false" }));
+    resp.headers_mut().insert(
+        "x-capkv-more",
+        HeaderValue::from_static(if more { "true" } else { "false" }),
+    );
     Ok(resp)
 }
 
@@ -312,7 +383,9 @@ async fn create_keyspace(
     let spec: KeyspaceSpec = json_body(body)?;
     let spec = spec.normalized()?;
     let op = Op::CreateKeyspace { spec: spec.clone() };
-    st.node.write(command(op, &headers)?, params.deadline()?).await?;
+    st.node
+        .write(command(op, &headers)?, params.deadline()?)
+        .await?;
     Ok((StatusCode::CREATED, Json(spec)))
 }
 
@@ -320,11 +393,18 @@ async fn create_keyspace(
 #[utoipa::path(get, path = "/v1/keyspaces", tag = "keyspaces",
     params(("consistency" = Option<String>, Query), ("timeout_ms" = Option<u64>, Query)),
     responses((status = 200, body = Vec<KeyspaceSpec>), (status = 503, body = ErrorBody)))]
-async fn list_keyspaces(State(st): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Vec<KeyspaceSpec>>> {
+async fn list_keyspaces(
+    State(st): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Vec<KeyspaceSpec>>> {
     let params = Params::parse(q, &["consistency", "timeout_ms"])?;
     let reply = match params.consistency()? {
         Consistency::Serializable => st.node.read_local(&ForwardOp::ListKeyspaces)?,
-        Consistency::Linearizable => st.node.linearizable_read(ForwardOp::ListKeyspaces, params.deadline()?).await?,
+        Consistency::Linearizable => {
+            st.node
+                .linearizable_read(ForwardOp::ListKeyspaces, params.deadline()?)
+                .await?
+        }
     };
     match reply {
         ForwardReply::Keyspaces(list) => Ok(Json(list)),
@@ -341,7 +421,12 @@ async fn cluster(State(st): State<AppState>) -> Json<ClusterInfo> {
 fn fault_state(node: &Node) -> FaultState {
     FaultState {
         enabled: node.config.enable_faults,
-        isolate_from: node.faults.isolated().into_iter().map(|id| node.name_of(id)).collect(),
+        isolate_from: node
+            .faults
+            .isolated()
+            .into_iter()
+            .map(|id| node.name_of(id))
+            .collect(),
     }
 }
 
@@ -349,7 +434,10 @@ fn require_faults(node: &Node) -> Result<(), ApiError> {
     if node.config.enable_faults {
         Ok(())
     } else {
-        Err(ApiError::new(capkv_core::ErrorCode::Forbidden, "fault injection is disabled; start the node with --enable-faults"))
+        Err(ApiError::new(
+            capkv_core::ErrorCode::Forbidden,
+            "fault injection is disabled; start the node with --enable-faults",
+        ))
     }
 }
 
@@ -364,7 +452,11 @@ async fn set_faults(
     let req: FaultRequest = json_body(body)?;
     let mut ids = BTreeSet::new();
     for name in &req.isolate_from {
-        let m = st.node.config.member_by_name(name).ok_or_else(|| ApiError::bad_request(format!("unknown node '{name}'")))?;
+        let m = st
+            .node
+            .config
+            .member_by_name(name)
+            .ok_or_else(|| ApiError::bad_request(format!("unknown node '{name}'")))?;
         if m.id == st.node.id() {
             return Err(ApiError::bad_request("a node cannot be isolated from itself").into());
         }
@@ -402,17 +494,48 @@ async fn healthz() -> &'static str {
 async fn prometheus(State(st): State<AppState>) -> Response {
     match &st.prometheus {
         Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
-        None => Failure(ApiError::new(capkv_core::ErrorCode::NotImplemented, "metrics recorder not installed")).into_response(),
+        None => Failure(ApiError::new(
+            capkv_core::ErrorCode::NotImplemented,
+            "metrics recorder not installed",
+        ))
+        .into_response(),
     }
 }
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "capkv", description = "A distributed key-value store in which every keyspace picks its side of CAP."),
-    paths(put_key, get_key, delete_key, scan_keys, create_keyspace, list_keyspaces, cluster, set_faults, clear_faults,
-        get_faults, healthz, prometheus),
-    components(schemas(ErrorBody, ApiError, capkv_core::ErrorCode, PutResponse, DeleteResponse, ScanEntry, KeyspaceSpec,
-        Mode, ClusterInfo, capkv_core::ClusterNode, FaultRequest, FaultState))
+    info(
+        title = "capkv",
+        description = "A distributed key-value store in which every keyspace picks its side of CAP."
+    ),
+    paths(
+        put_key,
+        get_key,
+        delete_key,
+        scan_keys,
+        create_keyspace,
+        list_keyspaces,
+        cluster,
+        set_faults,
+        clear_faults,
+        get_faults,
+        healthz,
+        prometheus
+    ),
+    components(schemas(
+        ErrorBody,
+        ApiError,
+        capkv_core::ErrorCode,
+        PutResponse,
+        DeleteResponse,
+        ScanEntry,
+        KeyspaceSpec,
+        Mode,
+        ClusterInfo,
+        capkv_core::ClusterNode,
+        FaultRequest,
+        FaultState
+    ))
 )]
 pub struct ApiDoc;
 
@@ -421,7 +544,10 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 }
 
 async fn fallback(method: Method, uri: axum::http::Uri) -> Failure {
-    Failure(ApiError::not_found(format!("no such endpoint: {method} {}", uri.path())))
+    Failure(ApiError::not_found(format!(
+        "no such endpoint: {method} {}",
+        uri.path()
+    )))
 }
 
 /// A short operation name per route, the `op` label of the request metrics.
@@ -443,12 +569,16 @@ fn op_name(method: &Method, path: Option<&str>) -> &'static str {
 }
 
 async fn record_metrics(req: Request, next: Next) -> Response {
-    let op = op_name(req.method(), req.extensions().get::<MatchedPath>().map(|p| p.as_str()));
+    let op = op_name(
+        req.method(),
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str()),
+    );
     let started = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
     metrics::counter!("capkv_http_requests_total", "op" => op, "status" => status).increment(1);
-    metrics::histogram!("capkv_http_request_duration_seconds", "op" => op).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("capkv_http_request_duration_seconds", "op" => op)
+        .record(started.elapsed().as_secs_f64());
     resp
 }
 
@@ -457,11 +587,17 @@ pub fn router(state: AppState) -> Router {
     // 413 before it is buffered whole (the limit bounds memory per request).
     let body_limit = state.node.config.max_value_bytes + 1;
     Router::new()
-        .route("/v1/kv/{ks}/{*key}", put(put_key).get(get_key).delete(delete_key))
+        .route(
+            "/v1/kv/{ks}/{*key}",
+            put(put_key).get(get_key).delete(delete_key),
+        )
         .route("/v1/kv/{ks}", get(scan_keys))
         .route("/v1/keyspaces", post(create_keyspace).get(list_keyspaces))
         .route("/v1/cluster", get(cluster))
-        .route("/v1/faults", post(set_faults).delete(clear_faults).get(get_faults))
+        .route(
+            "/v1/faults",
+            post(set_faults).delete(clear_faults).get(get_faults),
+        )
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(prometheus))
         .route("/healthz", get(healthz))

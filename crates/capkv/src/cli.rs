@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::config::{parse_cluster, ConfigError, ConfigFile, NodeConfig};
 
 #[derive(Parser)]
-#[command(name = "capkv", version, about = "A distributed key-value store in which every keyspace picks its side of CAP")]
+#[command(
+    name = "capkv",
+    version,
+    about = "A distributed key-value store in which every keyspace picks its side of CAP"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
@@ -24,7 +28,13 @@ pub struct NodeArg {
 
 impl NodeArg {
     fn client(&self) -> Client {
-        Client::new(self.node.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned))
+        Client::new(
+            self.node
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        )
     }
 }
 
@@ -184,19 +194,37 @@ impl ServeArgs {
             None => ConfigFile::default(),
         };
         let id = self.id.or(file.id).ok_or(ConfigError::Missing("--id"))?;
-        let cluster = parse_cluster(&self.cluster.or(file.cluster).ok_or(ConfigError::Missing("--cluster"))?)?;
-        let data_dir = self.data_dir.or(file.data_dir).ok_or(ConfigError::Missing("--data-dir"))?;
-        let mut cfg = NodeConfig::new(id, cluster, data_dir, self.http.or(file.http), self.peer.or(file.peer))?;
+        let cluster = parse_cluster(
+            &self
+                .cluster
+                .or(file.cluster)
+                .ok_or(ConfigError::Missing("--cluster"))?,
+        )?;
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .ok_or(ConfigError::Missing("--data-dir"))?;
+        let mut cfg = NodeConfig::new(
+            id,
+            cluster,
+            data_dir,
+            self.http.or(file.http),
+            self.peer.or(file.peer),
+        )?;
         cfg.enable_faults = self.enable_faults || file.enable_faults.unwrap_or(false);
         if let Some(v) = self.max_value_bytes.or(file.max_value_bytes) {
             if v == 0 || v > 64 * 1024 * 1024 {
-                return Err(ConfigError::Invalid("--max-value-bytes must be between 1 and 67108864".into()));
+                return Err(ConfigError::Invalid(
+                    "--max-value-bytes must be between 1 and 67108864".into(),
+                ));
             }
             cfg.max_value_bytes = v;
         }
         if let Some(v) = self.snapshot_every.or(file.snapshot_every) {
             if v == 0 {
-                return Err(ConfigError::Invalid("--snapshot-every must be at least 1".into()));
+                return Err(ConfigError::Invalid(
+                    "--snapshot-every must be at least 1".into(),
+                ));
             }
             cfg.snapshot_every = v;
         }
@@ -219,25 +247,84 @@ fn fail(e: ClientError) -> String {
 pub async fn run_client(cmd: Cmd) -> Result<(), String> {
     match cmd {
         Cmd::Serve(_) | Cmd::Dev { .. } => unreachable!("handled by main"),
-        Cmd::Put { keyspace, key, value, if_version, if_value, idempotency_key, node } => {
-            let opts = WriteOptions { if_version, if_value, idempotency_key, timeout_ms: None };
-            let r = node.client().put(&keyspace, key.as_bytes(), value.into_bytes(), &opts).await.map_err(fail)?;
+        Cmd::Put {
+            keyspace,
+            key,
+            value,
+            if_version,
+            if_value,
+            idempotency_key,
+            node,
+        } => {
+            let opts = WriteOptions {
+                if_version,
+                if_value,
+                idempotency_key,
+                timeout_ms: None,
+            };
+            let r = node
+                .client()
+                .put(&keyspace, key.as_bytes(), value.into_bytes(), &opts)
+                .await
+                .map_err(fail)?;
             println!("ok, version {}", r.version);
         }
-        Cmd::Get { keyspace, key, serializable, node } => {
-            let c = if serializable { Consistency::Serializable } else { Consistency::Linearizable };
-            match node.client().get(&keyspace, key.as_bytes(), c).await.map_err(fail)? {
+        Cmd::Get {
+            keyspace,
+            key,
+            serializable,
+            node,
+        } => {
+            let c = if serializable {
+                Consistency::Serializable
+            } else {
+                Consistency::Linearizable
+            };
+            match node
+                .client()
+                .get(&keyspace, key.as_bytes(), c)
+                .await
+                .map_err(fail)?
+            {
                 Some(v) => print_value(&v.value),
                 None => return Err(format!("key '{key}' not found")),
             }
         }
-        Cmd::Del { keyspace, key, if_version, node } => {
-            let opts = WriteOptions { if_version, ..Default::default() };
-            let r = node.client().delete(&keyspace, key.as_bytes(), &opts).await.map_err(fail)?;
-            println!("{}", if r.deleted { "deleted" } else { "not found (nothing deleted)" });
+        Cmd::Del {
+            keyspace,
+            key,
+            if_version,
+            node,
+        } => {
+            let opts = WriteOptions {
+                if_version,
+                ..Default::default()
+            };
+            let r = node
+                .client()
+                .delete(&keyspace, key.as_bytes(), &opts)
+                .await
+                .map_err(fail)?;
+            println!(
+                "{}",
+                if r.deleted {
+                    "deleted"
+                } else {
+                    "not found (nothing deleted)"
+                }
+            );
         }
-        Cmd::Scan { keyspace, prefix, limit, node } => {
-            let (entries, more) = node.client().scan(&keyspace, &prefix, None, Some(limit)).await.map_err(fail)?;
+        Cmd::Scan {
+            keyspace,
+            prefix,
+            limit,
+            node,
+        } => {
+            let (entries, more) = node
+                .client()
+                .scan(&keyspace, &prefix, None, Some(limit))
+                .await
+                .map_err(fail)?;
             for e in &entries {
                 let key = String::from_utf8_lossy(&e.key_bytes()).into_owned();
                 let value = String::from_utf8_lossy(&e.value_bytes()).into_owned();
@@ -247,34 +334,70 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
                 println!("... more (raise --limit)");
             }
         }
-        Cmd::Keyspace { cmd: KeyspaceCmd::Create { name, mode, n, r, w, node } } => {
+        Cmd::Keyspace {
+            cmd:
+                KeyspaceCmd::Create {
+                    name,
+                    mode,
+                    n,
+                    r,
+                    w,
+                    node,
+                },
+        } => {
             let mode = match mode {
                 ModeArg::Cp => Mode::Cp,
                 ModeArg::Ap => Mode::Ap,
             };
-            let spec = node.client().create_keyspace(&KeyspaceSpec { name, mode, n, r, w }).await.map_err(fail)?;
-            println!("created {}", serde_json::to_string(&spec).unwrap_or_default());
+            let spec = node
+                .client()
+                .create_keyspace(&KeyspaceSpec {
+                    name,
+                    mode,
+                    n,
+                    r,
+                    w,
+                })
+                .await
+                .map_err(fail)?;
+            println!(
+                "created {}",
+                serde_json::to_string(&spec).unwrap_or_default()
+            );
         }
-        Cmd::Keyspace { cmd: KeyspaceCmd::List { node } } => {
+        Cmd::Keyspace {
+            cmd: KeyspaceCmd::List { node },
+        } => {
             for ks in node.client().list_keyspaces().await.map_err(fail)? {
                 println!("{}", serde_json::to_string(&ks).unwrap_or_default());
             }
         }
         Cmd::Status { node } => status(node.client()).await?,
-        Cmd::Fault { cmd: FaultCmd::Partition { groups, node } } => partition(node.client(), &groups).await?,
-        Cmd::Fault { cmd: FaultCmd::Heal { node } } => heal(node.client()).await?,
+        Cmd::Fault {
+            cmd: FaultCmd::Partition { groups, node },
+        } => partition(node.client(), &groups).await?,
+        Cmd::Fault {
+            cmd: FaultCmd::Heal { node },
+        } => heal(node.client()).await?,
     }
     Ok(())
 }
 
 async fn status(client: Client) -> Result<(), String> {
     let info = client.cluster().await.map_err(fail)?;
-    println!("{:<6} {:<10} {:>6} {:>10} {:>10}  {:<8} reachable peers", "node", "role", "term", "applied", "commit", "leader");
+    println!(
+        "{:<6} {:<10} {:>6} {:>10} {:>10}  {:<8} reachable peers",
+        "node", "role", "term", "applied", "commit", "leader"
+    );
     for n in &info.nodes {
         match client.cluster_of(&format!("http://{}", n.http_addr)).await {
             Ok(v) => {
-                let peers: Vec<&str> =
-                    v.nodes.iter().filter(|p| p.reachable && p.id != v.node).map(|p| p.id.as_str()).collect();
+                let peers: Vec<&str> = v
+                    .nodes
+                    .iter()
+                    .filter(|p| p.reachable && p.id != v.node)
+                    .map(|p| p.id.as_str())
+                    .collect();
                 println!(
                     "{:<6} {:<10} {:>6} {:>10} {:>10}  {:<8} {}",
                     v.node,
@@ -283,7 +406,11 @@ async fn status(client: Client) -> Result<(), String> {
                     v.applied_index,
                     v.commit_index,
                     v.leader.as_deref().unwrap_or("-"),
-                    if peers.is_empty() { "none".to_owned() } else { peers.join(",") }
+                    if peers.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        peers.join(",")
+                    }
                 );
             }
             Err(e) => println!("{:<6} {:<10} {e}", n.id, "down"),
@@ -294,12 +421,27 @@ async fn status(client: Client) -> Result<(), String> {
 
 async fn partition(client: Client, groups: &[String]) -> Result<(), String> {
     let info = client.cluster().await.map_err(fail)?;
-    let groups: Vec<Vec<String>> =
-        groups.iter().map(|g| g.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()).collect();
+    let groups: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| {
+            g.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect();
     let mut seen = std::collections::BTreeSet::new();
     for id in groups.iter().flatten() {
         if !info.nodes.iter().any(|n| &n.id == id) {
-            return Err(format!("unknown node '{id}'; the cluster has {}", info.nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>().join(", ")));
+            return Err(format!(
+                "unknown node '{id}'; the cluster has {}",
+                info.nodes
+                    .iter()
+                    .map(|n| n.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
         }
         if !seen.insert(id.clone()) {
             return Err(format!("node '{id}' is in more than one group"));
@@ -307,24 +449,45 @@ async fn partition(client: Client, groups: &[String]) -> Result<(), String> {
     }
     let mut failed = Vec::new();
     for n in &info.nodes {
-        let Some(mine) = groups.iter().find(|g| g.contains(&n.id)) else { continue };
-        let others: Vec<String> = groups.iter().filter(|g| *g != mine).flatten().cloned().collect();
-        match client.set_faults(&format!("http://{}", n.http_addr), others.clone()).await {
+        let Some(mine) = groups.iter().find(|g| g.contains(&n.id)) else {
+            continue;
+        };
+        let others: Vec<String> = groups
+            .iter()
+            .filter(|g| *g != mine)
+            .flatten()
+            .cloned()
+            .collect();
+        match client
+            .set_faults(&format!("http://{}", n.http_addr), others.clone())
+            .await
+        {
             Ok(_) => println!("{}: isolated from {}", n.id, others.join(",")),
             Err(e) => failed.push(format!("{}: {e}", n.id)),
         }
     }
-    if failed.is_empty() { Ok(()) } else { Err(failed.join("\n")) }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("\n"))
+    }
 }
 
 async fn heal(client: Client) -> Result<(), String> {
     let info = client.cluster().await.map_err(fail)?;
     let mut failed = Vec::new();
     for n in &info.nodes {
-        match client.set_faults(&format!("http://{}", n.http_addr), Vec::new()).await {
+        match client
+            .set_faults(&format!("http://{}", n.http_addr), Vec::new())
+            .await
+        {
             Ok(_) => println!("{}: healed", n.id),
             Err(e) => failed.push(format!("{}: {e}", n.id)),
         }
     }
-    if failed.is_empty() { Ok(()) } else { Err(failed.join("\n")) }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("\n"))
+    }
 }

@@ -21,7 +21,9 @@ pub struct Member {
 pub enum ConfigError {
     #[error("invalid --cluster entry '{0}': expected id=peer_addr@http_addr, e.g. n1=127.0.0.1:7101@127.0.0.1:7001")]
     ClusterEntry(String),
-    #[error("node id '{0}' must end in a positive number that is unique in the cluster (n1, n2, ...)")]
+    #[error(
+        "node id '{0}' must end in a positive number that is unique in the cluster (n1, n2, ...)"
+    )]
     NodeName(String),
     #[error("node ids '{0}' and '{1}' have the same number")]
     DuplicateId(String, String),
@@ -39,7 +41,12 @@ pub enum ConfigError {
 pub fn raft_id(name: &str) -> Result<NodeId, ConfigError> {
     let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
     let bad = || ConfigError::NodeName(name.to_owned());
-    if digits == 0 || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    if digits == 0
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         return Err(bad());
     }
     match name[name.len() - digits..].parse::<NodeId>() {
@@ -60,9 +67,17 @@ pub fn parse_cluster(spec: &str) -> Result<Vec<Member>, ConfigError> {
         }
         let id = raft_id(name)?;
         if let Some(other) = members.iter().find(|m| m.id == id) {
-            return Err(ConfigError::DuplicateId(other.name.clone(), name.to_owned()));
+            return Err(ConfigError::DuplicateId(
+                other.name.clone(),
+                name.to_owned(),
+            ));
         }
-        members.push(Member { name: name.to_owned(), id, peer_addr: peer.to_owned(), http_addr: http.to_owned() });
+        members.push(Member {
+            name: name.to_owned(),
+            id,
+            peer_addr: peer.to_owned(),
+            http_addr: http.to_owned(),
+        });
     }
     if members.is_empty() {
         return Err(ConfigError::Missing("--cluster"));
@@ -105,7 +120,8 @@ pub struct ConfigFile {
 
 impl ConfigFile {
     pub fn load(path: &std::path::Path) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File(path.to_owned(), e.to_string()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::File(path.to_owned(), e.to_string()))?;
         toml::from_str(&text).map_err(|e| ConfigError::File(path.to_owned(), e.to_string()))
     }
 }
@@ -122,7 +138,10 @@ impl NodeConfig {
         peer: Option<String>,
     ) -> Result<NodeConfig, ConfigError> {
         let id = raft_id(&name)?;
-        let me = cluster.iter().find(|m| m.name == name).ok_or_else(|| ConfigError::NotAMember(name.clone()))?;
+        let me = cluster
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| ConfigError::NotAMember(name.clone()))?;
         Ok(NodeConfig {
             http_addr: http.unwrap_or_else(|| me.http_addr.clone()),
             peer_addr: peer.unwrap_or_else(|| me.peer_addr.clone()),
@@ -154,7 +173,8 @@ mod tests {
 
     #[test]
     fn parses_the_contract_cluster_syntax() {
-        let c = parse_cluster("n2=127.0.0.1:7102@127.0.0.1:7002,n1=127.0.0.1:7101@127.0.0.1:7001").unwrap();
+        let c = parse_cluster("n2=127.0.0.1:7102@127.0.0.1:7002,n1=127.0.0.1:7101@127.0.0.1:7001")
+            .unwrap();
         assert_eq!(c[0].name, "n1");
         assert_eq!(c[0].id, 1);
         assert_eq!(c[1].peer_addr, "127.0.0.1:7102");
@@ -168,7 +188,10 @@ mod tests {
         assert!(parse_cluster("n1=@b").is_err());
         assert!(parse_cluster("node=a@b").is_err());
         assert!(parse_cluster("n0=a@b").is_err());
-        assert!(matches!(parse_cluster("n1=a@b,m1=c@d"), Err(ConfigError::DuplicateId(..))));
+        assert!(matches!(
+            parse_cluster("n1=a@b,m1=c@d"),
+            Err(ConfigError::DuplicateId(..))
+        ));
     }
 
     #[test]

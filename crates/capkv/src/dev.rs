@@ -23,7 +23,9 @@ fn cluster_spec(nodes: u32, base: u16) -> Result<String, String> {
     let mut parts = Vec::new();
     for i in 1..=nodes {
         let http = base.checked_add(i as u16).ok_or("base port too high")?;
-        let peer = base.checked_add(100 + i as u16).ok_or("base port too high")?;
+        let peer = base
+            .checked_add(100 + i as u16)
+            .ok_or("base port too high")?;
         parts.push(format!("n{i}=127.0.0.1:{peer}@127.0.0.1:{http}"));
     }
     Ok(parts.join(","))
@@ -61,13 +63,20 @@ fn spawn_node(exe: &Path, i: u32, cluster: &str, data_dir: &Path) -> Result<Chil
             Ok(())
         });
     }
-    cmd.spawn().map_err(|e| format!("cannot start node n{i}: {e}"))
+    cmd.spawn()
+        .map_err(|e| format!("cannot start node n{i}: {e}"))
 }
 
 async fn create_keyspaces(client: &Client) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for (name, mode) in [("cp", Mode::Cp), ("ap", Mode::Ap)] {
-        let spec = KeyspaceSpec { name: name.into(), mode, n: None, r: None, w: None };
+        let spec = KeyspaceSpec {
+            name: name.into(),
+            mode,
+            n: None,
+            r: None,
+            w: None,
+        };
         loop {
             match client.create_keyspace(&spec).await {
                 Ok(_) => {
@@ -100,21 +109,32 @@ pub async fn run(opts: DevOptions) -> Result<(), String> {
         return Err("--nodes must be between 1 and 99".into());
     }
     let cluster = cluster_spec(opts.nodes, opts.base_port)?;
-    std::fs::create_dir_all(&opts.data_dir).map_err(|e| format!("cannot create {}: {e}", opts.data_dir.display()))?;
+    std::fs::create_dir_all(&opts.data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", opts.data_dir.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the capkv binary: {e}"))?;
     let mut children = Vec::new();
     for i in 1..=opts.nodes {
         children.push(spawn_node(&exe, i, &cluster, &opts.data_dir)?);
     }
-    let urls: Vec<String> = (1..=opts.nodes).map(|i| format!("http://127.0.0.1:{}", opts.base_port + i as u16)).collect();
+    let urls: Vec<String> = (1..=opts.nodes)
+        .map(|i| format!("http://127.0.0.1:{}", opts.base_port + i as u16))
+        .collect();
     let client = Client::new(urls.clone());
     let setup = create_keyspaces(&client).await;
 
     println!();
-    println!("capkv dev cluster: {} nodes, data in {}", opts.nodes, opts.data_dir.display());
+    println!(
+        "capkv dev cluster: {} nodes, data in {}",
+        opts.nodes,
+        opts.data_dir.display()
+    );
     for (i, url) in urls.iter().enumerate() {
-        println!("  n{}  http {url}  peer 127.0.0.1:{}  log {}", i + 1, opts.base_port + 101 + i as u16,
-            opts.data_dir.join(format!("n{}.log", i + 1)).display());
+        println!(
+            "  n{}  http {url}  peer 127.0.0.1:{}  log {}",
+            i + 1,
+            opts.base_port + 101 + i as u16,
+            opts.data_dir.join(format!("n{}.log", i + 1)).display()
+        );
     }
     let n1 = &urls[0];
     println!();

@@ -7,12 +7,18 @@ use capkv::cli::{run_client, Cli, Cmd};
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("starting the runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the runtime");
     let result = runtime.block_on(async move {
         match cli.command {
             Cmd::Serve(args) => {
@@ -20,9 +26,18 @@ fn main() {
                 let config = args.into_config().map_err(|e| e.to_string())?;
                 capkv::server::run(config).await
             }
-            Cmd::Dev { nodes, base_port, data_dir } => {
+            Cmd::Dev {
+                nodes,
+                base_port,
+                data_dir,
+            } => {
                 init_tracing();
-                capkv::dev::run(capkv::dev::DevOptions { nodes, base_port, data_dir }).await
+                capkv::dev::run(capkv::dev::DevOptions {
+                    nodes,
+                    base_port,
+                    data_dir,
+                })
+                .await
             }
             other => run_client(other).await,
         }

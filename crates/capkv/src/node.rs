@@ -79,9 +79,13 @@ enum AttemptError {
 impl Node {
     /// Opens storage, starts Raft and the peer listener, and bootstraps the cluster on
     /// first start. The HTTP side is started by the caller.
-    pub async fn start(config: NodeConfig, peer_listener: tokio::net::TcpListener) -> Result<Arc<Node>, StartError> {
+    pub async fn start(
+        config: NodeConfig,
+        peer_listener: tokio::net::TcpListener,
+    ) -> Result<Arc<Node>, StartError> {
         let engine: Arc<dyn Engine> = Arc::new(
-            FjallEngine::open(&config.data_dir.join("store")).map_err(|e| StartError::Storage(e.to_string()))?,
+            FjallEngine::open(&config.data_dir.join("store"))
+                .map_err(|e| StartError::Storage(e.to_string()))?,
         );
         Node::start_with_engine(config, peer_listener, engine).await
     }
@@ -93,17 +97,27 @@ impl Node {
     ) -> Result<Arc<Node>, StartError> {
         let group_commit = GroupCommit::start(engine.clone());
         let log_store = LogStore::new(engine.clone(), group_commit.clone());
-        let sm = StateMachine::open(engine.clone()).map_err(|e| StartError::Storage(e.to_string()))?;
+        let sm =
+            StateMachine::open(engine.clone()).map_err(|e| StartError::Storage(e.to_string()))?;
         let reader = Reader::new(engine.clone());
 
         let faults = Arc::new(FaultFilter::default());
-        let peers: BTreeMap<NodeId, String> =
-            config.cluster.iter().filter(|m| m.id != config.id).map(|m| (m.id, m.peer_addr.clone())).collect();
+        let peers: BTreeMap<NodeId, String> = config
+            .cluster
+            .iter()
+            .filter(|m| m.id != config.id)
+            .map(|m| (m.id, m.peer_addr.clone()))
+            .collect();
         // A frame carries at most one AppendEntries message: MAX_PAYLOAD_ENTRIES entries,
         // each a batch of at most BATCH_BYTES_MAX bytes (or one larger value).
         let entry_bytes_max = BATCH_BYTES_MAX + config.max_value_bytes + 64 * 1024;
         let frame_bytes_max = (MAX_PAYLOAD_ENTRIES as usize + 1) * entry_bytes_max;
-        let transport = Arc::new(PeerTransport::new(config.id, peers, faults.clone(), frame_bytes_max));
+        let transport = Arc::new(PeerTransport::new(
+            config.id,
+            peers,
+            faults.clone(),
+            frame_bytes_max,
+        ));
 
         let raft_config = openraft::Config {
             cluster_name: "capkv".into(),
@@ -118,13 +132,25 @@ impl Node {
         }
         .validate()
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let network = NetworkFactory { me: config.id, transport: transport.clone() };
+        let network = NetworkFactory {
+            me: config.id,
+            transport: transport.clone(),
+        };
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log_store, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
         let proposer = Proposer::start(raft.clone());
-        let node = Arc::new(Node { config, raft, reader, transport, faults, proposer, engine, group_commit });
+        let node = Arc::new(Node {
+            config,
+            raft,
+            reader,
+            transport,
+            faults,
+            proposer,
+            engine,
+            group_commit,
+        });
 
         let handler_node = node.clone();
         let handler: crate::net::Handler<PeerRequest, PeerResponse> = Arc::new(move |from, req| {
@@ -142,7 +168,12 @@ impl Node {
     /// On first start every node proposes the same initial membership; openraft accepts
     /// it on pristine nodes and refuses it (harmlessly) once a node has state.
     async fn bootstrap(&self) -> Result<(), StartError> {
-        if self.raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
+        if self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?
+        {
             tracing::info!("resuming existing cluster state");
             return Ok(());
         }
@@ -151,12 +182,21 @@ impl Node {
             .cluster
             .iter()
             .map(|m| {
-                (m.id, PeerNode { name: m.name.clone(), peer_addr: m.peer_addr.clone(), http_addr: m.http_addr.clone() })
+                (
+                    m.id,
+                    PeerNode {
+                        name: m.name.clone(),
+                        peer_addr: m.peer_addr.clone(),
+                        http_addr: m.http_addr.clone(),
+                    },
+                )
             })
             .collect();
         match self.raft.initialize(members).await {
             Ok(()) => tracing::info!("initialized a new cluster"),
-            Err(RaftError::APIError(e)) => tracing::info!(reason = %e, "cluster already initialized"),
+            Err(RaftError::APIError(e)) => {
+                tracing::info!(reason = %e, "cluster already initialized")
+            }
             Err(RaftError::Fatal(e)) => return Err(StartError::Raft(e.to_string())),
         }
         Ok(())
@@ -177,7 +217,9 @@ impl Node {
     }
 
     pub fn name_of(&self, id: NodeId) -> String {
-        self.config.member(id).map_or_else(|| format!("node{id}"), |m| m.name.clone())
+        self.config
+            .member(id)
+            .map_or_else(|| format!("node{id}"), |m| m.name.clone())
     }
 
     fn voters(&self) -> BTreeSet<NodeId> {
@@ -205,7 +247,12 @@ impl Node {
     }
 
     /// Runs a write (or linearizable read) on the leader, forwarding as needed.
-    pub async fn execute(&self, op: ForwardOp, deadline: Instant, hops_left: u8) -> Result<ForwardReply, ApiError> {
+    pub async fn execute(
+        &self,
+        op: ForwardOp,
+        deadline: Instant,
+        hops_left: u8,
+    ) -> Result<ForwardReply, ApiError> {
         let is_write = matches!(op, ForwardOp::Write(_));
         let mut last = ApiError::unavailable("no leader was reachable before the deadline");
         loop {
@@ -233,15 +280,27 @@ impl Node {
                         hops_left: hops_left - 1,
                     };
                     metrics::counter!("capkv_forwarded_requests_total").increment(1);
-                    match self.transport.call(l, PeerRequest::Forward(fwd), left).await {
+                    match self
+                        .transport
+                        .call(l, PeerRequest::Forward(fwd), left)
+                        .await
+                    {
                         Ok(PeerResponse::Forward(Ok(reply))) => return Ok(reply),
                         // The remote guarantees an unavailable request was not applied.
-                        Ok(PeerResponse::Forward(Err(e))) if e.code == ErrorCode::Unavailable => last = e,
+                        Ok(PeerResponse::Forward(Err(e))) if e.code == ErrorCode::Unavailable => {
+                            last = e
+                        }
                         Ok(PeerResponse::Forward(Err(e))) => return Err(e),
-                        Ok(_) => return Err(ApiError::internal("leader answered with the wrong message type")),
+                        Ok(_) => {
+                            return Err(ApiError::internal(
+                                "leader answered with the wrong message type",
+                            ))
+                        }
                         Err(e) if e.maybe_delivered() => {
                             return Err(if is_write {
-                                ApiError::timeout(format!("forwarded to the leader, outcome unknown: {e}"))
+                                ApiError::timeout(format!(
+                                    "forwarded to the leader, outcome unknown: {e}"
+                                ))
                             } else {
                                 ApiError::timeout(format!("no answer from the leader: {e}"))
                             });
@@ -249,14 +308,25 @@ impl Node {
                         Err(e) => last = ApiError::unavailable(format!("leader unreachable: {e}")),
                     }
                 }
-                Some(_) => last = ApiError::unavailable("leadership is moving; the request was not applied"),
-                None => last = ApiError::unavailable("no leader elected yet; the request was not applied"),
+                Some(_) => {
+                    last =
+                        ApiError::unavailable("leadership is moving; the request was not applied")
+                }
+                None => {
+                    last =
+                        ApiError::unavailable("no leader elected yet; the request was not applied")
+                }
             }
-            tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()))).await;
+            tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())))
+                .await;
         }
     }
 
-    async fn attempt_on_leader(&self, op: &ForwardOp, deadline: Instant) -> Result<ForwardReply, AttemptError> {
+    async fn attempt_on_leader(
+        &self,
+        op: &ForwardOp,
+        deadline: Instant,
+    ) -> Result<ForwardReply, AttemptError> {
         let left = deadline.saturating_duration_since(Instant::now());
         if let ForwardOp::Write(cmd) = op {
             return match self.proposer.propose(cmd.clone(), deadline).await {
@@ -275,13 +345,19 @@ impl Node {
             };
         }
         match tokio::time::timeout(left, self.raft.ensure_linearizable()).await {
-            Err(_) => Err(AttemptError::Final(ApiError::timeout("could not confirm leadership before the deadline"))),
+            Err(_) => Err(AttemptError::Final(ApiError::timeout(
+                "could not confirm leadership before the deadline",
+            ))),
             Ok(Ok(_)) => self.read_local(op).map_err(AttemptError::Final),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => Err(AttemptError::NotLeader),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(AttemptError::NotLeader),
-            Ok(Err(RaftError::Fatal(e))) => {
-                Err(AttemptError::Final(ApiError::unavailable(format!("raft is not running: {e}"))))
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                Err(AttemptError::NotLeader)
             }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
+                Err(AttemptError::NotLeader)
+            }
+            Ok(Err(RaftError::Fatal(e))) => Err(AttemptError::Final(ApiError::unavailable(
+                format!("raft is not running: {e}"),
+            ))),
         }
     }
 
@@ -293,9 +369,16 @@ impl Node {
                 self.require_keyspace(keyspace)?;
                 Ok(ForwardReply::Value(self.reader.get(keyspace, key)?))
             }
-            ForwardOp::Scan { keyspace, prefix, after, limit } => {
+            ForwardOp::Scan {
+                keyspace,
+                prefix,
+                after,
+                limit,
+            } => {
                 self.require_keyspace(keyspace)?;
-                let (rows, more) = self.reader.scan(keyspace, prefix, after.as_deref(), *limit)?;
+                let (rows, more) = self
+                    .reader
+                    .scan(keyspace, prefix, after.as_deref(), *limit)?;
                 Ok(ForwardReply::Scan { rows, more })
             }
             ForwardOp::ListKeyspaces => Ok(ForwardReply::Keyspaces(self.reader.keyspaces()?)),
@@ -306,29 +389,48 @@ impl Node {
     fn require_keyspace(&self, name: &str) -> Result<(), ApiError> {
         match self.reader.keyspace(name)? {
             Some(_) => Ok(()),
-            None => Err(ApiError::not_found(format!("keyspace '{name}' does not exist"))),
+            None => Err(ApiError::not_found(format!(
+                "keyspace '{name}' does not exist"
+            ))),
         }
     }
 
     /// Convenience for the API: run a write and return what the state machine answered.
-    pub async fn write(&self, cmd: crate::cp::Command, deadline: Instant) -> Result<Written, ApiError> {
-        match self.execute(ForwardOp::Write(cmd), deadline, FORWARD_HOPS).await? {
+    pub async fn write(
+        &self,
+        cmd: crate::cp::Command,
+        deadline: Instant,
+    ) -> Result<Written, ApiError> {
+        match self
+            .execute(ForwardOp::Write(cmd), deadline, FORWARD_HOPS)
+            .await?
+        {
             ForwardReply::Written(w) => Ok(w),
-            other => Err(ApiError::internal(format!("unexpected reply to a write: {other:?}"))),
+            other => Err(ApiError::internal(format!(
+                "unexpected reply to a write: {other:?}"
+            ))),
         }
     }
 
     /// A linearizable read, forwarded to the leader if needed.
-    pub async fn linearizable_read(&self, op: ForwardOp, deadline: Instant) -> Result<ForwardReply, ApiError> {
+    pub async fn linearizable_read(
+        &self,
+        op: ForwardOp,
+        deadline: Instant,
+    ) -> Result<ForwardReply, ApiError> {
         self.execute(op, deadline, FORWARD_HOPS).await
     }
 
     async fn handle_peer(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
         match req {
             PeerRequest::Ping => PeerResponse::Pong,
-            PeerRequest::AppendEntries(r) => PeerResponse::AppendEntries(self.raft.append_entries(r).await),
+            PeerRequest::AppendEntries(r) => {
+                PeerResponse::AppendEntries(self.raft.append_entries(r).await)
+            }
             PeerRequest::Vote(r) => PeerResponse::Vote(self.raft.vote(r).await),
-            PeerRequest::InstallSnapshot(r) => PeerResponse::InstallSnapshot(self.raft.install_snapshot(r).await),
+            PeerRequest::InstallSnapshot(r) => {
+                PeerResponse::InstallSnapshot(self.raft.install_snapshot(r).await)
+            }
             PeerRequest::Forward(f) => {
                 tracing::debug!(from, op = ?std::mem::discriminant(&f.op), "forwarded request");
                 let deadline = Instant::now() + Duration::from_millis(f.timeout_ms);
@@ -362,19 +464,32 @@ impl Node {
             {
                 let m = rx.borrow_and_update();
                 metrics::gauge!("capkv_raft_term").set(m.current_term as f64);
-                metrics::gauge!("capkv_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
-                metrics::gauge!("capkv_raft_applied_index").set(m.last_applied.map_or(0, |l| l.index) as f64);
-                metrics::gauge!("capkv_raft_is_leader").set(if m.state == ServerState::Leader { 1.0 } else { 0.0 });
+                metrics::gauge!("capkv_raft_last_log_index")
+                    .set(m.last_log_index.unwrap_or(0) as f64);
+                metrics::gauge!("capkv_raft_applied_index")
+                    .set(m.last_applied.map_or(0, |l| l.index) as f64);
+                metrics::gauge!("capkv_raft_is_leader").set(if m.state == ServerState::Leader {
+                    1.0
+                } else {
+                    0.0
+                });
                 if m.current_leader != leader {
                     leader = m.current_leader;
                     metrics::counter!("capkv_raft_leader_changes_total").increment(1);
                     tracing::info!(leader = ?leader.map(|l| self.name_of(l)), term = m.current_term, "leader changed");
                 }
             }
-            if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(1), self.commit_index()).await {
+            if let Ok(Ok(c)) =
+                tokio::time::timeout(Duration::from_secs(1), self.commit_index()).await
+            {
                 metrics::gauge!("capkv_raft_commit_index").set(c as f64);
             }
-            let reachable = self.config.cluster.iter().filter(|m| self.reachable(m.id)).count();
+            let reachable = self
+                .config
+                .cluster
+                .iter()
+                .filter(|m| self.reachable(m.id))
+                .count();
             metrics::gauge!("capkv_peers_reachable").set(reachable.saturating_sub(1) as f64);
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
@@ -384,7 +499,9 @@ impl Node {
     }
 
     async fn commit_index(&self) -> Result<u64, openraft::error::Fatal<NodeId>> {
-        self.raft.with_raft_state(|st| st.committed.map_or(0, |l| l.index)).await
+        self.raft
+            .with_raft_state(|st| st.committed.map_or(0, |l| l.index))
+            .await
     }
 
     /// This node's view of the cluster, for `/v1/cluster` and `capkv status`.
@@ -418,7 +535,12 @@ impl Node {
                     reachable: self.reachable(n.id),
                 })
                 .collect(),
-            isolated_from: self.faults.isolated().into_iter().map(|id| self.name_of(id)).collect(),
+            isolated_from: self
+                .faults
+                .isolated()
+                .into_iter()
+                .map(|id| self.name_of(id))
+                .collect(),
         }
     }
 

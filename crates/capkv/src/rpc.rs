@@ -3,8 +3,8 @@
 use capkv_core::{ApiError, KeyspaceSpec};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::{Deserialize, Serialize};
 
@@ -27,7 +27,9 @@ pub enum PeerResponse {
     Pong,
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
-    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
     Forward(Result<ForwardReply, ApiError>),
 }
 
@@ -45,9 +47,17 @@ pub struct Forward {
 pub enum ForwardOp {
     Write(Command),
     /// A linearizable point read.
-    Get { keyspace: String, key: Vec<u8> },
+    Get {
+        keyspace: String,
+        key: Vec<u8>,
+    },
     /// A linearizable scan.
-    Scan { keyspace: String, prefix: Vec<u8>, after: Option<Vec<u8>>, limit: usize },
+    Scan {
+        keyspace: String,
+        prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    },
     /// A linearizable read of the keyspace registry.
     ListKeyspaces,
 }

@@ -12,7 +12,9 @@ use crate::config::NodeConfig;
 use crate::node::Node;
 
 /// Latency buckets (seconds) for the request histograms.
-const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
 fn install_metrics() -> Option<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
@@ -52,7 +54,10 @@ pub async fn run(config: NodeConfig) -> Result<(), String> {
     tracing::info!(node = %config.name, http = %config.http_addr, peer = %config.peer_addr,
         data_dir = %config.data_dir.display(), faults = config.enable_faults, "starting");
     let node = Node::start(config, peer).await.map_err(|e| e.to_string())?;
-    let app = router(AppState { node: node.clone(), prometheus });
+    let app = router(AppState {
+        node: node.clone(),
+        prometheus,
+    });
     axum::serve(http, app)
         .with_graceful_shutdown(shutdown_signal())
         .await

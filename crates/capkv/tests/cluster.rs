@@ -19,21 +19,57 @@ async fn every_node_reads_what_any_node_wrote() {
     let c = Cluster::start(3, &[]).await;
     for i in 0..3 {
         let key = format!("k{i}");
-        c.client(i).put("cp", key.as_bytes(), format!("v{i}").into_bytes(), &WriteOptions::default()).await.unwrap();
+        c.client(i)
+            .put(
+                "cp",
+                key.as_bytes(),
+                format!("v{i}").into_bytes(),
+                &WriteOptions::default(),
+            )
+            .await
+            .unwrap();
     }
     for reader in 0..3 {
         for i in 0..3 {
-            let got = c.client(reader).get("cp", format!("k{i}").as_bytes(), LIN).await.unwrap().unwrap();
-            assert_eq!(got.value, format!("v{i}").into_bytes(), "n{} reading k{i}", reader + 1);
+            let got = c
+                .client(reader)
+                .get("cp", format!("k{i}").as_bytes(), LIN)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                got.value,
+                format!("v{i}").into_bytes(),
+                "n{} reading k{i}",
+                reader + 1
+            );
         }
     }
     // Versions are cluster-wide revisions: they only grow.
-    let v0 = c.client(0).get("cp", b"k0", LIN).await.unwrap().unwrap().version;
-    let v2 = c.client(0).get("cp", b"k2", LIN).await.unwrap().unwrap().version;
+    let v0 = c
+        .client(0)
+        .get("cp", b"k0", LIN)
+        .await
+        .unwrap()
+        .unwrap()
+        .version;
+    let v2 = c
+        .client(0)
+        .get("cp", b"k2", LIN)
+        .await
+        .unwrap()
+        .unwrap()
+        .version;
     assert!(v2 > v0);
     // Scan sees all three, in key order, through any node.
     let (entries, more) = c.client(1).scan("cp", "k", None, Some(2)).await.unwrap();
-    assert_eq!(entries.iter().map(|e| e.key.clone().unwrap()).collect::<Vec<_>>(), vec!["k0", "k1"]);
+    assert_eq!(
+        entries
+            .iter()
+            .map(|e| e.key.clone().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["k0", "k1"]
+    );
     assert!(more);
 }
 
@@ -41,36 +77,65 @@ async fn every_node_reads_what_any_node_wrote() {
 async fn minority_refuses_with_503_and_catches_up_after_heal() {
     let c = Cluster::start(3, &[]).await;
     let opts = WriteOptions::default();
-    c.client(0).put("cp", b"x", b"before".to_vec(), &opts).await.unwrap();
+    c.client(0)
+        .put("cp", b"x", b"before".to_vec(), &opts)
+        .await
+        .unwrap();
     c.partition(&[&[0], &[1, 2]]).await;
     // Wait until n1 has noticed it lost the majority (it pings every 200 ms).
-    eventually(Duration::from_secs(10), "n1 notices the partition", || async {
-        !c.client(0).cluster_of(&c.url(0)).await.unwrap().has_quorum
-    })
+    eventually(
+        Duration::from_secs(10),
+        "n1 notices the partition",
+        || async { !c.client(0).cluster_of(&c.url(0)).await.unwrap().has_quorum },
+    )
     .await;
 
     // The minority refuses writes and linearizable reads at once: 503, well within the deadline.
     for _ in 0..3 {
         let started = Instant::now();
-        let err = c.client(0).put("cp", b"x", b"minority".to_vec(), &opts).await.unwrap_err();
+        let err = c
+            .client(0)
+            .put("cp", b"x", b"minority".to_vec(), &opts)
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
-        assert!(started.elapsed() < Duration::from_millis(1500), "503 took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "503 took {:?}",
+            started.elapsed()
+        );
         let err = c.client(0).get("cp", b"x", LIN).await.unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
     }
     // A serializable read still answers from the local replica: possibly stale, by choice.
-    let stale = c.client(0).get("cp", b"x", Consistency::Serializable).await.unwrap().unwrap();
+    let stale = c
+        .client(0)
+        .get("cp", b"x", Consistency::Serializable)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stale.value, b"before");
 
     // The majority keeps serving (after electing a new leader if n1 led).
     let mut last = None;
-    eventually(Duration::from_secs(15), "majority accepts a write", || async {
-        c.client(1).put("cp", b"x", b"majority".to_vec(), &opts).await.is_ok()
-    })
+    eventually(
+        Duration::from_secs(15),
+        "majority accepts a write",
+        || async {
+            c.client(1)
+                .put("cp", b"x", b"majority".to_vec(), &opts)
+                .await
+                .is_ok()
+        },
+    )
     .await;
     for i in 0..5 {
         let v = format!("majority-{i}");
-        let r = c.client(2).put("cp", b"x", v.clone().into_bytes(), &opts).await.unwrap();
+        let r = c
+            .client(2)
+            .put("cp", b"x", v.clone().into_bytes(), &opts)
+            .await
+            .unwrap();
         last = Some((v, r.version));
     }
     let (last_value, last_version) = last.unwrap();
@@ -93,20 +158,38 @@ async fn killing_the_leader_loses_no_acknowledged_write() {
     let mut acked = BTreeMap::new();
     for i in 0..30 {
         let (k, v) = (format!("a{i}"), format!("v{i}"));
-        c.client(i % 3).put("cp", k.as_bytes(), v.clone().into_bytes(), &opts).await.unwrap();
+        c.client(i % 3)
+            .put("cp", k.as_bytes(), v.clone().into_bytes(), &opts)
+            .await
+            .unwrap();
         acked.insert(k, v);
     }
     let leader = c.leader().await;
     c.kill9(leader);
     let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
     let failover = Instant::now();
-    eventually(Duration::from_secs(15), "a new leader takes writes", || async {
-        c.client(others[0]).put("cp", b"after", b"failover".to_vec(), &opts).await.is_ok()
-    })
+    eventually(
+        Duration::from_secs(15),
+        "a new leader takes writes",
+        || async {
+            c.client(others[0])
+                .put("cp", b"after", b"failover".to_vec(), &opts)
+                .await
+                .is_ok()
+        },
+    )
     .await;
-    eprintln!("failover: first write accepted {:?} after kill -9 of the leader", failover.elapsed());
+    eprintln!(
+        "failover: first write accepted {:?} after kill -9 of the leader",
+        failover.elapsed()
+    );
     for (k, v) in &acked {
-        let got = c.client(others[1]).get("cp", k.as_bytes(), LIN).await.unwrap().unwrap();
+        let got = c
+            .client(others[1])
+            .get("cp", k.as_bytes(), LIN)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(&got.value, v.as_bytes(), "{k} lost");
     }
     // The old leader comes back and catches up.
@@ -129,7 +212,16 @@ async fn kill9_of_every_node_loses_no_acknowledged_write() {
         tasks.push(tokio::spawn(async move {
             for i in 0..15 {
                 let (k, v) = (format!("w{w}-{i}"), format!("v{i}"));
-                if client.put("cp", k.as_bytes(), v.clone().into_bytes(), &WriteOptions::default()).await.is_ok() {
+                if client
+                    .put(
+                        "cp",
+                        k.as_bytes(),
+                        v.clone().into_bytes(),
+                        &WriteOptions::default(),
+                    )
+                    .await
+                    .is_ok()
+                {
                     acked.lock().unwrap().insert(k, v);
                 }
             }
@@ -146,20 +238,33 @@ async fn kill9_of_every_node_loses_no_acknowledged_write() {
     }
     c.wait_healthy().await;
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 80, "most writes should have been acknowledged, got {}", acked.len());
+    assert!(
+        acked.len() >= 80,
+        "most writes should have been acknowledged, got {}",
+        acked.len()
+    );
     for (k, v) in &acked {
-        let got = eventually_some(Duration::from_secs(15), "the restarted cluster serves reads", || async {
-            c.client(1).get("cp", k.as_bytes(), LIN).await.ok()
-        })
+        let got = eventually_some(
+            Duration::from_secs(15),
+            "the restarted cluster serves reads",
+            || async { c.client(1).get("cp", k.as_bytes(), LIN).await.ok() },
+        )
         .await;
-        assert_eq!(got.map(|g| g.value), Some(v.clone().into_bytes()), "{k} lost");
+        assert_eq!(
+            got.map(|g| g.value),
+            Some(v.clone().into_bytes()),
+            "{k} lost"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cas_increments_are_never_lost() {
     let c = Cluster::start(3, &[]).await;
-    c.client(0).put("cp", b"counter", b"0".to_vec(), &WriteOptions::default()).await.unwrap();
+    c.client(0)
+        .put("cp", b"counter", b"0".to_vec(), &WriteOptions::default())
+        .await
+        .unwrap();
     let successes = Arc::new(AtomicU64::new(0));
     let unknown = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -171,8 +276,14 @@ async fn concurrent_cas_increments_are_never_lost() {
             while mine < 5 {
                 let cur = client.get("cp", b"counter", LIN).await.unwrap().unwrap();
                 let n: u64 = String::from_utf8(cur.value).unwrap().parse().unwrap();
-                let opts = WriteOptions { if_version: Some(cur.version), ..Default::default() };
-                match client.put("cp", b"counter", (n + 1).to_string().into_bytes(), &opts).await {
+                let opts = WriteOptions {
+                    if_version: Some(cur.version),
+                    ..Default::default()
+                };
+                match client
+                    .put("cp", b"counter", (n + 1).to_string().into_bytes(), &opts)
+                    .await
+                {
                     Ok(_) => {
                         successes.fetch_add(1, Ordering::SeqCst);
                         mine += 1;
@@ -189,11 +300,22 @@ async fn concurrent_cas_increments_are_never_lost() {
     for t in tasks {
         t.await.unwrap();
     }
-    let v = c.client(2).get("cp", b"counter", LIN).await.unwrap().unwrap();
+    let v = c
+        .client(2)
+        .get("cp", b"counter", LIN)
+        .await
+        .unwrap()
+        .unwrap();
     let n: u64 = String::from_utf8(v.value).unwrap().parse().unwrap();
-    let (ok, unk) = (successes.load(Ordering::SeqCst), unknown.load(Ordering::SeqCst));
+    let (ok, unk) = (
+        successes.load(Ordering::SeqCst),
+        unknown.load(Ordering::SeqCst),
+    );
     assert_eq!(ok, 40);
-    assert!(n >= ok && n <= ok + unk, "counter {n}, {ok} successful CAS, {unk} unknown");
+    assert!(
+        n >= ok && n <= ok + unk,
+        "counter {n}, {ok} successful CAS, {unk} unknown"
+    );
     if unk == 0 {
         assert_eq!(n, ok);
     }
@@ -202,19 +324,43 @@ async fn concurrent_cas_increments_are_never_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_retry_through_another_node_applies_once() {
     let c = Cluster::start(3, &[]).await;
-    let opts = WriteOptions { idempotency_key: Some("order-42".into()), ..Default::default() };
-    let first = c.client(0).put("cp", b"order", b"paid".to_vec(), &opts).await.unwrap();
+    let opts = WriteOptions {
+        idempotency_key: Some("order-42".into()),
+        ..Default::default()
+    };
+    let first = c
+        .client(0)
+        .put("cp", b"order", b"paid".to_vec(), &opts)
+        .await
+        .unwrap();
     // Another write in between moves the revision on.
-    c.client(1).put("cp", b"other", b"x".to_vec(), &WriteOptions::default()).await.unwrap();
-    let retry = c.client(2).put("cp", b"order", b"paid".to_vec(), &opts).await.unwrap();
+    c.client(1)
+        .put("cp", b"other", b"x".to_vec(), &WriteOptions::default())
+        .await
+        .unwrap();
+    let retry = c
+        .client(2)
+        .put("cp", b"order", b"paid".to_vec(), &opts)
+        .await
+        .unwrap();
     assert_eq!(first, retry, "the retry returns the first answer");
     let got = c.client(1).get("cp", b"order", LIN).await.unwrap().unwrap();
-    assert_eq!(got.version, first.version, "applied once: the key was not written again");
+    assert_eq!(
+        got.version, first.version,
+        "applied once: the key was not written again"
+    );
     // The same key for a different request is refused, not silently ignored.
-    let err = c.client(1).put("cp", b"order", b"refunded".to_vec(), &opts).await.unwrap_err();
+    let err = c
+        .client(1)
+        .put("cp", b"order", b"refunded".to_vec(), &opts)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Conflict));
     // Deletes are idempotent too.
-    let dopts = WriteOptions { idempotency_key: Some("del-1".into()), ..Default::default() };
+    let dopts = WriteOptions {
+        idempotency_key: Some("del-1".into()),
+        ..Default::default()
+    };
     let d1 = c.client(0).delete("cp", b"other", &dopts).await.unwrap();
     let d2 = c.client(1).delete("cp", b"other", &dopts).await.unwrap();
     assert!(d1.deleted);
@@ -230,18 +376,34 @@ async fn a_wiped_follower_catches_up_by_snapshot() {
     c.kill9(victim);
     c.wipe(victim);
     for i in 0..120 {
-        c.client(leader).put("cp", format!("s{i}").as_bytes(), b"v".to_vec(), &opts).await.unwrap();
+        c.client(leader)
+            .put("cp", format!("s{i}").as_bytes(), b"v".to_vec(), &opts)
+            .await
+            .unwrap();
     }
     c.restart(victim).await;
-    eventually(Duration::from_secs(20), "the wiped node has every key", || async {
-        matches!(c.client(victim).get("cp", b"s119", Consistency::Serializable).await, Ok(Some(_)))
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the wiped node has every key",
+        || async {
+            matches!(
+                c.client(victim)
+                    .get("cp", b"s119", Consistency::Serializable)
+                    .await,
+                Ok(Some(_))
+            )
+        },
+    )
     .await;
     let metrics = c.metrics(victim).await;
     assert!(
         harness::metric(&metrics, "capkv_raft_snapshots_installed_total") >= 1.0,
         "the log was purged, so catching up needs a snapshot"
     );
-    let (entries, _) = c.client(victim).scan("cp", "s", None, Some(1000)).await.unwrap();
+    let (entries, _) = c
+        .client(victim)
+        .scan("cp", "s", None, Some(1000))
+        .await
+        .unwrap();
     assert_eq!(entries.len(), 120);
 }

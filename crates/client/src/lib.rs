@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 pub use capkv_core::{
-    ApiError, ClusterInfo, Consistency, DeleteResponse, ErrorBody, ErrorCode, FaultRequest, FaultState, KeyspaceSpec,
-    Mode, PutResponse, ScanEntry,
+    ApiError, ClusterInfo, Consistency, DeleteResponse, ErrorBody, ErrorCode, FaultRequest,
+    FaultState, KeyspaceSpec, Mode, PutResponse, ScanEntry,
 };
 use reqwest::{Method, StatusCode};
 
@@ -93,7 +93,10 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
 impl Client {
     /// A client for the nodes at these base URLs (e.g. `http://127.0.0.1:7001`).
     pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(nodes: I) -> Client {
-        let endpoints = nodes.into_iter().map(|s| s.into().trim_end_matches('/').to_owned()).collect();
+        let endpoints = nodes
+            .into_iter()
+            .map(|s| s.into().trim_end_matches('/').to_owned())
+            .collect();
         Client {
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(2))
@@ -110,7 +113,13 @@ impl Client {
         self.endpoints.lock().expect("endpoints lock").clone()
     }
 
-    async fn request(&self, method: Method, path: &str, body: Option<Vec<u8>>, headers: &[(&str, String)]) -> Result<reqwest::Response> {
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, String)],
+    ) -> Result<reqwest::Response> {
         let endpoints = self.endpoints();
         let mut last = String::from("no node URL given");
         for (i, base) in endpoints.iter().enumerate() {
@@ -133,10 +142,18 @@ impl Client {
                     return Ok(resp);
                 }
                 Err(e) if e.is_connect() => last = format!("{base}: {e}"),
-                Err(e) => return Err(ClientError::Unreachable { tried: base.clone(), last: e.to_string() }),
+                Err(e) => {
+                    return Err(ClientError::Unreachable {
+                        tried: base.clone(),
+                        last: e.to_string(),
+                    })
+                }
             }
         }
-        Err(ClientError::Unreachable { tried: endpoints.join(", "), last })
+        Err(ClientError::Unreachable {
+            tried: endpoints.join(", "),
+            last,
+        })
     }
 
     /// Learns the cluster's other nodes once, from the first node that answers.
@@ -144,8 +161,12 @@ impl Client {
         if std::mem::replace(&mut *self.learned.lock().expect("learned lock"), true) {
             return;
         }
-        let Ok(resp) = self.http.get(format!("{base}/v1/cluster")).send().await else { return };
-        let Ok(info) = resp.json::<ClusterInfo>().await else { return };
+        let Ok(resp) = self.http.get(format!("{base}/v1/cluster")).send().await else {
+            return;
+        };
+        let Ok(info) = resp.json::<ClusterInfo>().await else {
+            return;
+        };
         let mut eps = self.endpoints.lock().expect("endpoints lock");
         for n in info.nodes {
             let url = format!("http://{}", n.http_addr);
@@ -169,36 +190,67 @@ impl Client {
 
     async fn json<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
         let resp = Self::check(resp).await?;
-        resp.json().await.map_err(|e| ClientError::Decode(e.to_string()))
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     fn write_headers(opts: &WriteOptions) -> Vec<(&'static str, String)> {
-        opts.idempotency_key.iter().map(|k| ("idempotency-key", k.clone())).collect()
+        opts.idempotency_key
+            .iter()
+            .map(|k| ("idempotency-key", k.clone()))
+            .collect()
     }
 
-    pub async fn put(&self, keyspace: &str, key: &[u8], value: Vec<u8>, opts: &WriteOptions) -> Result<PutResponse> {
+    pub async fn put(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        value: Vec<u8>,
+        opts: &WriteOptions,
+    ) -> Result<PutResponse> {
         let q = query(&[
             ("if_version", opts.if_version.map(|v| v.to_string())),
             ("if_value", opts.if_value.clone()),
             ("timeout_ms", opts.timeout_ms.map(|v| v.to_string())),
         ]);
-        let path = format!("/v1/kv/{}/{}{q}", encode_segment(keyspace.as_bytes()), encode_segment(key));
-        Self::json(self.request(Method::PUT, &path, Some(value), &Self::write_headers(opts)).await?).await
+        let path = format!(
+            "/v1/kv/{}/{}{q}",
+            encode_segment(keyspace.as_bytes()),
+            encode_segment(key)
+        );
+        Self::json(
+            self.request(Method::PUT, &path, Some(value), &Self::write_headers(opts))
+                .await?,
+        )
+        .await
     }
 
     /// Reads a key; `Ok(None)` if it does not exist.
-    pub async fn get(&self, keyspace: &str, key: &[u8], consistency: Consistency) -> Result<Option<Versioned>> {
+    pub async fn get(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        consistency: Consistency,
+    ) -> Result<Option<Versioned>> {
         let c = match consistency {
             Consistency::Linearizable => None,
             Consistency::Serializable => Some("serializable".to_owned()),
         };
-        let path = format!("/v1/kv/{}/{}{}", encode_segment(keyspace.as_bytes()), encode_segment(key), query(&[("consistency", c)]));
+        let path = format!(
+            "/v1/kv/{}/{}{}",
+            encode_segment(keyspace.as_bytes()),
+            encode_segment(key),
+            query(&[("consistency", c)])
+        );
         let resp = self.request(Method::GET, &path, None, &[]).await?;
         if resp.status() == StatusCode::NOT_FOUND {
             let err = Self::check(resp).await.unwrap_err();
             // An unknown keyspace is an error; an absent key is not.
             return match &err {
-                ClientError::Api { error, .. } if error.message.starts_with("key not found") => Ok(None),
+                ClientError::Api { error, .. } if error.message.starts_with("key not found") => {
+                    Ok(None)
+                }
                 _ => Err(err),
             };
         }
@@ -209,41 +261,87 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| ClientError::Decode("missing X-Capkv-Version".into()))?;
-        let value = resp.bytes().await.map_err(|e| ClientError::Decode(e.to_string()))?.to_vec();
+        let value = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))?
+            .to_vec();
         Ok(Some(Versioned { value, version }))
     }
 
-    pub async fn delete(&self, keyspace: &str, key: &[u8], opts: &WriteOptions) -> Result<DeleteResponse> {
+    pub async fn delete(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        opts: &WriteOptions,
+    ) -> Result<DeleteResponse> {
         let q = query(&[
             ("if_version", opts.if_version.map(|v| v.to_string())),
             ("if_value", opts.if_value.clone()),
             ("timeout_ms", opts.timeout_ms.map(|v| v.to_string())),
         ]);
-        let path = format!("/v1/kv/{}/{}{q}", encode_segment(keyspace.as_bytes()), encode_segment(key));
-        Self::json(self.request(Method::DELETE, &path, None, &Self::write_headers(opts)).await?).await
+        let path = format!(
+            "/v1/kv/{}/{}{q}",
+            encode_segment(keyspace.as_bytes()),
+            encode_segment(key)
+        );
+        Self::json(
+            self.request(Method::DELETE, &path, None, &Self::write_headers(opts))
+                .await?,
+        )
+        .await
     }
 
     /// One page of a scan: entries, and whether more remain after the last one.
-    pub async fn scan(&self, keyspace: &str, prefix: &str, after: Option<&str>, limit: Option<usize>) -> Result<(Vec<ScanEntry>, bool)> {
+    pub async fn scan(
+        &self,
+        keyspace: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<(Vec<ScanEntry>, bool)> {
         let q = query(&[
             ("prefix", Some(prefix.to_owned()).filter(|p| !p.is_empty())),
             ("after", after.map(str::to_owned)),
             ("limit", limit.map(|l| l.to_string())),
         ]);
-        let resp = Self::check(self.request(Method::GET, &format!("/v1/kv/{}{q}", encode_segment(keyspace.as_bytes())), None, &[]).await?).await?;
-        let more = resp.headers().get("x-capkv-more").is_some_and(|v| v == "true");
-        let entries = resp.json().await.map_err(|e| ClientError::Decode(e.to_string()))?;
+        let resp = Self::check(
+            self.request(
+                Method::GET,
+                &format!("/v1/kv/{}{q}", encode_segment(keyspace.as_bytes())),
+                None,
+                &[],
+            )
+            .await?,
+        )
+        .await?;
+        let more = resp
+            .headers()
+            .get("x-capkv-more")
+            .is_some_and(|v| v == "true");
+        let entries = resp
+            .json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
         Ok((entries, more))
     }
 
     pub async fn create_keyspace(&self, spec: &KeyspaceSpec) -> Result<KeyspaceSpec> {
         let body = serde_json::to_vec(spec).expect("specs serialize");
         let headers = [("content-type", "application/json".to_owned())];
-        Self::json(self.request(Method::POST, "/v1/keyspaces", Some(body), &headers).await?).await
+        Self::json(
+            self.request(Method::POST, "/v1/keyspaces", Some(body), &headers)
+                .await?,
+        )
+        .await
     }
 
     pub async fn list_keyspaces(&self) -> Result<Vec<KeyspaceSpec>> {
-        Self::json(self.request(Method::GET, "/v1/keyspaces", None, &[]).await?).await
+        Self::json(
+            self.request(Method::GET, "/v1/keyspaces", None, &[])
+                .await?,
+        )
+        .await
     }
 
     /// The cluster as seen by the first node that answers.
@@ -253,20 +351,40 @@ impl Client {
 
     /// The cluster as seen by one particular node (no fail-over).
     pub async fn cluster_of(&self, node_url: &str) -> Result<ClusterInfo> {
-        let resp = self.http.get(format!("{node_url}/v1/cluster")).timeout(Duration::from_secs(2)).send().await
-            .map_err(|e| ClientError::Unreachable { tried: node_url.to_owned(), last: e.to_string() })?;
+        let resp = self
+            .http
+            .get(format!("{node_url}/v1/cluster"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                tried: node_url.to_owned(),
+                last: e.to_string(),
+            })?;
         Self::json(resp).await
     }
 
     /// Isolates one node (by URL) from the named nodes; an empty list heals it.
-    pub async fn set_faults(&self, node_url: &str, isolate_from: Vec<String>) -> Result<FaultState> {
+    pub async fn set_faults(
+        &self,
+        node_url: &str,
+        isolate_from: Vec<String>,
+    ) -> Result<FaultState> {
         let req = if isolate_from.is_empty() {
             self.http.delete(format!("{node_url}/v1/faults"))
         } else {
-            self.http.post(format!("{node_url}/v1/faults")).json(&FaultRequest { isolate_from })
+            self.http
+                .post(format!("{node_url}/v1/faults"))
+                .json(&FaultRequest { isolate_from })
         };
-        let resp = req.timeout(Duration::from_secs(2)).send().await
-            .map_err(|e| ClientError::Unreachable { tried: node_url.to_owned(), last: e.to_string() })?;
+        let resp = req
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                tried: node_url.to_owned(),
+                last: e.to_string(),
+            })?;
         Self::json(resp).await
     }
 }

@@ -93,7 +93,9 @@ impl std::fmt::Display for ErrorCode {
 }
 
 /// An error as it travels: between nodes, in a stored idempotent reply, and to clients.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error, utoipa::ToSchema,
+)]
 #[error("{code}: {message}")]
 pub struct ApiError {
     pub code: ErrorCode,
@@ -102,7 +104,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError { code, message: message.into() }
+        ApiError {
+            code,
+            message: message.into(),
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(ErrorCode::BadRequest, message)
@@ -139,9 +144,14 @@ mod tests {
 
     #[test]
     fn error_body_matches_the_contract() {
-        let body = ErrorBody { error: ApiError::unavailable("no quorum") };
+        let body = ErrorBody {
+            error: ApiError::unavailable("no quorum"),
+        };
         let json = serde_json::to_string(&body).unwrap();
-        assert_eq!(json, r#"{"error":{"code":"unavailable","message":"no quorum"}}"#);
+        assert_eq!(
+            json,
+            r#"{"error":{"code":"unavailable","message":"no quorum"}}"#
+        );
     }
 
     #[test]

@@ -150,14 +150,19 @@ pub struct ScanEntry {
 fn text_or_base64(bytes: &[u8]) -> (Option<String>, Option<String>) {
     match std::str::from_utf8(bytes) {
         Ok(s) => (Some(s.to_owned()), None),
-        Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(bytes))),
+        Err(_) => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        ),
     }
 }
 
 fn bytes_of(text: &Option<String>, b64: &Option<String>) -> Vec<u8> {
     match (text, b64) {
         (Some(s), _) => s.as_bytes().to_vec(),
-        (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b).unwrap_or_default(),
+        (None, Some(b)) => base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .unwrap_or_default(),
         (None, None) => Vec::new(),
     }
 }
@@ -166,7 +171,13 @@ impl ScanEntry {
     pub fn new(key: &[u8], value: &[u8], version: u64) -> ScanEntry {
         let (key, key_base64) = text_or_base64(key);
         let (value, value_base64) = text_or_base64(value);
-        ScanEntry { key, key_base64, value, value_base64, version }
+        ScanEntry {
+            key,
+            key_base64,
+            value,
+            value_base64,
+            version,
+        }
     }
     pub fn key_bytes(&self) -> Vec<u8> {
         bytes_of(&self.key, &self.key_base64)
@@ -228,7 +239,9 @@ mod tests {
     use super::*;
 
     fn spec(json: &str) -> Result<KeyspaceSpec, ApiError> {
-        serde_json::from_str::<KeyspaceSpec>(json).unwrap().normalized()
+        serde_json::from_str::<KeyspaceSpec>(json)
+            .unwrap()
+            .normalized()
     }
 
     #[test]
@@ -240,9 +253,15 @@ mod tests {
     #[test]
     fn cp_spec_json_omits_ap_fields() {
         let s = spec(r#"{"name":"bank","mode":"cp"}"#).unwrap();
-        assert_eq!(serde_json::to_string(&s).unwrap(), r#"{"name":"bank","mode":"cp"}"#);
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            r#"{"name":"bank","mode":"cp"}"#
+        );
         let a = spec(r#"{"name":"cart","mode":"ap"}"#).unwrap();
-        assert_eq!(serde_json::to_string(&a).unwrap(), r#"{"name":"cart","mode":"ap","n":3,"r":1,"w":1}"#);
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            r#"{"name":"cart","mode":"ap","n":3,"r":1,"w":1}"#
+        );
     }
 
     #[test]

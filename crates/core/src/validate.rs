@@ -33,7 +33,10 @@ pub fn keyspace_name(name: &str) -> Result<(), ApiError> {
             name.len()
         )));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
         return Err(ApiError::bad_request(format!(
             "keyspace name may contain only letters, digits, '_' and '-', found {c:?}"
         )));
@@ -75,7 +78,10 @@ mod tests {
     fn key_limits() {
         assert_eq!(key(b"").unwrap_err().code, ErrorCode::BadRequest);
         assert!(key(&[b'a'; MAX_KEY_BYTES]).is_ok());
-        assert_eq!(key(&[b'a'; MAX_KEY_BYTES + 1]).unwrap_err().code, ErrorCode::TooLarge);
+        assert_eq!(
+            key(&[b'a'; MAX_KEY_BYTES + 1]).unwrap_err().code,
+            ErrorCode::TooLarge
+        );
     }
 
     #[test]

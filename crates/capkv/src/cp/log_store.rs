@@ -47,7 +47,10 @@ pub struct LogStore {
 
 impl LogStore {
     pub fn new(engine: Arc<dyn Engine>, group_commit: GroupCommit) -> LogStore {
-        LogStore { engine, group_commit }
+        LogStore {
+            engine,
+            group_commit,
+        }
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
@@ -65,10 +68,19 @@ impl LogStore {
         loop {
             let rows = self
                 .engine
-                .range(Tree::Log, &log_key(from), end_key.as_ref().map(|k| &k[..]), DELETE_CHUNK)
+                .range(
+                    Tree::Log,
+                    &log_key(from),
+                    end_key.as_ref().map(|k| &k[..]),
+                    DELETE_CHUNK,
+                )
                 .map_err(read_err)?;
             let done = rows.len() < DELETE_CHUNK;
-            let mut batch = if done { extra.clone() } else { WriteBatch::new() };
+            let mut batch = if done {
+                extra.clone()
+            } else {
+                WriteBatch::new()
+            };
             for (k, _) in &rows {
                 batch.delete(Tree::Log, k.clone());
             }
@@ -101,9 +113,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let end_key = end.map(log_key);
         let rows = self
             .engine
-            .range(Tree::Log, &log_key(start), end_key.as_ref().map(|k| &k[..]), usize::MAX)
+            .range(
+                Tree::Log,
+                &log_key(start),
+                end_key.as_ref().map(|k| &k[..]),
+                usize::MAX,
+            )
             .map_err(read_err)?;
-        rows.iter().map(|(_, v)| decode(v).map_err(read_err)).collect()
+        rows.iter()
+            .map(|(_, v)| decode(v).map_err(read_err))
+            .collect()
     }
 }
 
@@ -112,11 +131,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let last_purged: Option<LogId> = self.meta::<Option<LogId>>(META_PURGED)?.flatten();
-        let last = match self.engine.last_in_range(Tree::Log, &[], None).map_err(read_err)? {
+        let last = match self
+            .engine
+            .last_in_range(Tree::Log, &[], None)
+            .map_err(read_err)?
+        {
             Some((_, v)) => Some(decode::<Entry>(&v).map_err(read_err)?.log_id),
             None => last_purged,
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> LogStore {
@@ -128,10 +154,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         b.put(Tree::Meta, META_VOTE.to_vec(), encode(vote));
         self.engine.write(b).map_err(write_err)?;
         // A vote must be durable before anyone hears of it.
-        self.group_commit
-            .sync()
-            .await
-            .map_err(|e| StorageError::from(StorageIOError::write_vote(openraft::AnyError::error(e))))
+        self.group_commit.sync().await.map_err(|e| {
+            StorageError::from(StorageIOError::write_vote(openraft::AnyError::error(e)))
+        })
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
@@ -160,7 +185,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         metrics::counter!("capkv_raft_log_entries_appended_total").increment(batch.len() as u64);
         self.engine.write(batch).map_err(write_err)?;
-        self.group_commit.after_sync(move |r| callback.log_io_completed(r.map_err(io::Error::other)));
+        self.group_commit
+            .after_sync(move |r| callback.log_io_completed(r.map_err(io::Error::other)));
         Ok(())
     }
 
@@ -193,7 +219,11 @@ mod tests {
         async fn build(&self) -> Result<((), LogStore, StateMachine), StorageError<NodeId>> {
             let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
             let gc = GroupCommit::start(engine.clone());
-            Ok(((), LogStore::new(engine.clone(), gc), StateMachine::open(engine)?))
+            Ok((
+                (),
+                LogStore::new(engine.clone(), gc),
+                StateMachine::open(engine)?,
+            ))
         }
     }
 
@@ -208,9 +238,14 @@ mod tests {
     impl StoreBuilder<TypeConfig, LogStore, StateMachine, ()> for FjallBuilder {
         async fn build(&self) -> Result<((), LogStore, StateMachine), StorageError<NodeId>> {
             let dir = self.0.path().join(format!("{}", rand::random::<u64>()));
-            let engine: Arc<dyn Engine> = Arc::new(crate::storage::FjallEngine::open(&dir).unwrap());
+            let engine: Arc<dyn Engine> =
+                Arc::new(crate::storage::FjallEngine::open(&dir).unwrap());
             let gc = GroupCommit::start(engine.clone());
-            Ok(((), LogStore::new(engine.clone(), gc), StateMachine::open(engine)?))
+            Ok((
+                (),
+                LogStore::new(engine.clone(), gc),
+                StateMachine::open(engine)?,
+            ))
         }
     }
 

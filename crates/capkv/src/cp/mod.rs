@@ -78,9 +78,20 @@ pub enum Condition {
 /// A state-changing operation on the cp state machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Put { keyspace: String, key: Vec<u8>, value: Vec<u8>, condition: Option<Condition> },
-    Delete { keyspace: String, key: Vec<u8>, condition: Option<Condition> },
-    CreateKeyspace { spec: KeyspaceSpec },
+    Put {
+        keyspace: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        condition: Option<Condition>,
+    },
+    Delete {
+        keyspace: String,
+        key: Vec<u8>,
+        condition: Option<Condition>,
+    },
+    CreateKeyspace {
+        spec: KeyspaceSpec,
+    },
 }
 
 /// A Raft log entry's payload: an operation plus what makes its application
@@ -104,8 +115,13 @@ pub struct Batch(pub Vec<Command>);
 /// The outcome of applying a [`Command`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Written {
-    Put { version: u64 },
-    Delete { deleted: bool, version: u64 },
+    Put {
+        version: u64,
+    },
+    Delete {
+        deleted: bool,
+        version: u64,
+    },
     KeyspaceCreated,
     /// A blank or membership entry: nothing a client asked for.
     Internal,
@@ -142,19 +158,50 @@ mod tests {
     #[test]
     fn commands_round_trip_through_bincode() {
         for op in [
-            Op::CreateKeyspace { spec: KeyspaceSpec { name: "cp".into(), mode: Mode::Cp, n: None, r: None, w: None } },
-            Op::CreateKeyspace { spec: KeyspaceSpec { name: "ap".into(), mode: Mode::Ap, n: Some(3), r: Some(1), w: Some(2) } },
-            Op::Put { keyspace: "cp".into(), key: b"k".to_vec(), value: vec![0, 255], condition: Some(Condition::Version(0)) },
-            Op::Delete { keyspace: "cp".into(), key: b"k".to_vec(), condition: Some(Condition::Value(b"v".to_vec())) },
+            Op::CreateKeyspace {
+                spec: KeyspaceSpec {
+                    name: "cp".into(),
+                    mode: Mode::Cp,
+                    n: None,
+                    r: None,
+                    w: None,
+                },
+            },
+            Op::CreateKeyspace {
+                spec: KeyspaceSpec {
+                    name: "ap".into(),
+                    mode: Mode::Ap,
+                    n: Some(3),
+                    r: Some(1),
+                    w: Some(2),
+                },
+            },
+            Op::Put {
+                keyspace: "cp".into(),
+                key: b"k".to_vec(),
+                value: vec![0, 255],
+                condition: Some(Condition::Version(0)),
+            },
+            Op::Delete {
+                keyspace: "cp".into(),
+                key: b"k".to_vec(),
+                condition: Some(Condition::Value(b"v".to_vec())),
+            },
         ] {
-            let cmd = Command { op, idempotency_key: Some("id".into()), proposed_at_ms: 7 };
+            let cmd = Command {
+                op,
+                idempotency_key: Some("id".into()),
+                proposed_at_ms: 7,
+            };
             let entry: openraft::Entry<TypeConfig> = openraft::Entry {
                 log_id: LogId::new(openraft::CommittedLeaderId::new(2, 1), 9),
                 payload: openraft::EntryPayload::Normal(Batch(vec![cmd.clone(), cmd.clone()])),
             };
             let back: openraft::Entry<TypeConfig> = decode(&encode(&entry)).unwrap();
             assert_eq!(back.log_id, entry.log_id);
-            assert!(matches!(back.payload, openraft::EntryPayload::Normal(b) if b.0 == vec![cmd.clone(), cmd]));
+            assert!(
+                matches!(back.payload, openraft::EntryPayload::Normal(b) if b.0 == vec![cmd.clone(), cmd])
+            );
         }
     }
 }

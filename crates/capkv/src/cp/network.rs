@@ -11,8 +11,8 @@ use openraft::error::{
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::RPCTypes;
 
@@ -36,7 +36,11 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, _node: &PeerNode) -> PeerConnection {
-        PeerConnection { me: self.me, target, transport: self.transport.clone() }
+        PeerConnection {
+            me: self.me,
+            target,
+            transport: self.transport.clone(),
+        }
     }
 }
 
@@ -48,7 +52,12 @@ fn rpc_error<E: std::error::Error>(
     e: NetError,
 ) -> RPCError<NodeId, PeerNode, E> {
     match e {
-        NetError::Timeout(..) => RPCError::Timeout(Timeout { action, id: me, target, timeout: option.hard_ttl() }),
+        NetError::Timeout(..) => RPCError::Timeout(Timeout {
+            action,
+            id: me,
+            target,
+            timeout: option.hard_ttl(),
+        }),
         NetError::Lost(..) => RPCError::Network(NetworkError::new(&e)),
         NetError::Isolated(_) | NetError::UnknownPeer(_) | NetError::Connect(..) => {
             RPCError::Unreachable(Unreachable::new(&e))
@@ -57,14 +66,23 @@ fn rpc_error<E: std::error::Error>(
 }
 
 fn unexpected<E: std::error::Error>(target: NodeId) -> RPCError<NodeId, PeerNode, E> {
-    let e = std::io::Error::other(format!("node {target} answered with the wrong message type"));
+    let e = std::io::Error::other(format!(
+        "node {target} answered with the wrong message type"
+    ));
     RPCError::Network(NetworkError::new(&e))
 }
 
 impl PeerConnection {
-    async fn call(&self, req: PeerRequest, action: RPCTypes, option: &RPCOption) -> Result<PeerResponse, NetError> {
+    async fn call(
+        &self,
+        req: PeerRequest,
+        action: RPCTypes,
+        option: &RPCOption,
+    ) -> Result<PeerResponse, NetError> {
         let _ = action;
-        self.transport.call(self.target, req, option.hard_ttl()).await
+        self.transport
+            .call(self.target, req, option.hard_ttl())
+            .await
     }
 }
 
@@ -75,8 +93,13 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let action = RPCTypes::AppendEntries;
-        match self.call(PeerRequest::AppendEntries(rpc), action, &option).await {
-            Ok(PeerResponse::AppendEntries(r)) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+        match self
+            .call(PeerRequest::AppendEntries(rpc), action, &option)
+            .await
+        {
+            Ok(PeerResponse::AppendEntries(r)) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             Ok(_) => Err(unexpected(self.target)),
             Err(e) => Err(rpc_error(self.me, self.target, action, &option, e)),
         }
@@ -91,7 +114,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         RPCError<NodeId, PeerNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let action = RPCTypes::InstallSnapshot;
-        match self.call(PeerRequest::InstallSnapshot(rpc), action, &option).await {
+        match self
+            .call(PeerRequest::InstallSnapshot(rpc), action, &option)
+            .await
+        {
             Ok(PeerResponse::InstallSnapshot(r)) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -107,7 +133,9 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let action = RPCTypes::Vote;
         match self.call(PeerRequest::Vote(rpc), action, &option).await {
-            Ok(PeerResponse::Vote(r)) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Ok(PeerResponse::Vote(r)) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             Ok(_) => Err(unexpected(self.target)),
             Err(e) => Err(rpc_error(self.me, self.target, action, &option, e)),
         }

@@ -78,7 +78,11 @@ impl Proposer {
     pub async fn propose(&self, cmd: Command, deadline: Instant) -> Result<Reply, ProposeError> {
         let state = Arc::new(AtomicU8::new(QUEUED));
         let (reply, rx) = oneshot::channel();
-        let pending = Pending { cmd, state: state.clone(), reply };
+        let pending = Pending {
+            cmd,
+            state: state.clone(),
+            reply,
+        };
         let deadline = tokio::time::Instant::from_std(deadline);
         match tokio::time::timeout_at(deadline, self.tx.send(pending)).await {
             Ok(Ok(())) => {}
@@ -89,8 +93,12 @@ impl Proposer {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(ProposeError::Stopped("the proposer has stopped".into())),
             Err(_) => {
-                let cancelled = state.compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire).is_ok();
-                Err(ProposeError::Deadline { proposed: !cancelled })
+                let cancelled = state
+                    .compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+                Err(ProposeError::Deadline {
+                    proposed: !cancelled,
+                })
             }
         }
     }
@@ -100,7 +108,11 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES_MAX));
     while let Some(first) = rx.recv().await {
         // Wait for a slot first, so that commands arriving meanwhile join this batch.
-        let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         let mut queued = vec![first];
         let mut bytes = size_of(&queued[0].cmd);
         while queued.len() < BATCH_COMMANDS_MAX && bytes < BATCH_BYTES_MAX {
@@ -114,7 +126,11 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
         }
         let claimed: Vec<Pending> = queued
             .into_iter()
-            .filter(|p| p.state.compare_exchange(QUEUED, CLAIMED, Ordering::AcqRel, Ordering::Acquire).is_ok())
+            .filter(|p| {
+                p.state
+                    .compare_exchange(QUEUED, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            })
             .collect();
         if claimed.is_empty() {
             continue;
@@ -122,7 +138,8 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
         metrics::histogram!("capkv_raft_batch_commands").record(claimed.len() as f64);
         let raft = raft.clone();
         tokio::spawn(async move {
-            let (cmds, waiters): (Vec<Command>, Vec<_>) = claimed.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+            let (cmds, waiters): (Vec<Command>, Vec<_>) =
+                claimed.into_iter().map(|p| (p.cmd, p.reply)).unzip();
             let n = cmds.len();
             let result = raft.client_write(Batch(cmds)).await;
             drop(permit);
@@ -141,7 +158,9 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
                 Err(e) => {
                     for w in waiters {
                         let _ = w.send(Err(match &e {
-                            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ProposeError::NotLeader,
+                            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                                ProposeError::NotLeader
+                            }
                             RaftError::APIError(other) => ProposeError::Internal(other.to_string()),
                             RaftError::Fatal(f) => ProposeError::Stopped(f.to_string()),
                         }));

@@ -22,14 +22,17 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use capkv_core::{ApiError, KeyspaceSpec, Mode};
+use openraft::storage::RaftStateMachine;
 use openraft::{
     EntryPayload, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError,
     StoredMembership,
 };
-use openraft::storage::RaftStateMachine;
 use serde::{Deserialize, Serialize};
 
-use super::{decode, encode, Command, Condition, LogId, NodeId, Op, PeerNode, Reply, StorageResult, TypeConfig, Written};
+use super::{
+    decode, encode, Command, Condition, LogId, NodeId, Op, PeerNode, Reply, StorageResult,
+    TypeConfig, Written,
+};
 use crate::storage::{prefix_end, Engine, Tree, WriteBatch};
 
 /// Idempotency records are kept this long (by the proposer's clock): a client retrying
@@ -148,23 +151,38 @@ impl Reader {
 
     /// The value and version of a key, as applied on this node.
     pub fn get(&self, keyspace: &str, key: &[u8]) -> Result<Option<(u64, Vec<u8>)>, ApiError> {
-        let raw = self.engine.get(Tree::Data, &data_key(keyspace, key)).map_err(internal)?;
+        let raw = self
+            .engine
+            .get(Tree::Data, &data_key(keyspace, key))
+            .map_err(internal)?;
         raw.map(|r| decode_value(&r).ok_or_else(|| ApiError::internal("corrupt value record")))
             .transpose()
     }
 
     pub fn keyspace(&self, name: &str) -> Result<Option<KeyspaceSpec>, ApiError> {
-        let raw = self.engine.get(Tree::Data, &spec_key(name)).map_err(internal)?;
-        raw.map(|r| serde_json::from_slice(&r).map_err(|e| ApiError::internal(format!("corrupt keyspace record: {e}"))))
-            .transpose()
+        let raw = self
+            .engine
+            .get(Tree::Data, &spec_key(name))
+            .map_err(internal)?;
+        raw.map(|r| {
+            serde_json::from_slice(&r)
+                .map_err(|e| ApiError::internal(format!("corrupt keyspace record: {e}")))
+        })
+        .transpose()
     }
 
     pub fn keyspaces(&self) -> Result<Vec<KeyspaceSpec>, ApiError> {
         let start = [TAG_SPEC];
         let end = [TAG_SPEC + 1];
-        let rows = self.engine.range(Tree::Data, &start, Some(&end), usize::MAX).map_err(internal)?;
+        let rows = self
+            .engine
+            .range(Tree::Data, &start, Some(&end), usize::MAX)
+            .map_err(internal)?;
         rows.iter()
-            .map(|(_, v)| serde_json::from_slice(v).map_err(|e| ApiError::internal(format!("corrupt keyspace record: {e}"))))
+            .map(|(_, v)| {
+                serde_json::from_slice(v)
+                    .map_err(|e| ApiError::internal(format!("corrupt keyspace record: {e}")))
+            })
             .collect()
     }
 
@@ -187,12 +205,16 @@ impl Reader {
             _ => lower.clone(),
         };
         let end = prefix_end(&lower);
-        let rows = self.engine.range(Tree::Data, &start, end.as_deref(), limit + 1).map_err(internal)?;
+        let rows = self
+            .engine
+            .range(Tree::Data, &start, end.as_deref(), limit + 1)
+            .map_err(internal)?;
         let more = rows.len() > limit;
         let skip = 2 + keyspace.len();
         let mut out = Vec::with_capacity(rows.len().min(limit));
         for (k, v) in rows.into_iter().take(limit) {
-            let (version, value) = decode_value(&v).ok_or_else(|| ApiError::internal("corrupt value record"))?;
+            let (version, value) =
+                decode_value(&v).ok_or_else(|| ApiError::internal("corrupt value record"))?;
             out.push((k[skip..].to_vec(), version, value));
         }
         Ok((out, more))
@@ -223,7 +245,11 @@ struct Txn<'a> {
 
 impl<'a> Txn<'a> {
     fn new(engine: &'a dyn Engine) -> Txn<'a> {
-        Txn { engine, pending: BTreeMap::new(), batch: WriteBatch::new() }
+        Txn {
+            engine,
+            pending: BTreeMap::new(),
+            batch: WriteBatch::new(),
+        }
     }
     fn get(&self, key: &[u8]) -> StorageResult<Option<Vec<u8>>> {
         match self.pending.get(key) {
@@ -254,14 +280,31 @@ impl StateMachine {
     /// Loads the applied state from the engine.
     pub fn open(engine: Arc<dyn Engine>) -> StorageResult<StateMachine> {
         let get = |k: &[u8]| engine.get(Tree::Meta, k).map_err(read_err);
-        let last_applied: Option<LogId> =
-            get(META_APPLIED)?.map(|r| decode::<Option<LogId>>(&r)).transpose().map_err(read_err)?.flatten();
-        let membership = get(META_MEMBERSHIP)?.map(|r| decode(&r)).transpose().map_err(read_err)?.unwrap_or_default();
+        let last_applied: Option<LogId> = get(META_APPLIED)?
+            .map(|r| decode::<Option<LogId>>(&r))
+            .transpose()
+            .map_err(read_err)?
+            .flatten();
+        let membership = get(META_MEMBERSHIP)?
+            .map(|r| decode(&r))
+            .transpose()
+            .map_err(read_err)?
+            .unwrap_or_default();
         let revision = get(META_REVISION)?
-            .map(|r| r.try_into().map(u64::from_be_bytes).map_err(|_| read_err("revision record")))
+            .map(|r| {
+                r.try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| read_err("revision record"))
+            })
             .transpose()?
             .unwrap_or(0);
-        Ok(StateMachine { engine, last_applied, membership, revision, snapshot_seq: 0 })
+        Ok(StateMachine {
+            engine,
+            last_applied,
+            membership,
+            revision,
+            snapshot_seq: 0,
+        })
     }
 
     fn apply_op(&mut self, txn: &mut Txn, op: &Op) -> StorageResult<Reply> {
@@ -269,12 +312,23 @@ impl StateMachine {
             Op::CreateKeyspace { spec } => {
                 let k = spec_key(&spec.name);
                 if txn.get(&k)?.is_some() {
-                    return Ok(Err(ApiError::conflict(format!("keyspace '{}' already exists", spec.name))));
+                    return Ok(Err(ApiError::conflict(format!(
+                        "keyspace '{}' already exists",
+                        spec.name
+                    ))));
                 }
-                txn.put(k, serde_json::to_vec(spec).expect("keyspace specs serialize"));
+                txn.put(
+                    k,
+                    serde_json::to_vec(spec).expect("keyspace specs serialize"),
+                );
                 Ok(Ok(Written::KeyspaceCreated))
             }
-            Op::Put { keyspace, key, value, condition } => {
+            Op::Put {
+                keyspace,
+                key,
+                value,
+                condition,
+            } => {
                 if let Err(e) = self.check_cp_keyspace(txn, keyspace)? {
                     return Ok(Err(e));
                 }
@@ -285,9 +339,15 @@ impl StateMachine {
                 }
                 self.revision += 1;
                 txn.put(k, encode_value(self.revision, value));
-                Ok(Ok(Written::Put { version: self.revision }))
+                Ok(Ok(Written::Put {
+                    version: self.revision,
+                }))
             }
-            Op::Delete { keyspace, key, condition } => {
+            Op::Delete {
+                keyspace,
+                key,
+                condition,
+            } => {
                 if let Err(e) = self.check_cp_keyspace(txn, keyspace)? {
                     return Ok(Err(e));
                 }
@@ -297,22 +357,32 @@ impl StateMachine {
                     return Ok(Err(e));
                 }
                 if current.is_none() {
-                    return Ok(Ok(Written::Delete { deleted: false, version: self.revision }));
+                    return Ok(Ok(Written::Delete {
+                        deleted: false,
+                        version: self.revision,
+                    }));
                 }
                 self.revision += 1;
                 txn.delete(k);
-                Ok(Ok(Written::Delete { deleted: true, version: self.revision }))
+                Ok(Ok(Written::Delete {
+                    deleted: true,
+                    version: self.revision,
+                }))
             }
         }
     }
 
     fn check_cp_keyspace(&self, txn: &Txn, name: &str) -> StorageResult<Result<(), ApiError>> {
         let Some(raw) = txn.get(&spec_key(name))? else {
-            return Ok(Err(ApiError::not_found(format!("keyspace '{name}' does not exist"))));
+            return Ok(Err(ApiError::not_found(format!(
+                "keyspace '{name}' does not exist"
+            ))));
         };
         let spec: KeyspaceSpec = serde_json::from_slice(&raw).map_err(read_err)?;
         if spec.mode != Mode::Cp {
-            return Ok(Err(ApiError::bad_request(format!("keyspace '{name}' is not a cp keyspace"))));
+            return Ok(Err(ApiError::bad_request(format!(
+                "keyspace '{name}' is not a cp keyspace"
+            ))));
         }
         Ok(Ok(()))
     }
@@ -337,7 +407,11 @@ impl StateMachine {
         }
         let reply = self.apply_op(txn, &cmd.op)?;
         let expires_at_ms = cmd.proposed_at_ms.saturating_add(IDEMPOTENCY_TTL_MS);
-        let rec = IdempotencyRecord { fingerprint: fp, expires_at_ms, reply: reply.clone() };
+        let rec = IdempotencyRecord {
+            fingerprint: fp,
+            expires_at_ms,
+            reply: reply.clone(),
+        };
         txn.put(idem_key(ikey), encode(&rec));
         txn.put(idem_expiry_key(expires_at_ms, ikey), Vec::new());
         Ok(reply)
@@ -367,14 +441,32 @@ impl StateMachine {
     }
 
     fn meta_writes(&self, batch: &mut WriteBatch) {
-        batch.put(Tree::Meta, META_APPLIED.to_vec(), encode(&self.last_applied));
-        batch.put(Tree::Meta, META_MEMBERSHIP.to_vec(), encode(&self.membership));
-        batch.put(Tree::Meta, META_REVISION.to_vec(), self.revision.to_be_bytes().to_vec());
+        batch.put(
+            Tree::Meta,
+            META_APPLIED.to_vec(),
+            encode(&self.last_applied),
+        );
+        batch.put(
+            Tree::Meta,
+            META_MEMBERSHIP.to_vec(),
+            encode(&self.membership),
+        );
+        batch.put(
+            Tree::Meta,
+            META_REVISION.to_vec(),
+            self.revision.to_be_bytes().to_vec(),
+        );
     }
 
     fn build(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let entries = self.engine.range(Tree::Data, b"", None, usize::MAX).map_err(read_err)?;
-        let data = encode(&SnapshotPayload { revision: self.revision, entries });
+        let entries = self
+            .engine
+            .range(Tree::Data, b"", None, usize::MAX)
+            .map_err(read_err)?;
+        let data = encode(&SnapshotPayload {
+            revision: self.revision,
+            entries,
+        });
         self.snapshot_seq += 1;
         let snapshot_id = match &self.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.snapshot_seq),
@@ -386,45 +478,64 @@ impl StateMachine {
             snapshot_id,
         };
         self.store_snapshot(&meta, &data)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 
-    fn store_snapshot(&self, meta: &SnapshotMeta<NodeId, PeerNode>, data: &[u8]) -> StorageResult<()> {
+    fn store_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, PeerNode>,
+        data: &[u8],
+    ) -> StorageResult<()> {
         let mut b = WriteBatch::new();
-        b.put(Tree::Meta, META_SNAPSHOT.to_vec(), encode(&StoredSnapshot { meta: meta.clone(), data: data.to_vec() }));
+        b.put(
+            Tree::Meta,
+            META_SNAPSHOT.to_vec(),
+            encode(&StoredSnapshot {
+                meta: meta.clone(),
+                data: data.to_vec(),
+            }),
+        );
         self.engine.write(b).map_err(write_err)?;
         self.engine.sync().map_err(write_err)
     }
 }
 
-fn check_condition(cond: Option<&Condition>, current: Option<&(u64, Vec<u8>)>) -> Result<(), ApiError> {
+fn check_condition(
+    cond: Option<&Condition>,
+    current: Option<&(u64, Vec<u8>)>,
+) -> Result<(), ApiError> {
     match (cond, current) {
         (None, _) => Ok(()),
         (Some(Condition::Version(0)), None) => Ok(()),
-        (Some(Condition::Version(0)), Some((v, _))) => {
-            Err(ApiError::conflict(format!("if_version=0 requires the key to be absent; it exists at version {v}")))
-        }
+        (Some(Condition::Version(0)), Some((v, _))) => Err(ApiError::conflict(format!(
+            "if_version=0 requires the key to be absent; it exists at version {v}"
+        ))),
         (Some(Condition::Version(want)), Some((v, _))) if v == want => Ok(()),
-        (Some(Condition::Version(want)), Some((v, _))) => {
-            Err(ApiError::conflict(format!("if_version={want} does not match the current version {v}")))
-        }
-        (Some(Condition::Version(want)), None) => {
-            Err(ApiError::conflict(format!("if_version={want} does not match: the key does not exist")))
-        }
+        (Some(Condition::Version(want)), Some((v, _))) => Err(ApiError::conflict(format!(
+            "if_version={want} does not match the current version {v}"
+        ))),
+        (Some(Condition::Version(want)), None) => Err(ApiError::conflict(format!(
+            "if_version={want} does not match: the key does not exist"
+        ))),
         (Some(Condition::Value(want)), Some((_, v))) if v == want => Ok(()),
-        (Some(Condition::Value(_)), Some((v, _))) => {
-            Err(ApiError::conflict(format!("if_value does not match the current value (version {v})")))
-        }
-        (Some(Condition::Value(_)), None) => {
-            Err(ApiError::conflict("if_value does not match: the key does not exist"))
-        }
+        (Some(Condition::Value(_)), Some((v, _))) => Err(ApiError::conflict(format!(
+            "if_value does not match the current value (version {v})"
+        ))),
+        (Some(Condition::Value(_)), None) => Err(ApiError::conflict(
+            "if_value does not match: the key does not exist",
+        )),
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = PreparedSnapshot;
 
-    async fn applied_state(&mut self) -> StorageResult<(Option<LogId>, StoredMembership<NodeId, PeerNode>)> {
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId>, StoredMembership<NodeId, PeerNode>)> {
         Ok((self.last_applied, self.membership.clone()))
     }
 
@@ -461,7 +572,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.meta_writes(&mut batch);
         // No fsync here: see rule 3 in the module docs of `cp`.
         self.engine.write(batch).map_err(write_err)?;
-        metrics::gauge!("capkv_raft_applied_index").set(self.last_applied.map_or(0, |l| l.index) as f64);
+        metrics::gauge!("capkv_raft_applied_index")
+            .set(self.last_applied.map_or(0, |l| l.index) as f64);
         Ok(replies)
     }
 
@@ -469,7 +581,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // The snapshot is taken here, while openraft holds the state machine, so it is
         // a consistent cut at `last_applied`; building it later in the builder task
         // would race with applies. The cost is that applies wait while it is read.
-        PreparedSnapshot { snapshot: Some(self.build()) }
+        PreparedSnapshot {
+            snapshot: Some(self.build()),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
@@ -484,7 +598,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data = snapshot.into_inner();
         let payload: SnapshotPayload = decode(&data).map_err(read_err)?;
         let mut batch = WriteBatch::new();
-        for (k, _) in self.engine.range(Tree::Data, b"", None, usize::MAX).map_err(read_err)? {
+        for (k, _) in self
+            .engine
+            .range(Tree::Data, b"", None, usize::MAX)
+            .map_err(read_err)?
+        {
             batch.delete(Tree::Data, k);
         }
         for (k, v) in payload.entries {
@@ -503,11 +621,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let Some(raw) = self.engine.get(Tree::Meta, META_SNAPSHOT).map_err(read_err)? else {
+        let Some(raw) = self
+            .engine
+            .get(Tree::Meta, META_SNAPSHOT)
+            .map_err(read_err)?
+        else {
             return Ok(None);
         };
         let stored: StoredSnapshot = decode(&raw).map_err(read_err)?;
-        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
     }
 }
 
@@ -518,7 +643,10 @@ pub struct PreparedSnapshot {
 
 impl RaftSnapshotBuilder<TypeConfig> for PreparedSnapshot {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let built = self.snapshot.take().unwrap_or_else(|| Err(read_err("snapshot builder used twice")))?;
+        let built = self
+            .snapshot
+            .take()
+            .unwrap_or_else(|| Err(read_err("snapshot builder used twice")))?;
         metrics::counter!("capkv_raft_snapshots_built_total").increment(1);
         Ok(built)
     }
@@ -534,7 +662,10 @@ mod tests {
 
     fn sm() -> (StateMachine, Reader) {
         let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
-        (StateMachine::open(engine.clone()).unwrap(), Reader::new(engine))
+        (
+            StateMachine::open(engine.clone()).unwrap(),
+            Reader::new(engine),
+        )
     }
 
     fn entry(index: u64, op: Op, idem: Option<&str>) -> Entry<TypeConfig> {
@@ -549,16 +680,34 @@ mod tests {
     }
 
     fn cp_keyspace() -> Op {
-        Op::CreateKeyspace { spec: KeyspaceSpec { name: "cp".into(), mode: Mode::Cp, n: None, r: None, w: None } }
+        Op::CreateKeyspace {
+            spec: KeyspaceSpec {
+                name: "cp".into(),
+                mode: Mode::Cp,
+                n: None,
+                r: None,
+                w: None,
+            },
+        }
     }
 
     fn put(key: &str, value: &str, condition: Option<Condition>) -> Op {
-        Op::Put { keyspace: "cp".into(), key: key.into(), value: value.into(), condition }
+        Op::Put {
+            keyspace: "cp".into(),
+            key: key.into(),
+            value: value.into(),
+            condition,
+        }
     }
 
     /// Applies entries of one command each; the reply of each.
     async fn apply(sm: &mut StateMachine, entries: Vec<Entry<TypeConfig>>) -> Vec<Reply> {
-        sm.apply(entries).await.unwrap().into_iter().flatten().collect()
+        sm.apply(entries)
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     #[tokio::test]
@@ -566,7 +715,11 @@ mod tests {
         let (mut sm, reader) = sm();
         let r = apply(
             &mut sm,
-            vec![entry(1, cp_keyspace(), None), entry(2, put("a", "1", None), None), entry(3, put("b", "2", None), None)],
+            vec![
+                entry(1, cp_keyspace(), None),
+                entry(2, put("a", "1", None), None),
+                entry(3, put("b", "2", None), None),
+            ],
         )
         .await;
         assert_eq!(r[1], Ok(Written::Put { version: 1 }));
@@ -579,7 +732,14 @@ mod tests {
     async fn reopening_restores_the_applied_state() {
         let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
         let mut sm = StateMachine::open(engine.clone()).unwrap();
-        apply(&mut sm, vec![entry(1, cp_keyspace(), None), entry(2, put("a", "1", None), None)]).await;
+        apply(
+            &mut sm,
+            vec![
+                entry(1, cp_keyspace(), None),
+                entry(2, put("a", "1", None), None),
+            ],
+        )
+        .await;
         let before = sm.applied_state().await.unwrap();
         let mut reopened = StateMachine::open(engine).unwrap();
         assert_eq!(reopened.applied_state().await.unwrap(), before);
@@ -597,13 +757,24 @@ mod tests {
                 entry(3, put("a", "2", Some(Condition::Version(0))), None),
                 entry(4, put("a", "3", Some(Condition::Version(1))), None),
                 entry(5, put("a", "4", Some(Condition::Version(1))), None),
-                entry(6, put("a", "5", Some(Condition::Value(b"3".to_vec()))), None),
-                entry(7, put("a", "6", Some(Condition::Value(b"3".to_vec()))), None),
+                entry(
+                    6,
+                    put("a", "5", Some(Condition::Value(b"3".to_vec()))),
+                    None,
+                ),
+                entry(
+                    7,
+                    put("a", "6", Some(Condition::Value(b"3".to_vec()))),
+                    None,
+                ),
             ],
         )
         .await;
         assert_eq!(r[1], Ok(Written::Put { version: 1 }));
-        assert_eq!(r[2].as_ref().unwrap_err().code, capkv_core::ErrorCode::Conflict);
+        assert_eq!(
+            r[2].as_ref().unwrap_err().code,
+            capkv_core::ErrorCode::Conflict
+        );
         assert_eq!(r[3], Ok(Written::Put { version: 2 }));
         assert!(r[4].is_err());
         assert_eq!(r[5], Ok(Written::Put { version: 3 }));
@@ -615,9 +786,16 @@ mod tests {
     async fn unknown_keyspace_is_not_found_and_changes_nothing() {
         let (mut sm, reader) = sm();
         let r = apply(&mut sm, vec![entry(1, put("a", "1", None), None)]).await;
-        assert_eq!(r[0].as_ref().unwrap_err().code, capkv_core::ErrorCode::NotFound);
+        assert_eq!(
+            r[0].as_ref().unwrap_err().code,
+            capkv_core::ErrorCode::NotFound
+        );
         assert_eq!(reader.revision().unwrap(), 0);
-        assert_eq!(sm.last_applied.unwrap().index, 1, "a refused command is still applied");
+        assert_eq!(
+            sm.last_applied.unwrap().index,
+            1,
+            "a refused command is still applied"
+        );
     }
 
     #[tokio::test]
@@ -634,15 +812,30 @@ mod tests {
         )
         .await;
         assert_eq!(r[1], Ok(Written::Put { version: 1 }));
-        assert_eq!(r[2], Ok(Written::Put { version: 1 }), "the retry gets the first answer");
-        assert_eq!(r[3].as_ref().unwrap_err().code, capkv_core::ErrorCode::Conflict, "key reused for another request");
+        assert_eq!(
+            r[2],
+            Ok(Written::Put { version: 1 }),
+            "the retry gets the first answer"
+        );
+        assert_eq!(
+            r[3].as_ref().unwrap_err().code,
+            capkv_core::ErrorCode::Conflict,
+            "key reused for another request"
+        );
         assert_eq!(reader.revision().unwrap(), 1);
     }
 
     #[tokio::test]
     async fn idempotency_records_expire() {
         let (mut sm, _reader) = sm();
-        apply(&mut sm, vec![entry(1, cp_keyspace(), None), entry(2, put("a", "1", None), Some("req-1"))]).await;
+        apply(
+            &mut sm,
+            vec![
+                entry(1, cp_keyspace(), None),
+                entry(2, put("a", "1", None), Some("req-1")),
+            ],
+        )
+        .await;
         let mut late = entry(3, put("b", "1", None), None);
         if let EntryPayload::Normal(b) = &mut late.payload {
             b.0[0].proposed_at_ms += IDEMPOTENCY_TTL_MS + 10;
@@ -654,13 +847,39 @@ mod tests {
     #[tokio::test]
     async fn snapshot_round_trip_restores_state() {
         let (mut sm, _) = sm();
-        apply(&mut sm, vec![entry(1, cp_keyspace(), None), entry(2, put("a", "1", None), None)]).await;
-        let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        apply(
+            &mut sm,
+            vec![
+                entry(1, cp_keyspace(), None),
+                entry(2, put("a", "1", None), None),
+            ],
+        )
+        .await;
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
         let (mut other, reader) = self::sm();
-        apply(&mut other, vec![entry(1, cp_keyspace(), None), entry(2, put("stale", "x", None), None)]).await;
-        other.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+        apply(
+            &mut other,
+            vec![
+                entry(1, cp_keyspace(), None),
+                entry(2, put("stale", "x", None), None),
+            ],
+        )
+        .await;
+        other
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
         assert_eq!(reader.get("cp", b"a").unwrap(), Some((1, b"1".to_vec())));
-        assert_eq!(reader.get("cp", b"stale").unwrap(), None, "install replaces, not merges");
+        assert_eq!(
+            reader.get("cp", b"stale").unwrap(),
+            None,
+            "install replaces, not merges"
+        );
         assert_eq!(other.applied_state().await.unwrap().0.unwrap().index, 2);
         assert!(other.get_current_snapshot().await.unwrap().is_some());
     }
@@ -674,7 +893,10 @@ mod tests {
         }
         apply(&mut sm, entries).await;
         let (rows, more) = reader.scan("cp", b"a", None, 2).unwrap();
-        assert_eq!(rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), vec![b"a1".to_vec(), b"a2".to_vec()]);
+        assert_eq!(
+            rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(),
+            vec![b"a1".to_vec(), b"a2".to_vec()]
+        );
         assert!(more);
         let (rows, more) = reader.scan("cp", b"a", Some(b"a2"), 2).unwrap();
         assert_eq!(rows.len(), 1);

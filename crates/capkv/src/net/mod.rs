@@ -80,18 +80,25 @@ pub struct FaultFilter {
 
 impl FaultFilter {
     pub fn blocks(&self, peer: PeerId) -> bool {
-        self.isolated.read().expect("fault filter lock poisoned").contains(&peer)
+        self.isolated
+            .read()
+            .expect("fault filter lock poisoned")
+            .contains(&peer)
     }
     pub fn isolate(&self, peers: BTreeSet<PeerId>) {
         *self.isolated.write().expect("fault filter lock poisoned") = peers;
     }
     pub fn isolated(&self) -> BTreeSet<PeerId> {
-        self.isolated.read().expect("fault filter lock poisoned").clone()
+        self.isolated
+            .read()
+            .expect("fault filter lock poisoned")
+            .clone()
     }
 }
 
 /// Handles one inbound request.
-pub type Handler<Req, Resp> = Arc<dyn Fn(PeerId, Req) -> Pin<Box<dyn Future<Output = Resp> + Send>> + Send + Sync>;
+pub type Handler<Req, Resp> =
+    Arc<dyn Fn(PeerId, Req) -> Pin<Box<dyn Future<Output = Resp> + Send>> + Send + Sync>;
 
 struct Conn<Resp> {
     tx: mpsc::Sender<Vec<u8>>,
@@ -122,7 +129,10 @@ fn frame(kind: u8, id: u64, body: &impl Serialize) -> Vec<u8> {
 }
 
 /// Reads one frame: (kind, id, body). `Ok(None)` on a clean end of stream.
-async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R, max: usize) -> std::io::Result<Option<(u8, u64, Vec<u8>)>> {
+async fn read_frame<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> std::io::Result<Option<(u8, u64, Vec<u8>)>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -131,7 +141,10 @@ async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R, max: usize) -> std::io::
     }
     let len = u32::from_be_bytes(len) as usize;
     if !(HEADER_BYTES..=max).contains(&len) {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("frame of {len} bytes")));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes"),
+        ));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
@@ -142,7 +155,10 @@ async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R, max: usize) -> std::io::
 }
 
 /// Drains `rx` into the socket, flushing whenever the queue is empty.
-async fn write_loop(mut rx: mpsc::Receiver<Vec<u8>>, w: tokio::net::tcp::OwnedWriteHalf) -> std::io::Result<()> {
+async fn write_loop(
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    w: tokio::net::tcp::OwnedWriteHalf,
+) -> std::io::Result<()> {
     let mut w = BufWriter::new(w);
     while let Some(f) = rx.recv().await {
         w.write_all(&f).await?;
@@ -160,8 +176,16 @@ where
     Resp: Serialize + DeserializeOwned + Send + 'static,
 {
     /// `peers` maps every other node's id to its peer address.
-    pub fn new(me: PeerId, peers: BTreeMap<PeerId, String>, faults: Arc<FaultFilter>, frame_bytes_max: usize) -> Self {
-        let conns = peers.keys().map(|p| (*p, tokio::sync::Mutex::new(None))).collect();
+    pub fn new(
+        me: PeerId,
+        peers: BTreeMap<PeerId, String>,
+        faults: Arc<FaultFilter>,
+        frame_bytes_max: usize,
+    ) -> Self {
+        let conns = peers
+            .keys()
+            .map(|p| (*p, tokio::sync::Mutex::new(None)))
+            .collect();
         Transport {
             me,
             peers,
@@ -201,7 +225,9 @@ where
         let (tx, rx) = mpsc::channel(SEND_QUEUE_FRAMES);
         let closed = Arc::new(AtomicBool::new(false));
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Resp>>>> = Arc::default();
-        tx.send(frame(KIND_HELLO, self.me, &())).await.map_err(|_| NetError::Connect(to, "writer gone".into()))?;
+        tx.send(frame(KIND_HELLO, self.me, &()))
+            .await
+            .map_err(|_| NetError::Connect(to, "writer gone".into()))?;
         {
             let closed = closed.clone();
             tokio::spawn(async move {
@@ -213,7 +239,11 @@ where
         }
         {
             let (closed, pending) = (closed.clone(), pending.clone());
-            let (faults, contacts, max) = (self.faults.clone(), self.contacts.clone(), self.frame_bytes_max);
+            let (faults, contacts, max) = (
+                self.faults.clone(),
+                self.contacts.clone(),
+                self.frame_bytes_max,
+            );
             tokio::spawn(async move {
                 let mut r = BufReader::new(r);
                 let end = loop {
@@ -243,13 +273,22 @@ where
                 pending.lock().expect("pending lock poisoned").clear();
             });
         }
-        let conn = Arc::new(Conn { tx, pending: pending.clone(), closed: closed.clone() });
+        let conn = Arc::new(Conn {
+            tx,
+            pending: pending.clone(),
+            closed: closed.clone(),
+        });
         *slot = Some(conn.clone());
         Ok(conn)
     }
 
     /// Sends `req` to `to` and waits at most `timeout` for the reply.
-    pub async fn call(self: &Arc<Self>, to: PeerId, req: Req, timeout: Duration) -> Result<Resp, NetError> {
+    pub async fn call(
+        self: &Arc<Self>,
+        to: PeerId,
+        req: Req,
+        timeout: Duration,
+    ) -> Result<Resp, NetError> {
         if self.faults.blocks(to) {
             return Err(NetError::Isolated(to));
         }
@@ -259,17 +298,32 @@ where
             .map_err(|_| NetError::Connect(to, "connect timed out".into()))??;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        conn.pending.lock().expect("pending lock poisoned").insert(id, tx);
+        conn.pending
+            .lock()
+            .expect("pending lock poisoned")
+            .insert(id, tx);
         if conn.tx.send(frame(KIND_REQUEST, id, &req)).await.is_err() {
-            conn.pending.lock().expect("pending lock poisoned").remove(&id);
-            return Err(NetError::Connect(to, "connection closed before sending".into()));
+            conn.pending
+                .lock()
+                .expect("pending lock poisoned")
+                .remove(&id);
+            return Err(NetError::Connect(
+                to,
+                "connection closed before sending".into(),
+            ));
         }
         let left = timeout.saturating_sub(started.elapsed());
         match tokio::time::timeout(left, rx).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(_)) => Err(NetError::Lost(to, "connection closed while waiting for the reply".into())),
+            Ok(Err(_)) => Err(NetError::Lost(
+                to,
+                "connection closed while waiting for the reply".into(),
+            )),
             Err(_) => {
-                conn.pending.lock().expect("pending lock poisoned").remove(&id);
+                conn.pending
+                    .lock()
+                    .expect("pending lock poisoned")
+                    .remove(&id);
                 Err(NetError::Timeout(to, timeout))
             }
         }
@@ -298,16 +352,25 @@ where
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, stream: TcpStream, handler: Handler<Req, Resp>) -> std::io::Result<()> {
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        handler: Handler<Req, Resp>,
+    ) -> std::io::Result<()> {
         let (r, w) = stream.into_split();
         let mut r = BufReader::new(r);
-        let from = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut r, self.frame_bytes_max)).await {
-            Ok(Ok(Some((KIND_HELLO, id, _)))) if self.peers.contains_key(&id) => id,
-            Ok(Ok(Some((KIND_HELLO, id, _)))) => {
-                return Err(std::io::Error::other(format!("hello from unknown node {id}")));
-            }
-            _ => return Err(std::io::Error::other("peer did not say hello")),
-        };
+        let from =
+            match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut r, self.frame_bytes_max))
+                .await
+            {
+                Ok(Ok(Some((KIND_HELLO, id, _)))) if self.peers.contains_key(&id) => id,
+                Ok(Ok(Some((KIND_HELLO, id, _)))) => {
+                    return Err(std::io::Error::other(format!(
+                        "hello from unknown node {id}"
+                    )));
+                }
+                _ => return Err(std::io::Error::other("peer did not say hello")),
+            };
         let (tx, rx) = mpsc::channel(SEND_QUEUE_FRAMES);
         tokio::spawn(async move {
             let _ = write_loop(rx, w).await;
@@ -315,14 +378,20 @@ where
         let in_flight = Arc::new(Semaphore::new(INBOUND_IN_FLIGHT_MAX));
         while let Some((kind, id, body)) = read_frame(&mut r, self.frame_bytes_max).await? {
             if kind != KIND_REQUEST {
-                return Err(std::io::Error::other(format!("unexpected frame kind {kind}")));
+                return Err(std::io::Error::other(format!(
+                    "unexpected frame kind {kind}"
+                )));
             }
             if self.faults.blocks(from) {
                 continue;
             }
             self.contacts.touch(from);
             let req: Req = bincode::deserialize(&body).map_err(std::io::Error::other)?;
-            let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
             let (this, handler, tx) = (self.clone(), handler.clone(), tx.clone());
             tokio::spawn(async move {
                 let resp = handler(from, req).await;
@@ -344,10 +413,17 @@ struct Contacts {
 
 impl Contacts {
     fn touch(&self, peer: PeerId) {
-        self.at.lock().expect("contacts lock poisoned").insert(peer, Instant::now());
+        self.at
+            .lock()
+            .expect("contacts lock poisoned")
+            .insert(peer, Instant::now());
     }
     fn heard_within(&self, peer: PeerId, window: Duration) -> bool {
-        self.at.lock().expect("contacts lock poisoned").get(&peer).is_some_and(|t| t.elapsed() <= window)
+        self.at
+            .lock()
+            .expect("contacts lock poisoned")
+            .get(&peer)
+            .is_some_and(|t| t.elapsed() <= window)
     }
 }
 
@@ -362,11 +438,22 @@ mod tests {
         let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a1 = l1.local_addr().unwrap().to_string();
         let a2 = l2.local_addr().unwrap().to_string();
-        let t1 = Arc::new(T::new(1, BTreeMap::from([(2, a2)]), Arc::default(), 1 << 20));
-        let t2 = Arc::new(T::new(2, BTreeMap::from([(1, a1)]), Arc::default(), 1 << 20));
+        let t1 = Arc::new(T::new(
+            1,
+            BTreeMap::from([(2, a2)]),
+            Arc::default(),
+            1 << 20,
+        ));
+        let t2 = Arc::new(T::new(
+            2,
+            BTreeMap::from([(1, a1)]),
+            Arc::default(),
+            1 << 20,
+        ));
         for (t, l, me) in [(&t1, l1, "n1"), (&t2, l2, "n2")] {
-            let handler: Handler<String, String> =
-                Arc::new(move |from, req| Box::pin(async move { format!("{me} got {req} from {from}") }));
+            let handler: Handler<String, String> = Arc::new(move |from, req| {
+                Box::pin(async move { format!("{me} got {req} from {from}") })
+            });
             tokio::spawn(t.clone().serve(l, handler));
         }
         (t1, t2)
@@ -376,14 +463,22 @@ mod tests {
     async fn request_and_reply_both_ways() {
         let (t1, t2) = pair().await;
         let d = Duration::from_secs(5);
-        assert_eq!(t1.call(2, "ping".into(), d).await.unwrap(), "n2 got ping from 1");
-        assert_eq!(t2.call(1, "pong".into(), d).await.unwrap(), "n1 got pong from 2");
+        assert_eq!(
+            t1.call(2, "ping".into(), d).await.unwrap(),
+            "n2 got ping from 1"
+        );
+        assert_eq!(
+            t2.call(1, "pong".into(), d).await.unwrap(),
+            "n1 got pong from 2"
+        );
         assert!(t1.reachable(2, d) && t2.reachable(1, d));
         // Many calls in flight on one connection each get their own reply.
-        let calls: Vec<_> = (0..100).map(|i| {
-            let t1 = t1.clone();
-            tokio::spawn(async move { t1.call(2, format!("m{i}"), d).await.unwrap() })
-        }).collect();
+        let calls: Vec<_> = (0..100)
+            .map(|i| {
+                let t1 = t1.clone();
+                tokio::spawn(async move { t1.call(2, format!("m{i}"), d).await.unwrap() })
+            })
+            .collect();
         for (i, c) in calls.into_iter().enumerate() {
             assert_eq!(c.await.unwrap(), format!("n2 got m{i} from 1"));
         }
@@ -393,7 +488,10 @@ mod tests {
     async fn isolation_on_the_sender_fails_fast_and_is_not_delivered() {
         let (t1, _t2) = pair().await;
         t1.faults().isolate(BTreeSet::from([2]));
-        let e = t1.call(2, "x".into(), Duration::from_secs(5)).await.unwrap_err();
+        let e = t1
+            .call(2, "x".into(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(matches!(e, NetError::Isolated(2)));
         assert!(!e.maybe_delivered());
         assert!(!t1.reachable(2, Duration::from_secs(5)));
@@ -405,7 +503,10 @@ mod tests {
     async fn isolation_on_the_receiver_drops_silently() {
         let (t1, t2) = pair().await;
         t2.faults().isolate(BTreeSet::from([1]));
-        let e = t1.call(2, "x".into(), Duration::from_millis(300)).await.unwrap_err();
+        let e = t1
+            .call(2, "x".into(), Duration::from_millis(300))
+            .await
+            .unwrap_err();
         assert!(matches!(e, NetError::Timeout(2, _)), "{e}");
         assert!(e.maybe_delivered());
     }
@@ -415,8 +516,16 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         drop(l);
-        let t = Arc::new(T::new(1, BTreeMap::from([(2, addr)]), Arc::default(), 1 << 20));
-        let e = t.call(2, "x".into(), Duration::from_secs(2)).await.unwrap_err();
+        let t = Arc::new(T::new(
+            1,
+            BTreeMap::from([(2, addr)]),
+            Arc::default(),
+            1 << 20,
+        ));
+        let e = t
+            .call(2, "x".into(), Duration::from_secs(2))
+            .await
+            .unwrap_err();
         assert!(matches!(e, NetError::Connect(2, _)), "{e}");
         assert!(!e.maybe_delivered());
     }

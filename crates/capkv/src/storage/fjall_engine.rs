@@ -32,7 +32,12 @@ impl FjallEngine {
                 .open_partition(tree.name(), PartitionCreateOptions::default())
                 .map_err(engine_err)
         };
-        Ok(FjallEngine { log: open(Tree::Log)?, meta: open(Tree::Meta)?, data: open(Tree::Data)?, keyspace })
+        Ok(FjallEngine {
+            log: open(Tree::Log)?,
+            meta: open(Tree::Meta)?,
+            data: open(Tree::Data)?,
+            keyspace,
+        })
     }
 
     fn partition(&self, tree: Tree) -> &PartitionHandle {
@@ -46,10 +51,20 @@ impl FjallEngine {
 
 impl Engine for FjallEngine {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.partition(tree).get(key).map_err(engine_err)?.map(|v| v.to_vec()))
+        Ok(self
+            .partition(tree)
+            .get(key)
+            .map_err(engine_err)?
+            .map(|v| v.to_vec()))
     }
 
-    fn range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>> {
+    fn range(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>> {
         let p = self.partition(tree);
         let iter: Box<dyn Iterator<Item = _>> = match end {
             Some(end) => Box::new(p.range(start..end)),
@@ -90,7 +105,9 @@ impl Engine for FjallEngine {
     }
 
     fn sync(&self) -> Result<()> {
-        self.keyspace.persist(PersistMode::SyncAll).map_err(engine_err)
+        self.keyspace
+            .persist(PersistMode::SyncAll)
+            .map_err(engine_err)
     }
 }
 
@@ -115,6 +132,9 @@ mod tests {
             e.sync().unwrap();
         }
         let e = FjallEngine::open(dir.path()).unwrap();
-        assert_eq!(e.get(Tree::Log, &7u64.to_be_bytes()).unwrap(), Some(b"entry".to_vec()));
+        assert_eq!(
+            e.get(Tree::Log, &7u64.to_be_bytes()).unwrap(),
+            Some(b"entry".to_vec())
+        );
     }
 }

@@ -34,7 +34,8 @@ impl GroupCommit {
                     waiters.extend(rx.try_iter());
                     let result = engine.sync().map_err(|e| e.to_string());
                     metrics::counter!("capkv_storage_fsyncs_total").increment(1);
-                    metrics::counter!("capkv_storage_synced_waiters_total").increment(waiters.len() as u64);
+                    metrics::counter!("capkv_storage_synced_waiters_total")
+                        .increment(waiters.len() as u64);
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "fsync failed");
                     }
@@ -61,7 +62,8 @@ impl GroupCommit {
         self.after_sync(move |r| {
             let _ = tx.send(r);
         });
-        rx.await.unwrap_or_else(|_| Err("storage is shutting down".into()))
+        rx.await
+            .unwrap_or_else(|_| Err("storage is shutting down".into()))
     }
 }
 
@@ -85,10 +87,21 @@ mod tests {
         fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
             self.inner.get(tree, key)
         }
-        fn range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>> {
+        fn range(
+            &self,
+            tree: Tree,
+            start: &[u8],
+            end: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<Vec<Entry>> {
             self.inner.range(tree, start, end, limit)
         }
-        fn last_in_range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>) -> Result<Option<Entry>> {
+        fn last_in_range(
+            &self,
+            tree: Tree,
+            start: &[u8],
+            end: Option<&[u8]>,
+        ) -> Result<Option<Entry>> {
             self.inner.last_in_range(tree, start, end)
         }
         fn write(&self, batch: WriteBatch) -> Result<()> {
@@ -126,7 +139,11 @@ mod tests {
         for _ in 0..64 {
             done_rx.recv().unwrap().unwrap();
         }
-        assert_eq!(engine.syncs.load(Ordering::SeqCst), 2, "64 waiters, 2 fsyncs");
+        assert_eq!(
+            engine.syncs.load(Ordering::SeqCst),
+            2,
+            "64 waiters, 2 fsyncs"
+        );
     }
 
     #[tokio::test]

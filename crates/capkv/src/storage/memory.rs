@@ -28,7 +28,10 @@ impl MemoryEngine {
 }
 
 fn bounds<'a>(start: &'a [u8], end: Option<&'a [u8]>) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
-    (Bound::Included(start), end.map_or(Bound::Unbounded, Bound::Excluded))
+    (
+        Bound::Included(start),
+        end.map_or(Bound::Unbounded, Bound::Excluded),
+    )
 }
 
 impl Engine for MemoryEngine {
@@ -37,9 +40,17 @@ impl Engine for MemoryEngine {
         Ok(trees.get(&tree).and_then(|t| t.get(key).cloned()))
     }
 
-    fn range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>> {
+    fn range(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>> {
         let trees = self.trees.read().expect("memory engine lock poisoned");
-        let Some(t) = trees.get(&tree) else { return Ok(Vec::new()) };
+        let Some(t) = trees.get(&tree) else {
+            return Ok(Vec::new());
+        };
         Ok(t.range::<[u8], _>(bounds(start, end))
             .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -48,8 +59,12 @@ impl Engine for MemoryEngine {
 
     fn last_in_range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>) -> Result<Option<Entry>> {
         let trees = self.trees.read().expect("memory engine lock poisoned");
-        let Some(t) = trees.get(&tree) else { return Ok(None) };
-        Ok(t.range::<[u8], _>(bounds(start, end)).next_back().map(|(k, v)| (k.clone(), v.clone())))
+        let Some(t) = trees.get(&tree) else {
+            return Ok(None);
+        };
+        Ok(t.range::<[u8], _>(bounds(start, end))
+            .next_back()
+            .map(|(k, v)| (k.clone(), v.clone())))
     }
 
     fn write(&self, batch: WriteBatch) -> Result<()> {

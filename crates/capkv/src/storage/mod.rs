@@ -96,7 +96,13 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Entries with `start <= key < end` (no upper bound when `end` is `None`), in key
     /// order, at most `limit` of them.
-    fn range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>>;
+    fn range(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>>;
 
     /// The entry with the largest key in `start <= key < end`, if any.
     fn last_in_range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>) -> Result<Option<Entry>>;
@@ -144,8 +150,17 @@ pub(crate) mod engine_tests {
         let some = e.range(Tree::Data, b"b", Some(b"c"), 100).unwrap();
         assert_eq!(some, vec![(b"b".to_vec(), b"2".to_vec())]);
         assert_eq!(e.range(Tree::Data, b"", None, 2).unwrap().len(), 2);
-        assert_eq!(e.last_in_range(Tree::Data, b"", None).unwrap().unwrap().0, b"c".to_vec());
-        assert_eq!(e.last_in_range(Tree::Data, b"a", Some(b"c")).unwrap().unwrap().0, b"b".to_vec());
+        assert_eq!(
+            e.last_in_range(Tree::Data, b"", None).unwrap().unwrap().0,
+            b"c".to_vec()
+        );
+        assert_eq!(
+            e.last_in_range(Tree::Data, b"a", Some(b"c"))
+                .unwrap()
+                .unwrap()
+                .0,
+            b"b".to_vec()
+        );
         assert_eq!(e.last_in_range(Tree::Data, b"x", None).unwrap(), None);
 
         let mut b = WriteBatch::new();

@@ -19,8 +19,13 @@ pub struct Cluster {
 
 /// Ports the OS says are free right now. Bound all at once so they are distinct.
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// Polls `cond` until it is true; panics with `what` after `limit`.
@@ -34,7 +39,10 @@ where
         if cond().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -50,7 +58,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -77,8 +88,14 @@ impl Cluster {
         }
         let mut c = Cluster {
             dir: tempfile::tempdir().unwrap(),
-            http: ports[..n].iter().map(|p| format!("127.0.0.1:{p}")).collect(),
-            peer: ports[n..].iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+            http: ports[..n]
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect(),
+            peer: ports[n..]
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect(),
             children: (0..n).map(|_| None).collect(),
             extra,
         };
@@ -86,15 +103,25 @@ impl Cluster {
             c.spawn(i);
         }
         c.wait_healthy().await;
-        let spec = KeyspaceSpec { name: "cp".into(), mode: Mode::Cp, n: None, r: None, w: None };
+        let spec = KeyspaceSpec {
+            name: "cp".into(),
+            mode: Mode::Cp,
+            n: None,
+            r: None,
+            w: None,
+        };
         let client = c.client(0);
-        eventually(Duration::from_secs(20), "the cluster elects a leader and creates keyspace cp", || async {
-            match client.create_keyspace(&spec).await {
-                Ok(_) => true,
-                Err(ClientError::Api { error, .. }) => error.code == ErrorCode::Conflict,
-                Err(_) => false,
-            }
-        })
+        eventually(
+            Duration::from_secs(20),
+            "the cluster elects a leader and creates keyspace cp",
+            || async {
+                match client.create_keyspace(&spec).await {
+                    Ok(_) => true,
+                    Err(ClientError::Api { error, .. }) => error.code == ErrorCode::Conflict,
+                    Err(_) => false,
+                }
+            },
+        )
         .await;
         c
     }
@@ -167,9 +194,15 @@ impl Cluster {
                 continue;
             }
             let url = format!("{}/healthz", self.url(i));
-            eventually(Duration::from_secs(20), &format!("n{} serves /healthz", i + 1), || async {
-                reqwest::get(&url).await.is_ok_and(|r| r.status().is_success())
-            })
+            eventually(
+                Duration::from_secs(20),
+                &format!("n{} serves /healthz", i + 1),
+                || async {
+                    reqwest::get(&url)
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                },
+            )
             .await;
         }
     }
@@ -202,7 +235,10 @@ impl Cluster {
                 .flat_map(|(_, m)| m.iter().map(|i| format!("n{}", i + 1)))
                 .collect();
             for &i in *members {
-                self.client(i).set_faults(&self.url(i), others.clone()).await.unwrap();
+                self.client(i)
+                    .set_faults(&self.url(i), others.clone())
+                    .await
+                    .unwrap();
             }
         }
     }
@@ -210,13 +246,21 @@ impl Cluster {
     pub async fn heal(&self) {
         for i in 0..self.http.len() {
             if self.children[i].is_some() {
-                self.client(i).set_faults(&self.url(i), Vec::new()).await.unwrap();
+                self.client(i)
+                    .set_faults(&self.url(i), Vec::new())
+                    .await
+                    .unwrap();
             }
         }
     }
 
     pub async fn metrics(&self, i: usize) -> String {
-        reqwest::get(format!("{}/metrics", self.url(i))).await.unwrap().text().await.unwrap()
+        reqwest::get(format!("{}/metrics", self.url(i)))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }
 
