@@ -195,6 +195,25 @@ mod tests {
     }
 
     #[test]
+    fn config_files_use_the_flag_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n1.toml");
+        std::fs::write(
+            &path,
+            "id = \"n1\"\ncluster = \"n1=a@b\"\ndata-dir = \"/tmp/x\"\nenable-faults = true\n",
+        )
+        .unwrap();
+        let f = ConfigFile::load(&path).unwrap();
+        assert_eq!(f.id.as_deref(), Some("n1"));
+        assert_eq!(f.enable_faults, Some(true));
+        std::fs::write(&path, "idd = \"n1\"\n").unwrap();
+        assert!(
+            ConfigFile::load(&path).is_err(),
+            "unknown settings are refused"
+        );
+    }
+
+    #[test]
     fn node_must_be_a_member() {
         let c = parse_cluster("n1=a@b").unwrap();
         assert!(NodeConfig::new("n2".into(), c.clone(), "d".into(), None, None).is_err());

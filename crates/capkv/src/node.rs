@@ -54,7 +54,6 @@ pub struct Node {
     pub transport: Arc<PeerTransport>,
     pub faults: Arc<FaultFilter>,
     proposer: Proposer,
-    engine: Arc<dyn Engine>,
     group_commit: GroupCommit,
 }
 
@@ -148,7 +147,6 @@ impl Node {
             transport,
             faults,
             proposer,
-            engine,
             group_commit,
         });
 
@@ -542,11 +540,6 @@ impl Node {
                 .map(|id| self.name_of(id))
                 .collect(),
         }
-    }
-
-    /// Engine access for diagnostics.
-    pub fn engine(&self) -> &Arc<dyn Engine> {
-        &self.engine
     }
 }
 

@@ -81,6 +81,11 @@ async fn minority_refuses_with_503_and_catches_up_after_heal() {
         .put("cp", b"x", b"before".to_vec(), &opts)
         .await
         .unwrap();
+    // An acknowledged write is committed on a majority, not necessarily applied on n1 yet.
+    eventually(Duration::from_secs(10), "n1 has applied the first write", || async {
+        matches!(c.client(0).get("cp", b"x", Consistency::Serializable).await, Ok(Some(v)) if v.value == b"before")
+    })
+    .await;
     c.partition(&[&[0], &[1, 2]]).await;
     // Wait until n1 has noticed it lost the majority (it pings every 200 ms).
     eventually(
