@@ -195,6 +195,20 @@ impl Client {
             .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
+    /// The path and query of a put or delete.
+    fn write_path(keyspace: &str, key: &[u8], opts: &WriteOptions) -> String {
+        let q = query(&[
+            ("if_version", opts.if_version.map(|v| v.to_string())),
+            ("if_value", opts.if_value.clone()),
+            ("timeout_ms", opts.timeout_ms.map(|v| v.to_string())),
+        ]);
+        format!(
+            "/v1/kv/{}/{}{q}",
+            encode_segment(keyspace.as_bytes()),
+            encode_segment(key)
+        )
+    }
+
     fn write_headers(opts: &WriteOptions) -> Vec<(&'static str, String)> {
         opts.idempotency_key
             .iter()
@@ -209,16 +223,7 @@ impl Client {
         value: Vec<u8>,
         opts: &WriteOptions,
     ) -> Result<PutResponse> {
-        let q = query(&[
-            ("if_version", opts.if_version.map(|v| v.to_string())),
-            ("if_value", opts.if_value.clone()),
-            ("timeout_ms", opts.timeout_ms.map(|v| v.to_string())),
-        ]);
-        let path = format!(
-            "/v1/kv/{}/{}{q}",
-            encode_segment(keyspace.as_bytes()),
-            encode_segment(key)
-        );
+        let path = Self::write_path(keyspace, key, opts);
         Self::json(
             self.request(Method::PUT, &path, Some(value), &Self::write_headers(opts))
                 .await?,
@@ -275,16 +280,7 @@ impl Client {
         key: &[u8],
         opts: &WriteOptions,
     ) -> Result<DeleteResponse> {
-        let q = query(&[
-            ("if_version", opts.if_version.map(|v| v.to_string())),
-            ("if_value", opts.if_value.clone()),
-            ("timeout_ms", opts.timeout_ms.map(|v| v.to_string())),
-        ]);
-        let path = format!(
-            "/v1/kv/{}/{}{q}",
-            encode_segment(keyspace.as_bytes()),
-            encode_segment(key)
-        );
+        let path = Self::write_path(keyspace, key, opts);
         Self::json(
             self.request(Method::DELETE, &path, None, &Self::write_headers(opts))
                 .await?,

@@ -329,14 +329,10 @@ impl StateMachine {
                 value,
                 condition,
             } => {
-                if let Err(e) = self.check_cp_keyspace(txn, keyspace)? {
-                    return Ok(Err(e));
-                }
-                let k = data_key(keyspace, key);
-                let current = txn.get(&k)?.and_then(|r| decode_value(&r));
-                if let Err(e) = check_condition(condition.as_ref(), current.as_ref()) {
-                    return Ok(Err(e));
-                }
+                let (k, _) = match self.precheck(txn, keyspace, key, condition.as_ref())? {
+                    Ok(found) => found,
+                    Err(e) => return Ok(Err(e)),
+                };
                 self.revision += 1;
                 txn.put(k, encode_value(self.revision, value));
                 Ok(Ok(Written::Put {
@@ -348,14 +344,10 @@ impl StateMachine {
                 key,
                 condition,
             } => {
-                if let Err(e) = self.check_cp_keyspace(txn, keyspace)? {
-                    return Ok(Err(e));
-                }
-                let k = data_key(keyspace, key);
-                let current = txn.get(&k)?.and_then(|r| decode_value(&r));
-                if let Err(e) = check_condition(condition.as_ref(), current.as_ref()) {
-                    return Ok(Err(e));
-                }
+                let (k, current) = match self.precheck(txn, keyspace, key, condition.as_ref())? {
+                    Ok(found) => found,
+                    Err(e) => return Ok(Err(e)),
+                };
                 if current.is_none() {
                     return Ok(Ok(Written::Delete {
                         deleted: false,
@@ -370,6 +362,24 @@ impl StateMachine {
                 }))
             }
         }
+    }
+
+    /// Checks the keyspace and the CAS condition of a key write: the key's storage key
+    /// and current (version, value), or the refusal to reply with.
+    #[allow(clippy::type_complexity)]
+    fn precheck(
+        &self,
+        txn: &Txn,
+        keyspace: &str,
+        key: &[u8],
+        condition: Option<&Condition>,
+    ) -> StorageResult<Result<(Vec<u8>, Option<(u64, Vec<u8>)>), ApiError>> {
+        if let Err(e) = self.check_cp_keyspace(txn, keyspace)? {
+            return Ok(Err(e));
+        }
+        let k = data_key(keyspace, key);
+        let current = txn.get(&k)?.and_then(|r| decode_value(&r));
+        Ok(check_condition(condition, current.as_ref()).map(|()| (k, current)))
     }
 
     fn check_cp_keyspace(&self, txn: &Txn, name: &str) -> StorageResult<Result<(), ApiError>> {
