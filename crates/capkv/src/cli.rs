@@ -185,6 +185,10 @@ pub struct ServeArgs {
     /// Snapshot and purge the Raft log every N entries (default 10000).
     #[arg(long)]
     pub snapshot_every: Option<u64>,
+    /// Raft election timeout, lower bound in ms (default 600; the upper bound is twice it).
+    /// Lower means faster failover but more spurious elections on a loaded machine.
+    #[arg(long)]
+    pub election_timeout_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -219,6 +223,16 @@ impl ServeArgs {
                 ));
             }
             cfg.max_value_bytes = v;
+        }
+        if let Some(v) = self.election_timeout_ms.or(file.election_timeout_ms) {
+            if !(3 * cfg.heartbeat_ms..=60_000).contains(&v) {
+                return Err(ConfigError::Invalid(format!(
+                    "--election-timeout-ms must be between {} (3 heartbeats) and 60000",
+                    3 * cfg.heartbeat_ms
+                )));
+            }
+            cfg.election_timeout_min_ms = v;
+            cfg.election_timeout_max_ms = 2 * v;
         }
         if let Some(v) = self.snapshot_every.or(file.snapshot_every) {
             if v == 0 {

@@ -116,6 +116,7 @@ pub struct ConfigFile {
     pub enable_faults: Option<bool>,
     pub max_value_bytes: Option<usize>,
     pub snapshot_every: Option<u64>,
+    pub election_timeout_ms: Option<u64>,
 }
 
 impl ConfigFile {
