@@ -4,11 +4,13 @@
 //!
 //! - [`storage`]: the `Engine` trait, fjall and in-memory engines, group commit.
 //! - [`net`]: the peer transport and its fault filter; [`rpc`]: the messages it carries.
+//! - [`ap`]: leaderless replication for ap keyspaces (ring, dotted version vectors).
 //! - [`cp`]: the Raft group (openraft): log store, state machine, network adapter.
 //! - [`node`]: assembles a node; request paths with deadlines and leader forwarding.
 //! - [`api`]: the HTTP API (axum) and its OpenAPI description.
 //! - [`server`], [`dev`], [`cli`]: the `serve` and `dev` commands and the client CLI.
 
+pub mod ap;
 pub mod api;
 pub mod cli;
 pub mod config;

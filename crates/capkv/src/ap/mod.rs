@@ -1,0 +1,7 @@
+//! ap keyspaces: leaderless, Dynamo-style replication (in progress, issue 3).
+//!
+//! Pure building blocks so far: [`ring`] (placement) and [`dvv`] (causality and
+//! siblings). The replica store, coordinator, hinted handoff and repair build on them.
+
+pub mod dvv;
+pub mod ring;
