@@ -17,15 +17,17 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use capkv_core::validate::{self, MAX_SCAN_LIMIT, MAX_TIMEOUT_MS};
 use capkv_core::{
-    ApiError, ClusterInfo, Consistency, DeleteResponse, ErrorBody, FaultRequest, FaultState,
-    KeyspaceSpec, Mode, PutResponse, ScanEntry,
+    ApWriteResponse, ApiError, ClusterInfo, Consistency, DeleteResponse, ErrorBody, FaultRequest,
+    FaultState, KeyspaceSpec, Mode, PutResponse, ScanEntry, Sibling, Siblings,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use utoipa::OpenApi;
 
+use crate::ap::dvv::VersionVector;
 use crate::cp::{now_ms, Command, Condition, Op, Written};
 use crate::node::Node;
 use crate::rpc::{ForwardOp, ForwardReply};
+use base64::Engine as _;
 
 /// Requests without `timeout_ms` get this deadline.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -154,27 +156,166 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(s.to_owned()))
 }
 
-/// Checks a key from the path and refuses keyspaces this node knows are not cp.
-fn check_target(node: &Node, keyspace: &str, key: &str) -> Result<(), ApiError> {
+/// Checks a keyspace name and key from the path; returns the keyspace's spec if this
+/// node's registry knows it. The local registry may lag behind a keyspace just created:
+/// an unknown keyspace takes the cp path, where the leader decides (404).
+fn check_target(node: &Node, keyspace: &str, key: &str) -> Result<Option<KeyspaceSpec>, ApiError> {
     validate::keyspace_name(keyspace)?;
     validate::key(key.as_bytes())?;
-    check_cp(node, keyspace)
+    node.reader.keyspace(keyspace)
+}
+
+fn is_ap(spec: &Option<KeyspaceSpec>) -> bool {
+    spec.as_ref().is_some_and(|s| s.mode == Mode::Ap)
 }
 
 fn check_cp(node: &Node, keyspace: &str) -> Result<(), ApiError> {
-    // The local registry may lag behind a keyspace just created; an unknown keyspace is
-    // decided by the leader (404), so only a known ap keyspace is refused here.
-    if let Some(spec) = node.reader.keyspace(keyspace)? {
-        if spec.mode == Mode::Ap {
-            return Err(ApiError::new(
-                capkv_core::ErrorCode::NotImplemented,
-                format!(
-                    "keyspace '{keyspace}' is an ap keyspace; ap replication is not served yet"
-                ),
-            ));
+    if is_ap(&node.reader.keyspace(keyspace)?) {
+        return Err(ApiError::new(
+            capkv_core::ErrorCode::NotImplemented,
+            format!(
+                "keyspace '{keyspace}' is an ap keyspace; scans of ap keyspaces are not served yet"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The opaque causal context of an ap read, as sent in `X-Capkv-Context`.
+fn encode_context(vv: &VersionVector) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(vv).expect("contexts serialize"))
+}
+
+fn context_from(headers: &HeaderMap) -> Result<VersionVector, ApiError> {
+    let Some(v) = headers.get("x-capkv-context") else {
+        return Ok(VersionVector::default());
+    };
+    let bad = || ApiError::bad_request("X-Capkv-Context is not a context returned by capkv");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(v.as_bytes())
+        .map_err(|_| bad())?;
+    serde_json::from_slice(&raw).map_err(|_| bad())
+}
+
+/// `r` or `w` from the query (1..=n), or the keyspace's default.
+fn quorum(params: &Params, name: &str, default: Option<u32>, n: u32) -> Result<usize, ApiError> {
+    match params.number(name)? {
+        None => Ok(default.unwrap_or(1) as usize),
+        Some(q) if q >= 1 && q <= u64::from(n) => Ok(q as usize),
+        Some(q) => Err(ApiError::bad_request(format!(
+            "{name} must be between 1 and n={n}, got {q}"
+        ))),
+    }
+}
+
+fn refuse_cp_params(params: &Params) -> Result<(), ApiError> {
+    for p in ["if_version", "if_value", "consistency"] {
+        if params.get(p).is_some() {
+            return Err(ApiError::bad_request(format!(
+                "{p} applies to cp keyspaces; ap keyspaces use X-Capkv-Context (see docs/api.md)"
+            )));
         }
     }
     Ok(())
+}
+
+/// An ap write (value, or `None` for a delete) coordinated by this node.
+async fn ap_write(
+    node: &Node,
+    spec: &KeyspaceSpec,
+    key: &str,
+    value: Option<Vec<u8>>,
+    params: &Params,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
+    refuse_cp_params(params)?;
+    let n = spec.n.unwrap_or(3);
+    let w = quorum(params, "w", spec.w, n)?;
+    let context = context_from(headers)?;
+    let obj = node
+        .ap
+        .write(
+            &spec.name,
+            key.as_bytes(),
+            &context,
+            value,
+            n as usize,
+            w,
+            params.deadline()?,
+        )
+        .await?;
+    let ctx = encode_context(&obj.context);
+    let mut resp = Json(ApWriteResponse {
+        context: ctx.clone(),
+    })
+    .into_response();
+    resp.headers_mut().insert(
+        "x-capkv-context",
+        HeaderValue::from_str(&ctx).expect("base64 is a valid header"),
+    );
+    Ok(resp)
+}
+
+/// An ap read: 200 with one value, 300 with siblings, 404 if absent or deleted.
+async fn ap_read(
+    node: &Node,
+    spec: &KeyspaceSpec,
+    key: &str,
+    params: &Params,
+) -> ApiResult<Response> {
+    refuse_cp_params(params)?;
+    let n = spec.n.unwrap_or(3);
+    let r = quorum(params, "r", spec.r, n)?;
+    let obj = node
+        .ap
+        .read(
+            &spec.name,
+            key.as_bytes(),
+            n as usize,
+            r,
+            params.deadline()?,
+        )
+        .await?;
+    let Some(obj) = obj else {
+        return Err(
+            ApiError::not_found(format!("key not found in keyspace '{}'", spec.name)).into(),
+        );
+    };
+    let ctx = encode_context(&obj.context);
+    let mut values: Vec<&[u8]> = obj.values();
+    values.dedup(); // the same value written twice concurrently is one answer
+    let mut resp = match values.len() {
+        0 => Failure(ApiError::not_found(format!(
+            "key not found in keyspace '{}' (deleted)",
+            spec.name
+        )))
+        .into_response(),
+        1 => {
+            let mut resp = values[0].to_vec().into_response();
+            resp.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            resp
+        }
+        _ => {
+            let siblings = values.iter().map(|v| Sibling::new(v)).collect();
+            (
+                StatusCode::MULTIPLE_CHOICES,
+                Json(Siblings {
+                    siblings,
+                    context: ctx.clone(),
+                }),
+            )
+                .into_response()
+        }
+    };
+    resp.headers_mut().insert(
+        "x-capkv-context",
+        HeaderValue::from_str(&ctx).expect("base64 is a valid header"),
+    );
+    Ok(resp)
 }
 
 fn condition(params: &Params) -> Result<Option<Condition>, ApiError> {
@@ -212,9 +353,9 @@ async fn put_key(
     RawQuery(q): RawQuery,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<PutResponse>> {
+) -> ApiResult<Response> {
     let Path((ks, key)) = path.map_err(path_error)?;
-    let params = Params::parse(q, &["if_version", "if_value", "timeout_ms"])?;
+    let params = Params::parse(q, &["if_version", "if_value", "timeout_ms", "w"])?;
     let limit = st.node.config.max_value_bytes;
     let value = body.map_err(|e| body_error(e, limit))?;
     if value.len() > limit {
@@ -224,7 +365,21 @@ async fn put_key(
         ))
         .into());
     }
-    check_target(&st.node, &ks, &key)?;
+    let spec = check_target(&st.node, &ks, &key)?;
+    if let Some(spec) = spec.as_ref().filter(|s| s.mode == Mode::Ap) {
+        return ap_write(
+            &st.node,
+            spec,
+            &key,
+            Some(value.to_vec()),
+            &params,
+            &headers,
+        )
+        .await;
+    }
+    if params.get("w").is_some() {
+        return Err(ApiError::bad_request("w applies to ap keyspaces only").into());
+    }
     let op = Op::Put {
         keyspace: ks,
         key: key.into_bytes(),
@@ -236,7 +391,7 @@ async fn put_key(
         .write(command(op, &headers)?, params.deadline()?)
         .await?
     {
-        Written::Put { version } => Ok(Json(PutResponse { version })),
+        Written::Put { version } => Ok(Json(PutResponse { version }).into_response()),
         other => Err(ApiError::internal(format!("unexpected reply {other:?}")).into()),
     }
 }
@@ -248,6 +403,7 @@ async fn put_key(
         ("timeout_ms" = Option<u64>, Query)),
     responses((status = 200, body = Vec<u8>, content_type = "application/octet-stream",
         headers(("X-Capkv-Version" = u64, description = "the key's version"))),
+        (status = 300, body = Siblings, description = "ap: concurrent values"),
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
 async fn get_key(
     State(st): State<AppState>,
@@ -255,8 +411,14 @@ async fn get_key(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     let Path((ks, key)) = path.map_err(path_error)?;
-    let params = Params::parse(q, &["consistency", "timeout_ms"])?;
-    check_target(&st.node, &ks, &key)?;
+    let params = Params::parse(q, &["consistency", "timeout_ms", "r"])?;
+    let spec = check_target(&st.node, &ks, &key)?;
+    if let Some(spec) = spec.as_ref().filter(|s| s.mode == Mode::Ap) {
+        return ap_read(&st.node, spec, &key, &params).await;
+    }
+    if params.get("r").is_some() {
+        return Err(ApiError::bad_request("r applies to ap keyspaces only").into());
+    }
     let op = ForwardOp::Get {
         keyspace: ks.clone(),
         key: key.into_bytes(),
@@ -295,10 +457,16 @@ async fn delete_key(
     path: Result<Path<(String, String)>, PathRejection>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
-) -> ApiResult<Json<DeleteResponse>> {
+) -> ApiResult<Response> {
     let Path((ks, key)) = path.map_err(path_error)?;
-    let params = Params::parse(q, &["if_version", "if_value", "timeout_ms"])?;
-    check_target(&st.node, &ks, &key)?;
+    let params = Params::parse(q, &["if_version", "if_value", "timeout_ms", "w"])?;
+    let spec = check_target(&st.node, &ks, &key)?;
+    if let Some(spec) = spec.as_ref().filter(|s| s.mode == Mode::Ap) {
+        return ap_write(&st.node, spec, &key, None, &params, &headers).await;
+    }
+    if params.get("w").is_some() {
+        return Err(ApiError::bad_request("w applies to ap keyspaces only").into());
+    }
     let op = Op::Delete {
         keyspace: ks,
         key: key.into_bytes(),
@@ -309,7 +477,9 @@ async fn delete_key(
         .write(command(op, &headers)?, params.deadline()?)
         .await?
     {
-        Written::Delete { deleted, version } => Ok(Json(DeleteResponse { deleted, version })),
+        Written::Delete { deleted, version } => {
+            Ok(Json(DeleteResponse { deleted, version }).into_response())
+        }
         other => Err(ApiError::internal(format!("unexpected reply {other:?}")).into()),
     }
 }
@@ -534,7 +704,10 @@ async fn prometheus(State(st): State<AppState>) -> Response {
         ClusterInfo,
         capkv_core::ClusterNode,
         FaultRequest,
-        FaultState
+        FaultState,
+        ApWriteResponse,
+        Sibling,
+        Siblings
     ))
 )]
 pub struct ApiDoc;

@@ -24,6 +24,9 @@ use capkv_core::{ApiError, ClusterInfo, ClusterNode, ErrorCode};
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
 
+use crate::ap::coordinator::Coordinator;
+use crate::ap::replica::Replica;
+use crate::ap::ring::{Ring, DEFAULT_VNODES};
 use crate::config::NodeConfig;
 use crate::cp::log_store::LogStore;
 use crate::cp::network::NetworkFactory;
@@ -32,7 +35,7 @@ use crate::cp::state_machine::{Reader, StateMachine};
 use crate::cp::{NodeId, PeerNode, Raft, Written};
 use crate::net::{FaultFilter, NetError};
 use crate::rpc::{Forward, ForwardOp, ForwardReply, PeerRequest, PeerResponse};
-use crate::storage::{Engine, FjallEngine, GroupCommit};
+use crate::storage::{Engine, FjallEngine, GroupCommit, Tree, WriteBatch};
 use crate::PeerTransport;
 
 /// A peer counts as reachable if it was heard from this recently.
@@ -54,6 +57,8 @@ pub struct Node {
     pub transport: Arc<PeerTransport>,
     pub faults: Arc<FaultFilter>,
     proposer: Proposer,
+    /// ap keyspaces: coordinator, local replica and hints.
+    pub ap: Arc<Coordinator>,
     group_commit: GroupCommit,
 }
 
@@ -140,6 +145,17 @@ impl Node {
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
         let proposer = Proposer::start(raft.clone());
+        let replica = Arc::new(
+            Replica::new(engine.clone(), group_commit.clone())
+                .map_err(|e| StartError::Storage(e.to_string()))?,
+        );
+        let ap = Arc::new(Coordinator {
+            me: config.id,
+            actor: format!("{}.{}", config.name, incarnation(engine.as_ref())?),
+            ring: Ring::new(config.cluster.iter().map(|m| m.id), DEFAULT_VNODES),
+            transport: transport.clone(),
+            replica,
+        });
         let node = Arc::new(Node {
             config,
             raft,
@@ -147,6 +163,7 @@ impl Node {
             transport,
             faults,
             proposer,
+            ap,
             group_commit,
         });
 
@@ -160,6 +177,7 @@ impl Node {
         node.bootstrap().await?;
         tokio::spawn(node.clone().ping_loop());
         tokio::spawn(node.clone().metrics_loop());
+        tokio::spawn(node.ap.clone().handoff_loop());
         Ok(node)
     }
 
@@ -429,6 +447,45 @@ impl Node {
             PeerRequest::InstallSnapshot(r) => {
                 PeerResponse::InstallSnapshot(self.raft.install_snapshot(r).await)
             }
+            PeerRequest::ApUpdate {
+                keyspace,
+                key,
+                context,
+                value,
+                now_ms,
+            } => PeerResponse::ApObject(
+                self.ap
+                    .replica
+                    .update(&keyspace, &key, &context, &self.ap.actor, value, now_ms)
+                    .await
+                    .map(Some),
+            ),
+            PeerRequest::ApStore {
+                keyspace,
+                key,
+                object,
+            } => PeerResponse::ApAck(
+                self.ap
+                    .replica
+                    .merge(&keyspace, &key, &object)
+                    .await
+                    .map(|_| ()),
+            ),
+            PeerRequest::ApHint {
+                home,
+                keyspace,
+                key,
+                object,
+            } => PeerResponse::ApAck(
+                self.ap
+                    .replica
+                    .hold_hint(home, &keyspace, &key, &object)
+                    .await,
+            ),
+            PeerRequest::ApRead { keyspace, key } => {
+                let nodes: Vec<NodeId> = self.config.cluster.iter().map(|m| m.id).collect();
+                PeerResponse::ApObject(self.ap.replica.read(&keyspace, &key, &nodes))
+            }
             PeerRequest::Forward(f) => {
                 tracing::debug!(from, op = ?std::mem::discriminant(&f.op), "forwarded request");
                 let deadline = Instant::now() + Duration::from_millis(f.timeout_ms);
@@ -541,6 +598,23 @@ impl Node {
                 .collect(),
         }
     }
+}
+
+/// This node's incarnation: a random id made when its data dir is created. Its ap actor
+/// id is `name.incarnation`, so a node whose data was wiped is a new actor and never
+/// reissues a dot it issued before (see `ap::dvv`).
+fn incarnation(engine: &dyn Engine) -> Result<String, StartError> {
+    const KEY: &[u8] = b"node_incarnation";
+    let storage = |e: crate::storage::StorageError| StartError::Storage(e.to_string());
+    if let Some(v) = engine.get(Tree::Meta, KEY).map_err(storage)? {
+        return Ok(String::from_utf8_lossy(&v).into_owned());
+    }
+    let id = format!("{:08x}", rand::random::<u32>());
+    let mut b = WriteBatch::new();
+    b.put(Tree::Meta, KEY.to_vec(), id.clone().into_bytes());
+    engine.write(b).map_err(storage)?;
+    engine.sync().map_err(storage)?;
+    Ok(id)
 }
 
 /// Most log entries in one AppendEntries message (bounds a frame to this many values).

@@ -8,6 +8,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::ap::dvv::{Object, VersionVector};
 use crate::cp::state_machine::ScanRow;
 use crate::cp::{Command, NodeId, TypeConfig, Written};
 
@@ -20,6 +21,32 @@ pub enum PeerRequest {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// A client request a node passes on to the node it believes is the leader.
     Forward(Forward),
+    /// ap: issue a new dot for a client write at this home replica and store it.
+    ApUpdate {
+        keyspace: String,
+        key: Vec<u8>,
+        context: VersionVector,
+        value: Option<Vec<u8>>,
+        now_ms: u64,
+    },
+    /// ap: merge this object into the local replica.
+    ApStore {
+        keyspace: String,
+        key: Vec<u8>,
+        object: Object,
+    },
+    /// ap: hold this object for `home` until it is reachable (hinted handoff).
+    ApHint {
+        home: NodeId,
+        keyspace: String,
+        key: Vec<u8>,
+        object: Object,
+    },
+    /// ap: the local replica of a key merged with the hints held for it.
+    ApRead {
+        keyspace: String,
+        key: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -31,6 +58,8 @@ pub enum PeerResponse {
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
     Forward(Result<ForwardReply, ApiError>),
+    ApObject(Result<Option<Object>, ApiError>),
+    ApAck(Result<(), ApiError>),
 }
 
 /// A forwarded client request, with what is left of its deadline.

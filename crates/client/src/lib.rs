@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 pub use capkv_core::{
-    ApiError, ClusterInfo, Consistency, DeleteResponse, ErrorBody, ErrorCode, FaultRequest,
-    FaultState, KeyspaceSpec, Mode, PutResponse, ScanEntry,
+    ApWriteResponse, ApiError, ClusterInfo, Consistency, DeleteResponse, ErrorBody, ErrorCode,
+    FaultRequest, FaultState, KeyspaceSpec, Mode, PutResponse, ScanEntry, Sibling, Siblings,
 };
 use reqwest::{Method, StatusCode};
 
@@ -56,6 +56,33 @@ pub struct WriteOptions {
 pub struct Versioned {
     pub value: Vec<u8>,
     pub version: u64,
+}
+
+/// What an ap read found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApValue {
+    /// No value (never written, or deleted; a deleted key still has a context).
+    Absent {
+        context: Option<String>,
+    },
+    Value {
+        value: Vec<u8>,
+        context: String,
+    },
+    /// Concurrent values; a write with `context` resolves them.
+    Siblings {
+        values: Vec<Vec<u8>>,
+        context: String,
+    },
+}
+
+impl ApValue {
+    pub fn context(&self) -> Option<&str> {
+        match self {
+            ApValue::Absent { context } => context.as_deref(),
+            ApValue::Value { context, .. } | ApValue::Siblings { context, .. } => Some(context),
+        }
+    }
 }
 
 pub struct Client {
@@ -320,6 +347,106 @@ impl Client {
             .await
             .map_err(|e| ClientError::Decode(e.to_string()))?;
         Ok((entries, more))
+    }
+
+    /// Writes to an ap keyspace. `context` is the one returned by the read this write
+    /// follows (None: the write is concurrent with whatever is there). Returns the new context.
+    pub async fn ap_put(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        value: Vec<u8>,
+        context: Option<&str>,
+        w: Option<u32>,
+    ) -> Result<String> {
+        let path = format!(
+            "/v1/kv/{}/{}{}",
+            encode_segment(keyspace.as_bytes()),
+            encode_segment(key),
+            query(&[("w", w.map(|w| w.to_string()))])
+        );
+        let headers: Vec<(&str, String)> = context
+            .map(|c| ("x-capkv-context", c.to_owned()))
+            .into_iter()
+            .collect();
+        let r: ApWriteResponse = Self::json(
+            self.request(Method::PUT, &path, Some(value), &headers)
+                .await?,
+        )
+        .await?;
+        Ok(r.context)
+    }
+
+    /// Deletes from an ap keyspace (a tombstone that replaces what `context` saw).
+    pub async fn ap_delete(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        context: Option<&str>,
+    ) -> Result<String> {
+        let path = format!(
+            "/v1/kv/{}/{}",
+            encode_segment(keyspace.as_bytes()),
+            encode_segment(key)
+        );
+        let headers: Vec<(&str, String)> = context
+            .map(|c| ("x-capkv-context", c.to_owned()))
+            .into_iter()
+            .collect();
+        let r: ApWriteResponse =
+            Self::json(self.request(Method::DELETE, &path, None, &headers).await?).await?;
+        Ok(r.context)
+    }
+
+    /// Reads from an ap keyspace: the value, or every concurrent sibling.
+    pub async fn ap_get(&self, keyspace: &str, key: &[u8], r: Option<u32>) -> Result<ApValue> {
+        let path = format!(
+            "/v1/kv/{}/{}{}",
+            encode_segment(keyspace.as_bytes()),
+            encode_segment(key),
+            query(&[("r", r.map(|r| r.to_string()))])
+        );
+        let resp = self.request(Method::GET, &path, None, &[]).await?;
+        let context = resp
+            .headers()
+            .get("x-capkv-context")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        match resp.status().as_u16() {
+            300 => {
+                let s: Siblings = resp
+                    .json()
+                    .await
+                    .map_err(|e| ClientError::Decode(e.to_string()))?;
+                Ok(ApValue::Siblings {
+                    values: s.siblings.iter().map(Sibling::value_bytes).collect(),
+                    context: s.context,
+                })
+            }
+            404 if context.is_some() => Ok(ApValue::Absent { context }),
+            404 => match Self::check(resp).await {
+                // An absent key is an answer; an unknown keyspace is an error.
+                Err(ClientError::Api { error, .. })
+                    if error.message.starts_with("key not found") =>
+                {
+                    Ok(ApValue::Absent { context: None })
+                }
+                Err(e) => Err(e),
+                Ok(_) => Err(ClientError::Decode("404 without an error body".into())),
+            },
+            _ => {
+                let resp = Self::check(resp).await?;
+                let value = resp
+                    .bytes()
+                    .await
+                    .map_err(|e| ClientError::Decode(e.to_string()))?
+                    .to_vec();
+                Ok(ApValue::Value {
+                    value,
+                    context: context.unwrap_or_default(),
+                })
+            }
+        }
     }
 
     pub async fn create_keyspace(&self, spec: &KeyspaceSpec) -> Result<KeyspaceSpec> {

@@ -187,6 +187,43 @@ impl ScanEntry {
     }
 }
 
+/// Answer to a successful write or delete in an ap keyspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApWriteResponse {
+    /// The causal context after the write (also in the `X-Capkv-Context` header).
+    pub context: String,
+}
+
+/// One concurrent value of an ap key (`value`, or `value_base64` if not UTF-8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Sibling {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_base64: Option<String>,
+}
+
+impl Sibling {
+    pub fn new(value: &[u8]) -> Sibling {
+        let (value, value_base64) = text_or_base64(value);
+        Sibling {
+            value,
+            value_base64,
+        }
+    }
+    pub fn value_bytes(&self) -> Vec<u8> {
+        bytes_of(&self.value, &self.value_base64)
+    }
+}
+
+/// `300 Multiple Choices` body of an ap read with concurrent values. A write carrying
+/// `context` (in `X-Capkv-Context`) replaces all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Siblings {
+    pub siblings: Vec<Sibling>,
+    pub context: String,
+}
+
 /// A node as `/v1/cluster` describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterNode {

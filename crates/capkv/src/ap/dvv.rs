@@ -76,12 +76,29 @@ impl Object {
     /// Applies a client write at `actor`: `value` (or a tombstone) replaces every
     /// sibling covered by `client_context`; the others remain as concurrent siblings.
     /// Returns the new object and the new write's dot.
-    pub fn update(&self, client_context: &VersionVector, actor: &str, value: Option<Vec<u8>>, now_ms: u64) -> (Object, Dot) {
+    pub fn update(
+        &self,
+        client_context: &VersionVector,
+        actor: &str,
+        value: Option<Vec<u8>>,
+        now_ms: u64,
+    ) -> (Object, Dot) {
         let counter = self.context.get(actor) + 1;
-        let dot = Dot { actor: actor.to_owned(), counter };
-        let mut siblings: Vec<Sibling> =
-            self.siblings.iter().filter(|s| !client_context.covers(&s.dot)).cloned().collect();
-        siblings.push(Sibling { dot: dot.clone(), value, written_at_ms: now_ms });
+        let dot = Dot {
+            actor: actor.to_owned(),
+            counter,
+        };
+        let mut siblings: Vec<Sibling> = self
+            .siblings
+            .iter()
+            .filter(|s| !client_context.covers(&s.dot))
+            .cloned()
+            .collect();
+        siblings.push(Sibling {
+            dot: dot.clone(),
+            value,
+            written_at_ms: now_ms,
+        });
         siblings.sort_by(|a, b| a.dot.cmp(&b.dot));
         let mut context = self.context.clone();
         context.join(client_context);
@@ -102,12 +119,18 @@ impl Object {
         }
         let mut context = self.context.clone();
         context.join(&other.context);
-        Object { siblings: siblings.into_values().collect(), context }
+        Object {
+            siblings: siblings.into_values().collect(),
+            context,
+        }
     }
 
     /// The live values (tombstones left out), in dot order.
     pub fn values(&self) -> Vec<&[u8]> {
-        self.siblings.iter().filter_map(|s| s.value.as_deref()).collect()
+        self.siblings
+            .iter()
+            .filter_map(|s| s.value.as_deref())
+            .collect()
     }
 
     /// True when every sibling is a tombstone (the key reads as absent).
@@ -159,11 +182,15 @@ mod tests {
 
     #[test]
     fn deletes_are_tombstones_until_overwritten() {
-        let (a, _) = Object::default().update(&VersionVector::default(), "n1", Some(b"v".to_vec()), 0);
+        let (a, _) =
+            Object::default().update(&VersionVector::default(), "n1", Some(b"v".to_vec()), 0);
         let (d, _) = a.update(&a.context, "n1", None, 0);
         assert!(d.is_deleted());
         assert!(d.values().is_empty());
-        assert!(a.merge(&d).is_deleted(), "the delete wins over the value it saw");
+        assert!(
+            a.merge(&d).is_deleted(),
+            "the delete wins over the value it saw"
+        );
         assert_eq!(vv(&[("n1", 2)]), d.context);
     }
 
@@ -184,7 +211,11 @@ mod tests {
             } else {
                 let ctx = replicas[from].context.clone();
                 let actor = format!("n{at}");
-                let value = if *v == 0 { None } else { Some(vec![*v, i as u8]) };
+                let value = if *v == 0 {
+                    None
+                } else {
+                    Some(vec![*v, i as u8])
+                };
                 let (next, dot) = replicas[at].update(&ctx, &actor, value, i as u64);
                 replicas[at] = next;
                 issued.push(dot);

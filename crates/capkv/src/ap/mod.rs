@@ -3,5 +3,7 @@
 //! Pure building blocks so far: [`ring`] (placement) and [`dvv`] (causality and
 //! siblings). The replica store, coordinator, hinted handoff and repair build on them.
 
+pub mod coordinator;
 pub mod dvv;
+pub mod replica;
 pub mod ring;

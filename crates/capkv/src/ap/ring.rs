@@ -96,9 +96,15 @@ impl Ring {
         let len = self.tokens.len();
         for i in 0..len {
             // The arc (previous token, this token] belongs to this token's node.
-            let prev = if i == 0 { self.tokens[len - 1].0 } else { self.tokens[i - 1].0 };
+            let prev = if i == 0 {
+                self.tokens[len - 1].0
+            } else {
+                self.tokens[i - 1].0
+            };
             let arc = self.tokens[i].0.wrapping_sub(prev);
-            *owned.get_mut(&self.tokens[i].1).expect("token of a ring node") += arc as f64 / u64::MAX as f64;
+            *owned
+                .get_mut(&self.tokens[i].1)
+                .expect("token of a ring node") += arc as f64 / u64::MAX as f64;
         }
         owned
     }
@@ -116,7 +122,11 @@ mod tests {
             let p = ring.preference_list(key_hash("ks", &k.to_be_bytes()), 3);
             assert_eq!(p.len(), 3);
             assert_eq!(p.iter().collect::<BTreeSet<_>>().len(), 3);
-            assert_eq!(ring.preference_list(key_hash("ks", &k.to_be_bytes()), 5).len(), 3);
+            assert_eq!(
+                ring.preference_list(key_hash("ks", &k.to_be_bytes()), 5)
+                    .len(),
+                3
+            );
         }
     }
 

@@ -16,6 +16,8 @@ pub struct FjallEngine {
     log: PartitionHandle,
     meta: PartitionHandle,
     data: PartitionHandle,
+    ap: PartitionHandle,
+    hints: PartitionHandle,
 }
 
 fn engine_err(e: impl std::fmt::Display) -> StorageError {
@@ -36,6 +38,8 @@ impl FjallEngine {
             log: open(Tree::Log)?,
             meta: open(Tree::Meta)?,
             data: open(Tree::Data)?,
+            ap: open(Tree::Ap)?,
+            hints: open(Tree::Hints)?,
             keyspace,
         })
     }
@@ -45,6 +49,8 @@ impl FjallEngine {
             Tree::Log => &self.log,
             Tree::Meta => &self.meta,
             Tree::Data => &self.data,
+            Tree::Ap => &self.ap,
+            Tree::Hints => &self.hints,
         }
     }
 }

@@ -32,16 +32,22 @@ pub enum Tree {
     Meta,
     /// The replicated state machine: keyspaces, keys, idempotency records.
     Data,
+    /// ap replicas: one dotted-version-vector object per key this node holds.
+    Ap,
+    /// ap hints: objects held for an unreachable home replica (hinted handoff).
+    Hints,
 }
 
 impl Tree {
-    pub const ALL: [Tree; 3] = [Tree::Log, Tree::Meta, Tree::Data];
+    pub const ALL: [Tree; 5] = [Tree::Log, Tree::Meta, Tree::Data, Tree::Ap, Tree::Hints];
 
     pub fn name(self) -> &'static str {
         match self {
             Tree::Log => "raft_log",
             Tree::Meta => "meta",
             Tree::Data => "data",
+            Tree::Ap => "ap",
+            Tree::Hints => "hints",
         }
     }
 }

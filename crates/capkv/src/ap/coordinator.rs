@@ -1,0 +1,410 @@
+//! The ap coordinator: any node runs reads and writes for any ap key.
+//!
+//! Write (n, w): the first reachable home replica in the key's preference list issues
+//! the new dot and stores the object; the coordinator then sends the object to the
+//! other homes. A home that is unreachable (or fails) gets a **hint** instead: the
+//! object is held by a fallback node (the next reachable nodes on the ring, or the
+//! coordinator itself as the last resort) and handed back when the home is reachable
+//! again. The write succeeds once `w` distinct nodes hold it durably (sloppy quorum).
+//! If no home replica is reachable at all, a one-time actor issues the dot, so dots
+//! stay unique without the home's state (see `ap::dvv`).
+//!
+//! Read (n, r): ask every reachable home (and, if fewer than `r` are reachable, the
+//! fallbacks, which may hold hints), merge the first `r` answers, and answer. Replicas
+//! whose answer was behind the merged object are repaired in the background (read repair).
+//!
+//! With the defaults n=3, r=1, w=1 any live node can answer any request on any side of
+//! any partition: it can always be its own fallback.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capkv_core::ApiError;
+use tokio::task::JoinSet;
+
+use super::dvv::{Actor, Object, VersionVector};
+use super::replica::Replica;
+use super::ring::{key_hash, Ring};
+use crate::cp::{now_ms, NodeId};
+use crate::node::REACHABLE_WINDOW;
+use crate::rpc::{PeerRequest, PeerResponse};
+use crate::PeerTransport;
+
+/// Hints sent to a home per round of handoff (backpressure: one round at a time).
+const HANDOFF_BATCH: usize = 64;
+/// Pause between handoff rounds.
+const HANDOFF_INTERVAL: Duration = Duration::from_millis(500);
+
+pub struct Coordinator {
+    pub me: NodeId,
+    pub actor: Actor,
+    pub ring: Ring,
+    pub transport: Arc<PeerTransport>,
+    pub replica: Arc<Replica>,
+}
+
+fn net_err(e: crate::net::NetError) -> ApiError {
+    ApiError::unavailable(e.to_string())
+}
+
+impl Coordinator {
+    fn up(&self, id: NodeId) -> bool {
+        id == self.me || self.transport.reachable(id, REACHABLE_WINDOW)
+    }
+
+    fn nodes(&self) -> Vec<NodeId> {
+        self.ring.nodes().iter().copied().collect()
+    }
+
+    async fn call(
+        &self,
+        to: NodeId,
+        req: PeerRequest,
+        deadline: Instant,
+    ) -> Result<PeerResponse, ApiError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.transport.call(to, req, left).await.map_err(net_err)
+    }
+
+    async fn update_at(
+        &self,
+        home: NodeId,
+        keyspace: &str,
+        key: &[u8],
+        context: &VersionVector,
+        value: Option<Vec<u8>>,
+        deadline: Instant,
+    ) -> Result<Object, ApiError> {
+        if home == self.me {
+            return self
+                .replica
+                .update(keyspace, key, context, &self.actor, value, now_ms())
+                .await;
+        }
+        let req = PeerRequest::ApUpdate {
+            keyspace: keyspace.to_owned(),
+            key: key.to_vec(),
+            context: context.clone(),
+            value,
+            now_ms: now_ms(),
+        };
+        match self.call(home, req, deadline).await? {
+            PeerResponse::ApObject(Ok(Some(obj))) => Ok(obj),
+            PeerResponse::ApObject(Err(e)) => Err(e),
+            _ => Err(ApiError::internal("wrong reply to ApUpdate")),
+        }
+    }
+
+    /// Stores `object` on `node`: as its replica if `home` is None, else as a hint for `home`.
+    async fn store_at(
+        self: Arc<Self>,
+        node: NodeId,
+        home: Option<NodeId>,
+        keyspace: String,
+        key: Vec<u8>,
+        object: Object,
+        deadline: Instant,
+    ) -> Result<(), ApiError> {
+        if node == self.me {
+            return match home {
+                None => self
+                    .replica
+                    .merge(&keyspace, &key, &object)
+                    .await
+                    .map(|_| ()),
+                Some(h) => self.replica.hold_hint(h, &keyspace, &key, &object).await,
+            };
+        }
+        let req = match home {
+            None => PeerRequest::ApStore {
+                keyspace,
+                key,
+                object,
+            },
+            Some(home) => PeerRequest::ApHint {
+                home,
+                keyspace,
+                key,
+                object,
+            },
+        };
+        match self.call(node, req, deadline).await? {
+            PeerResponse::ApAck(r) => r,
+            _ => Err(ApiError::internal("wrong reply to ApStore")),
+        }
+    }
+
+    /// Coordinates a write (`None` = delete). Returns the object as stored.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write(
+        self: &Arc<Self>,
+        keyspace: &str,
+        key: &[u8],
+        context: &VersionVector,
+        value: Option<Vec<u8>>,
+        n: usize,
+        w: usize,
+        deadline: Instant,
+    ) -> Result<Object, ApiError> {
+        let walk = self.ring.walk(key_hash(keyspace, key));
+        let homes: Vec<NodeId> = walk.iter().copied().take(n).collect();
+        let mut holders: BTreeSet<NodeId> = BTreeSet::new();
+
+        // 1. The first reachable home issues the dot.
+        let mut issued = None;
+        for &h in homes.iter().filter(|h| self.up(**h)) {
+            match self
+                .update_at(h, keyspace, key, context, value.clone(), deadline)
+                .await
+            {
+                Ok(obj) => {
+                    issued = Some((h, obj));
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(home = h, error = %e, "home replica could not take the write")
+                }
+            }
+        }
+        let object = match issued {
+            Some((h, obj)) => {
+                holders.insert(h);
+                obj
+            }
+            None => {
+                let one_time = format!("{}~{:016x}", self.actor, rand::random::<u64>());
+                Object::default()
+                    .update(context, &one_time, value, now_ms())
+                    .0
+            }
+        };
+
+        // 2. Every other home gets the object, or a fallback holds it as a hint.
+        let fallbacks: Vec<NodeId> = walk
+            .iter()
+            .copied()
+            .skip(n)
+            .filter(|f| self.up(*f))
+            .collect();
+        let mut next_fallback = 0usize;
+        let mut pick_fallback = || {
+            let f = fallbacks.get(next_fallback).copied().unwrap_or(self.me);
+            next_fallback += 1;
+            f
+        };
+        let mut tasks = JoinSet::new();
+        for &h in homes.iter().filter(|h| !holders.contains(h)) {
+            let (ks, k, obj) = (keyspace.to_owned(), key.to_vec(), object.clone());
+            let this = self.clone();
+            if self.up(h) {
+                let fallback = pick_fallback();
+                tasks.spawn(async move {
+                    match this
+                        .clone()
+                        .store_at(h, None, ks.clone(), k.clone(), obj.clone(), deadline)
+                        .await
+                    {
+                        Ok(()) => Ok(h),
+                        Err(e) => {
+                            tracing::debug!(home = h, error = %e, "replica store failed; hinting");
+                            this.store_at(fallback, Some(h), ks, k, obj, deadline)
+                                .await
+                                .map(|()| fallback)
+                        }
+                    }
+                });
+            } else {
+                let fallback = pick_fallback();
+                tasks.spawn(async move {
+                    this.store_at(fallback, Some(h), ks, k, obj, deadline)
+                        .await
+                        .map(|()| fallback)
+                });
+            }
+        }
+        while holders.len() < w {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, tasks.join_next()).await {
+                Ok(Some(Ok(Ok(node)))) => {
+                    holders.insert(node);
+                }
+                Ok(Some(Ok(Err(e)))) => {
+                    tracing::debug!(error = %e, "a replica or hint write failed")
+                }
+                Ok(Some(Err(e))) => tracing::warn!(error = %e, "replication task failed"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        // The rest finish in the background; their outcome no longer changes the answer.
+        tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
+        if holders.len() >= w {
+            metrics::counter!("capkv_ap_writes_total").increment(1);
+            Ok(object)
+        } else if holders.is_empty() {
+            Err(ApiError::unavailable(format!(
+                "no replica could store the write (w={w}); it was not applied"
+            )))
+        } else {
+            Err(ApiError::timeout(format!(
+                "only {} of w={w} replicas stored the write before the deadline; it will still propagate",
+                holders.len()
+            )))
+        }
+    }
+
+    async fn read_at(
+        self: Arc<Self>,
+        node: NodeId,
+        keyspace: String,
+        key: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Option<Object>, ApiError> {
+        if node == self.me {
+            return self.replica.read(&keyspace, &key, &self.nodes());
+        }
+        match self
+            .call(node, PeerRequest::ApRead { keyspace, key }, deadline)
+            .await?
+        {
+            PeerResponse::ApObject(r) => r,
+            _ => Err(ApiError::internal("wrong reply to ApRead")),
+        }
+    }
+
+    /// Coordinates a read: the merged object of the first `r` replicas to answer.
+    pub async fn read(
+        self: &Arc<Self>,
+        keyspace: &str,
+        key: &[u8],
+        n: usize,
+        r: usize,
+        deadline: Instant,
+    ) -> Result<Option<Object>, ApiError> {
+        let walk = self.ring.walk(key_hash(keyspace, key));
+        let homes: Vec<NodeId> = walk.iter().copied().take(n).collect();
+        let mut targets: Vec<NodeId> = homes.iter().copied().filter(|h| self.up(*h)).collect();
+        if targets.len() < r {
+            targets.extend(walk.iter().copied().skip(n).filter(|f| self.up(*f)));
+        }
+        if !targets.contains(&self.me) && targets.len() < r {
+            targets.push(self.me); // it may hold hints for this key
+        }
+        let mut tasks = JoinSet::new();
+        for t in targets {
+            let this = self.clone();
+            let (ks, k) = (keyspace.to_owned(), key.to_vec());
+            tasks.spawn(async move { (t, this.read_at(t, ks, k, deadline).await) });
+        }
+        let mut answers: Vec<(NodeId, Option<Object>)> = Vec::new();
+        while answers.len() < r {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, tasks.join_next()).await {
+                Ok(Some(Ok((node, Ok(obj))))) => answers.push((node, obj)),
+                Ok(Some(Ok((node, Err(e))))) => {
+                    tracing::debug!(node, error = %e, "replica read failed")
+                }
+                Ok(Some(Err(e))) => tracing::warn!(error = %e, "read task failed"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if answers.len() < r {
+            return Err(ApiError::unavailable(format!(
+                "only {} of r={r} replicas answered",
+                answers.len()
+            )));
+        }
+        let merged = answers
+            .iter()
+            .filter_map(|(_, o)| o.clone())
+            .reduce(|a, b| a.merge(&b));
+        // Read repair, in the background: late answers are merged too, and every home
+        // replica that answered with less than the merged object gets it.
+        let this = self.clone();
+        let (ks, k) = (keyspace.to_owned(), key.to_vec());
+        let seen = merged.clone();
+        tokio::spawn(async move {
+            let mut all = answers;
+            while let Some(res) = tasks.join_next().await {
+                if let Ok((node, Ok(obj))) = res {
+                    all.push((node, obj));
+                }
+            }
+            let Some(full) = all
+                .iter()
+                .filter_map(|(_, o)| o.clone())
+                .reduce(|a, b| a.merge(&b))
+                .or(seen)
+            else {
+                return;
+            };
+            for (node, obj) in all {
+                let behind = obj.as_ref().is_none_or(|o| !o.dominates(&full));
+                if behind && homes.contains(&node) {
+                    metrics::counter!("capkv_ap_read_repairs_total").increment(1);
+                    let deadline = Instant::now() + Duration::from_secs(2);
+                    if let Err(e) = this
+                        .clone()
+                        .store_at(node, None, ks.clone(), k.clone(), full.clone(), deadline)
+                        .await
+                    {
+                        tracing::debug!(node, error = %e, "read repair failed");
+                    }
+                }
+            }
+        });
+        if let Some(m) = &merged {
+            metrics::histogram!("capkv_ap_siblings").record(m.values().len() as f64);
+        }
+        Ok(merged)
+    }
+
+    /// Hands hints back to their homes when they are reachable; runs forever.
+    pub async fn handoff_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(HANDOFF_INTERVAL).await;
+            if self.replica.hints_held() == 0 {
+                continue;
+            }
+            for home in self
+                .nodes()
+                .into_iter()
+                .filter(|h| *h != self.me && self.up(*h))
+            {
+                let hints = match self.replica.hints_for(home, HANDOFF_BATCH) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading hints");
+                        continue;
+                    }
+                };
+                for hint in hints {
+                    let deadline = Instant::now() + Duration::from_secs(2);
+                    let sent = self
+                        .clone()
+                        .store_at(
+                            home,
+                            None,
+                            hint.keyspace.clone(),
+                            hint.key.clone(),
+                            hint.object.clone(),
+                            deadline,
+                        )
+                        .await;
+                    match sent {
+                        Ok(()) => {
+                            if let Ok(true) = self.replica.drop_hint_if_unchanged(home, &hint).await
+                            {
+                                metrics::counter!("capkv_ap_hints_replayed_total").increment(1);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(home, error = %e, "handoff failed; will retry");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

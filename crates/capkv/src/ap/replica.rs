@@ -1,0 +1,269 @@
+//! The local ap store: this node's replica objects and the hints it holds for others.
+//!
+//! [`Tree::Ap`]: `keyspace \0 key` → bincode [`Object`].
+//! [`Tree::Hints`]: `home-node (u64 BE) keyspace \0 key` → bincode [`Object`].
+//!
+//! Every change is a read-merge-write of one key, serialized by a striped lock so two
+//! concurrent writes to a key cannot lose each other, and acknowledged only after the
+//! group-commit fsync that covers it (an acknowledged ap write is on disk).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use capkv_core::ApiError;
+use tokio::sync::Mutex;
+
+use super::dvv::{Object, VersionVector};
+use crate::cp::{decode, encode, NodeId};
+use crate::storage::{prefix_end, Engine, GroupCommit, Tree, WriteBatch};
+
+/// Lock stripes for read-merge-write of keys.
+const STRIPES: usize = 64;
+/// Most hints a node holds; beyond it, it refuses to hold more (the coordinator tries
+/// another fallback), so an outage cannot fill the disk.
+pub const HINTS_MAX: u64 = 100_000;
+
+fn obj_key(keyspace: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(keyspace.len() + 1 + key.len());
+    k.extend_from_slice(keyspace.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key);
+    k
+}
+
+fn hint_key(home: NodeId, keyspace: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = home.to_be_bytes().to_vec();
+    k.extend_from_slice(&obj_key(keyspace, key));
+    k
+}
+
+/// Splits `keyspace \0 key`.
+fn split_obj_key(k: &[u8]) -> Option<(String, Vec<u8>)> {
+    let zero = k.iter().position(|b| *b == 0)?;
+    Some((
+        String::from_utf8(k[..zero].to_vec()).ok()?,
+        k[zero + 1..].to_vec(),
+    ))
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::internal(format!("ap storage: {e}"))
+}
+
+/// A hint to hand back: which key, and the object held for its home.
+pub struct Hint {
+    pub keyspace: String,
+    pub key: Vec<u8>,
+    pub object: Object,
+}
+
+pub struct Replica {
+    engine: Arc<dyn Engine>,
+    group_commit: GroupCommit,
+    stripes: Vec<Mutex<()>>,
+    hints: AtomicU64,
+}
+
+impl Replica {
+    pub fn new(engine: Arc<dyn Engine>, group_commit: GroupCommit) -> Result<Replica, ApiError> {
+        let held = engine
+            .range(Tree::Hints, b"", None, usize::MAX)
+            .map_err(internal)?
+            .len() as u64;
+        metrics::gauge!("capkv_ap_hints_queued").set(held as f64);
+        Ok(Replica {
+            engine,
+            group_commit,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            hints: AtomicU64::new(held),
+        })
+    }
+
+    fn stripe(&self, k: &[u8]) -> &Mutex<()> {
+        &self.stripes[(super::ring::hash64(k) % STRIPES as u64) as usize]
+    }
+
+    fn load(&self, tree: Tree, k: &[u8]) -> Result<Option<Object>, ApiError> {
+        match self.engine.get(tree, k).map_err(internal)? {
+            None => Ok(None),
+            Some(raw) => decode(&raw).map(Some).map_err(internal),
+        }
+    }
+
+    async fn store(&self, tree: Tree, k: Vec<u8>, obj: &Object) -> Result<(), ApiError> {
+        let mut b = WriteBatch::new();
+        b.put(tree, k, encode(obj));
+        self.engine.write(b).map_err(internal)?;
+        self.group_commit.sync().await.map_err(internal)
+    }
+
+    /// This node's replica of a key merged with the hints it holds for that key for any
+    /// of `nodes` (point reads: hints are keyed by home first).
+    pub fn read(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        nodes: &[NodeId],
+    ) -> Result<Option<Object>, ApiError> {
+        let mut found = self.load(Tree::Ap, &obj_key(keyspace, key))?;
+        for home in nodes {
+            if let Some(h) = self.load(Tree::Hints, &hint_key(*home, keyspace, key))? {
+                found = Some(found.map_or_else(|| h.clone(), |f| f.merge(&h)));
+            }
+        }
+        Ok(found)
+    }
+
+    /// A client write coordinated here as `actor`: issues a new dot against the local
+    /// replica and stores the result durably.
+    pub async fn update(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        context: &VersionVector,
+        actor: &str,
+        value: Option<Vec<u8>>,
+        now_ms: u64,
+    ) -> Result<Object, ApiError> {
+        let k = obj_key(keyspace, key);
+        let _guard = self.stripe(&k).lock().await;
+        let current = self.load(Tree::Ap, &k)?.unwrap_or_default();
+        let (next, _dot) = current.update(context, actor, value, now_ms);
+        self.store(Tree::Ap, k, &next).await?;
+        Ok(next)
+    }
+
+    /// Merges an object from elsewhere into the local replica; returns the result.
+    pub async fn merge(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        incoming: &Object,
+    ) -> Result<Object, ApiError> {
+        let k = obj_key(keyspace, key);
+        let _guard = self.stripe(&k).lock().await;
+        let current = self.load(Tree::Ap, &k)?;
+        let next = current
+            .as_ref()
+            .map_or_else(|| incoming.clone(), |c| c.merge(incoming));
+        if current.as_ref() != Some(&next) {
+            self.store(Tree::Ap, k, &next).await?;
+        }
+        Ok(next)
+    }
+
+    /// Holds an object for `home` until it is reachable again.
+    pub async fn hold_hint(
+        &self,
+        home: NodeId,
+        keyspace: &str,
+        key: &[u8],
+        incoming: &Object,
+    ) -> Result<(), ApiError> {
+        let k = hint_key(home, keyspace, key);
+        let _guard = self.stripe(&k).lock().await;
+        let current = self.load(Tree::Hints, &k)?;
+        if current.is_none() && self.hints.load(Ordering::Relaxed) >= HINTS_MAX {
+            return Err(ApiError::unavailable(format!(
+                "this node already holds {HINTS_MAX} hints"
+            )));
+        }
+        let next = current
+            .as_ref()
+            .map_or_else(|| incoming.clone(), |c| c.merge(incoming));
+        self.store(Tree::Hints, k, &next).await?;
+        if current.is_none() {
+            let n = self.hints.fetch_add(1, Ordering::Relaxed) + 1;
+            metrics::gauge!("capkv_ap_hints_queued").set(n as f64);
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` hints held for `home`.
+    pub fn hints_for(&self, home: NodeId, limit: usize) -> Result<Vec<Hint>, ApiError> {
+        let start = home.to_be_bytes();
+        let end = prefix_end(&start);
+        let rows = self
+            .engine
+            .range(Tree::Hints, &start, end.as_deref(), limit)
+            .map_err(internal)?;
+        rows.into_iter()
+            .map(|(k, v)| {
+                let (keyspace, key) =
+                    split_obj_key(&k[8..]).ok_or_else(|| internal("bad hint key"))?;
+                Ok(Hint {
+                    keyspace,
+                    key,
+                    object: decode(&v).map_err(internal)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Drops a hint once its home has it, unless it changed since it was sent.
+    pub async fn drop_hint_if_unchanged(
+        &self,
+        home: NodeId,
+        hint: &Hint,
+    ) -> Result<bool, ApiError> {
+        let k = hint_key(home, &hint.keyspace, &hint.key);
+        let _guard = self.stripe(&k).lock().await;
+        if self.load(Tree::Hints, &k)?.as_ref() != Some(&hint.object) {
+            return Ok(false);
+        }
+        let mut b = WriteBatch::new();
+        b.delete(Tree::Hints, k);
+        self.engine.write(b).map_err(internal)?;
+        let n = self.hints.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        metrics::gauge!("capkv_ap_hints_queued").set(n as f64);
+        Ok(true)
+    }
+
+    pub fn hints_held(&self) -> u64 {
+        self.hints.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryEngine;
+
+    fn replica() -> Replica {
+        let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+        Replica::new(engine.clone(), GroupCommit::start(engine)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn updates_merges_and_hints() {
+        let r = replica();
+        let empty = VersionVector::default();
+        let a = r
+            .update("cart", b"k", &empty, "n1.x", Some(b"a".to_vec()), 1)
+            .await
+            .unwrap();
+        let (b, _) = Object::default().update(&empty, "n2.y", Some(b"b".to_vec()), 2);
+        let merged = r.merge("cart", b"k", &b).await.unwrap();
+        assert_eq!(merged.values(), vec![b"a".as_slice(), b"b".as_slice()]);
+        assert_eq!(r.read("cart", b"k", &[1, 2, 3]).unwrap().unwrap(), merged);
+        assert!(merged.dominates(&a));
+
+        r.hold_hint(3, "cart", b"h", &b).await.unwrap();
+        assert_eq!(r.hints_held(), 1);
+        assert_eq!(
+            r.read("cart", b"h", &[1, 2, 3]).unwrap().unwrap(),
+            b,
+            "reads see held hints"
+        );
+        let hints = r.hints_for(3, 10).unwrap();
+        assert_eq!(hints.len(), 1);
+        assert!(r.hints_for(2, 10).unwrap().is_empty());
+        // A hint that changed after it was sent is kept.
+        let (b2, _) = b.update(&b.context, "n2.y", Some(b"b2".to_vec()), 3);
+        r.hold_hint(3, "cart", b"h", &b2).await.unwrap();
+        assert!(!r.drop_hint_if_unchanged(3, &hints[0]).await.unwrap());
+        let hints = r.hints_for(3, 10).unwrap();
+        assert!(r.drop_hint_if_unchanged(3, &hints[0]).await.unwrap());
+        assert_eq!(r.hints_held(), 0);
+    }
+}

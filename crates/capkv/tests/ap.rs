@@ -1,0 +1,263 @@
+//! ap keyspaces with real processes: availability on every side of a partition,
+//! siblings for concurrent writes, convergence through hinted handoff.
+
+mod harness;
+
+use std::time::Duration;
+
+use capkv_client::{ApValue, Client, ErrorCode, KeyspaceSpec, Mode, WriteOptions};
+use harness::{eventually, Cluster};
+
+async fn create_ap(c: &Cluster, name: &str) {
+    let spec = KeyspaceSpec {
+        name: name.into(),
+        mode: Mode::Ap,
+        n: None,
+        r: None,
+        w: None,
+    };
+    c.client(0).create_keyspace(&spec).await.unwrap();
+    // Every node must know the keyspace (the registry replicates through Raft).
+    for i in 0..3 {
+        let client = c.client(i);
+        eventually(
+            Duration::from_secs(10),
+            "every node knows the ap keyspace",
+            || async {
+                matches!(
+                    client.ap_get(name, b"probe", None).await,
+                    Ok(ApValue::Absent { .. })
+                )
+            },
+        )
+        .await;
+    }
+}
+
+async fn hints_drained(c: &Cluster) {
+    eventually(
+        Duration::from_secs(20),
+        "every hint is handed off",
+        || async {
+            let mut held = 0.0;
+            for i in 0..3 {
+                held += harness::metric(&c.metrics(i).await, "capkv_ap_hints_queued");
+            }
+            held == 0.0
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_on_both_sides_become_siblings_and_resolve() {
+    let c = Cluster::start(3, &[]).await;
+    create_ap(&c, "cart").await;
+    c.partition(&[&[0], &[1, 2]]).await;
+    eventually(
+        Duration::from_secs(10),
+        "n1 notices the partition",
+        || async { !c.client(0).cluster_of(&c.url(0)).await.unwrap().has_quorum },
+    )
+    .await;
+
+    // Both sides accept writes to the same key.
+    c.client(0)
+        .ap_put("cart", b"alice", b"left".to_vec(), None, None)
+        .await
+        .unwrap();
+    c.client(1)
+        .ap_put("cart", b"alice", b"right".to_vec(), None, None)
+        .await
+        .unwrap();
+    // ...and each side reads its own.
+    assert!(
+        matches!(c.client(0).ap_get("cart", b"alice", None).await.unwrap(), ApValue::Value { value, .. } if value == b"left")
+    );
+
+    c.heal().await;
+    hints_drained(&c).await;
+    let (values, context) = match c.client(2).ap_get("cart", b"alice", Some(3)).await.unwrap() {
+        ApValue::Siblings { values, context } => (values, context),
+        other => panic!("expected siblings, got {other:?}"),
+    };
+    assert_eq!(values.len(), 2);
+    assert!(values.contains(&b"left".to_vec()) && values.contains(&b"right".to_vec()));
+
+    // A write carrying the siblings' context resolves them, everywhere.
+    c.client(1)
+        .ap_put(
+            "cart",
+            b"alice",
+            b"left+right".to_vec(),
+            Some(&context),
+            None,
+        )
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let client = c.client(i);
+        eventually(Duration::from_secs(10), "every node reads the resolved value", || async {
+            matches!(client.ap_get("cart", b"alice", Some(3)).await, Ok(ApValue::Value { value, .. }) if value == b"left+right")
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ap_keeps_serving_while_cp_has_no_majority() {
+    let c = Cluster::start(3, &[]).await;
+    create_ap(&c, "likes").await;
+    c.partition(&[&[0], &[1], &[2]]).await;
+    for i in 0..3 {
+        let client = c.client(i);
+        eventually(
+            Duration::from_secs(10),
+            "the node notices it is alone",
+            || async { !client.cluster_of(&c.url(i)).await.unwrap().has_quorum },
+        )
+        .await;
+    }
+    for i in 0..3 {
+        let client = c.client(i);
+        let err = client
+            .put("cp", b"x", b"v".to_vec(), &WriteOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(ErrorCode::Unavailable),
+            "cp refuses on n{}",
+            i + 1
+        );
+        let key = format!("post-{i}");
+        client
+            .ap_put("likes", key.as_bytes(), b"1".to_vec(), None, None)
+            .await
+            .unwrap();
+        assert!(
+            matches!(client.ap_get("likes", key.as_bytes(), None).await.unwrap(), ApValue::Value { value, .. } if value == b"1")
+        );
+    }
+    c.heal().await;
+    hints_drained(&c).await;
+    for i in 0..3 {
+        let key = format!("post-{i}");
+        let got = c
+            .client((i + 1) % 3)
+            .ap_get("likes", key.as_bytes(), Some(3))
+            .await
+            .unwrap();
+        assert!(
+            matches!(got, ApValue::Value { value, .. } if value == b"1"),
+            "post-{i} converged"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_converges_through_hints() {
+    let mut c = Cluster::start(3, &[]).await;
+    create_ap(&c, "cart").await;
+    c.kill9(2);
+    let writers: Vec<Client> = vec![c.client(0), c.client(1)];
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        let key = format!("item-{i}");
+        writers[i % 2]
+            .ap_put(
+                "cart",
+                key.as_bytes(),
+                format!("v{i}").into_bytes(),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        acked.push((key, format!("v{i}")));
+    }
+    c.restart(2).await;
+    hints_drained(&c).await;
+    let replayed: f64 = {
+        let mut sum = 0.0;
+        for i in 0..2 {
+            sum += harness::metric(&c.metrics(i).await, "capkv_ap_hints_replayed_total");
+        }
+        sum
+    };
+    assert!(
+        replayed > 0.0,
+        "n3 was a home replica of some keys, so hints were handed off"
+    );
+    // The restarted node now answers every acknowledged write, even reading alone (r=1
+    // prefers no one: all three are asked, so also check with the others cut off).
+    c.partition(&[&[2], &[0, 1]]).await;
+    eventually(Duration::from_secs(10), "n3 is cut off", || async {
+        !c.client(2).cluster_of(&c.url(2)).await.unwrap().has_quorum
+    })
+    .await;
+    for (key, value) in &acked {
+        let got = c
+            .client(2)
+            .ap_get("cart", key.as_bytes(), Some(1))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&got, ApValue::Value { value: v, .. } if v == value.as_bytes()),
+            "{key} on n3: {got:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ap_requests_reject_cp_only_parameters() {
+    let c = Cluster::start(1, &[]).await;
+    let spec = KeyspaceSpec {
+        name: "ap1".into(),
+        mode: Mode::Ap,
+        n: Some(1),
+        r: None,
+        w: None,
+    };
+    c.client(0).create_keyspace(&spec).await.unwrap();
+    let http = reqwest::Client::new();
+    for (method, path) in [
+        (reqwest::Method::PUT, "/v1/kv/ap1/k?if_version=0"),
+        (reqwest::Method::PUT, "/v1/kv/ap1/k?w=2"),
+        (
+            reqwest::Method::GET,
+            "/v1/kv/ap1/k?consistency=linearizable",
+        ),
+        (reqwest::Method::GET, "/v1/kv/ap1/k?r=0"),
+    ] {
+        let r = http
+            .request(method.clone(), format!("{}{path}", c.url(0)))
+            .body("v")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{method} {path}");
+    }
+    let r = http
+        .put(format!("{}/v1/kv/ap1/k", c.url(0)))
+        .header("x-capkv-context", "garbage!")
+        .body("v")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // Delete then read: absent, with a context to write after.
+    let ctx = c
+        .client(0)
+        .ap_put("ap1", b"k", b"v".to_vec(), None, None)
+        .await
+        .unwrap();
+    c.client(0)
+        .ap_delete("ap1", b"k", Some(&ctx))
+        .await
+        .unwrap();
+    assert!(matches!(
+        c.client(0).ap_get("ap1", b"k", None).await.unwrap(),
+        ApValue::Absent { context: Some(_) }
+    ));
+}
