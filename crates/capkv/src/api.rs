@@ -17,13 +17,15 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use capkv_core::validate::{self, MAX_SCAN_LIMIT, MAX_TIMEOUT_MS};
 use capkv_core::{
-    ApWriteResponse, ApiError, ClusterInfo, Consistency, DeleteResponse, ErrorBody, FaultRequest,
-    FaultState, KeyspaceSpec, Mode, PutResponse, ScanEntry, Sibling, Siblings,
+    ApWriteResponse, ApiError, ClusterInfo, Consistency, CounterValue, DeleteResponse, ErrorBody,
+    FaultRequest, FaultState, KeyspaceSpec, Mode, PutResponse, ScanEntry, SetMembers, Sibling,
+    Siblings, ValueType,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use utoipa::OpenApi;
 
 use crate::ap::dvv::VersionVector;
+use crate::ap::value::{ApState, Mutation};
 use crate::cp::{now_ms, Command, Condition, Op, Written};
 use crate::node::Node;
 use crate::rpc::{ForwardOp, ForwardReply};
@@ -220,7 +222,67 @@ fn refuse_cp_params(params: &Params) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// An ap write (value, or `None` for a delete) coordinated by this node.
+fn value_type(spec: &KeyspaceSpec) -> ValueType {
+    spec.value_type.unwrap_or_default()
+}
+
+/// An ap mutation coordinated by this node. Registers answer with their new context.
+async fn ap_mutate(
+    node: &Node,
+    spec: &KeyspaceSpec,
+    key: &str,
+    mutation: Mutation,
+    params: &Params,
+) -> ApiResult<Response> {
+    refuse_cp_params(params)?;
+    let t = value_type(spec);
+    if mutation.value_type() != t {
+        return Err(ApiError::bad_request(format!(
+            "keyspace '{}' holds {t:?} values; see docs/api.md for the operations of each type",
+            spec.name
+        ))
+        .into());
+    }
+    let n = spec.n.unwrap_or(3);
+    let w = quorum(params, "w", spec.w, n)?;
+    let state = node
+        .ap
+        .write(
+            &spec.name,
+            key.as_bytes(),
+            t,
+            &mutation,
+            n as usize,
+            w,
+            params.deadline()?,
+        )
+        .await?;
+    Ok(match state {
+        ApState::Register(obj) => {
+            let ctx = encode_context(&obj.context);
+            let mut resp = Json(ApWriteResponse {
+                context: ctx.clone(),
+            })
+            .into_response();
+            resp.headers_mut().insert(
+                "x-capkv-context",
+                HeaderValue::from_str(&ctx).expect("base64 is a valid header"),
+            );
+            resp
+        }
+        // The state of the replica that applied it: other replicas' changes may be missing.
+        ApState::Counter(_) => Json(CounterValue {
+            value: state.total(),
+        })
+        .into_response(),
+        ApState::Set(_) => Json(SetMembers {
+            members: state.members(),
+        })
+        .into_response(),
+    })
+}
+
+/// A register write (value, or `None` for a delete).
 async fn ap_write(
     node: &Node,
     spec: &KeyspaceSpec,
@@ -229,35 +291,12 @@ async fn ap_write(
     params: &Params,
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
-    refuse_cp_params(params)?;
-    let n = spec.n.unwrap_or(3);
-    let w = quorum(params, "w", spec.w, n)?;
     let context = context_from(headers)?;
-    let obj = node
-        .ap
-        .write(
-            &spec.name,
-            key.as_bytes(),
-            &context,
-            value,
-            n as usize,
-            w,
-            params.deadline()?,
-        )
-        .await?;
-    let ctx = encode_context(&obj.context);
-    let mut resp = Json(ApWriteResponse {
-        context: ctx.clone(),
-    })
-    .into_response();
-    resp.headers_mut().insert(
-        "x-capkv-context",
-        HeaderValue::from_str(&ctx).expect("base64 is a valid header"),
-    );
-    Ok(resp)
+    ap_mutate(node, spec, key, Mutation::Write { context, value }, params).await
 }
 
-/// An ap read: 200 with one value, 300 with siblings, 404 if absent or deleted.
+/// An ap read. Registers: 200 with one value, 300 with siblings, 404 if absent or
+/// deleted. Counters: `{"value":N}`. Sets: `{"members":[...]}`.
 async fn ap_read(
     node: &Node,
     spec: &KeyspaceSpec,
@@ -267,7 +306,7 @@ async fn ap_read(
     refuse_cp_params(params)?;
     let n = spec.n.unwrap_or(3);
     let r = quorum(params, "r", spec.r, n)?;
-    let obj = node
+    let state = node
         .ap
         .read(
             &spec.name,
@@ -277,13 +316,30 @@ async fn ap_read(
             params.deadline()?,
         )
         .await?;
-    let Some(obj) = obj else {
+    let state = state.unwrap_or_else(|| ApState::empty(value_type(spec)));
+    let obj = match state {
+        ApState::Register(obj) => obj,
+        ApState::Counter(_) => {
+            return Ok(Json(CounterValue {
+                value: state.total(),
+            })
+            .into_response())
+        }
+        ApState::Set(_) => {
+            return Ok(Json(SetMembers {
+                members: state.members(),
+            })
+            .into_response())
+        }
+    };
+    if obj.siblings.is_empty() {
         return Err(
             ApiError::not_found(format!("key not found in keyspace '{}'", spec.name)).into(),
         );
-    };
+    }
     let ctx = encode_context(&obj.context);
     let mut values: Vec<&[u8]> = obj.values();
+    values.sort();
     values.dedup(); // the same value written twice concurrently is one answer
     let mut resp = match values.len() {
         0 => Failure(ApiError::not_found(format!(
@@ -316,6 +372,63 @@ async fn ap_read(
         HeaderValue::from_str(&ctx).expect("base64 is a valid header"),
     );
     Ok(resp)
+}
+
+/// The body of `POST .../incr`.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+struct IncrRequest {
+    by: i64,
+}
+
+/// The body of `POST .../add` and `POST .../remove`.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+struct MembersRequest {
+    members: Vec<String>,
+}
+
+/// Changes a counter (`{key}/incr`, body `{"by":N}`) or a set (`{key}/add` or
+/// `{key}/remove`, body `{"members":[...]}`) in an ap keyspace.
+#[utoipa::path(post, path = "/v1/kv/{ks}/{key}/{op}", tag = "kv",
+    params(("ks" = String, Path), ("key" = String, Path), ("op" = String, Path, description = "incr, add or remove"),
+        ("w" = Option<u64>, Query), ("timeout_ms" = Option<u64>, Query)),
+    request_body(content = String, description = "{\"by\":N} or {\"members\":[...]}"),
+    responses((status = 200, body = CounterValue), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn crdt_op(
+    State(st): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(q): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let Path((ks, rest)) = path.map_err(path_error)?;
+    let params = Params::parse(q, &["w", "timeout_ms"])?;
+    let (key, op) = rest.rsplit_once('/').ok_or_else(|| {
+        ApiError::bad_request("POST needs /v1/kv/{ks}/{key}/incr, /add or /remove")
+    })?;
+    let spec = check_target(&st.node, &ks, key)?;
+    let Some(spec) = spec.filter(|s| s.mode == Mode::Ap) else {
+        return Err(ApiError::bad_request(format!(
+            "keyspace '{ks}' is not an ap keyspace (or does not exist)"
+        ))
+        .into());
+    };
+    let mutation = match op {
+        "incr" => Mutation::Add {
+            by: json_body::<IncrRequest>(body)?.by,
+        },
+        "add" => Mutation::Insert {
+            members: json_body::<MembersRequest>(body)?.members,
+        },
+        "remove" => Mutation::Remove {
+            members: json_body::<MembersRequest>(body)?.members,
+        },
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "unknown operation '{other}': use incr, add or remove"
+            ))
+            .into())
+        }
+    };
+    ap_mutate(&st.node, &spec, key, mutation, &params).await
 }
 
 fn condition(params: &Params) -> Result<Option<Condition>, ApiError> {
@@ -689,6 +802,7 @@ async fn prometheus(State(st): State<AppState>) -> Response {
         set_faults,
         clear_faults,
         get_faults,
+        crdt_op,
         healthz,
         prometheus
     ),
@@ -707,7 +821,10 @@ async fn prometheus(State(st): State<AppState>) -> Response {
         FaultState,
         ApWriteResponse,
         Sibling,
-        Siblings
+        Siblings,
+        CounterValue,
+        SetMembers,
+        capkv_core::ValueType
     ))
 )]
 pub struct ApiDoc;
@@ -727,6 +844,7 @@ async fn fallback(method: Method, uri: axum::http::Uri) -> Failure {
 fn op_name(method: &Method, path: Option<&str>) -> &'static str {
     match (method.as_str(), path.unwrap_or("")) {
         ("PUT", "/v1/kv/{ks}/{*key}") => "put",
+        ("POST", "/v1/kv/{ks}/{*key}") => "crdt",
         ("GET", "/v1/kv/{ks}/{*key}") => "get",
         ("DELETE", "/v1/kv/{ks}/{*key}") => "delete",
         ("GET", "/v1/kv/{ks}") => "scan",
@@ -762,7 +880,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(
             "/v1/kv/{ks}/{*key}",
-            put(put_key).get(get_key).delete(delete_key),
+            put(put_key).get(get_key).delete(delete_key).post(crdt_op),
         )
         .route("/v1/kv/{ks}", get(scan_keys))
         .route("/v1/keyspaces", post(create_keyspace).get(list_keyspaces))

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use capkv_client::{Client, ClientError, Consistency, KeyspaceSpec, Mode, WriteOptions};
+use capkv_client::{Client, ClientError, Consistency, KeyspaceSpec, Mode, ValueType, WriteOptions};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{parse_cluster, ConfigError, ConfigFile, NodeConfig};
@@ -125,6 +125,9 @@ pub enum KeyspaceCmd {
         r: Option<u32>,
         #[arg(long)]
         w: Option<u32>,
+        /// ap only: register (default), counter or set.
+        #[arg(long = "type", value_enum)]
+        value_type: Option<TypeArg>,
         #[command(flatten)]
         node: NodeArg,
     },
@@ -132,6 +135,13 @@ pub enum KeyspaceCmd {
         #[command(flatten)]
         node: NodeArg,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum TypeArg {
+    Register,
+    Counter,
+    Set,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -356,6 +366,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
                     n,
                     r,
                     w,
+                    value_type,
                     node,
                 },
         } => {
@@ -363,6 +374,11 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
                 ModeArg::Cp => Mode::Cp,
                 ModeArg::Ap => Mode::Ap,
             };
+            let value_type = value_type.map(|t| match t {
+                TypeArg::Register => ValueType::Register,
+                TypeArg::Counter => ValueType::Counter,
+                TypeArg::Set => ValueType::Set,
+            });
             let spec = node
                 .client()
                 .create_keyspace(&KeyspaceSpec {
@@ -371,6 +387,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
                     n,
                     r,
                     w,
+                    value_type,
                 })
                 .await
                 .map_err(fail)?;

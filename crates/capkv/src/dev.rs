@@ -76,6 +76,7 @@ async fn create_keyspaces(client: &Client) -> Result<(), String> {
             n: None,
             r: None,
             w: None,
+            value_type: None,
         };
         loop {
             match client.create_keyspace(&spec).await {

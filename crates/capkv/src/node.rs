@@ -450,13 +450,20 @@ impl Node {
             PeerRequest::ApUpdate {
                 keyspace,
                 key,
-                context,
-                value,
+                value_type,
+                mutation,
                 now_ms,
             } => PeerResponse::ApObject(
                 self.ap
                     .replica
-                    .update(&keyspace, &key, &context, &self.ap.actor, value, now_ms)
+                    .update(
+                        &keyspace,
+                        &key,
+                        value_type,
+                        &mutation,
+                        &self.ap.actor,
+                        now_ms,
+                    )
                     .await
                     .map(Some),
             ),

@@ -1,6 +1,6 @@
 //! Messages between nodes, carried by the peer transport (`net`).
 
-use capkv_core::{ApiError, KeyspaceSpec};
+use capkv_core::{ApiError, KeyspaceSpec, ValueType};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -8,7 +8,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::ap::dvv::{Object, VersionVector};
+use crate::ap::value::{ApState, Mutation};
 use crate::cp::state_machine::ScanRow;
 use crate::cp::{Command, NodeId, TypeConfig, Written};
 
@@ -25,22 +25,22 @@ pub enum PeerRequest {
     ApUpdate {
         keyspace: String,
         key: Vec<u8>,
-        context: VersionVector,
-        value: Option<Vec<u8>>,
+        value_type: ValueType,
+        mutation: Mutation,
         now_ms: u64,
     },
     /// ap: merge this object into the local replica.
     ApStore {
         keyspace: String,
         key: Vec<u8>,
-        object: Object,
+        object: ApState,
     },
     /// ap: hold this object for `home` until it is reachable (hinted handoff).
     ApHint {
         home: NodeId,
         keyspace: String,
         key: Vec<u8>,
-        object: Object,
+        object: ApState,
     },
     /// ap: the local replica of a key merged with the hints held for it.
     ApRead {
@@ -58,7 +58,7 @@ pub enum PeerResponse {
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
     Forward(Result<ForwardReply, ApiError>),
-    ApObject(Result<Option<Object>, ApiError>),
+    ApObject(Result<Option<ApState>, ApiError>),
     ApAck(Result<(), ApiError>),
 }
 

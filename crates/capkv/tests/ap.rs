@@ -15,6 +15,7 @@ async fn create_ap(c: &Cluster, name: &str) {
         n: None,
         r: None,
         w: None,
+        value_type: None,
     };
     c.client(0).create_keyspace(&spec).await.unwrap();
     // Every node must know the keyspace (the registry replicates through Raft).
@@ -218,6 +219,7 @@ async fn ap_requests_reject_cp_only_parameters() {
         n: Some(1),
         r: None,
         w: None,
+        value_type: None,
     };
     c.client(0).create_keyspace(&spec).await.unwrap();
     let http = reqwest::Client::new();
@@ -260,4 +262,119 @@ async fn ap_requests_reject_cp_only_parameters() {
         c.client(0).ap_get("ap1", b"k", None).await.unwrap(),
         ApValue::Absent { context: Some(_) }
     ));
+}
+
+async fn create_typed(c: &Cluster, name: &str, t: capkv_client::ValueType) {
+    let spec = KeyspaceSpec {
+        name: name.into(),
+        mode: Mode::Ap,
+        n: None,
+        r: None,
+        w: None,
+        value_type: Some(t),
+    };
+    c.client(0).create_keyspace(&spec).await.unwrap();
+    for i in 0..3 {
+        let client = c.client(i);
+        eventually(
+            Duration::from_secs(10),
+            "every node knows the keyspace",
+            || async {
+                client
+                    .list_keyspaces()
+                    .await
+                    .is_ok_and(|l| l.iter().any(|k| k.name == name))
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_increments_on_both_sides_sum_exactly() {
+    let c = Cluster::start(3, &[]).await;
+    create_typed(&c, "stock", capkv_client::ValueType::Counter).await;
+    c.client(0).incr("stock", b"widgets", 10).await.unwrap();
+    c.partition(&[&[0], &[1, 2]]).await;
+    eventually(
+        Duration::from_secs(10),
+        "n1 notices the partition",
+        || async { !c.client(0).cluster_of(&c.url(0)).await.unwrap().has_quorum },
+    )
+    .await;
+    // The inventory scenario: both sides sell.
+    for _ in 0..3 {
+        c.client(0).incr("stock", b"widgets", -1).await.unwrap();
+    }
+    for _ in 0..5 {
+        c.client(1).incr("stock", b"widgets", -1).await.unwrap();
+    }
+    c.client(2).incr("stock", b"widgets", 4).await.unwrap();
+    c.heal().await;
+    hints_drained(&c).await;
+    for i in 0..3 {
+        assert_eq!(
+            c.client(i)
+                .counter("stock", b"widgets", Some(3))
+                .await
+                .unwrap(),
+            10 - 3 - 5 + 4
+        );
+    }
+    // Wrong operations for the type are refused.
+    let err = c
+        .client(0)
+        .ap_put("stock", b"widgets", b"7".to_vec(), None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_keeps_every_add_from_both_sides() {
+    let c = Cluster::start(3, &[]).await;
+    create_typed(&c, "carts", capkv_client::ValueType::Set).await;
+    c.client(0)
+        .set_add("carts", b"bob", &["milk"])
+        .await
+        .unwrap();
+    c.partition(&[&[0], &[1, 2]]).await;
+    eventually(
+        Duration::from_secs(10),
+        "n1 notices the partition",
+        || async { !c.client(0).cluster_of(&c.url(0)).await.unwrap().has_quorum },
+    )
+    .await;
+    c.client(0)
+        .set_add("carts", b"bob", &["eggs"])
+        .await
+        .unwrap();
+    c.client(1)
+        .set_add("carts", b"bob", &["bread", "jam"])
+        .await
+        .unwrap();
+    // A remove on one side does not remove what the other side added concurrently.
+    c.client(1)
+        .set_remove("carts", b"bob", &["milk"])
+        .await
+        .unwrap();
+    c.client(0)
+        .set_add("carts", b"bob", &["milk"])
+        .await
+        .unwrap();
+    c.heal().await;
+    hints_drained(&c).await;
+    for i in 0..3 {
+        let members = c
+            .client(i)
+            .set_members("carts", b"bob", Some(3))
+            .await
+            .unwrap();
+        assert_eq!(
+            members,
+            vec!["bread", "eggs", "jam", "milk"],
+            "on n{}",
+            i + 1
+        );
+    }
 }

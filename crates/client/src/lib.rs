@@ -10,8 +10,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 pub use capkv_core::{
-    ApWriteResponse, ApiError, ClusterInfo, Consistency, DeleteResponse, ErrorBody, ErrorCode,
-    FaultRequest, FaultState, KeyspaceSpec, Mode, PutResponse, ScanEntry, Sibling, Siblings,
+    ApWriteResponse, ApiError, ClusterInfo, Consistency, CounterValue, DeleteResponse, ErrorBody,
+    ErrorCode, FaultRequest, FaultState, KeyspaceSpec, Mode, PutResponse, ScanEntry, SetMembers,
+    Sibling, Siblings, ValueType,
 };
 use reqwest::{Method, StatusCode};
 
@@ -447,6 +448,112 @@ impl Client {
                 })
             }
         }
+    }
+
+    async fn ap_post<T: serde::de::DeserializeOwned>(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        op: &str,
+        body: serde_json::Value,
+    ) -> Result<T> {
+        let path = format!(
+            "/v1/kv/{}/{}/{op}",
+            encode_segment(keyspace.as_bytes()),
+            encode_segment(key)
+        );
+        let headers = [("content-type", "application/json".to_owned())];
+        Self::json(
+            self.request(
+                Method::POST,
+                &path,
+                Some(body.to_string().into_bytes()),
+                &headers,
+            )
+            .await?,
+        )
+        .await
+    }
+
+    async fn ap_get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        r: Option<u32>,
+    ) -> Result<T> {
+        let path = format!(
+            "/v1/kv/{}/{}{}",
+            encode_segment(keyspace.as_bytes()),
+            encode_segment(key),
+            query(&[("r", r.map(|r| r.to_string()))])
+        );
+        Self::json(self.request(Method::GET, &path, None, &[]).await?).await
+    }
+
+    /// Adds `by` (may be negative) to a counter in an ap keyspace of type `counter`.
+    /// Returns the total as the replica that applied it saw it.
+    pub async fn incr(&self, keyspace: &str, key: &[u8], by: i64) -> Result<i64> {
+        let v: CounterValue = self
+            .ap_post(keyspace, key, "incr", serde_json::json!({ "by": by }))
+            .await?;
+        Ok(v.value)
+    }
+
+    /// A counter's total, merged from `r` replicas.
+    pub async fn counter(&self, keyspace: &str, key: &[u8], r: Option<u32>) -> Result<i64> {
+        Ok(self
+            .ap_get_json::<CounterValue>(keyspace, key, r)
+            .await?
+            .value)
+    }
+
+    /// Adds members to a set in an ap keyspace of type `set`.
+    pub async fn set_add(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        members: &[&str],
+    ) -> Result<Vec<String>> {
+        let v: SetMembers = self
+            .ap_post(
+                keyspace,
+                key,
+                "add",
+                serde_json::json!({ "members": members }),
+            )
+            .await?;
+        Ok(v.members)
+    }
+
+    /// Removes members (as observed by the replica that applies it) from a set.
+    pub async fn set_remove(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        members: &[&str],
+    ) -> Result<Vec<String>> {
+        let v: SetMembers = self
+            .ap_post(
+                keyspace,
+                key,
+                "remove",
+                serde_json::json!({ "members": members }),
+            )
+            .await?;
+        Ok(v.members)
+    }
+
+    /// A set's members, merged from `r` replicas.
+    pub async fn set_members(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        r: Option<u32>,
+    ) -> Result<Vec<String>> {
+        Ok(self
+            .ap_get_json::<SetMembers>(keyspace, key, r)
+            .await?
+            .members)
     }
 
     pub async fn create_keyspace(&self, spec: &KeyspaceSpec) -> Result<KeyspaceSpec> {

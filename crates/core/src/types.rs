@@ -16,6 +16,19 @@ pub enum Mode {
     Ap,
 }
 
+/// What the values of an ap keyspace are, and so how concurrent writes merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueType {
+    /// Opaque bytes; concurrent writes are kept as siblings (dotted version vectors).
+    #[default]
+    Register,
+    /// A PN-counter: increments and decrements from every side add up exactly.
+    Counter,
+    /// An add-wins set of strings: an add concurrent with a remove of the same member wins.
+    Set,
+}
+
 /// A keyspace as stored in the registry (which lives in the cp Raft group).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 pub struct KeyspaceSpec {
@@ -30,6 +43,9 @@ pub struct KeyspaceSpec {
     /// ap only: acknowledgements a write waits for.
     #[serde(default)]
     pub w: Option<u32>,
+    /// ap only: the value type (default `register`).
+    #[serde(default, rename = "type")]
+    pub value_type: Option<ValueType>,
 }
 
 /// JSON leaves out the ap-only fields of a cp keyspace; compact binary formats (bincode,
@@ -38,7 +54,7 @@ impl Serialize for KeyspaceSpec {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let skip_none = s.is_human_readable();
-        let mut st = s.serialize_struct("KeyspaceSpec", 5)?;
+        let mut st = s.serialize_struct("KeyspaceSpec", 6)?;
         st.serialize_field("name", &self.name)?;
         st.serialize_field("mode", &self.mode)?;
         for (field, value) in [("n", self.n), ("r", self.r), ("w", self.w)] {
@@ -47,6 +63,11 @@ impl Serialize for KeyspaceSpec {
             } else {
                 st.serialize_field(field, &value)?;
             }
+        }
+        if skip_none && self.value_type.is_none() {
+            st.skip_field("type")?;
+        } else {
+            st.serialize_field("type", &self.value_type)?;
         }
         st.end()
     }
@@ -61,9 +82,13 @@ impl KeyspaceSpec {
         validate::keyspace_name(&self.name)?;
         match self.mode {
             Mode::Cp => {
-                if self.n.is_some() || self.r.is_some() || self.w.is_some() {
+                if self.n.is_some()
+                    || self.r.is_some()
+                    || self.w.is_some()
+                    || self.value_type.is_some()
+                {
                     return Err(ApiError::bad_request(
-                        "n, r and w apply to ap keyspaces only; a cp keyspace is replicated by Raft on every node",
+                        "n, r, w and type apply to ap keyspaces only; a cp keyspace is replicated by Raft on every node",
                     ));
                 }
             }
@@ -85,6 +110,7 @@ impl KeyspaceSpec {
                 self.n = Some(n);
                 self.r = Some(r);
                 self.w = Some(w);
+                self.value_type = Some(self.value_type.unwrap_or_default());
             }
         }
         Ok(self)
@@ -224,6 +250,18 @@ pub struct Siblings {
     pub context: String,
 }
 
+/// A counter's value (ap keyspaces of type `counter`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CounterValue {
+    pub value: i64,
+}
+
+/// A set's members, sorted (ap keyspaces of type `set`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SetMembers {
+    pub members: Vec<String>,
+}
+
 /// A node as `/v1/cluster` describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterNode {
@@ -297,7 +335,18 @@ mod tests {
         let a = spec(r#"{"name":"cart","mode":"ap"}"#).unwrap();
         assert_eq!(
             serde_json::to_string(&a).unwrap(),
-            r#"{"name":"cart","mode":"ap","n":3,"r":1,"w":1}"#
+            r#"{"name":"cart","mode":"ap","n":3,"r":1,"w":1,"type":"register"}"#
+        );
+    }
+
+    #[test]
+    fn typed_specs() {
+        let c = spec(r#"{"name":"stock","mode":"ap","type":"counter"}"#).unwrap();
+        assert_eq!(c.value_type, Some(ValueType::Counter));
+        assert!(spec(r#"{"name":"bank","mode":"cp","type":"counter"}"#).is_err());
+        assert!(
+            serde_json::from_str::<KeyspaceSpec>(r#"{"name":"x","mode":"ap","type":"map"}"#)
+                .is_err()
         );
     }
 

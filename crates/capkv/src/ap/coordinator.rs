@@ -23,9 +23,12 @@ use std::time::{Duration, Instant};
 use capkv_core::ApiError;
 use tokio::task::JoinSet;
 
-use super::dvv::{Actor, Object, VersionVector};
+use capkv_core::ValueType;
+
+use super::dvv::Actor;
 use super::replica::Replica;
 use super::ring::{key_hash, Ring};
+use super::value::{ApState, Mutation};
 use crate::cp::{now_ms, NodeId};
 use crate::node::REACHABLE_WINDOW;
 use crate::rpc::{PeerRequest, PeerResponse};
@@ -72,21 +75,21 @@ impl Coordinator {
         home: NodeId,
         keyspace: &str,
         key: &[u8],
-        context: &VersionVector,
-        value: Option<Vec<u8>>,
+        value_type: ValueType,
+        mutation: &Mutation,
         deadline: Instant,
-    ) -> Result<Object, ApiError> {
+    ) -> Result<ApState, ApiError> {
         if home == self.me {
             return self
                 .replica
-                .update(keyspace, key, context, &self.actor, value, now_ms())
+                .update(keyspace, key, value_type, mutation, &self.actor, now_ms())
                 .await;
         }
         let req = PeerRequest::ApUpdate {
             keyspace: keyspace.to_owned(),
             key: key.to_vec(),
-            context: context.clone(),
-            value,
+            value_type,
+            mutation: mutation.clone(),
             now_ms: now_ms(),
         };
         match self.call(home, req, deadline).await? {
@@ -103,7 +106,7 @@ impl Coordinator {
         home: Option<NodeId>,
         keyspace: String,
         key: Vec<u8>,
-        object: Object,
+        object: ApState,
         deadline: Instant,
     ) -> Result<(), ApiError> {
         if node == self.me {
@@ -135,18 +138,18 @@ impl Coordinator {
         }
     }
 
-    /// Coordinates a write (`None` = delete). Returns the object as stored.
+    /// Coordinates a mutation. Returns the state as stored by the replica that applied it.
     #[allow(clippy::too_many_arguments)]
     pub async fn write(
         self: &Arc<Self>,
         keyspace: &str,
         key: &[u8],
-        context: &VersionVector,
-        value: Option<Vec<u8>>,
+        value_type: ValueType,
+        mutation: &Mutation,
         n: usize,
         w: usize,
         deadline: Instant,
-    ) -> Result<Object, ApiError> {
+    ) -> Result<ApState, ApiError> {
         let walk = self.ring.walk(key_hash(keyspace, key));
         let homes: Vec<NodeId> = walk.iter().copied().take(n).collect();
         let mut holders: BTreeSet<NodeId> = BTreeSet::new();
@@ -155,13 +158,15 @@ impl Coordinator {
         let mut issued = None;
         for &h in homes.iter().filter(|h| self.up(**h)) {
             match self
-                .update_at(h, keyspace, key, context, value.clone(), deadline)
+                .update_at(h, keyspace, key, value_type, mutation, deadline)
                 .await
             {
                 Ok(obj) => {
                     issued = Some((h, obj));
                     break;
                 }
+                // A refusal (wrong type for this key) is the same on every replica.
+                Err(e) if e.code == capkv_core::ErrorCode::BadRequest => return Err(e),
                 Err(e) => {
                     tracing::debug!(home = h, error = %e, "home replica could not take the write")
                 }
@@ -174,9 +179,7 @@ impl Coordinator {
             }
             None => {
                 let one_time = format!("{}~{:016x}", self.actor, rand::random::<u64>());
-                Object::default()
-                    .update(context, &one_time, value, now_ms())
-                    .0
+                ApState::empty(value_type).apply(mutation, &one_time, now_ms())?
             }
         };
 
@@ -259,7 +262,7 @@ impl Coordinator {
         keyspace: String,
         key: Vec<u8>,
         deadline: Instant,
-    ) -> Result<Option<Object>, ApiError> {
+    ) -> Result<Option<ApState>, ApiError> {
         if node == self.me {
             return self.replica.read(&keyspace, &key, &self.nodes());
         }
@@ -280,7 +283,7 @@ impl Coordinator {
         n: usize,
         r: usize,
         deadline: Instant,
-    ) -> Result<Option<Object>, ApiError> {
+    ) -> Result<Option<ApState>, ApiError> {
         let walk = self.ring.walk(key_hash(keyspace, key));
         let homes: Vec<NodeId> = walk.iter().copied().take(n).collect();
         let mut targets: Vec<NodeId> = homes.iter().copied().filter(|h| self.up(*h)).collect();
@@ -296,7 +299,7 @@ impl Coordinator {
             let (ks, k) = (keyspace.to_owned(), key.to_vec());
             tasks.spawn(async move { (t, this.read_at(t, ks, k, deadline).await) });
         }
-        let mut answers: Vec<(NodeId, Option<Object>)> = Vec::new();
+        let mut answers: Vec<(NodeId, Option<ApState>)> = Vec::new();
         while answers.len() < r {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, tasks.join_next()).await {
@@ -353,8 +356,8 @@ impl Coordinator {
                 }
             }
         });
-        if let Some(m) = &merged {
-            metrics::histogram!("capkv_ap_siblings").record(m.values().len() as f64);
+        if let Some(ApState::Register(o)) = &merged {
+            metrics::histogram!("capkv_ap_siblings").record(o.values().len() as f64);
         }
         Ok(merged)
     }

@@ -7,3 +7,4 @@ pub mod coordinator;
 pub mod dvv;
 pub mod replica;
 pub mod ring;
+pub mod value;

@@ -1,7 +1,7 @@
 //! The local ap store: this node's replica objects and the hints it holds for others.
 //!
-//! [`Tree::Ap`]: `keyspace \0 key` → bincode [`Object`].
-//! [`Tree::Hints`]: `home-node (u64 BE) keyspace \0 key` → bincode [`Object`].
+//! [`Tree::Ap`]: `keyspace \0 key` → bincode [`ApState`].
+//! [`Tree::Hints`]: `home-node (u64 BE) keyspace \0 key` → bincode [`ApState`].
 //!
 //! Every change is a read-merge-write of one key, serialized by a striped lock so two
 //! concurrent writes to a key cannot lose each other, and acknowledged only after the
@@ -13,7 +13,9 @@ use std::sync::Arc;
 use capkv_core::ApiError;
 use tokio::sync::Mutex;
 
-use super::dvv::{Object, VersionVector};
+use capkv_core::ValueType;
+
+use super::value::{ApState, Mutation};
 use crate::cp::{decode, encode, NodeId};
 use crate::storage::{prefix_end, Engine, GroupCommit, Tree, WriteBatch};
 
@@ -54,7 +56,7 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 pub struct Hint {
     pub keyspace: String,
     pub key: Vec<u8>,
-    pub object: Object,
+    pub object: ApState,
 }
 
 pub struct Replica {
@@ -83,14 +85,14 @@ impl Replica {
         &self.stripes[(super::ring::hash64(k) % STRIPES as u64) as usize]
     }
 
-    fn load(&self, tree: Tree, k: &[u8]) -> Result<Option<Object>, ApiError> {
+    fn load(&self, tree: Tree, k: &[u8]) -> Result<Option<ApState>, ApiError> {
         match self.engine.get(tree, k).map_err(internal)? {
             None => Ok(None),
             Some(raw) => decode(&raw).map(Some).map_err(internal),
         }
     }
 
-    async fn store(&self, tree: Tree, k: Vec<u8>, obj: &Object) -> Result<(), ApiError> {
+    async fn store(&self, tree: Tree, k: Vec<u8>, obj: &ApState) -> Result<(), ApiError> {
         let mut b = WriteBatch::new();
         b.put(tree, k, encode(obj));
         self.engine.write(b).map_err(internal)?;
@@ -104,7 +106,7 @@ impl Replica {
         keyspace: &str,
         key: &[u8],
         nodes: &[NodeId],
-    ) -> Result<Option<Object>, ApiError> {
+    ) -> Result<Option<ApState>, ApiError> {
         let mut found = self.load(Tree::Ap, &obj_key(keyspace, key))?;
         for home in nodes {
             if let Some(h) = self.load(Tree::Hints, &hint_key(*home, keyspace, key))? {
@@ -114,21 +116,23 @@ impl Replica {
         Ok(found)
     }
 
-    /// A client write coordinated here as `actor`: issues a new dot against the local
-    /// replica and stores the result durably.
+    /// A client mutation coordinated here as `actor`: applied to the local replica (an
+    /// empty state of `value_type` if the key is new) and stored durably.
     pub async fn update(
         &self,
         keyspace: &str,
         key: &[u8],
-        context: &VersionVector,
+        value_type: ValueType,
+        mutation: &Mutation,
         actor: &str,
-        value: Option<Vec<u8>>,
         now_ms: u64,
-    ) -> Result<Object, ApiError> {
+    ) -> Result<ApState, ApiError> {
         let k = obj_key(keyspace, key);
         let _guard = self.stripe(&k).lock().await;
-        let current = self.load(Tree::Ap, &k)?.unwrap_or_default();
-        let (next, _dot) = current.update(context, actor, value, now_ms);
+        let current = self
+            .load(Tree::Ap, &k)?
+            .unwrap_or_else(|| ApState::empty(value_type));
+        let next = current.apply(mutation, actor, now_ms)?;
         self.store(Tree::Ap, k, &next).await?;
         Ok(next)
     }
@@ -138,8 +142,8 @@ impl Replica {
         &self,
         keyspace: &str,
         key: &[u8],
-        incoming: &Object,
-    ) -> Result<Object, ApiError> {
+        incoming: &ApState,
+    ) -> Result<ApState, ApiError> {
         let k = obj_key(keyspace, key);
         let _guard = self.stripe(&k).lock().await;
         let current = self.load(Tree::Ap, &k)?;
@@ -158,7 +162,7 @@ impl Replica {
         home: NodeId,
         keyspace: &str,
         key: &[u8],
-        incoming: &Object,
+        incoming: &ApState,
     ) -> Result<(), ApiError> {
         let k = hint_key(home, keyspace, key);
         let _guard = self.stripe(&k).lock().await;
@@ -236,15 +240,26 @@ mod tests {
 
     #[tokio::test]
     async fn updates_merges_and_hints() {
+        use crate::ap::dvv::{Object, VersionVector};
         let r = replica();
-        let empty = VersionVector::default();
+        let write = |v: &str| Mutation::Write {
+            context: VersionVector::default(),
+            value: Some(v.as_bytes().to_vec()),
+        };
         let a = r
-            .update("cart", b"k", &empty, "n1.x", Some(b"a".to_vec()), 1)
+            .update("cart", b"k", ValueType::Register, &write("a"), "n1.x", 1)
             .await
             .unwrap();
-        let (b, _) = Object::default().update(&empty, "n2.y", Some(b"b".to_vec()), 2);
+        let b = ApState::Register(
+            Object::default()
+                .update(&VersionVector::default(), "n2.y", Some(b"b".to_vec()), 2)
+                .0,
+        );
         let merged = r.merge("cart", b"k", &b).await.unwrap();
-        assert_eq!(merged.values(), vec![b"a".as_slice(), b"b".as_slice()]);
+        let ApState::Register(m) = &merged else {
+            panic!("register expected")
+        };
+        assert_eq!(m.values(), vec![b"a".as_slice(), b"b".as_slice()]);
         assert_eq!(r.read("cart", b"k", &[1, 2, 3]).unwrap().unwrap(), merged);
         assert!(merged.dominates(&a));
 
@@ -259,11 +274,34 @@ mod tests {
         assert_eq!(hints.len(), 1);
         assert!(r.hints_for(2, 10).unwrap().is_empty());
         // A hint that changed after it was sent is kept.
-        let (b2, _) = b.update(&b.context, "n2.y", Some(b"b2".to_vec()), 3);
+        let b2 = b.apply(&write("b2"), "n2.y", 3).unwrap();
         r.hold_hint(3, "cart", b"h", &b2).await.unwrap();
         assert!(!r.drop_hint_if_unchanged(3, &hints[0]).await.unwrap());
         let hints = r.hints_for(3, 10).unwrap();
         assert!(r.drop_hint_if_unchanged(3, &hints[0]).await.unwrap());
         assert_eq!(r.hints_held(), 0);
+    }
+
+    #[tokio::test]
+    async fn mutations_of_the_wrong_type_change_nothing() {
+        let r = replica();
+        r.update(
+            "stock",
+            b"k",
+            ValueType::Counter,
+            &Mutation::Add { by: 2 },
+            "n1.x",
+            1,
+        )
+        .await
+        .unwrap();
+        let bad = Mutation::Insert {
+            members: vec!["x".into()],
+        };
+        assert!(r
+            .update("stock", b"k", ValueType::Counter, &bad, "n1.x", 1)
+            .await
+            .is_err());
+        assert_eq!(r.read("stock", b"k", &[]).unwrap().unwrap().total(), 2);
     }
 }

@@ -165,6 +165,7 @@ mod tests {
                     n: None,
                     r: None,
                     w: None,
+                    value_type: None,
                 },
             },
             Op::CreateKeyspace {
@@ -174,6 +175,7 @@ mod tests {
                     n: Some(3),
                     r: Some(1),
                     w: Some(2),
+                    value_type: None,
                 },
             },
             Op::Put {

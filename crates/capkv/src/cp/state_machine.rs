@@ -697,6 +697,7 @@ mod tests {
                 n: None,
                 r: None,
                 w: None,
+                value_type: None,
             },
         }
     }

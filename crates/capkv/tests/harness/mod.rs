@@ -109,6 +109,7 @@ impl Cluster {
             n: None,
             r: None,
             w: None,
+            value_type: None,
         };
         let client = c.client(0);
         eventually(
