@@ -24,6 +24,7 @@ use capkv_core::{ApiError, ClusterInfo, ClusterNode, ErrorCode};
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
 
+use crate::ap::anti_entropy;
 use crate::ap::coordinator::Coordinator;
 use crate::ap::replica::Replica;
 use crate::ap::ring::{Ring, DEFAULT_VNODES};
@@ -178,6 +179,7 @@ impl Node {
         tokio::spawn(node.clone().ping_loop());
         tokio::spawn(node.clone().metrics_loop());
         tokio::spawn(node.ap.clone().handoff_loop());
+        tokio::spawn(node.clone().anti_entropy_loop());
         Ok(node)
     }
 
@@ -493,10 +495,66 @@ impl Node {
                 let nodes: Vec<NodeId> = self.config.cluster.iter().map(|m| m.id).collect();
                 PeerResponse::ApObject(self.ap.replica.read(&keyspace, &key, &nodes))
             }
+            PeerRequest::AeCompare { root, interior } => PeerResponse::AeDiffer(
+                self.ap_specs()
+                    .and_then(|specs| anti_entropy::build(&self.ap, &specs, from, None))
+                    .map(|(tree, _)| anti_entropy::compare(&tree, root, &interior)),
+            ),
+            PeerRequest::AeFetch { leaves } => PeerResponse::AeObjects(
+                self.ap_specs()
+                    .and_then(|specs| anti_entropy::build(&self.ap, &specs, from, Some(&leaves)))
+                    .map(|(_, objects)| objects),
+            ),
             PeerRequest::Forward(f) => {
                 tracing::debug!(from, op = ?std::mem::discriminant(&f.op), "forwarded request");
                 let deadline = Instant::now() + Duration::from_millis(f.timeout_ms);
                 PeerResponse::Forward(self.execute(f.op, deadline, f.hops_left).await)
+            }
+        }
+    }
+
+    /// The keyspace registry as this node has applied it (never needs a quorum).
+    fn ap_specs(&self) -> Result<BTreeMap<String, capkv_core::KeyspaceSpec>, ApiError> {
+        Ok(self
+            .reader
+            .keyspaces()?
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect())
+    }
+
+    /// Anti-entropy with one reachable peer after another, one exchange per interval.
+    async fn anti_entropy_loop(self: Arc<Self>) {
+        let peers: Vec<NodeId> = self
+            .config
+            .cluster
+            .iter()
+            .map(|m| m.id)
+            .filter(|id| *id != self.id())
+            .collect();
+        let mut turn = 0usize;
+        loop {
+            tokio::time::sleep(anti_entropy::AE_INTERVAL).await;
+            if peers.is_empty() {
+                continue;
+            }
+            let peer = peers[turn % peers.len()];
+            turn += 1;
+            if !self.reachable(peer) {
+                continue;
+            }
+            let result = match self.ap_specs() {
+                Ok(specs) => anti_entropy::exchange(&self.ap, &specs, peer).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(peer = %self.name_of(peer), keys = n, "anti-entropy repaired keys")
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %self.name_of(peer), error = %e, "anti-entropy exchange failed")
+                }
             }
         }
     }

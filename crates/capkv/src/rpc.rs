@@ -8,6 +8,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::ap::replica::StoredObject;
 use crate::ap::value::{ApState, Mutation};
 use crate::cp::state_machine::ScanRow;
 use crate::cp::{Command, NodeId, TypeConfig, Written};
@@ -42,6 +43,15 @@ pub enum PeerRequest {
         key: Vec<u8>,
         object: ApState,
     },
+    /// ap anti-entropy: the sender's tree root and interior hashes for the keys both hold.
+    AeCompare {
+        root: u64,
+        interior: Vec<u64>,
+    },
+    /// ap anti-entropy: the receiver's objects in these leaves (shared with the sender).
+    AeFetch {
+        leaves: Vec<u16>,
+    },
     /// ap: the local replica of a key merged with the hints held for it.
     ApRead {
         keyspace: String,
@@ -60,6 +70,9 @@ pub enum PeerResponse {
     Forward(Result<ForwardReply, ApiError>),
     ApObject(Result<Option<ApState>, ApiError>),
     ApAck(Result<(), ApiError>),
+    /// Per differing interior node: its index and the receiver's leaf hashes under it.
+    AeDiffer(Result<Vec<(u16, Vec<u64>)>, ApiError>),
+    AeObjects(Result<Vec<StoredObject>, ApiError>),
 }
 
 /// A forwarded client request, with what is left of its deadline.

@@ -378,3 +378,63 @@ async fn a_set_keeps_every_add_from_both_sides() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_entropy_restores_replicas_that_lost_their_disk() {
+    let mut c = Cluster::start(3, &[]).await;
+    create_ap(&c, "cart").await;
+    // n3 is down while the writes happen; n1 coordinates them, so n1 holds n3's hints.
+    c.kill9(2);
+    for i in 0..40 {
+        let key = format!("k{i}");
+        c.client(0)
+            .ap_put("cart", key.as_bytes(), b"v".to_vec(), None, None)
+            .await
+            .unwrap();
+    }
+    // n1 loses its disk (replicas and hints with it). Only n2 has every write now.
+    c.kill9(0);
+    c.wipe(0);
+    c.restart(0).await;
+    c.restart(2).await;
+    // No reads (so no read repair) and no hints: only anti-entropy can restore n1 and n3.
+    for node in [0usize, 2] {
+        eventually(
+            Duration::from_secs(60),
+            "anti-entropy copies every key back",
+            || async { harness::metric(&c.metrics(node).await, "capkv_ap_objects") >= 40.0 },
+        )
+        .await;
+    }
+    let mut repaired = 0.0;
+    for node in 0..3 {
+        repaired += harness::metric(&c.metrics(node).await, "capkv_ap_ae_keys_repaired_total");
+    }
+    assert!(
+        repaired >= 80.0,
+        "n1 and n3 each needed 40 keys, repaired {repaired}"
+    );
+    // Prove each restored node holds every key itself: cut it off and read alone.
+    for node in [0usize, 2] {
+        let others: Vec<usize> = (0..3).filter(|i| *i != node).collect();
+        c.partition(&[&[node], &others]).await;
+        let client = c.client(node);
+        eventually(Duration::from_secs(10), "the node is cut off", || async {
+            !client.cluster_of(&c.url(node)).await.unwrap().has_quorum
+        })
+        .await;
+        for i in 0..40 {
+            let key = format!("k{i}");
+            let got = client
+                .ap_get("cart", key.as_bytes(), Some(1))
+                .await
+                .unwrap();
+            assert!(
+                matches!(&got, ApValue::Value { value, .. } if value == b"v"),
+                "{key} on n{}: {got:?}",
+                node + 1
+            );
+        }
+        c.heal().await;
+    }
+}

@@ -25,7 +25,7 @@ const STRIPES: usize = 64;
 /// another fallback), so an outage cannot fill the disk.
 pub const HINTS_MAX: u64 = 100_000;
 
-fn obj_key(keyspace: &str, key: &[u8]) -> Vec<u8> {
+pub fn obj_key(keyspace: &str, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(keyspace.len() + 1 + key.len());
     k.extend_from_slice(keyspace.as_bytes());
     k.push(0);
@@ -52,6 +52,9 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::internal(format!("ap storage: {e}"))
 }
 
+/// One stored object: (keyspace, key, state).
+pub type StoredObject = (String, Vec<u8>, ApState);
+
 /// A hint to hand back: which key, and the object held for its home.
 pub struct Hint {
     pub keyspace: String,
@@ -64,6 +67,7 @@ pub struct Replica {
     group_commit: GroupCommit,
     stripes: Vec<Mutex<()>>,
     hints: AtomicU64,
+    objects: AtomicU64,
 }
 
 impl Replica {
@@ -72,12 +76,19 @@ impl Replica {
             .range(Tree::Hints, b"", None, usize::MAX)
             .map_err(internal)?
             .len() as u64;
+        // Counted once at start, then kept up to date on every new key or hint.
+        let objects = engine
+            .range(Tree::Ap, b"", None, usize::MAX)
+            .map_err(internal)?
+            .len() as u64;
         metrics::gauge!("capkv_ap_hints_queued").set(held as f64);
+        metrics::gauge!("capkv_ap_objects").set(objects as f64);
         Ok(Replica {
             engine,
             group_commit,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hints: AtomicU64::new(held),
+            objects: AtomicU64::new(objects),
         })
     }
 
@@ -90,6 +101,11 @@ impl Replica {
             None => Ok(None),
             Some(raw) => decode(&raw).map(Some).map_err(internal),
         }
+    }
+
+    fn count_new_object(&self) {
+        let n = self.objects.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!("capkv_ap_objects").set(n as f64);
     }
 
     async fn store(&self, tree: Tree, k: Vec<u8>, obj: &ApState) -> Result<(), ApiError> {
@@ -129,11 +145,14 @@ impl Replica {
     ) -> Result<ApState, ApiError> {
         let k = obj_key(keyspace, key);
         let _guard = self.stripe(&k).lock().await;
-        let current = self
-            .load(Tree::Ap, &k)?
-            .unwrap_or_else(|| ApState::empty(value_type));
+        let existing = self.load(Tree::Ap, &k)?;
+        let is_new = existing.is_none();
+        let current = existing.unwrap_or_else(|| ApState::empty(value_type));
         let next = current.apply(mutation, actor, now_ms)?;
         self.store(Tree::Ap, k, &next).await?;
+        if is_new {
+            self.count_new_object();
+        }
         Ok(next)
     }
 
@@ -152,6 +171,9 @@ impl Replica {
             .map_or_else(|| incoming.clone(), |c| c.merge(incoming));
         if current.as_ref() != Some(&next) {
             self.store(Tree::Ap, k, &next).await?;
+            if current.is_none() {
+                self.count_new_object();
+            }
         }
         Ok(next)
     }
@@ -221,6 +243,33 @@ impl Replica {
         let n = self.hints.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
         metrics::gauge!("capkv_ap_hints_queued").set(n as f64);
         Ok(true)
+    }
+
+    /// Every object this replica holds, in key order, starting after `after` (exclusive),
+    /// at most `limit`: (keyspace, key, state).
+    pub fn objects(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<StoredObject>, ApiError> {
+        let start = match after {
+            Some(a) => {
+                let mut s = a.to_vec();
+                s.push(0);
+                s
+            }
+            None => Vec::new(),
+        };
+        let rows = self
+            .engine
+            .range(Tree::Ap, &start, None, limit)
+            .map_err(internal)?;
+        rows.into_iter()
+            .map(|(k, v)| {
+                let (ks, key) = split_obj_key(&k).ok_or_else(|| internal("bad object key"))?;
+                Ok((ks, key, decode(&v).map_err(internal)?))
+            })
+            .collect()
     }
 
     pub fn hints_held(&self) -> u64 {

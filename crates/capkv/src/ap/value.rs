@@ -134,6 +134,25 @@ impl ApState {
         &self.merge(other) == self
     }
 
+    /// A hash of the state that is equal on two replicas exactly when their states are
+    /// (for sets: their clocks and members with their dots; removes still deferred are
+    /// left out). Anti-entropy compares these.
+    pub fn digest(&self) -> u64 {
+        let bytes = match self {
+            ApState::Register(o) => crate::cp::encode(o),
+            ApState::Counter(c) => crate::cp::encode(c),
+            ApState::Set(s) => {
+                let mut members: Vec<(String, Vec<u8>)> = s
+                    .iter()
+                    .map(|m| (m.val.clone(), crate::cp::encode(&m.rm_clock)))
+                    .collect();
+                members.sort();
+                crate::cp::encode(&(crate::cp::encode(&s.clock()), members))
+            }
+        };
+        super::ring::hash64(&bytes)
+    }
+
     /// The counter's total (0 for other types).
     pub fn total(&self) -> i64 {
         match self {

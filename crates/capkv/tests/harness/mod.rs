@@ -270,11 +270,43 @@ impl Drop for Cluster {
         for i in 0..self.children.len() {
             self.kill9(i);
         }
+        // CAPKV_TEST_LOGS=DIR keeps every node's log after the test, for debugging.
+        if let Ok(keep) = std::env::var("CAPKV_TEST_LOGS") {
+            let dest = std::path::Path::new(&keep).join(format!("{}", std::process::id()));
+            let _ = std::fs::create_dir_all(&dest);
+            for i in 0..self.children.len() {
+                let name = format!("n{}.log", i + 1);
+                let _ = std::fs::copy(self.dir.path().join(&name), dest.join(&name));
+            }
+        }
+        // A node that panicked is a bug whatever the test checked: fail it.
+        if !std::thread::panicking() {
+            for i in 0..self.children.len() {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("n{}.log", i + 1)))
+                    .unwrap_or_default();
+                if let Some(at) = log.find("panicked at") {
+                    panic!(
+                        "n{} panicked:\n{}",
+                        i + 1,
+                        &log[at..(at + 600).min(log.len())]
+                    );
+                }
+            }
+        }
         if std::thread::panicking() {
             // Keep the node logs of a failed test visible.
             for i in 0..self.children.len() {
                 let path = self.dir.path().join(format!("n{}.log", i + 1));
                 if let Ok(log) = std::fs::read_to_string(&path) {
+                    let lines: Vec<&str> = log.lines().collect();
+                    for (at, line) in lines.iter().enumerate() {
+                        if line.contains("panicked at") {
+                            eprintln!("--- n{} panicked ---", i + 1);
+                            for l in &lines[at..(at + 6).min(lines.len())] {
+                                eprintln!("{l}");
+                            }
+                        }
+                    }
                     let tail: Vec<&str> = log.lines().rev().take(40).collect();
                     eprintln!("--- last lines of n{} log ---", i + 1);
                     for l in tail.iter().rev() {
