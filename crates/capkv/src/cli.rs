@@ -106,6 +106,13 @@ pub enum Cmd {
         #[command(flatten)]
         node: NodeArg,
     },
+    /// Run a seed scenario (atm, inventory, cart) against a running cluster, with partitions.
+    Demo {
+        #[arg(value_enum)]
+        scenario: crate::demo::Scenario,
+        #[command(flatten)]
+        node: NodeArg,
+    },
     /// Inject network faults on every node (nodes must run with --enable-faults).
     Fault {
         #[command(subcommand)]
@@ -404,6 +411,16 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
             }
         }
         Cmd::Status { node } => status(node.client()).await?,
+        Cmd::Demo { scenario, node } => {
+            let first = node
+                .node
+                .split(',')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            crate::demo::run(scenario, &first).await?
+        }
         Cmd::Fault {
             cmd: FaultCmd::Partition { groups, node },
         } => partition(node.client(), &groups).await?,
@@ -417,8 +434,8 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
 async fn status(client: Client) -> Result<(), String> {
     let info = client.cluster().await.map_err(fail)?;
     println!(
-        "{:<6} {:<10} {:>6} {:>10} {:>10}  {:<8} reachable peers",
-        "node", "role", "term", "applied", "commit", "leader"
+        "{:<6} {:<10} {:>6} {:>10} {:>10}  {:<8} {:>6}  reachable peers",
+        "node", "role", "term", "applied", "commit", "leader", "ring"
     );
     for n in &info.nodes {
         match client.cluster_of(&format!("http://{}", n.http_addr)).await {
@@ -430,13 +447,14 @@ async fn status(client: Client) -> Result<(), String> {
                     .map(|p| p.id.as_str())
                     .collect();
                 println!(
-                    "{:<6} {:<10} {:>6} {:>10} {:>10}  {:<8} {}",
+                    "{:<6} {:<10} {:>6} {:>10} {:>10}  {:<8} {:>5.1}%  {}",
                     v.node,
                     v.role,
                     v.term,
                     v.applied_index,
                     v.commit_index,
                     v.leader.as_deref().unwrap_or("-"),
+                    n.ring_share * 100.0,
                     if peers.is_empty() {
                         "none".to_owned()
                     } else {

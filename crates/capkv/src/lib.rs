@@ -15,6 +15,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod cp;
+pub mod demo;
 pub mod dev;
 pub mod net;
 pub mod node;

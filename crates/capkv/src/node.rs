@@ -406,6 +406,10 @@ impl Node {
 
     fn require_keyspace(&self, name: &str) -> Result<(), ApiError> {
         match self.reader.keyspace(name)? {
+            // Only a node whose registry lags sends an ap keyspace down the cp path.
+            Some(spec) if spec.mode == capkv_core::Mode::Ap => Err(ApiError::unavailable(format!(
+                "keyspace '{name}' is an ap keyspace the receiving node had not learned yet; retry"
+            ))),
             Some(_) => Ok(()),
             None => Err(ApiError::not_found(format!(
                 "keyspace '{name}' does not exist"
@@ -635,6 +639,7 @@ impl Node {
             ServerState::Shutdown => "shutdown",
         };
         let commit_index = self.commit_index().await.unwrap_or(0);
+        let ring = self.ap.ring.ownership();
         ClusterInfo {
             node: self.config.name.clone(),
             role: role.to_owned(),
@@ -653,6 +658,7 @@ impl Node {
                     peer_addr: n.peer_addr.clone(),
                     http_addr: n.http_addr.clone(),
                     reachable: self.reachable(n.id),
+                    ring_share: ring.get(&n.id).copied().unwrap_or(0.0),
                 })
                 .collect(),
             isolated_from: self

@@ -294,7 +294,10 @@ async fn create_typed(c: &Cluster, name: &str, t: capkv_client::ValueType) {
 async fn counter_increments_on_both_sides_sum_exactly() {
     let c = Cluster::start(3, &[]).await;
     create_typed(&c, "stock", capkv_client::ValueType::Counter).await;
-    c.client(0).incr("stock", b"widgets", 10).await.unwrap();
+    c.client(0)
+        .incr("stock", b"widgets", 10, None)
+        .await
+        .unwrap();
     c.partition(&[&[0], &[1, 2]]).await;
     eventually(
         Duration::from_secs(10),
@@ -304,12 +307,21 @@ async fn counter_increments_on_both_sides_sum_exactly() {
     .await;
     // The inventory scenario: both sides sell.
     for _ in 0..3 {
-        c.client(0).incr("stock", b"widgets", -1).await.unwrap();
+        c.client(0)
+            .incr("stock", b"widgets", -1, None)
+            .await
+            .unwrap();
     }
     for _ in 0..5 {
-        c.client(1).incr("stock", b"widgets", -1).await.unwrap();
+        c.client(1)
+            .incr("stock", b"widgets", -1, None)
+            .await
+            .unwrap();
     }
-    c.client(2).incr("stock", b"widgets", 4).await.unwrap();
+    c.client(2)
+        .incr("stock", b"widgets", 4, None)
+        .await
+        .unwrap();
     c.heal().await;
     hints_drained(&c).await;
     for i in 0..3 {
@@ -335,7 +347,7 @@ async fn a_set_keeps_every_add_from_both_sides() {
     let c = Cluster::start(3, &[]).await;
     create_typed(&c, "carts", capkv_client::ValueType::Set).await;
     c.client(0)
-        .set_add("carts", b"bob", &["milk"])
+        .set_add("carts", b"bob", &["milk"], None)
         .await
         .unwrap();
     c.partition(&[&[0], &[1, 2]]).await;
@@ -346,20 +358,20 @@ async fn a_set_keeps_every_add_from_both_sides() {
     )
     .await;
     c.client(0)
-        .set_add("carts", b"bob", &["eggs"])
+        .set_add("carts", b"bob", &["eggs"], None)
         .await
         .unwrap();
     c.client(1)
-        .set_add("carts", b"bob", &["bread", "jam"])
+        .set_add("carts", b"bob", &["bread", "jam"], None)
         .await
         .unwrap();
     // A remove on one side does not remove what the other side added concurrently.
     c.client(1)
-        .set_remove("carts", b"bob", &["milk"])
+        .set_remove("carts", b"bob", &["milk"], None)
         .await
         .unwrap();
     c.client(0)
-        .set_add("carts", b"bob", &["milk"])
+        .set_add("carts", b"bob", &["milk"], None)
         .await
         .unwrap();
     c.heal().await;
@@ -437,4 +449,40 @@ async fn anti_entropy_restores_replicas_that_lost_their_disk() {
         }
         c.heal().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_scenarios_show_both_sides_of_cap() {
+    let c = Cluster::start(3, &[]).await;
+    let run = |scenario: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_capkv"))
+            .args(["demo", scenario, "--node", &c.url(0)])
+            .output()
+            .expect("running capkv demo");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "demo {scenario} failed: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let atm = tokio::task::block_in_place(|| run("atm"));
+    assert!(atm.contains("ATM-A via n1: REFUSED (503"), "{atm}");
+    assert!(
+        atm.contains("the balance is 40: the second withdrawal was refused"),
+        "{atm}"
+    );
+    assert!(atm.contains("an overdraft of 20"), "{atm}");
+    let inventory = tokio::task::block_in_place(|| run("inventory"));
+    assert!(
+        inventory.contains("5 sold, never more than the 10 in stock"),
+        "{inventory}"
+    );
+    assert!(inventory.contains("oversold by 2"), "{inventory}");
+    let cart = tokio::task::block_in_place(|| run("cart"));
+    assert!(
+        cart.contains(r#"the cart is ["book", "lamp", "pen"]"#),
+        "{cart}"
+    );
 }

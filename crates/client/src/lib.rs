@@ -492,9 +492,13 @@ impl Client {
 
     /// Adds `by` (may be negative) to a counter in an ap keyspace of type `counter`.
     /// Returns the total as the replica that applied it saw it.
-    pub async fn incr(&self, keyspace: &str, key: &[u8], by: i64) -> Result<i64> {
+    pub async fn incr(&self, keyspace: &str, key: &[u8], by: i64, w: Option<u32>) -> Result<i64> {
+        let op = match w {
+            Some(w) => format!("incr?w={w}"),
+            None => "incr".to_owned(),
+        };
         let v: CounterValue = self
-            .ap_post(keyspace, key, "incr", serde_json::json!({ "by": by }))
+            .ap_post(keyspace, key, &op, serde_json::json!({ "by": by }))
             .await?;
         Ok(v.value)
     }
@@ -513,12 +517,17 @@ impl Client {
         keyspace: &str,
         key: &[u8],
         members: &[&str],
+        w: Option<u32>,
     ) -> Result<Vec<String>> {
+        let op = match w {
+            Some(w) => format!("add?w={w}"),
+            None => "add".to_owned(),
+        };
         let v: SetMembers = self
             .ap_post(
                 keyspace,
                 key,
-                "add",
+                &op,
                 serde_json::json!({ "members": members }),
             )
             .await?;
@@ -531,12 +540,17 @@ impl Client {
         keyspace: &str,
         key: &[u8],
         members: &[&str],
+        w: Option<u32>,
     ) -> Result<Vec<String>> {
+        let op = match w {
+            Some(w) => format!("remove?w={w}"),
+            None => "remove".to_owned(),
+        };
         let v: SetMembers = self
             .ap_post(
                 keyspace,
                 key,
-                "remove",
+                &op,
                 serde_json::json!({ "members": members }),
             )
             .await?;
@@ -562,6 +576,20 @@ impl Client {
         Self::json(
             self.request(Method::POST, "/v1/keyspaces", Some(body), &headers)
                 .await?,
+        )
+        .await
+    }
+
+    /// The keyspaces the answering node has applied (no quorum needed; may lag).
+    pub async fn list_keyspaces_serializable(&self) -> Result<Vec<KeyspaceSpec>> {
+        Self::json(
+            self.request(
+                Method::GET,
+                "/v1/keyspaces?consistency=serializable",
+                None,
+                &[],
+            )
+            .await?,
         )
         .await
     }

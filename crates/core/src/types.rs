@@ -263,7 +263,7 @@ pub struct SetMembers {
 }
 
 /// A node as `/v1/cluster` describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterNode {
     pub id: String,
     pub peer_addr: String,
@@ -271,10 +271,13 @@ pub struct ClusterNode {
     /// Whether the answering node has exchanged messages with this node in the last second
     /// (always true for the answering node itself).
     pub reachable: bool,
+    /// Fraction of the ap hash ring for which this node is first in the preference list.
+    #[serde(default)]
+    pub ring_share: f64,
 }
 
 /// `GET /v1/cluster`: the answering node's view of the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterInfo {
     /// The id of the node that answered.
     pub node: String,

@@ -390,8 +390,9 @@ impl StateMachine {
         };
         let spec: KeyspaceSpec = serde_json::from_slice(&raw).map_err(read_err)?;
         if spec.mode != Mode::Cp {
-            return Ok(Err(ApiError::bad_request(format!(
-                "keyspace '{name}' is not a cp keyspace"
+            // Only a node whose registry lags sends an ap keyspace down the cp path.
+            return Ok(Err(ApiError::unavailable(format!(
+                "keyspace '{name}' is an ap keyspace the receiving node had not learned yet; retry"
             ))));
         }
         Ok(Ok(()))
