@@ -101,7 +101,12 @@ impl Demo {
             };
             self.entry.set_faults(url, isolate).await.map_err(fail)?;
         }
-        self.wait(|c| !c.has_quorum, 0).await
+        self.wait(|c| !c.has_quorum, 0).await?;
+        // The majority side elects a leader of its own (if the cut-off node led) before
+        // the scenario goes on, as a real client would retry until it had.
+        let alone = alone.clone();
+        self.wait(move |c| c.leader.as_ref().is_some_and(|l| *l != alone), 1)
+            .await
     }
 
     async fn heal(&self) -> Result<(), String> {
@@ -128,7 +133,7 @@ impl Demo {
         cond: impl Fn(&capkv_client::ClusterInfo) -> bool,
         node: usize,
     ) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Ok(info) = self.entry.cluster_of(&self.urls[node]).await {
                 if cond(&info) {
