@@ -88,12 +88,7 @@ async fn minority_refuses_with_503_and_catches_up_after_heal() {
     .await;
     c.partition(&[&[0], &[1, 2]]).await;
     // Wait until n1 has noticed it lost the majority (it pings every 200 ms).
-    eventually(
-        Duration::from_secs(10),
-        "n1 notices the partition",
-        || async { !c.client(0).cluster_of(&c.url(0)).await.unwrap().has_quorum },
-    )
-    .await;
+    c.wait_cut_off(0).await;
 
     // The minority refuses writes and linearizable reads at once: 503, well within the deadline.
     for _ in 0..3 {

@@ -455,12 +455,14 @@ impl Client {
         keyspace: &str,
         key: &[u8],
         op: &str,
+        w: Option<u32>,
         body: serde_json::Value,
     ) -> Result<T> {
         let path = format!(
-            "/v1/kv/{}/{}/{op}",
+            "/v1/kv/{}/{}/{op}{}",
             encode_segment(keyspace.as_bytes()),
-            encode_segment(key)
+            encode_segment(key),
+            query(&[("w", w.map(|w| w.to_string()))])
         );
         let headers = [("content-type", "application/json".to_owned())];
         Self::json(
@@ -473,6 +475,26 @@ impl Client {
             .await?,
         )
         .await
+    }
+
+    async fn set_change(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        op: &str,
+        members: &[&str],
+        w: Option<u32>,
+    ) -> Result<Vec<String>> {
+        let v: SetMembers = self
+            .ap_post(
+                keyspace,
+                key,
+                op,
+                w,
+                serde_json::json!({ "members": members }),
+            )
+            .await?;
+        Ok(v.members)
     }
 
     async fn ap_get_json<T: serde::de::DeserializeOwned>(
@@ -493,12 +515,8 @@ impl Client {
     /// Adds `by` (may be negative) to a counter in an ap keyspace of type `counter`.
     /// Returns the total as the replica that applied it saw it.
     pub async fn incr(&self, keyspace: &str, key: &[u8], by: i64, w: Option<u32>) -> Result<i64> {
-        let op = match w {
-            Some(w) => format!("incr?w={w}"),
-            None => "incr".to_owned(),
-        };
         let v: CounterValue = self
-            .ap_post(keyspace, key, &op, serde_json::json!({ "by": by }))
+            .ap_post(keyspace, key, "incr", w, serde_json::json!({ "by": by }))
             .await?;
         Ok(v.value)
     }
@@ -519,19 +537,7 @@ impl Client {
         members: &[&str],
         w: Option<u32>,
     ) -> Result<Vec<String>> {
-        let op = match w {
-            Some(w) => format!("add?w={w}"),
-            None => "add".to_owned(),
-        };
-        let v: SetMembers = self
-            .ap_post(
-                keyspace,
-                key,
-                &op,
-                serde_json::json!({ "members": members }),
-            )
-            .await?;
-        Ok(v.members)
+        self.set_change(keyspace, key, "add", members, w).await
     }
 
     /// Removes members (as observed by the replica that applies it) from a set.
@@ -542,19 +548,7 @@ impl Client {
         members: &[&str],
         w: Option<u32>,
     ) -> Result<Vec<String>> {
-        let op = match w {
-            Some(w) => format!("remove?w={w}"),
-            None => "remove".to_owned(),
-        };
-        let v: SetMembers = self
-            .ap_post(
-                keyspace,
-                key,
-                &op,
-                serde_json::json!({ "members": members }),
-            )
-            .await?;
-        Ok(v.members)
+        self.set_change(keyspace, key, "remove", members, w).await
     }
 
     /// A set's members, merged from `r` replicas.

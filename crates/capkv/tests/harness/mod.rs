@@ -244,6 +244,18 @@ impl Cluster {
         }
     }
 
+    /// Waits until node i reports that it cannot reach a majority.
+    pub async fn wait_cut_off(&self, i: usize) {
+        let client = self.client(i);
+        let url = self.url(i);
+        eventually(
+            Duration::from_secs(10),
+            &format!("n{} notices it is cut off", i + 1),
+            || async { client.cluster_of(&url).await.is_ok_and(|c| !c.has_quorum) },
+        )
+        .await;
+    }
+
     pub async fn heal(&self) {
         for i in 0..self.http.len() {
             if self.children[i].is_some() {
