@@ -25,7 +25,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use utoipa::OpenApi;
 
 use crate::ap::dvv::VersionVector;
-use crate::ap::value::{ApState, Mutation};
+use crate::ap::value::{ApState, LwwValue, Mutation};
 use crate::cp::{now_ms, Command, Condition, Op, Written};
 use crate::node::Node;
 use crate::rpc::{ForwardOp, ForwardReply};
@@ -236,7 +236,7 @@ async fn ap_mutate(
 ) -> ApiResult<Response> {
     refuse_cp_params(params)?;
     let t = value_type(spec);
-    if mutation.value_type() != t {
+    if !mutation.applies_to(t) {
         return Err(ApiError::bad_request(format!(
             "keyspace '{}' holds {t:?} values; see docs/api.md for the operations of each type",
             spec.name
@@ -270,6 +270,11 @@ async fn ap_mutate(
             );
             resp
         }
+        // lww writes need no context: the latest stamp wins.
+        ApState::Lww(_) => Json(ApWriteResponse {
+            context: encode_context(&VersionVector::default()),
+        })
+        .into_response(),
         // The state of the replica that applied it: other replicas' changes may be missing.
         ApState::Counter(_) => Json(CounterValue {
             value: state.total(),
@@ -319,6 +324,19 @@ async fn ap_read(
     let state = state.unwrap_or_else(|| ApState::empty(value_type(spec)));
     let obj = match state {
         ApState::Register(obj) => obj,
+        ApState::Lww(Some(LwwValue { value: Some(v), .. })) => {
+            let mut resp = v.into_response();
+            resp.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            return Ok(resp);
+        }
+        ApState::Lww(_) => {
+            return Err(
+                ApiError::not_found(format!("key not found in keyspace '{}'", spec.name)).into(),
+            )
+        }
         ApState::Counter(_) => {
             return Ok(Json(CounterValue {
                 value: state.total(),

@@ -132,7 +132,7 @@ pub enum KeyspaceCmd {
         r: Option<u32>,
         #[arg(long)]
         w: Option<u32>,
-        /// ap only: register (default), counter or set.
+        /// ap only: register (default), counter, set or lww.
         #[arg(long = "type", value_enum)]
         value_type: Option<TypeArg>,
         #[command(flatten)]
@@ -149,6 +149,7 @@ pub enum TypeArg {
     Register,
     Counter,
     Set,
+    Lww,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -385,6 +386,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
                 TypeArg::Register => ValueType::Register,
                 TypeArg::Counter => ValueType::Counter,
                 TypeArg::Set => ValueType::Set,
+                TypeArg::Lww => ValueType::Lww,
             });
             let spec = node
                 .client()

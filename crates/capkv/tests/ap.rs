@@ -459,3 +459,54 @@ async fn the_seed_scenarios_show_both_sides_of_cap() {
         "{cart}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lww_keyspaces_pick_one_winner_everywhere() {
+    let c = Cluster::start(3, &[]).await;
+    create_typed(&c, "profile", capkv_client::ValueType::Lww).await;
+    c.partition(&[&[0], &[1, 2]]).await;
+    c.wait_cut_off(0).await;
+    c.client(0)
+        .ap_put("profile", b"bio", b"left".to_vec(), None, None)
+        .await
+        .unwrap();
+    c.client(1)
+        .ap_put("profile", b"bio", b"right".to_vec(), None, None)
+        .await
+        .unwrap();
+    c.heal().await;
+    hints_drained(&c).await;
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        match c
+            .client(i)
+            .ap_get("profile", b"bio", Some(3))
+            .await
+            .unwrap()
+        {
+            ApValue::Value { value, .. } => seen.push(value),
+            other => panic!("lww never answers siblings: {other:?}"),
+        }
+    }
+    assert!(seen[0] == b"left" || seen[0] == b"right");
+    assert!(
+        seen.iter().all(|v| *v == seen[0]),
+        "every node picks the same winner: {seen:?}"
+    );
+    // A write after reading always wins, whatever the clocks.
+    c.client(2)
+        .ap_put("profile", b"bio", b"final".to_vec(), None, None)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let got = c
+            .client(i)
+            .ap_get("profile", b"bio", Some(3))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&got, ApValue::Value { value, .. } if value == b"final"),
+            "{got:?}"
+        );
+    }
+}

@@ -27,6 +27,9 @@ pub enum ValueType {
     Counter,
     /// An add-wins set of strings: an add concurrent with a remove of the same member wins.
     Set,
+    /// Last writer wins, by hybrid-logical-clock timestamp: never siblings, but of two
+    /// concurrent writes one is silently lost. Only for values where that is acceptable.
+    Lww,
 }
 
 /// A keyspace as stored in the registry (which lives in the cp Raft group).

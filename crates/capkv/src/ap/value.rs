@@ -20,8 +20,44 @@ use super::dvv::{Actor, Object, VersionVector};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApState {
     Register(Object),
+    Lww(Option<LwwValue>),
     Counter(PNCounter<Actor>),
     Set(Orswot<String, Actor>),
+}
+
+/// A hybrid-logical-clock timestamp: wall-clock milliseconds, then a logical counter
+/// that orders events within (or behind) the same millisecond.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Hlc {
+    pub wall_ms: u64,
+    pub logical: u32,
+}
+
+impl Hlc {
+    /// The HLC send/receive rule, per key: the new stamp is the later of this node's
+    /// wall clock and just after `seen`, so a write that read a value always wins over
+    /// it, even when this node's clock is behind the clock that wrote it.
+    pub fn after(seen: Option<Hlc>, now_ms: u64) -> Hlc {
+        match seen {
+            Some(s) if s.wall_ms >= now_ms => Hlc {
+                wall_ms: s.wall_ms,
+                logical: s.logical + 1,
+            },
+            _ => Hlc {
+                wall_ms: now_ms,
+                logical: 0,
+            },
+        }
+    }
+}
+
+/// The state of an `lww` key: the latest write (`None` value = deleted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LwwValue {
+    pub stamp: Hlc,
+    /// Breaks ties between equal stamps, so every replica picks the same winner.
+    pub actor: Actor,
+    pub value: Option<Vec<u8>>,
 }
 
 /// A client's change to an ap key.
@@ -41,6 +77,11 @@ pub enum Mutation {
 }
 
 impl Mutation {
+    /// Whether this mutation applies to keys of type `t` (writes go to registers and lww).
+    pub fn applies_to(&self, t: ValueType) -> bool {
+        self.value_type() == t || (t == ValueType::Lww && matches!(self, Mutation::Write { .. }))
+    }
+
     /// The value type this mutation applies to.
     pub fn value_type(&self) -> ValueType {
         match self {
@@ -57,6 +98,7 @@ impl ApState {
             ValueType::Register => ApState::Register(Object::default()),
             ValueType::Counter => ApState::Counter(PNCounter::new()),
             ValueType::Set => ApState::Set(Orswot::new()),
+            ValueType::Lww => ApState::Lww(None),
         }
     }
 
@@ -65,6 +107,7 @@ impl ApState {
             ApState::Register(_) => ValueType::Register,
             ApState::Counter(_) => ValueType::Counter,
             ApState::Set(_) => ValueType::Set,
+            ApState::Lww(_) => ValueType::Lww,
         }
     }
 
@@ -75,6 +118,11 @@ impl ApState {
             (ApState::Register(o), Mutation::Write { context, value }) => {
                 ApState::Register(o.update(context, &actor, value.clone(), now_ms).0)
             }
+            (ApState::Lww(cur), Mutation::Write { value, .. }) => ApState::Lww(Some(LwwValue {
+                stamp: Hlc::after(cur.as_ref().map(|c| c.stamp), now_ms),
+                actor,
+                value: value.clone(),
+            })),
             (ApState::Counter(c), Mutation::Add { by }) => {
                 let mut c = c.clone();
                 let op = if *by >= 0 {
@@ -112,6 +160,14 @@ impl ApState {
     pub fn merge(&self, other: &ApState) -> ApState {
         match (self, other) {
             (ApState::Register(a), ApState::Register(b)) => ApState::Register(a.merge(b)),
+            (ApState::Lww(a), ApState::Lww(b)) => {
+                let key = |v: &Option<LwwValue>| v.as_ref().map(|v| (v.stamp, v.actor.clone()));
+                ApState::Lww(if key(b) > key(a) {
+                    b.clone()
+                } else {
+                    a.clone()
+                })
+            }
             (ApState::Counter(a), ApState::Counter(b)) => {
                 let mut m = a.clone();
                 m.merge(b.clone());
@@ -140,6 +196,7 @@ impl ApState {
     pub fn digest(&self) -> u64 {
         let bytes = match self {
             ApState::Register(o) => crate::cp::encode(o),
+            ApState::Lww(v) => crate::cp::encode(v),
             ApState::Counter(c) => crate::cp::encode(c),
             ApState::Set(s) => {
                 let mut members: Vec<(String, Vec<u8>)> = s
@@ -275,6 +332,44 @@ mod tests {
             )
             .unwrap();
         assert!(gone.merge(&readded).members().is_empty());
+    }
+
+    #[test]
+    fn lww_keeps_the_latest_stamp_and_a_read_then_write_always_wins() {
+        let write = |v: &str| Mutation::Write {
+            context: VersionVector::default(),
+            value: Some(v.as_bytes().to_vec()),
+        };
+        let empty = ApState::empty(ValueType::Lww);
+        // n1's clock is ahead (2000) of n2's (1000).
+        let a = empty.apply(&write("a"), "n1", 2000).unwrap();
+        // n2 read "a" and overwrites it: it wins although its clock is behind.
+        let b = a.apply(&write("b"), "n2", 1000).unwrap();
+        assert_eq!(a.merge(&b), b);
+        assert_eq!(b.merge(&a), b);
+        // Two concurrent writes: one wins, the same one everywhere (the other is lost).
+        let c = empty.apply(&write("c"), "n3", 1500).unwrap();
+        let d = empty.apply(&write("d"), "n4", 1500).unwrap();
+        assert_eq!(c.merge(&d), d.merge(&c));
+    }
+
+    proptest! {
+        #[test]
+        fn lww_merges_are_lawful(h in ops()) {
+            let mut r = vec![ApState::empty(ValueType::Lww); 3];
+            for (i, (at, from, x, sync)) in h.iter().enumerate() {
+                let (at, from) = (*at as usize, *from as usize);
+                if *sync {
+                    r[at] = r[at].merge(&r[from]);
+                } else {
+                    let m = Mutation::Write { context: VersionVector::default(), value: Some(vec![*x as u8]) };
+                    r[at] = r[at].apply(&m, &format!("n{at}"), (i % 5) as u64).unwrap();
+                }
+            }
+            prop_assert_eq!(r[0].merge(&r[1]), r[1].merge(&r[0]));
+            prop_assert_eq!(r[0].merge(&r[1]).merge(&r[2]), r[0].merge(&r[1].merge(&r[2])));
+            prop_assert_eq!(r[0].merge(&r[0]), r[0].clone());
+        }
     }
 
     #[test]
