@@ -216,6 +216,18 @@ impl Client {
         Err(ClientError::Api { status, error })
     }
 
+    /// Reads a 404: `Ok` if the key is absent (an answer), the error if the keyspace is
+    /// unknown (the Contract answers 404 for both; the message tells them apart).
+    async fn absent_key(resp: reqwest::Response) -> Result<()> {
+        match Self::check(resp).await {
+            Err(ClientError::Api { error, .. }) if error.message.starts_with("key not found") => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+            Ok(_) => Err(ClientError::Decode("404 without an error body".into())),
+        }
+    }
+
     async fn json<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
         let resp = Self::check(resp).await?;
         resp.json()
@@ -278,14 +290,7 @@ impl Client {
         );
         let resp = self.request(Method::GET, &path, None, &[]).await?;
         if resp.status() == StatusCode::NOT_FOUND {
-            let err = Self::check(resp).await.unwrap_err();
-            // An unknown keyspace is an error; an absent key is not.
-            return match &err {
-                ClientError::Api { error, .. } if error.message.starts_with("key not found") => {
-                    Ok(None)
-                }
-                _ => Err(err),
-            };
+            return Self::absent_key(resp).await.map(|()| None);
         }
         let resp = Self::check(resp).await?;
         let version = resp
@@ -425,16 +430,9 @@ impl Client {
                 })
             }
             404 if context.is_some() => Ok(ApValue::Absent { context }),
-            404 => match Self::check(resp).await {
-                // An absent key is an answer; an unknown keyspace is an error.
-                Err(ClientError::Api { error, .. })
-                    if error.message.starts_with("key not found") =>
-                {
-                    Ok(ApValue::Absent { context: None })
-                }
-                Err(e) => Err(e),
-                Ok(_) => Err(ClientError::Decode("404 without an error body".into())),
-            },
+            404 => Self::absent_key(resp)
+                .await
+                .map(|()| ApValue::Absent { context: None }),
             _ => {
                 let resp = Self::check(resp).await?;
                 let value = resp

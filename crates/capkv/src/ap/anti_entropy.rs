@@ -182,9 +182,7 @@ pub async fn exchange(
     let mut repaired = 0u64;
     let mut theirs_by_key: BTreeMap<Vec<u8>, ApState> = BTreeMap::new();
     for (ks, key, state) in theirs {
-        let before = c.replica.read(&ks, &key, &[])?;
-        let after = c.replica.merge(&ks, &key, &state).await?;
-        if before.as_ref() != Some(&after) {
+        if c.replica.merge(&ks, &key, &state).await?.1 {
             repaired += 1;
         }
         theirs_by_key.insert(obj_key(&ks, &key), state);

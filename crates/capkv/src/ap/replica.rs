@@ -156,26 +156,28 @@ impl Replica {
         Ok(next)
     }
 
-    /// Merges an object from elsewhere into the local replica; returns the result.
+    /// Merges an object from elsewhere into the local replica; returns the result and
+    /// whether the local replica changed.
     pub async fn merge(
         &self,
         keyspace: &str,
         key: &[u8],
         incoming: &ApState,
-    ) -> Result<ApState, ApiError> {
+    ) -> Result<(ApState, bool), ApiError> {
         let k = obj_key(keyspace, key);
         let _guard = self.stripe(&k).lock().await;
         let current = self.load(Tree::Ap, &k)?;
         let next = current
             .as_ref()
             .map_or_else(|| incoming.clone(), |c| c.merge(incoming));
-        if current.as_ref() != Some(&next) {
+        let changed = current.as_ref() != Some(&next);
+        if changed {
             self.store(Tree::Ap, k, &next).await?;
             if current.is_none() {
                 self.count_new_object();
             }
         }
-        Ok(next)
+        Ok((next, changed))
     }
 
     /// Holds an object for `home` until it is reachable again.
@@ -304,7 +306,8 @@ mod tests {
                 .update(&VersionVector::default(), "n2.y", Some(b"b".to_vec()), 2)
                 .0,
         );
-        let merged = r.merge("cart", b"k", &b).await.unwrap();
+        let (merged, changed) = r.merge("cart", b"k", &b).await.unwrap();
+        assert!(changed);
         let ApState::Register(m) = &merged else {
             panic!("register expected")
         };

@@ -73,13 +73,7 @@ fn unexpected<E: std::error::Error>(target: NodeId) -> RPCError<NodeId, PeerNode
 }
 
 impl PeerConnection {
-    async fn call(
-        &self,
-        req: PeerRequest,
-        action: RPCTypes,
-        option: &RPCOption,
-    ) -> Result<PeerResponse, NetError> {
-        let _ = action;
+    async fn call(&self, req: PeerRequest, option: &RPCOption) -> Result<PeerResponse, NetError> {
         self.transport
             .call(self.target, req, option.hard_ttl())
             .await
@@ -93,10 +87,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let action = RPCTypes::AppendEntries;
-        match self
-            .call(PeerRequest::AppendEntries(rpc), action, &option)
-            .await
-        {
+        match self.call(PeerRequest::AppendEntries(rpc), &option).await {
             Ok(PeerResponse::AppendEntries(r)) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -114,10 +105,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         RPCError<NodeId, PeerNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let action = RPCTypes::InstallSnapshot;
-        match self
-            .call(PeerRequest::InstallSnapshot(rpc), action, &option)
-            .await
-        {
+        match self.call(PeerRequest::InstallSnapshot(rpc), &option).await {
             Ok(PeerResponse::InstallSnapshot(r)) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -132,7 +120,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let action = RPCTypes::Vote;
-        match self.call(PeerRequest::Vote(rpc), action, &option).await {
+        match self.call(PeerRequest::Vote(rpc), &option).await {
             Ok(PeerResponse::Vote(r)) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
