@@ -207,6 +207,10 @@ pub struct ServeArgs {
     /// Lower means faster failover but more spurious elections on a loaded machine.
     #[arg(long)]
     pub election_timeout_ms: Option<u64>,
+    /// ap: a delete's tombstone is collected once every node has confirmed holding it
+    /// (or nothing) twice, this many ms apart (default 120000; at most 86400000).
+    #[arg(long)]
+    pub tombstone_grace_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -251,6 +255,14 @@ impl ServeArgs {
             }
             cfg.election_timeout_min_ms = v;
             cfg.election_timeout_max_ms = 2 * v;
+        }
+        if let Some(v) = self.tombstone_grace_ms.or(file.tombstone_grace_ms) {
+            if v > 86_400_000 {
+                return Err(ConfigError::Invalid(
+                    "--tombstone-grace-ms must be at most 86400000 (one day)".into(),
+                ));
+            }
+            cfg.tombstone_grace = std::time::Duration::from_millis(v);
         }
         if let Some(v) = self.snapshot_every.or(file.snapshot_every) {
             if v == 0 {

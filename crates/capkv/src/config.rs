@@ -102,6 +102,9 @@ pub struct NodeConfig {
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+    /// ap: how long a tombstone must stay confirmed on every node before it is collected
+    /// (longer than any request deadline; see `ap::tombstones`).
+    pub tombstone_grace: std::time::Duration,
 }
 
 /// The settings a `--config` TOML file may hold (same names as the flags).
@@ -117,6 +120,7 @@ pub struct ConfigFile {
     pub max_value_bytes: Option<usize>,
     pub snapshot_every: Option<u64>,
     pub election_timeout_ms: Option<u64>,
+    pub tombstone_grace_ms: Option<u64>,
 }
 
 impl ConfigFile {
@@ -156,6 +160,7 @@ impl NodeConfig {
             heartbeat_ms: 100,
             election_timeout_min_ms: 600,
             election_timeout_max_ms: 1200,
+            tombstone_grace: crate::ap::tombstones::DEFAULT_GRACE,
         })
     }
 

@@ -24,10 +24,10 @@ use capkv_core::{ApiError, ClusterInfo, ClusterNode, ErrorCode};
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
 
-use crate::ap::anti_entropy;
 use crate::ap::coordinator::Coordinator;
 use crate::ap::replica::Replica;
 use crate::ap::ring::{Ring, DEFAULT_VNODES};
+use crate::ap::{anti_entropy, tombstones};
 use crate::config::NodeConfig;
 use crate::cp::log_store::LogStore;
 use crate::cp::network::NetworkFactory;
@@ -180,6 +180,7 @@ impl Node {
         tokio::spawn(node.clone().metrics_loop());
         tokio::spawn(node.ap.clone().handoff_loop());
         tokio::spawn(node.clone().anti_entropy_loop());
+        tokio::spawn(node.clone().tombstone_loop());
         Ok(node)
     }
 
@@ -509,6 +510,12 @@ impl Node {
                     .and_then(|specs| anti_entropy::build(&self.ap, &specs, from, Some(&leaves)))
                     .map(|(_, objects)| objects),
             ),
+            PeerRequest::ApReapCheck { items } => {
+                PeerResponse::ApReapChecked(tombstones::check(&self.ap, &items))
+            }
+            PeerRequest::ApReap { items } => {
+                PeerResponse::ApReaped(tombstones::reap(&self.ap, &items).await)
+            }
             PeerRequest::Forward(f) => {
                 tracing::debug!(from, op = ?std::mem::discriminant(&f.op), "forwarded request");
                 let deadline = Instant::now() + Duration::from_millis(f.timeout_ms);
@@ -559,6 +566,23 @@ impl Node {
                 Err(e) => {
                     tracing::debug!(peer = %self.name_of(peer), error = %e, "anti-entropy exchange failed")
                 }
+            }
+        }
+    }
+
+    /// Collects the tombstones of keys this node is first home of (`ap::tombstones`).
+    async fn tombstone_loop(self: Arc<Self>) {
+        let mut collector = tombstones::Collector::new(self.config.tombstone_grace);
+        loop {
+            tokio::time::sleep(tombstones::REAP_INTERVAL).await;
+            let result = match self.ap_specs() {
+                Ok(specs) => collector.round(&self.ap, &specs).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(tombstones = n, "collected tombstones"),
+                Err(e) => tracing::warn!(error = %e, "tombstone collection round failed"),
             }
         }
     }

@@ -52,6 +52,14 @@ pub enum PeerRequest {
     AeFetch {
         leaves: Vec<u16>,
     },
+    /// ap tombstone collection: per tombstone, does every copy the receiver holds equal it?
+    ApReapCheck {
+        items: Vec<StoredObject>,
+    },
+    /// ap tombstone collection: drop the copies that still equal these tombstones.
+    ApReap {
+        items: Vec<StoredObject>,
+    },
     /// ap: the local replica of a key merged with the hints held for it.
     ApRead {
         keyspace: String,
@@ -73,6 +81,9 @@ pub enum PeerResponse {
     /// Per differing interior node: its index and the receiver's leaf hashes under it.
     AeDiffer(Result<Vec<(u16, Vec<u64>)>, ApiError>),
     AeObjects(Result<Vec<StoredObject>, ApiError>),
+    ApReapChecked(Result<Vec<bool>, ApiError>),
+    /// How many copies the receiver dropped.
+    ApReaped(Result<u64, ApiError>),
 }
 
 /// A forwarded client request, with what is left of its deadline.

@@ -1,11 +1,14 @@
-//! ap keyspaces: leaderless, Dynamo-style replication (in progress, issue 3).
+//! ap keyspaces: leaderless, Dynamo-style replication.
 //!
-//! Pure building blocks so far: [`ring`] (placement) and [`dvv`] (causality and
-//! siblings). The replica store, coordinator, hinted handoff and repair build on them.
+//! [`ring`] places keys, [`dvv`] and [`value`] hold causality, siblings and CRDT state,
+//! [`replica`] stores them durably, [`coordinator`] runs reads and writes (sloppy quorum,
+//! hinted handoff, read repair), [`anti_entropy`] converges replicas in the background
+//! and [`tombstones`] collects deletes once every copy in the cluster has them.
 
 pub mod anti_entropy;
 pub mod coordinator;
 pub mod dvv;
 pub mod replica;
 pub mod ring;
+pub mod tombstones;
 pub mod value;

@@ -2,6 +2,7 @@
 //!
 //! [`Tree::Ap`]: `keyspace \0 key` → bincode [`ApState`].
 //! [`Tree::Hints`]: `home-node (u64 BE) keyspace \0 key` → bincode [`ApState`].
+//! [`Tree::Meta`] `ap_reap_floor` → bincode [`ReapFloor`].
 //!
 //! Every change is a read-merge-write of one key, serialized by a striped lock so two
 //! concurrent writes to a key cannot lose each other, and acknowledged only after the
@@ -15,7 +16,7 @@ use tokio::sync::Mutex;
 
 use capkv_core::ValueType;
 
-use super::value::{ApState, Mutation};
+use super::value::{ApState, Mutation, ReapFloor};
 use crate::cp::{decode, encode, NodeId};
 use crate::storage::{prefix_end, Engine, GroupCommit, Tree, WriteBatch};
 
@@ -24,6 +25,7 @@ const STRIPES: usize = 64;
 /// Most hints a node holds; beyond it, it refuses to hold more (the coordinator tries
 /// another fallback), so an outage cannot fill the disk.
 pub const HINTS_MAX: u64 = 100_000;
+const FLOOR_KEY: &[u8] = b"ap_reap_floor";
 
 pub fn obj_key(keyspace: &str, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(keyspace.len() + 1 + key.len());
@@ -68,6 +70,9 @@ pub struct Replica {
     stripes: Vec<Mutex<()>>,
     hints: AtomicU64,
     objects: AtomicU64,
+    /// Raised under a key's stripe lock when the key is collected, read under it by
+    /// `update`, so a write to a key always sees the floor its collection left.
+    floor: std::sync::Mutex<ReapFloor>,
 }
 
 impl Replica {
@@ -81,6 +86,10 @@ impl Replica {
             .range(Tree::Ap, b"", None, usize::MAX)
             .map_err(internal)?
             .len() as u64;
+        let floor = match engine.get(Tree::Meta, FLOOR_KEY).map_err(internal)? {
+            Some(raw) => decode(&raw).map_err(internal)?,
+            None => ReapFloor::default(),
+        };
         metrics::gauge!("capkv_ap_hints_queued").set(held as f64);
         metrics::gauge!("capkv_ap_objects").set(objects as f64);
         Ok(Replica {
@@ -89,6 +98,7 @@ impl Replica {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hints: AtomicU64::new(held),
             objects: AtomicU64::new(objects),
+            floor: std::sync::Mutex::new(floor),
         })
     }
 
@@ -148,7 +158,8 @@ impl Replica {
         let existing = self.load(Tree::Ap, &k)?;
         let is_new = existing.is_none();
         let current = existing.unwrap_or_else(|| ApState::empty(value_type));
-        let next = current.apply(mutation, actor, now_ms)?;
+        let floor = *self.floor.lock().expect("floor lock");
+        let next = current.apply_above(mutation, actor, now_ms, &floor)?;
         self.store(Tree::Ap, k, &next).await?;
         if is_new {
             self.count_new_object();
@@ -272,6 +283,85 @@ impl Replica {
                 Ok((ks, key, decode(&v).map_err(internal)?))
             })
             .collect()
+    }
+
+    /// Whether every copy of a key this node holds (its replica, and hints for any of
+    /// `homes`) is exactly `tombstone`, or absent.
+    pub fn holds_only(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        tombstone: &ApState,
+        homes: &[NodeId],
+    ) -> Result<bool, ApiError> {
+        let mut copies = vec![obj_key(keyspace, key)];
+        copies.extend(homes.iter().map(|h| hint_key(*h, keyspace, key)));
+        for (i, k) in copies.iter().enumerate() {
+            let tree = if i == 0 { Tree::Ap } else { Tree::Hints };
+            if self.load(tree, k)?.is_some_and(|c| &c != tombstone) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Collects a tombstone every node confirmed holding (or not holding at all): drops
+    /// this node's copies that still equal it, and raises the floor above it for `actor`
+    /// (also when this node held no copy) in the same durable batch. Returns how many
+    /// copies were dropped; a copy that changed since the check is kept (it is newer).
+    pub async fn reap(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        tombstone: &ApState,
+        homes: &[NodeId],
+        actor: &str,
+    ) -> Result<u64, ApiError> {
+        if !tombstone.is_tombstone() {
+            return Err(ApiError::bad_request("only tombstones are collected"));
+        }
+        let mut dropped = 0;
+        {
+            let k = obj_key(keyspace, key);
+            let _guard = self.stripe(&k).lock().await;
+            let held = self.load(Tree::Ap, &k)?.as_ref() == Some(tombstone);
+            let mut b = WriteBatch::new();
+            if held {
+                b.delete(Tree::Ap, k);
+            }
+            // Held across the write so concurrent collections of other keys each raise it.
+            let mut floor = self.floor.lock().expect("floor lock");
+            let mut next = *floor;
+            next.cover(tombstone, actor);
+            b.put(Tree::Meta, FLOOR_KEY.to_vec(), encode(&next));
+            self.engine.write(b).map_err(internal)?;
+            *floor = next;
+            drop(floor);
+            if held {
+                dropped += 1;
+                let n = self
+                    .objects
+                    .fetch_sub(1, Ordering::Relaxed)
+                    .saturating_sub(1);
+                metrics::gauge!("capkv_ap_objects").set(n as f64);
+            }
+        }
+        // Hints are under their own stripes (taken after the replica's is released: a
+        // stripe lock is not reentrant). A hint that still equals the tombstone goes.
+        for home in homes {
+            let hk = hint_key(*home, keyspace, key);
+            let _hint_guard = self.stripe(&hk).lock().await;
+            if self.load(Tree::Hints, &hk)?.as_ref() == Some(tombstone) {
+                let mut b = WriteBatch::new();
+                b.delete(Tree::Hints, hk);
+                self.engine.write(b).map_err(internal)?;
+                let n = self.hints.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+                metrics::gauge!("capkv_ap_hints_queued").set(n as f64);
+                dropped += 1;
+            }
+        }
+        self.group_commit.sync().await.map_err(internal)?;
+        Ok(dropped)
     }
 
     pub fn hints_held(&self) -> u64 {

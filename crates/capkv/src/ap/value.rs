@@ -60,6 +60,28 @@ pub struct LwwValue {
     pub value: Option<Vec<u8>>,
 }
 
+/// What a node must stay above after it collected tombstones (see `ap::tombstones`):
+/// the highest counter its own actor had in a collected tombstone's context, and the
+/// latest collected `lww` stamp. New dots and stamps are issued above it, so a write
+/// made after a key was collected is never mistaken for one the old context covered,
+/// nor loses to a stale copy of the old tombstone. Persisted with the collection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReapFloor {
+    pub dot: u64,
+    pub stamp: Option<Hlc>,
+}
+
+impl ReapFloor {
+    /// Raises the floor to cover a collected tombstone as seen by `actor`.
+    pub fn cover(&mut self, tombstone: &ApState, actor: &str) {
+        match tombstone {
+            ApState::Register(o) => self.dot = self.dot.max(o.context.get(actor)),
+            ApState::Lww(Some(v)) => self.stamp = self.stamp.max(Some(v.stamp)),
+            _ => {}
+        }
+    }
+}
+
 /// A client's change to an ap key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mutation {
@@ -111,15 +133,31 @@ impl ApState {
         }
     }
 
-    /// Applies a client's mutation as `actor`.
+    /// Applies a client's mutation as `actor` (a node that never collected a tombstone).
     pub fn apply(&self, m: &Mutation, actor: &str, now_ms: u64) -> Result<ApState, ApiError> {
+        self.apply_above(m, actor, now_ms, &ReapFloor::default())
+    }
+
+    /// Applies a client's mutation as `actor`, issuing its dot or stamp above `floor`.
+    pub fn apply_above(
+        &self,
+        m: &Mutation,
+        actor: &str,
+        now_ms: u64,
+        floor: &ReapFloor,
+    ) -> Result<ApState, ApiError> {
         let actor = actor.to_owned();
         Ok(match (self, m) {
             (ApState::Register(o), Mutation::Write { context, value }) => {
+                // The actor's dots up to the floor were all collected with their keys:
+                // this object has, in effect, seen them.
+                let mut o = o.clone();
+                let seen = o.context.get(&actor).max(floor.dot);
+                o.context.0.insert(actor.clone(), seen);
                 ApState::Register(o.update(context, &actor, value.clone(), now_ms).0)
             }
             (ApState::Lww(cur), Mutation::Write { value, .. }) => ApState::Lww(Some(LwwValue {
-                stamp: Hlc::after(cur.as_ref().map(|c| c.stamp), now_ms),
+                stamp: Hlc::after(cur.as_ref().map(|c| c.stamp).max(floor.stamp), now_ms),
                 actor,
                 value: value.clone(),
             })),
@@ -182,6 +220,17 @@ impl ApState {
                 tracing::error!(mine = ?a.value_type(), theirs = ?b.value_type(), "merging ap states of different types");
                 a.clone()
             }
+        }
+    }
+
+    /// Whether this is a delete that can be collected once every copy equals it: a
+    /// register whose siblings are all tombstones, or an `lww` key whose latest write is
+    /// a delete. Counters and sets have no deletes.
+    pub fn is_tombstone(&self) -> bool {
+        match self {
+            ApState::Register(o) => o.is_deleted(),
+            ApState::Lww(v) => v.as_ref().is_none_or(|v| v.value.is_none()),
+            ApState::Counter(_) | ApState::Set(_) => false,
         }
     }
 
