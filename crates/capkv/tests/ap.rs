@@ -510,3 +510,121 @@ async fn lww_keyspaces_pick_one_winner_everywhere() {
         );
     }
 }
+
+/// Sum of a metric over every node.
+async fn total(c: &Cluster, name: &str) -> f64 {
+    let mut sum = 0.0;
+    for i in 0..3 {
+        sum += harness::metric(&c.metrics(i).await, name);
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_are_collected_only_once_every_replica_has_them() {
+    let c = Cluster::start(3, &["--tombstone-grace-ms", "300"]).await;
+    create_ap(&c, "cart").await;
+    // Every replica holds every value (w=3)...
+    let mut contexts = Vec::new();
+    for i in 0..10 {
+        let key = format!("k{i}");
+        let ctx = c
+            .client(0)
+            .ap_put("cart", key.as_bytes(), b"v".to_vec(), None, Some(3))
+            .await
+            .unwrap();
+        contexts.push(ctx);
+    }
+    // ...then n3 is cut off and misses the deletes.
+    c.partition(&[&[0, 1], &[2]]).await;
+    c.wait_cut_off(2).await;
+    for (i, ctx) in contexts.iter().enumerate() {
+        let key = format!("k{i}");
+        c.client(0)
+            .ap_delete("cart", key.as_bytes(), Some(ctx))
+            .await
+            .unwrap();
+    }
+    // Collection rounds run, far past the grace, and keep every tombstone: dropping them
+    // now would let n3's old values come back through anti-entropy after the heal.
+    eventually(
+        Duration::from_secs(30),
+        "collection rounds defer the tombstones",
+        || async { total(&c, "capkv_ap_tombstones_deferred_total").await >= 20.0 },
+    )
+    .await;
+    assert_eq!(total(&c, "capkv_ap_tombstones_collected_total").await, 0.0);
+    for i in [0usize, 1] {
+        assert_eq!(
+            harness::metric(&c.metrics(i).await, "capkv_ap_objects"),
+            10.0,
+            "n{} keeps its tombstones",
+            i + 1
+        );
+    }
+
+    // After the heal n3 gets the tombstones (hints, anti-entropy), then they go everywhere.
+    c.heal().await;
+    eventually(
+        Duration::from_secs(60),
+        "every tombstone is collected on every node",
+        || async {
+            let mut objects = 0.0;
+            for i in 0..3 {
+                objects += harness::metric(&c.metrics(i).await, "capkv_ap_objects");
+            }
+            objects == 0.0
+        },
+    )
+    .await;
+    assert!(total(&c, "capkv_ap_tombstones_collected_total").await >= 10.0);
+    // Nothing comes back: anti-entropy keeps running and every read is a plain absence
+    // (no context left: the tombstone itself is gone).
+    let exchanged = total(&c, "capkv_ap_ae_exchanges_total").await;
+    eventually(
+        Duration::from_secs(30),
+        "more anti-entropy exchanges run",
+        || async { total(&c, "capkv_ap_ae_exchanges_total").await >= exchanged + 6.0 },
+    )
+    .await;
+    assert_eq!(total(&c, "capkv_ap_objects").await, 0.0);
+    for node in 0..3 {
+        for i in 0..10 {
+            let key = format!("k{i}");
+            let got = c
+                .client(node)
+                .ap_get("cart", key.as_bytes(), Some(3))
+                .await
+                .unwrap();
+            assert!(
+                matches!(got, ApValue::Absent { context: None }),
+                "{key} on n{}: {got:?}",
+                node + 1
+            );
+        }
+    }
+
+    // A write after collection, then a write carrying a context read before the delete:
+    // the old context does not cover the new write, so neither is lost.
+    c.client(1)
+        .ap_put("cart", b"k0", b"new".to_vec(), None, Some(3))
+        .await
+        .unwrap();
+    c.client(2)
+        .ap_put(
+            "cart",
+            b"k0",
+            b"stale".to_vec(),
+            Some(&contexts[0]),
+            Some(3),
+        )
+        .await
+        .unwrap();
+    match c.client(0).ap_get("cart", b"k0", Some(3)).await.unwrap() {
+        ApValue::Siblings { mut values, .. } => {
+            values.sort();
+            assert_eq!(values, vec![b"new".to_vec(), b"stale".to_vec()]);
+        }
+        other => panic!("expected siblings, got {other:?}"),
+    }
+}
