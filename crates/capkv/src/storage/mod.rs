@@ -28,7 +28,8 @@ pub enum Tree {
     /// Raft log entries, keyed by big-endian index.
     Log,
     /// Small records: the Raft vote, committed and purged ids, the state machine's
-    /// applied id and membership, the current snapshot.
+    /// applied id and membership, the current snapshot; the node's incarnation and ap
+    /// reap floor.
     Meta,
     /// The replicated state machine: keyspaces, keys, idempotency records.
     Data,
