@@ -24,7 +24,7 @@ use capkv_core::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use utoipa::OpenApi;
 
-use crate::ap::dvv::VersionVector;
+use crate::ap::dvv::{Object, VersionVector};
 use crate::ap::value::{ApState, LwwValue, Mutation};
 use crate::cp::{now_ms, Command, Condition, Op, Written};
 use crate::node::Node;
@@ -165,22 +165,6 @@ fn check_target(node: &Node, keyspace: &str, key: &str) -> Result<Option<Keyspac
     validate::keyspace_name(keyspace)?;
     validate::key(key.as_bytes())?;
     node.reader.keyspace(keyspace)
-}
-
-fn is_ap(spec: &Option<KeyspaceSpec>) -> bool {
-    spec.as_ref().is_some_and(|s| s.mode == Mode::Ap)
-}
-
-fn check_cp(node: &Node, keyspace: &str) -> Result<(), ApiError> {
-    if is_ap(&node.reader.keyspace(keyspace)?) {
-        return Err(ApiError::new(
-            capkv_core::ErrorCode::NotImplemented,
-            format!(
-                "keyspace '{keyspace}' is an ap keyspace; scans of ap keyspaces are not served yet"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// The opaque causal context of an ap read, as sent in `X-Capkv-Context`.
@@ -356,9 +340,7 @@ async fn ap_read(
         );
     }
     let ctx = encode_context(&obj.context);
-    let mut values: Vec<&[u8]> = obj.values();
-    values.sort();
-    values.dedup(); // the same value written twice concurrently is one answer
+    let values = distinct_values(&obj);
     let mut resp = match values.len() {
         0 => Failure(ApiError::not_found(format!(
             "key not found in keyspace '{}' (deleted)",
@@ -390,6 +372,76 @@ async fn ap_read(
         HeaderValue::from_str(&ctx).expect("base64 is a valid header"),
     );
     Ok(resp)
+}
+
+/// A register's live values, sorted; the same value written twice concurrently is one.
+fn distinct_values(obj: &Object) -> Vec<&[u8]> {
+    let mut values: Vec<&[u8]> = obj.values();
+    values.sort();
+    values.dedup();
+    values
+}
+
+/// A scan of an ap keyspace: the merged copies of every reachable node, deletes left out.
+async fn ap_scan(
+    node: &Node,
+    spec: &KeyspaceSpec,
+    params: &Params,
+    limit: usize,
+) -> ApiResult<Response> {
+    refuse_cp_params(params)?;
+    let prefix = params.get("prefix").unwrap_or("").as_bytes();
+    let after = params.get("after").map(str::as_bytes);
+    let (page, more) = node
+        .ap
+        .scan(&spec.name, prefix, after, limit, params.deadline()?)
+        .await?;
+    let entries: Vec<ScanEntry> = page
+        .iter()
+        .map(|(key, state)| {
+            let entry = ScanEntry::key(key);
+            match state {
+                ApState::Register(obj) => {
+                    let values = distinct_values(obj);
+                    let context = Some(encode_context(&obj.context));
+                    match values.as_slice() {
+                        [one] => ScanEntry {
+                            context,
+                            ..entry.with_value(one)
+                        },
+                        many => ScanEntry {
+                            siblings: Some(many.iter().map(|v| Sibling::new(v)).collect()),
+                            context,
+                            ..entry
+                        },
+                    }
+                }
+                ApState::Lww(v) => entry.with_value(
+                    v.as_ref()
+                        .and_then(|v| v.value.as_deref())
+                        .unwrap_or_default(),
+                ),
+                ApState::Counter(_) => ScanEntry {
+                    counter: Some(state.total()),
+                    ..entry
+                },
+                ApState::Set(_) => ScanEntry {
+                    members: Some(state.members()),
+                    ..entry
+                },
+            }
+        })
+        .collect();
+    Ok(scan_response(entries, more))
+}
+
+fn scan_response(entries: Vec<ScanEntry>, more: bool) -> Response {
+    let mut resp = Json(entries).into_response();
+    resp.headers_mut().insert(
+        "x-capkv-more",
+        HeaderValue::from_static(if more { "true" } else { "false" }),
+    );
+    resp
 }
 
 /// The body of `POST .../incr`.
@@ -633,7 +685,6 @@ async fn scan_keys(
         &["prefix", "after", "limit", "consistency", "timeout_ms"],
     )?;
     validate::keyspace_name(&ks)?;
-    check_cp(&st.node, &ks)?;
     let limit = match params.number("limit")? {
         None => 1000,
         Some(n) if (1..=MAX_SCAN_LIMIT as u64).contains(&n) => n as usize,
@@ -644,6 +695,9 @@ async fn scan_keys(
             .into())
         }
     };
+    if let Some(spec) = st.node.reader.keyspace(&ks)?.filter(|s| s.mode == Mode::Ap) {
+        return ap_scan(&st.node, &spec, &params, limit).await;
+    }
     let op = ForwardOp::Scan {
         keyspace: ks,
         prefix: params.get("prefix").unwrap_or("").as_bytes().to_vec(),
@@ -661,12 +715,7 @@ async fn scan_keys(
         .iter()
         .map(|(k, v, val)| ScanEntry::new(k, val, *v))
         .collect();
-    let mut resp = Json(entries).into_response();
-    resp.headers_mut().insert(
-        "x-capkv-more",
-        HeaderValue::from_static(if more { "true" } else { "false" }),
-    );
-    Ok(resp)
+    Ok(scan_response(entries, more))
 }
 
 /// Creates a keyspace (201), or 409 if one with that name exists.

@@ -371,8 +371,20 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
                 .map_err(fail)?;
             for e in &entries {
                 let key = String::from_utf8_lossy(&e.key_bytes()).into_owned();
-                let value = String::from_utf8_lossy(&e.value_bytes()).into_owned();
-                println!("{key}\t{value}\t(version {})", e.version);
+                let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+                let shown = if let Some(v) = e.version {
+                    format!("{}\t(version {v})", text(e.value_bytes()))
+                } else if let Some(s) = &e.siblings {
+                    let values: Vec<String> = s.iter().map(|s| text(s.value_bytes())).collect();
+                    format!("{}\t(siblings)", values.join(" | "))
+                } else if let Some(c) = e.counter {
+                    c.to_string()
+                } else if let Some(m) = &e.members {
+                    m.join(",")
+                } else {
+                    text(e.value_bytes())
+                };
+                println!("{key}\t{shown}");
             }
             if more {
                 println!("... more (raise --limit)");

@@ -510,6 +510,21 @@ impl Node {
                     .and_then(|specs| anti_entropy::build(&self.ap, &specs, from, Some(&leaves)))
                     .map(|(_, objects)| objects),
             ),
+            PeerRequest::ApScan {
+                keyspace,
+                prefix,
+                after,
+                limit,
+            } => {
+                let homes: Vec<NodeId> = self.config.cluster.iter().map(|m| m.id).collect();
+                PeerResponse::ApScanned(self.ap.replica.scan(
+                    &keyspace,
+                    &prefix,
+                    after.as_deref(),
+                    limit.clamp(1, capkv_core::validate::MAX_SCAN_LIMIT),
+                    &homes,
+                ))
+            }
             PeerRequest::ApReapCheck { items } => {
                 PeerResponse::ApReapChecked(tombstones::check(&self.ap, &items))
             }

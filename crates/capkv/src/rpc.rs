@@ -52,6 +52,13 @@ pub enum PeerRequest {
     AeFetch {
         leaves: Vec<u16>,
     },
+    /// ap: the receiver's page of a keyspace's keys (replica merged with hints).
+    ApScan {
+        keyspace: String,
+        prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    },
     /// ap tombstone collection: per tombstone, does every copy the receiver holds equal it?
     ApReapCheck {
         items: Vec<StoredObject>,
@@ -81,6 +88,8 @@ pub enum PeerResponse {
     /// Per differing interior node: its index and the receiver's leaf hashes under it.
     AeDiffer(Result<Vec<(u16, Vec<u64>)>, ApiError>),
     AeObjects(Result<Vec<StoredObject>, ApiError>),
+    /// A page of keys and whether it was cut short.
+    ApScanned(Result<(crate::ap::scan::Page, bool), ApiError>),
     ApReapChecked(Result<Vec<bool>, ApiError>),
     /// How many copies the receiver dropped.
     ApReaped(Result<u64, ApiError>),

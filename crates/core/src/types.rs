@@ -162,7 +162,11 @@ pub struct DeleteResponse {
 
 /// One entry of a scan. Keys and values are bytes: when one is not valid UTF-8 it is
 /// sent base64-encoded in `key_base64` / `value_base64` instead of `key` / `value`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+///
+/// cp entries carry `value` and `version`. ap entries carry, by keyspace type: a
+/// register's `value` (or its concurrent `siblings`) and `context`; an `lww` `value`; a
+/// counter's `counter`; a set's `members`. Fields that do not apply are left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScanEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -172,7 +176,21 @@ pub struct ScanEntry {
     pub value: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_base64: Option<String>,
-    pub version: u64,
+    /// cp: the key's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// ap register: the concurrent values, when there is more than one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub siblings: Option<Vec<Sibling>>,
+    /// ap register: the causal context to write with (as `X-Capkv-Context`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// ap counter: its total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<i64>,
+    /// ap set: its members, sorted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<String>>,
 }
 
 /// Splits bytes into (utf8, base64): exactly one of the two is set.
@@ -197,15 +215,29 @@ fn bytes_of(text: &Option<String>, b64: &Option<String>) -> Vec<u8> {
 }
 
 impl ScanEntry {
+    /// A cp entry.
     pub fn new(key: &[u8], value: &[u8], version: u64) -> ScanEntry {
+        ScanEntry {
+            version: Some(version),
+            ..ScanEntry::key(key).with_value(value)
+        }
+    }
+    /// An entry with only its key; add what the key holds with the `with_*` methods or
+    /// the public fields.
+    pub fn key(key: &[u8]) -> ScanEntry {
         let (key, key_base64) = text_or_base64(key);
-        let (value, value_base64) = text_or_base64(value);
         ScanEntry {
             key,
             key_base64,
+            ..ScanEntry::default()
+        }
+    }
+    pub fn with_value(self, value: &[u8]) -> ScanEntry {
+        let (value, value_base64) = text_or_base64(value);
+        ScanEntry {
             value,
             value_base64,
-            version,
+            ..self
         }
     }
     pub fn key_bytes(&self) -> Vec<u8> {

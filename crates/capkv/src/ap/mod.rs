@@ -3,12 +3,13 @@
 //! [`ring`] places keys, [`dvv`] and [`value`] hold causality, siblings and CRDT state,
 //! [`replica`] stores them durably, [`coordinator`] runs reads and writes (sloppy quorum,
 //! hinted handoff, read repair), [`anti_entropy`] converges replicas in the background
-//! and [`tombstones`] collects deletes once every copy in the cluster has them.
+//! [`scan`] merges every reachable node's keys for scans, and [`tombstones`] collects deletes once every copy in the cluster has them.
 
 pub mod anti_entropy;
 pub mod coordinator;
 pub mod dvv;
 pub mod replica;
 pub mod ring;
+pub mod scan;
 pub mod tombstones;
 pub mod value;

@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 
 use capkv_core::ValueType;
 
+use super::scan::{merge_pages, Page};
 use super::value::{ApState, Mutation, ReapFloor};
 use crate::cp::{decode, encode, NodeId};
 use crate::storage::{prefix_end, Engine, GroupCommit, Tree, WriteBatch};
@@ -283,6 +284,65 @@ impl Replica {
                 Ok((ks, key, decode(&v).map_err(internal)?))
             })
             .collect()
+    }
+
+    /// This node's copies (replica merged with hints for any of `homes`) of the keys of
+    /// `keyspace` with `prefix`, after `after`: a page for [`merge_pages`], cut short
+    /// (and marked so) at `limit` keys or
+    /// [`PAGE_BYTES_MAX`](super::scan::PAGE_BYTES_MAX) bytes.
+    pub fn scan(
+        &self,
+        keyspace: &str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        homes: &[NodeId],
+    ) -> Result<(Page, bool), ApiError> {
+        let from = obj_key(keyspace, prefix);
+        let mut start = from.clone();
+        if let Some(a) = after {
+            let mut next = obj_key(keyspace, a);
+            next.push(0);
+            start = start.max(next);
+        }
+        let end = prefix_end(&from);
+        let key_of = |k: &[u8]| k[keyspace.len() + 1..].to_vec();
+        let mut sources = Vec::new();
+        let rows = self
+            .engine
+            .range(Tree::Ap, &start, end.as_deref(), limit)
+            .map_err(internal)?;
+        sources.push(rows.len() == limit);
+        let mut pages = vec![rows];
+        for home in homes {
+            let h = |k: &[u8]| [home.to_be_bytes().as_slice(), k].concat();
+            let rows = self
+                .engine
+                .range(
+                    Tree::Hints,
+                    &h(&start),
+                    end.as_deref().map(h).as_deref(),
+                    limit,
+                )
+                .map_err(internal)?
+                .into_iter()
+                .map(|(k, v)| (k[8..].to_vec(), v))
+                .collect::<Vec<_>>();
+            sources.push(rows.len() == limit);
+            pages.push(rows);
+        }
+        let pages = pages
+            .into_iter()
+            .zip(sources)
+            .map(|(rows, truncated)| {
+                let page = rows
+                    .into_iter()
+                    .map(|(k, v)| Ok((key_of(&k), decode(&v).map_err(internal)?)))
+                    .collect::<Result<Page, ApiError>>()?;
+                Ok((page, truncated))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        Ok(merge_pages(pages, limit))
     }
 
     /// Whether every copy of a key this node holds (its replica, and hints for any of
