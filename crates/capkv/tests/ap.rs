@@ -6,7 +6,7 @@ mod harness;
 use std::time::Duration;
 
 use capkv_client::{ApValue, Client, ErrorCode, KeyspaceSpec, Mode, WriteOptions};
-use harness::{eventually, Cluster};
+use harness::{eventually, eventually_some, Cluster};
 
 async fn create_ap(c: &Cluster, name: &str) {
     let spec = KeyspaceSpec {
@@ -217,6 +217,8 @@ async fn ap_requests_reject_cp_only_parameters() {
             "/v1/kv/ap1/k?consistency=linearizable",
         ),
         (reqwest::Method::GET, "/v1/kv/ap1/k?r=0"),
+        (reqwest::Method::GET, "/v1/kv/ap1?consistency=serializable"),
+        (reqwest::Method::GET, "/v1/kv/ap1?limit=0"),
     ] {
         let r = http
             .request(method.clone(), format!("{}{path}", c.url(0)))
@@ -314,6 +316,11 @@ async fn counter_increments_on_both_sides_sum_exactly() {
             10 - 3 - 5 + 4
         );
     }
+    // A scan shows counters by their totals.
+    let (entries, _) = c.client(2).scan("stock", "", None, None).await.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].key_bytes(), b"widgets");
+    assert_eq!(entries[0].counter, Some(10 - 3 - 5 + 4));
     // Wrong operations for the type are refused.
     let err = c
         .client(0)
@@ -627,4 +634,127 @@ async fn tombstones_are_collected_only_once_every_replica_has_them() {
         }
         other => panic!("expected siblings, got {other:?}"),
     }
+}
+
+/// Every page of a scan, following `after` until the server says there is no more.
+async fn scan_all(
+    client: &Client,
+    ks: &str,
+    prefix: &str,
+    limit: usize,
+) -> Vec<capkv_client::ScanEntry> {
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let (page, more) = client
+            .scan(ks, prefix, after.as_deref(), Some(limit))
+            .await
+            .unwrap();
+        if let Some(last) = page.last() {
+            after = Some(String::from_utf8(last.key_bytes()).unwrap());
+        }
+        all.extend(page);
+        if !more {
+            return all;
+        }
+    }
+}
+
+fn keys_of(entries: &[capkv_client::ScanEntry]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|e| String::from_utf8(e.key_bytes()).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ap_scans_merge_every_node_and_page_through_every_key() {
+    let c = Cluster::start(3, &[]).await;
+    create_ap(&c, "cart").await;
+    c.partition(&[&[0], &[1, 2]]).await;
+    c.wait_cut_off(0).await;
+    // Each side writes its own keys, both write one key concurrently, and a key written
+    // and deleted on the majority side.
+    for i in 0..5 {
+        let key = format!("left{i}");
+        c.client(0)
+            .ap_put("cart", key.as_bytes(), b"l".to_vec(), None, None)
+            .await
+            .unwrap();
+        let key = format!("right{i}");
+        c.client(1)
+            .ap_put("cart", key.as_bytes(), b"r".to_vec(), None, None)
+            .await
+            .unwrap();
+    }
+    c.client(0)
+        .ap_put("cart", b"both", b"l".to_vec(), None, None)
+        .await
+        .unwrap();
+    c.client(1)
+        .ap_put("cart", b"both", b"r".to_vec(), None, None)
+        .await
+        .unwrap();
+    let ctx = c
+        .client(1)
+        .ap_put("cart", b"gone", b"x".to_vec(), None, None)
+        .await
+        .unwrap();
+    c.client(1)
+        .ap_delete("cart", b"gone", Some(&ctx))
+        .await
+        .unwrap();
+
+    // The cut-off node still answers scans, with what its side holds.
+    let alone = scan_all(&c.client(0), "cart", "", 100).await;
+    assert_eq!(
+        keys_of(&alone),
+        ["both", "left0", "left1", "left2", "left3", "left4"]
+    );
+    assert_eq!(alone[0].value_bytes(), b"l");
+    assert!(alone[0].context.is_some());
+
+    // After the heal, a scan from any node merges every node's copies, in small pages:
+    // every live key once, in order, the concurrent writes as siblings, the delete gone.
+    c.heal().await;
+    let mut want = vec!["both".to_string()];
+    want.extend((0..5).map(|i| format!("left{i}")));
+    want.extend((0..5).map(|i| format!("right{i}")));
+    let client = c.client(2);
+    let all = eventually_some(
+        Duration::from_secs(20),
+        "a scan sees both sides",
+        || async {
+            let all = scan_all(&client, "cart", "", 3).await;
+            (keys_of(&all) == want).then_some(all)
+        },
+    )
+    .await;
+    let mut siblings: Vec<Vec<u8>> = all[0]
+        .siblings
+        .as_ref()
+        .expect("concurrent writes are siblings")
+        .iter()
+        .map(|s| s.value_bytes())
+        .collect();
+    siblings.sort();
+    assert_eq!(siblings, vec![b"l".to_vec(), b"r".to_vec()]);
+    // The entry's context resolves them, like a read's.
+    c.client(0)
+        .ap_put(
+            "cart",
+            b"both",
+            b"lr".to_vec(),
+            all[0].context.as_deref(),
+            Some(3),
+        )
+        .await
+        .unwrap();
+    let both = scan_all(&c.client(1), "cart", "both", 10).await;
+    assert_eq!(both.len(), 1);
+    assert_eq!(both[0].value_bytes(), b"lr");
+    assert!(both[0].siblings.is_none());
+    // Prefixes.
+    let right = scan_all(&c.client(0), "cart", "right", 2).await;
+    assert_eq!(keys_of(&right), want[6..].to_vec());
 }
