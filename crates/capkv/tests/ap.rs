@@ -146,27 +146,63 @@ async fn ap_keeps_serving_while_cp_has_no_majority() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_replica_converges_through_hints() {
+async fn a_replica_killed_during_writes_converges_with_no_acknowledged_write_lost() {
     let mut c = Cluster::start(3, &[]).await;
     create_ap(&c, "cart").await;
-    c.kill9(2);
+    // Two clients write without pause through n1 and n2 while n3 is killed and restarted.
     let writers: Vec<Client> = vec![c.client(0), c.client(1)];
-    let mut acked = Vec::new();
-    for i in 0..30 {
-        let key = format!("item-{i}");
-        writers[i % 2]
-            .ap_put(
+    let (progress, acked_so_far) = tokio::sync::watch::channel(0usize);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let writing = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut i = 0usize;
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            let key = format!("item-{i}");
+            let value = format!("v{i}");
+            let put = writers[i % 2].ap_put(
                 "cart",
                 key.as_bytes(),
-                format!("v{i}").into_bytes(),
+                value.clone().into_bytes(),
                 None,
                 None,
+            );
+            // A write whose home was just killed may time out (outcome unknown): only
+            // acknowledged writes are promised.
+            if put.await.is_ok() {
+                acked.push((key, value));
+                progress.send_replace(acked.len());
+            }
+            i += 1;
+        }
+        (acked, i)
+    });
+    // Writes are acknowledged before the kill, while n3 is dead, and after its restart.
+    let wait_for_more = |n: usize| {
+        let at = *acked_so_far.borrow();
+        let mut rx = acked_so_far.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                rx.wait_for(|count| *count >= at + n),
             )
             .await
+            .expect("writes keep being acknowledged")
             .unwrap();
-        acked.push((key, format!("v{i}")));
-    }
+        }
+    };
+    wait_for_more(20).await;
+    c.kill9(2);
+    wait_for_more(25).await;
     c.restart(2).await;
+    wait_for_more(20).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, attempted) = writing.await.unwrap();
+    assert!(
+        acked.len() + 3 >= attempted,
+        "w=1 writes keep succeeding: {} of {attempted}",
+        acked.len()
+    );
     hints_drained(&c).await;
     let replayed: f64 = {
         let mut sum = 0.0;
