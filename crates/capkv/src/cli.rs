@@ -189,6 +189,7 @@ pub struct ServeArgs {
     /// Peer listen address (default: this node's address in --cluster).
     #[arg(long)]
     pub peer: Option<String>,
+    /// Where this node keeps its data (created if absent; the same dir resumes the node).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Every node: id=peer_addr@http_addr,...

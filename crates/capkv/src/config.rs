@@ -206,12 +206,13 @@ mod tests {
         let path = dir.path().join("n1.toml");
         std::fs::write(
             &path,
-            "id = \"n1\"\ncluster = \"n1=a@b\"\ndata-dir = \"/tmp/x\"\nenable-faults = true\n",
+            "id = \"n1\"\ncluster = \"n1=a@b\"\ndata-dir = \"/tmp/x\"\nenable-faults = true\ntombstone-grace-ms = 500\n",
         )
         .unwrap();
         let f = ConfigFile::load(&path).unwrap();
         assert_eq!(f.id.as_deref(), Some("n1"));
         assert_eq!(f.enable_faults, Some(true));
+        assert_eq!(f.tombstone_grace_ms, Some(500));
         std::fs::write(&path, "idd = \"n1\"\n").unwrap();
         assert!(
             ConfigFile::load(&path).is_err(),
