@@ -306,42 +306,33 @@ impl Replica {
             start = start.max(next);
         }
         let end = prefix_end(&from);
-        let key_of = |k: &[u8]| k[keyspace.len() + 1..].to_vec();
-        let mut sources = Vec::new();
-        let rows = self
-            .engine
-            .range(Tree::Ap, &start, end.as_deref(), limit)
-            .map_err(internal)?;
-        sources.push(rows.len() == limit);
-        let mut pages = vec![rows];
-        for home in homes {
-            let h = |k: &[u8]| [home.to_be_bytes().as_slice(), k].concat();
+        // One page per source: the replica, then the hints held for each home (keyed by
+        // home first). A source that filled `limit` may hold more.
+        let page = |tree: Tree, head: &[u8]| -> Result<(Page, bool), ApiError> {
+            let with_head = |k: &[u8]| [head, k].concat();
             let rows = self
                 .engine
                 .range(
-                    Tree::Hints,
-                    &h(&start),
-                    end.as_deref().map(h).as_deref(),
+                    tree,
+                    &with_head(&start),
+                    end.as_deref().map(with_head).as_deref(),
                     limit,
                 )
-                .map_err(internal)?
+                .map_err(internal)?;
+            let truncated = rows.len() == limit;
+            let page = rows
                 .into_iter()
-                .map(|(k, v)| (k[8..].to_vec(), v))
-                .collect::<Vec<_>>();
-            sources.push(rows.len() == limit);
-            pages.push(rows);
+                .map(|(k, v)| {
+                    let key = k[head.len() + keyspace.len() + 1..].to_vec();
+                    Ok((key, decode(&v).map_err(internal)?))
+                })
+                .collect::<Result<Page, ApiError>>()?;
+            Ok((page, truncated))
+        };
+        let mut pages = vec![page(Tree::Ap, &[])?];
+        for home in homes {
+            pages.push(page(Tree::Hints, &home.to_be_bytes())?);
         }
-        let pages = pages
-            .into_iter()
-            .zip(sources)
-            .map(|(rows, truncated)| {
-                let page = rows
-                    .into_iter()
-                    .map(|(k, v)| Ok((key_of(&k), decode(&v).map_err(internal)?)))
-                    .collect::<Result<Page, ApiError>>()?;
-                Ok((page, truncated))
-            })
-            .collect::<Result<Vec<_>, ApiError>>()?;
         Ok(merge_pages(pages, limit))
     }
 
@@ -482,6 +473,43 @@ mod tests {
         let hints = r.hints_for(3, 10).unwrap();
         assert!(r.drop_hint_if_unchanged(3, &hints[0]).await.unwrap());
         assert_eq!(r.hints_held(), 0);
+    }
+
+    #[tokio::test]
+    async fn scans_merge_the_replica_with_hints_within_the_keyspace_and_prefix() {
+        let r = replica();
+        let add = |by| Mutation::Add { by };
+        for (ks, key) in [
+            ("stock", "a1"),
+            ("stock", "a3"),
+            ("stock", "b1"),
+            ("stoc", "a2"),
+        ] {
+            r.update(ks, key.as_bytes(), ValueType::Counter, &add(1), "n1.x", 1)
+                .await
+                .unwrap();
+        }
+        // Hints: one for a key this replica lacks, one for a key it has (merged).
+        let two = ApState::empty(ValueType::Counter)
+            .apply(&add(2), "n2.y", 1)
+            .unwrap();
+        r.hold_hint(2, "stock", b"a2", &two).await.unwrap();
+        r.hold_hint(3, "stock", b"a3", &two).await.unwrap();
+        let (page, more) = r.scan("stock", b"a", None, 10, &[1, 2, 3]).unwrap();
+        let got: Vec<(&[u8], i64)> = page
+            .iter()
+            .map(|(k, s)| (k.as_slice(), s.total()))
+            .collect();
+        assert_eq!(got, vec![(b"a1".as_slice(), 1), (b"a2", 2), (b"a3", 3)]);
+        assert!(!more);
+        // Paging: cut at the limit, then continue after the last key.
+        let (page, more) = r.scan("stock", b"", None, 2, &[1, 2, 3]).unwrap();
+        assert_eq!(page.len(), 2);
+        assert!(more);
+        let (rest, more) = r.scan("stock", b"", Some(b"a2"), 10, &[1, 2, 3]).unwrap();
+        let keys: Vec<&[u8]> = rest.iter().map(|(k, _)| k.as_slice()).collect();
+        assert_eq!(keys, vec![b"a3".as_slice(), b"b1"]);
+        assert!(!more);
     }
 
     #[tokio::test]
