@@ -1,7 +1,9 @@
 # Concurrent writers against one node; prints writes/s and writes per fsync (group commit).
-# Usage: python3 scripts/bench-load.py HTTP_PORT WRITERS WRITES_PER_WRITER
+# Usage: python3 scripts/bench-load.py HTTP_PORT WRITERS WRITES_PER_WRITER [KEYSPACE [QUERY]]
+# (KEYSPACE defaults to cp; QUERY e.g. w=3 for an ap keyspace. fsyncs are the target node's.)
 import http.client, threading, time, sys, re
 port=int(sys.argv[1]); W=int(sys.argv[2]); N=int(sys.argv[3])
+ks=sys.argv[4] if len(sys.argv)>4 else 'cp'; q='?'+sys.argv[5] if len(sys.argv)>5 else ''
 def m():
     c=http.client.HTTPConnection('127.0.0.1',port); c.request('GET','/metrics'); t=c.getresponse().read().decode()
     f=lambda n: sum(float(l.split()[-1]) for l in t.splitlines() if l.startswith(n+' '))
@@ -9,7 +11,7 @@ def m():
 def w(i):
     c=http.client.HTTPConnection('127.0.0.1',port)
     for j in range(N):
-        c.request('PUT',f'/v1/kv/cp/w{i}-{j}',body=b'v'); r=c.getresponse(); r.read(); assert r.status==200
+        c.request('PUT',f'/v1/kv/{ks}/w{i}-{j}{q}',body=b'v'); r=c.getresponse(); r.read(); assert r.status==200
 f0,w0=m(); t=time.time()
 ts=[threading.Thread(target=w,args=(i,)) for i in range(W)]
 [x.start() for x in ts]; [x.join() for x in ts]

@@ -620,9 +620,15 @@ impl Node {
         }
     }
 
+    /// Keeps the Raft gauges current: on every metrics change (cheap: a watch channel),
+    /// plus the commit index and reachable peers at most every [`METRICS_PROBE_EVERY`].
+    /// The commit index is asked of RaftCore, and answering makes it publish metrics
+    /// again, so asking on every change would be a busy loop starving Raft (it was:
+    /// ~13k requests/s, 7 ms per replicated write instead of 1).
     async fn metrics_loop(self: Arc<Self>) {
         let mut rx = self.raft.metrics();
         let mut leader = None;
+        let mut probed: Option<Instant> = None;
         loop {
             {
                 let m = rx.borrow_and_update();
@@ -642,21 +648,24 @@ impl Node {
                     tracing::info!(leader = ?leader.map(|l| self.name_of(l)), term = m.current_term, "leader changed");
                 }
             }
-            if let Ok(Ok(c)) =
-                tokio::time::timeout(Duration::from_secs(1), self.commit_index()).await
-            {
-                metrics::gauge!("capkv_raft_commit_index").set(c as f64);
+            if probed.is_none_or(|t| t.elapsed() >= METRICS_PROBE_EVERY) {
+                probed = Some(Instant::now());
+                if let Ok(Ok(c)) =
+                    tokio::time::timeout(Duration::from_secs(1), self.commit_index()).await
+                {
+                    metrics::gauge!("capkv_raft_commit_index").set(c as f64);
+                }
+                let reachable = self
+                    .config
+                    .cluster
+                    .iter()
+                    .filter(|m| self.reachable(m.id))
+                    .count();
+                metrics::gauge!("capkv_peers_reachable").set(reachable.saturating_sub(1) as f64);
             }
-            let reachable = self
-                .config
-                .cluster
-                .iter()
-                .filter(|m| self.reachable(m.id))
-                .count();
-            metrics::gauge!("capkv_peers_reachable").set(reachable.saturating_sub(1) as f64);
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(METRICS_PROBE_EVERY) => {}
             }
         }
     }
@@ -726,6 +735,9 @@ fn incarnation(engine: &dyn Engine) -> Result<String, StartError> {
     engine.sync().map_err(storage)?;
     Ok(id)
 }
+
+/// How often the metrics loop asks RaftCore for the commit index.
+const METRICS_PROBE_EVERY: Duration = Duration::from_millis(500);
 
 /// Most log entries in one AppendEntries message (bounds a frame to this many values).
 pub const MAX_PAYLOAD_ENTRIES: u64 = 16;
