@@ -456,6 +456,32 @@ struct MembersRequest {
     members: Vec<String>,
 }
 
+fn not_ap(ks: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "keyspace '{ks}' is a cp keyspace; incr, add and remove apply to ap keyspaces"
+    ))
+}
+
+/// The answer for a keyspace this node's registry does not hold, decided by the
+/// linearizable registry: `503` if it is an ap keyspace this node has not learned yet
+/// (retry), `400` if it is a cp keyspace, `404` if it does not exist.
+async fn unlearned(node: &Node, ks: &str, deadline: std::time::Instant) -> ApiError {
+    match node
+        .linearizable_read(ForwardOp::ListKeyspaces, deadline)
+        .await
+    {
+        Ok(ForwardReply::Keyspaces(list)) => match list.iter().find(|s| s.name == ks) {
+            Some(s) if s.mode == Mode::Ap => ApiError::unavailable(format!(
+                "keyspace '{ks}' is an ap keyspace this node has not learned yet; retry"
+            )),
+            Some(_) => not_ap(ks),
+            None => ApiError::not_found(format!("keyspace '{ks}' does not exist")),
+        },
+        Ok(other) => ApiError::internal(format!("unexpected reply {other:?}")),
+        Err(e) => e,
+    }
+}
+
 /// Changes a counter (`{key}/incr`, body `{"by":N}`) or a set (`{key}/add` or
 /// `{key}/remove`, body `{"members":[...]}`) in an ap keyspace.
 #[utoipa::path(post, path = "/v1/kv/{ks}/{key}/{op}", tag = "kv",
@@ -474,12 +500,10 @@ async fn crdt_op(
     let (key, op) = rest.rsplit_once('/').ok_or_else(|| {
         ApiError::bad_request("POST needs /v1/kv/{ks}/{key}/incr, /add or /remove")
     })?;
-    let spec = check_target(&st.node, &ks, key)?;
-    let Some(spec) = spec.filter(|s| s.mode == Mode::Ap) else {
-        return Err(ApiError::bad_request(format!(
-            "keyspace '{ks}' is not an ap keyspace (or does not exist)"
-        ))
-        .into());
+    let spec = match check_target(&st.node, &ks, key)? {
+        Some(spec) if spec.mode == Mode::Ap => spec,
+        Some(_) => return Err(not_ap(&ks).into()),
+        None => return Err(unlearned(&st.node, &ks, params.deadline()?).await.into()),
     };
     let mutation = match op {
         "incr" => Mutation::Add {

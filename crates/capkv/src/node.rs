@@ -559,8 +559,9 @@ impl Node {
             .filter(|id| *id != self.id())
             .collect();
         let mut turn = 0usize;
+        let mut pause = anti_entropy::AE_INTERVAL;
         loop {
-            tokio::time::sleep(anti_entropy::AE_INTERVAL).await;
+            tokio::time::sleep(pause).await;
             if peers.is_empty() {
                 continue;
             }
@@ -569,10 +570,12 @@ impl Node {
             if !self.reachable(peer) {
                 continue;
             }
+            let started = Instant::now();
             let result = match self.ap_specs() {
                 Ok(specs) => anti_entropy::exchange(&self.ap, &specs, peer).await,
                 Err(e) => Err(e),
             };
+            pause = background_pause(started.elapsed(), anti_entropy::AE_INTERVAL);
             match result {
                 Ok(0) => {}
                 Ok(n) => {
@@ -588,12 +591,15 @@ impl Node {
     /// Collects the tombstones of keys this node is first home of (`ap::tombstones`).
     async fn tombstone_loop(self: Arc<Self>) {
         let mut collector = tombstones::Collector::new(self.config.tombstone_grace);
+        let mut pause = tombstones::REAP_INTERVAL;
         loop {
-            tokio::time::sleep(tombstones::REAP_INTERVAL).await;
+            tokio::time::sleep(pause).await;
+            let started = Instant::now();
             let result = match self.ap_specs() {
                 Ok(specs) => collector.round(&self.ap, &specs).await,
                 Err(e) => Err(e),
             };
+            pause = background_pause(started.elapsed(), tombstones::REAP_INTERVAL);
             match result {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(tombstones = n, "collected tombstones"),
@@ -734,6 +740,13 @@ fn incarnation(engine: &dyn Engine) -> Result<String, StartError> {
     engine.write(b).map_err(storage)?;
     engine.sync().map_err(storage)?;
     Ok(id)
+}
+
+/// Background rounds (anti-entropy, tombstone collection) read every local object, so
+/// their cost grows with the store: after a round that took `work`, pause at least nine
+/// times as long (at most ~10 % of the time spent on it), and never less than `interval`.
+fn background_pause(work: Duration, interval: Duration) -> Duration {
+    interval.max(work * 9)
 }
 
 /// How often the metrics loop asks RaftCore for the commit index.

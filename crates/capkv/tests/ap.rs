@@ -264,6 +264,25 @@ async fn ap_requests_reject_cp_only_parameters() {
             .unwrap();
         assert_eq!(r.status().as_u16(), 400, "{method} {path}");
     }
+    // CRDT operations: 404 for a keyspace that does not exist, 400 on a cp keyspace.
+    let cp = KeyspaceSpec {
+        name: "cp1".into(),
+        mode: Mode::Cp,
+        n: None,
+        r: None,
+        w: None,
+        value_type: None,
+    };
+    c.client(0).create_keyspace(&cp).await.unwrap();
+    for (path, status) in [("/v1/kv/nosuch/k/incr", 404), ("/v1/kv/cp1/k/incr", 400)] {
+        let r = http
+            .post(format!("{}{path}", c.url(0)))
+            .body(r#"{"by":1}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{path}");
+    }
     let r = http
         .put(format!("{}/v1/kv/ap1/k", c.url(0)))
         .header("x-capkv-context", "garbage!")
@@ -304,8 +323,9 @@ async fn create_typed(c: &Cluster, name: &str, t: capkv_client::ValueType) {
             Duration::from_secs(10),
             "every node knows the keyspace",
             || async {
+                // The node's own registry (serializable), which is what routes requests.
                 client
-                    .list_keyspaces()
+                    .list_keyspaces_serializable()
                     .await
                     .is_ok_and(|l| l.iter().any(|k| k.name == name))
             },
@@ -598,12 +618,14 @@ async fn tombstones_are_collected_only_once_every_replica_has_them() {
     .await;
     assert_eq!(total(&c, "capkv_ap_tombstones_collected_total").await, 0.0);
     for i in [0usize, 1] {
+        let m = c.metrics(i).await;
         assert_eq!(
-            harness::metric(&c.metrics(i).await, "capkv_ap_objects"),
+            harness::metric(&m, "capkv_ap_objects"),
             10.0,
             "n{} keeps its tombstones",
             i + 1
         );
+        assert_eq!(harness::metric(&m, "capkv_ap_tombstones"), 10.0);
     }
 
     // After the heal n3 gets the tombstones (hints, anti-entropy), then they go everywhere.
@@ -631,6 +653,7 @@ async fn tombstones_are_collected_only_once_every_replica_has_them() {
     )
     .await;
     assert_eq!(total(&c, "capkv_ap_objects").await, 0.0);
+    assert_eq!(total(&c, "capkv_ap_tombstones").await, 0.0);
     for node in 0..3 {
         for i in 0..10 {
             let key = format!("k{i}");

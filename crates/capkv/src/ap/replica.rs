@@ -71,6 +71,8 @@ pub struct Replica {
     stripes: Vec<Mutex<()>>,
     hints: AtomicU64,
     objects: AtomicU64,
+    /// Objects that are tombstones (the collector skips its scan while there are none).
+    tombstones: AtomicU64,
     /// Raised under a key's stripe lock when the key is collected, read under it by
     /// `update`, so a write to a key always sees the floor its collection left.
     floor: std::sync::Mutex<ReapFloor>,
@@ -82,23 +84,29 @@ impl Replica {
             .range(Tree::Hints, b"", None, usize::MAX)
             .map_err(internal)?
             .len() as u64;
-        // Counted once at start, then kept up to date on every new key or hint.
-        let objects = engine
+        // Counted once at start, then kept up to date on every change.
+        let rows = engine
             .range(Tree::Ap, b"", None, usize::MAX)
-            .map_err(internal)?
-            .len() as u64;
+            .map_err(internal)?;
+        let objects = rows.len() as u64;
+        let mut tombstones = 0;
+        for (_, raw) in rows {
+            tombstones += u64::from(decode::<ApState>(&raw).map_err(internal)?.is_tombstone());
+        }
         let floor = match engine.get(Tree::Meta, FLOOR_KEY).map_err(internal)? {
             Some(raw) => decode(&raw).map_err(internal)?,
             None => ReapFloor::default(),
         };
         metrics::gauge!("capkv_ap_hints_queued").set(held as f64);
         metrics::gauge!("capkv_ap_objects").set(objects as f64);
+        metrics::gauge!("capkv_ap_tombstones").set(tombstones as f64);
         Ok(Replica {
             engine,
             group_commit,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hints: AtomicU64::new(held),
             objects: AtomicU64::new(objects),
+            tombstones: AtomicU64::new(tombstones),
             floor: std::sync::Mutex::new(floor),
         })
     }
@@ -114,9 +122,30 @@ impl Replica {
         }
     }
 
-    fn count_new_object(&self) {
-        let n = self.objects.fetch_add(1, Ordering::Relaxed) + 1;
-        metrics::gauge!("capkv_ap_objects").set(n as f64);
+    /// Keeps the object and tombstone counts (and their gauges) up to date after the
+    /// replica of a key went from `before` to `after` (`None`: absent).
+    fn account(&self, before: Option<&ApState>, after: Option<&ApState>) {
+        fn adjust(counter: &AtomicU64, gauge: &'static str, before: bool, after: bool) {
+            let n = match (before, after) {
+                (false, true) => counter.fetch_add(1, Ordering::Relaxed) + 1,
+                (true, false) => counter.fetch_sub(1, Ordering::Relaxed).saturating_sub(1),
+                _ => return,
+            };
+            metrics::gauge!(gauge).set(n as f64);
+        }
+        adjust(
+            &self.objects,
+            "capkv_ap_objects",
+            before.is_some(),
+            after.is_some(),
+        );
+        let tomb = |s: Option<&ApState>| s.is_some_and(ApState::is_tombstone);
+        adjust(
+            &self.tombstones,
+            "capkv_ap_tombstones",
+            tomb(before),
+            tomb(after),
+        );
     }
 
     async fn store(&self, tree: Tree, k: Vec<u8>, obj: &ApState) -> Result<(), ApiError> {
@@ -157,14 +186,13 @@ impl Replica {
         let k = obj_key(keyspace, key);
         let _guard = self.stripe(&k).lock().await;
         let existing = self.load(Tree::Ap, &k)?;
-        let is_new = existing.is_none();
-        let current = existing.unwrap_or_else(|| ApState::empty(value_type));
+        let current = existing
+            .clone()
+            .unwrap_or_else(|| ApState::empty(value_type));
         let floor = *self.floor.lock().expect("floor lock");
         let next = current.apply_above(mutation, actor, now_ms, &floor)?;
         self.store(Tree::Ap, k, &next).await?;
-        if is_new {
-            self.count_new_object();
-        }
+        self.account(existing.as_ref(), Some(&next));
         Ok(next)
     }
 
@@ -185,9 +213,7 @@ impl Replica {
         let changed = current.as_ref() != Some(&next);
         if changed {
             self.store(Tree::Ap, k, &next).await?;
-            if current.is_none() {
-                self.count_new_object();
-            }
+            self.account(current.as_ref(), Some(&next));
         }
         Ok((next, changed))
     }
@@ -390,11 +416,7 @@ impl Replica {
             drop(floor);
             if held {
                 dropped += 1;
-                let n = self
-                    .objects
-                    .fetch_sub(1, Ordering::Relaxed)
-                    .saturating_sub(1);
-                metrics::gauge!("capkv_ap_objects").set(n as f64);
+                self.account(Some(tombstone), None);
             }
         }
         // Hints are under their own stripes (taken after the replica's is released: a
@@ -413,6 +435,11 @@ impl Replica {
         }
         self.group_commit.sync().await.map_err(internal)?;
         Ok(dropped)
+    }
+
+    /// How many of this replica's objects are tombstones.
+    pub fn tombstones_held(&self) -> u64 {
+        self.tombstones.load(Ordering::Relaxed)
     }
 
     pub fn hints_held(&self) -> u64 {

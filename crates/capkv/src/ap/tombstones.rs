@@ -133,6 +133,10 @@ impl Collector {
         c: &Arc<Coordinator>,
         specs: &BTreeMap<String, KeyspaceSpec>,
     ) -> Result<u64, ApiError> {
+        if c.replica.tombstones_held() == 0 {
+            self.confirmed.clear();
+            return Ok(0);
+        }
         let candidates = self.candidates(c, specs)?;
         if candidates.is_empty() {
             return Ok(0);
@@ -293,8 +297,10 @@ mod tests {
         // A live value is never a candidate.
         assert_eq!(collector.round(&c, &specs()).await.unwrap(), 0);
         assert!(collector.confirmed.is_empty());
+        assert_eq!(c.replica.tombstones_held(), 0);
         let t = put(&c, stale.clone(), None).await;
         assert!(t.is_tombstone());
+        assert_eq!(c.replica.tombstones_held(), 1);
         assert_eq!(
             collector.round(&c, &specs()).await.unwrap(),
             0,
@@ -306,10 +312,12 @@ mod tests {
             "second check"
         );
         assert!(c.replica.read("cart", b"k", &[1]).unwrap().is_none());
+        assert_eq!(c.replica.tombstones_held(), 0);
 
         // A new write after collection, then a write with the context read before the
         // delete: the new write is not covered by that old context, so both stay.
         let x = put(&c, VersionVector::default(), Some("x")).await;
+        assert_eq!(c.replica.tombstones_held(), 0);
         assert!(context(&x).get("n1.test") > context(&t).get("n1.test"));
         let both = put(&c, stale, Some("y")).await;
         let ApState::Register(o) = both else {
