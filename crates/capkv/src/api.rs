@@ -456,30 +456,59 @@ struct MembersRequest {
     members: Vec<String>,
 }
 
+/// For a request that did not take the ap path: `r`/`w` are refused (`400`) on a cp
+/// keyspace; on a keyspace this node does not know yet, the registry decides (an ap
+/// keyspace not learned yet is `503`, retry).
+async fn refuse_ap_param(
+    node: &Node,
+    ks: &str,
+    spec: Option<&KeyspaceSpec>,
+    params: &Params,
+    param: &str,
+) -> Result<(), ApiError> {
+    if params.get(param).is_none() {
+        return Ok(());
+    }
+    let spec = match spec {
+        Some(s) => s.clone(),
+        None => registry_spec(node, ks, params.deadline()?).await?,
+    };
+    Err(match spec.mode {
+        Mode::Ap => not_learned(ks),
+        Mode::Cp => ApiError::bad_request(format!("{param} applies to ap keyspaces only")),
+    })
+}
+
 fn not_ap(ks: &str) -> ApiError {
     ApiError::bad_request(format!(
         "keyspace '{ks}' is a cp keyspace; incr, add and remove apply to ap keyspaces"
     ))
 }
 
-/// The answer for a keyspace this node's registry does not hold, decided by the
-/// linearizable registry: `503` if it is an ap keyspace this node has not learned yet
-/// (retry), `400` if it is a cp keyspace, `404` if it does not exist.
-async fn unlearned(node: &Node, ks: &str, deadline: std::time::Instant) -> ApiError {
+/// A keyspace's spec as the linearizable registry has it (`404` if it does not exist),
+/// for requests naming a keyspace this node's own registry does not hold yet.
+async fn registry_spec(
+    node: &Node,
+    ks: &str,
+    deadline: std::time::Instant,
+) -> Result<KeyspaceSpec, ApiError> {
     match node
         .linearizable_read(ForwardOp::ListKeyspaces, deadline)
-        .await
+        .await?
     {
-        Ok(ForwardReply::Keyspaces(list)) => match list.iter().find(|s| s.name == ks) {
-            Some(s) if s.mode == Mode::Ap => ApiError::unavailable(format!(
-                "keyspace '{ks}' is an ap keyspace this node has not learned yet; retry"
-            )),
-            Some(_) => not_ap(ks),
-            None => ApiError::not_found(format!("keyspace '{ks}' does not exist")),
-        },
-        Ok(other) => ApiError::internal(format!("unexpected reply {other:?}")),
-        Err(e) => e,
+        ForwardReply::Keyspaces(list) => list
+            .into_iter()
+            .find(|s| s.name == ks)
+            .ok_or_else(|| ApiError::not_found(format!("keyspace '{ks}' does not exist"))),
+        other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
     }
+}
+
+/// `503` for an ap keyspace this node's registry has not applied yet: retry.
+fn not_learned(ks: &str) -> ApiError {
+    ApiError::unavailable(format!(
+        "keyspace '{ks}' is an ap keyspace this node has not learned yet; retry"
+    ))
 }
 
 /// Changes a counter (`{key}/incr`, body `{"by":N}`) or a set (`{key}/add` or
@@ -503,7 +532,14 @@ async fn crdt_op(
     let spec = match check_target(&st.node, &ks, key)? {
         Some(spec) if spec.mode == Mode::Ap => spec,
         Some(_) => return Err(not_ap(&ks).into()),
-        None => return Err(unlearned(&st.node, &ks, params.deadline()?).await.into()),
+        None => {
+            let spec = registry_spec(&st.node, &ks, params.deadline()?).await?;
+            return Err(match spec.mode {
+                Mode::Ap => not_learned(&ks),
+                Mode::Cp => not_ap(&ks),
+            }
+            .into());
+        }
     };
     let mutation = match op {
         "incr" => Mutation::Add {
@@ -584,9 +620,7 @@ async fn put_key(
         )
         .await;
     }
-    if params.get("w").is_some() {
-        return Err(ApiError::bad_request("w applies to ap keyspaces only").into());
-    }
+    refuse_ap_param(&st.node, &ks, spec.as_ref(), &params, "w").await?;
     let op = Op::Put {
         keyspace: ks,
         key: key.into_bytes(),
@@ -623,9 +657,7 @@ async fn get_key(
     if let Some(spec) = spec.as_ref().filter(|s| s.mode == Mode::Ap) {
         return ap_read(&st.node, spec, &key, &params).await;
     }
-    if params.get("r").is_some() {
-        return Err(ApiError::bad_request("r applies to ap keyspaces only").into());
-    }
+    refuse_ap_param(&st.node, &ks, spec.as_ref(), &params, "r").await?;
     let op = ForwardOp::Get {
         keyspace: ks.clone(),
         key: key.into_bytes(),
@@ -671,9 +703,7 @@ async fn delete_key(
     if let Some(spec) = spec.as_ref().filter(|s| s.mode == Mode::Ap) {
         return ap_write(&st.node, spec, &key, None, &params, &headers).await;
     }
-    if params.get("w").is_some() {
-        return Err(ApiError::bad_request("w applies to ap keyspaces only").into());
-    }
+    refuse_ap_param(&st.node, &ks, spec.as_ref(), &params, "w").await?;
     let op = Op::Delete {
         keyspace: ks,
         key: key.into_bytes(),

@@ -274,9 +274,15 @@ async fn ap_requests_reject_cp_only_parameters() {
         value_type: None,
     };
     c.client(0).create_keyspace(&cp).await.unwrap();
-    for (path, status) in [("/v1/kv/nosuch/k/incr", 404), ("/v1/kv/cp1/k/incr", 400)] {
+    for (method, path, status) in [
+        (reqwest::Method::POST, "/v1/kv/nosuch/k/incr", 404),
+        (reqwest::Method::POST, "/v1/kv/cp1/k/incr", 400),
+        (reqwest::Method::GET, "/v1/kv/nosuch/k?r=1", 404),
+        (reqwest::Method::GET, "/v1/kv/cp1/k?r=1", 400),
+        (reqwest::Method::PUT, "/v1/kv/nosuch/k?w=1", 404),
+    ] {
         let r = http
-            .post(format!("{}{path}", c.url(0)))
+            .request(method, format!("{}{path}", c.url(0)))
             .body(r#"{"by":1}"#)
             .send()
             .await
@@ -318,20 +324,24 @@ async fn create_typed(c: &Cluster, name: &str, t: capkv_client::ValueType) {
     };
     c.client(0).create_keyspace(&spec).await.unwrap();
     for i in 0..3 {
-        let client = c.client(i);
-        eventually(
-            Duration::from_secs(10),
-            "every node knows the keyspace",
-            || async {
-                // The node's own registry (serializable), which is what routes requests.
-                client
-                    .list_keyspaces_serializable()
-                    .await
-                    .is_ok_and(|l| l.iter().any(|k| k.name == name))
-            },
-        )
-        .await;
+        knows_keyspace(c, i, name).await;
     }
+}
+
+/// Waits until node `i`'s own registry (what routes its requests) holds keyspace `name`.
+async fn knows_keyspace(c: &Cluster, i: usize, name: &str) {
+    let client = c.client(i);
+    eventually(
+        Duration::from_secs(20),
+        "the node's registry knows the keyspace",
+        || async {
+            client
+                .list_keyspaces_serializable()
+                .await
+                .is_ok_and(|l| l.iter().any(|k| k.name == name))
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -465,8 +475,10 @@ async fn anti_entropy_restores_replicas_that_lost_their_disk() {
         repaired >= 80.0,
         "n1 and n3 each needed 40 keys, repaired {repaired}"
     );
-    // Prove each restored node holds every key itself: cut it off and read alone.
+    // Prove each restored node holds every key itself: cut it off and read alone (once
+    // its registry, rebuilt through Raft after the wipe, knows the keyspace again).
     for node in [0usize, 2] {
+        knows_keyspace(&c, node, "cart").await;
         let others: Vec<usize> = (0..3).filter(|i| *i != node).collect();
         c.partition(&[&[node], &others]).await;
         c.wait_cut_off(node).await;
