@@ -139,19 +139,61 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Serializes a value that is part of our own storage or wire format.
+/// The format of every record [`encode`] writes: Raft log entries, vote, snapshots,
+/// idempotency records, ap objects, hints and the reap floor. bincode has no schema, so
+/// a changed type would silently misread old records; each record starts with
+/// [`MAGIC`] and this byte instead, and a binary meeting a format it does not know
+/// refuses it by name. Raise it whenever a stored type changes shape (and decode the
+/// older format alongside).
+pub const FORMAT: u8 = 1;
+/// First byte of every record, so records from before formats existed are told apart.
+pub const MAGIC: u8 = 0xCA;
+
+/// Serializes a value that is part of our own storage format: [`MAGIC`], [`FORMAT`],
+/// then bincode.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    bincode::serialize(value).expect("bincode serialization of our own types cannot fail")
+    let mut out = vec![MAGIC, FORMAT];
+    bincode::serialize_into(&mut out, value)
+        .expect("bincode serialization of our own types cannot fail");
+    out
 }
 
+/// Reads a record written by [`encode`].
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::Error> {
-    bincode::deserialize(bytes)
+    let refuse = |why: String| Err(Box::new(bincode::ErrorKind::Custom(why)));
+    match bytes {
+        [MAGIC, FORMAT, body @ ..] => bincode::deserialize(body),
+        [MAGIC, other, ..] => refuse(format!(
+            "record in storage format {other}, but this capkv reads format {FORMAT} \
+             (a data directory from a newer capkv?)"
+        )),
+        _ => refuse(format!(
+            "record without a storage format header (a data directory from a capkv before \
+             format {FORMAT}?)"
+        )),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use capkv_core::Mode;
+
+    #[test]
+    fn records_carry_their_format_and_other_formats_are_refused_by_name() {
+        let raw = encode(&(7u64, "x".to_owned()));
+        assert_eq!(raw[..2], [MAGIC, FORMAT]);
+        assert_eq!(decode::<(u64, String)>(&raw).unwrap(), (7, "x".to_owned()));
+        let mut other = raw.clone();
+        other[1] = FORMAT + 1;
+        let e = decode::<(u64, String)>(&other).unwrap_err().to_string();
+        assert!(e.contains("storage format 2"), "{e}");
+        // A record from before formats (plain bincode) is refused, not misread.
+        let old = bincode::serialize(&(7u64, "x".to_owned())).unwrap();
+        let e = decode::<(u64, String)>(&old).unwrap_err().to_string();
+        assert!(e.contains("without a storage format header"), "{e}");
+        assert!(decode::<u64>(&[]).is_err());
+    }
 
     /// Log entries are bincode: every command must survive the round trip (a field that
     /// serde skips would shift every byte after it).
