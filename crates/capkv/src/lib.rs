@@ -17,6 +17,8 @@ pub mod config;
 pub mod cp;
 pub mod demo;
 pub mod dev;
+#[cfg(test)]
+mod format_tests;
 pub mod net;
 pub mod node;
 pub mod rpc;
