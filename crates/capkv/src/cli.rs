@@ -289,7 +289,19 @@ fn fail(e: ClientError) -> String {
 }
 
 /// Runs a client command; `Err` carries the message to print (the exit status is 1).
+/// Client commands print to stdout; when it is a pipe closed early (`capkv scan ap |
+/// head`), end quietly as Unix tools do instead of panicking on the failed print.
+/// (Rust ignores SIGPIPE by default; sockets are unaffected either way, as Rust sends
+/// with `MSG_NOSIGNAL`.)
+fn exit_quietly_on_closed_stdout() {
+    // SAFETY: restores the default action of one signal; no handler code runs in us.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 pub async fn run_client(cmd: Cmd) -> Result<(), String> {
+    exit_quietly_on_closed_stdout();
     match cmd {
         Cmd::Serve(_) | Cmd::Dev { .. } => unreachable!("handled by main"),
         Cmd::Put {

@@ -1,4 +1,5 @@
-//! The HTTP Contract against one real node: limits, bad input, errors, OpenAPI, metrics.
+//! The HTTP Contract against one real node: limits, bad input, errors, OpenAPI, metrics;
+//! and the CLI on a closed output pipe.
 
 mod harness;
 
@@ -288,4 +289,23 @@ async fn openapi_metrics_and_group_commit() {
     ] {
         assert!(m.contains(name), "metrics lack {name}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_ends_quietly_when_its_output_pipe_closes() {
+    let c = Cluster::start(1, &[]).await;
+    let url = c.url(0);
+    let stderr = tokio::task::block_in_place(|| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_capkv"))
+            .args(["status", "--node", &url])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running capkv status");
+        // Like `capkv status | head -0`: the reader is gone before anything is printed.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("waiting for capkv status");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    });
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
