@@ -469,13 +469,10 @@ async fn refuse_ap_param(
     if params.get(param).is_none() {
         return Ok(());
     }
-    let spec = match spec {
-        Some(s) => s.clone(),
-        None => registry_spec(node, ks, params.deadline()?).await?,
-    };
-    Err(match spec.mode {
-        Mode::Ap => not_learned(ks),
-        Mode::Cp => ApiError::bad_request(format!("{param} applies to ap keyspaces only")),
+    let on_cp = ApiError::bad_request(format!("{param} applies to ap keyspaces only"));
+    Err(match spec {
+        Some(_) => on_cp,
+        None => not_known_here(node, ks, params.deadline()?, on_cp).await,
     })
 }
 
@@ -485,30 +482,30 @@ fn not_ap(ks: &str) -> ApiError {
     ))
 }
 
-/// A keyspace's spec as the linearizable registry has it (`404` if it does not exist),
-/// for requests naming a keyspace this node's own registry does not hold yet.
-async fn registry_spec(
+/// The error for an ap-only request naming a keyspace this node's own registry does not
+/// hold yet, decided by the linearizable registry: `503` for an ap keyspace this node
+/// has not learned yet (retry), `on_cp` for a cp keyspace, `404` if it does not exist.
+async fn not_known_here(
     node: &Node,
     ks: &str,
     deadline: std::time::Instant,
-) -> Result<KeyspaceSpec, ApiError> {
-    match node
+    on_cp: ApiError,
+) -> ApiError {
+    let list = match node
         .linearizable_read(ForwardOp::ListKeyspaces, deadline)
-        .await?
+        .await
     {
-        ForwardReply::Keyspaces(list) => list
-            .into_iter()
-            .find(|s| s.name == ks)
-            .ok_or_else(|| ApiError::not_found(format!("keyspace '{ks}' does not exist"))),
-        other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+        Ok(ForwardReply::Keyspaces(list)) => list,
+        Ok(other) => return ApiError::internal(format!("unexpected reply {other:?}")),
+        Err(e) => return e,
+    };
+    match list.iter().find(|s| s.name == ks).map(|s| s.mode) {
+        Some(Mode::Ap) => ApiError::unavailable(format!(
+            "keyspace '{ks}' is an ap keyspace this node has not learned yet; retry"
+        )),
+        Some(Mode::Cp) => on_cp,
+        None => ApiError::not_found(format!("keyspace '{ks}' does not exist")),
     }
-}
-
-/// `503` for an ap keyspace this node's registry has not applied yet: retry.
-fn not_learned(ks: &str) -> ApiError {
-    ApiError::unavailable(format!(
-        "keyspace '{ks}' is an ap keyspace this node has not learned yet; retry"
-    ))
 }
 
 /// Changes a counter (`{key}/incr`, body `{"by":N}`) or a set (`{key}/add` or
@@ -533,12 +530,8 @@ async fn crdt_op(
         Some(spec) if spec.mode == Mode::Ap => spec,
         Some(_) => return Err(not_ap(&ks).into()),
         None => {
-            let spec = registry_spec(&st.node, &ks, params.deadline()?).await?;
-            return Err(match spec.mode {
-                Mode::Ap => not_learned(&ks),
-                Mode::Cp => not_ap(&ks),
-            }
-            .into());
+            let e = not_known_here(&st.node, &ks, params.deadline()?, not_ap(&ks)).await;
+            return Err(e.into());
         }
     };
     let mutation = match op {

@@ -58,12 +58,8 @@ impl Demo {
 
     async fn keyspace(&self, name: &str, mode: Mode, t: Option<ValueType>) -> Result<(), String> {
         let spec = KeyspaceSpec {
-            name: name.into(),
-            mode,
-            n: None,
-            r: None,
-            w: None,
             value_type: t,
+            ..KeyspaceSpec::new(name, mode)
         };
         match self.entry.create_keyspace(&spec).await {
             Ok(_) => {}

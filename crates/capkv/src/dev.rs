@@ -70,14 +70,7 @@ fn spawn_node(exe: &Path, i: u32, cluster: &str, data_dir: &Path) -> Result<Chil
 async fn create_keyspaces(client: &Client) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for (name, mode) in [("cp", Mode::Cp), ("ap", Mode::Ap)] {
-        let spec = KeyspaceSpec {
-            name: name.into(),
-            mode,
-            n: None,
-            r: None,
-            w: None,
-            value_type: None,
-        };
+        let spec = KeyspaceSpec::new(name, mode);
         loop {
             match client.create_keyspace(&spec).await {
                 Ok(_) => {

@@ -497,8 +497,7 @@ impl Node {
                     .await,
             ),
             PeerRequest::ApRead { keyspace, key } => {
-                let nodes: Vec<NodeId> = self.config.cluster.iter().map(|m| m.id).collect();
-                PeerResponse::ApObject(self.ap.replica.read(&keyspace, &key, &nodes))
+                PeerResponse::ApObject(self.ap.replica.read(&keyspace, &key, &self.ap.nodes()))
             }
             PeerRequest::AeCompare { root, interior } => PeerResponse::AeDiffer(
                 self.ap_specs()
@@ -515,16 +514,13 @@ impl Node {
                 prefix,
                 after,
                 limit,
-            } => {
-                let homes: Vec<NodeId> = self.config.cluster.iter().map(|m| m.id).collect();
-                PeerResponse::ApScanned(self.ap.replica.scan(
-                    &keyspace,
-                    &prefix,
-                    after.as_deref(),
-                    limit.clamp(1, capkv_core::validate::MAX_SCAN_LIMIT),
-                    &homes,
-                ))
-            }
+            } => PeerResponse::ApScanned(self.ap.replica.scan(
+                &keyspace,
+                &prefix,
+                after.as_deref(),
+                limit.clamp(1, capkv_core::validate::MAX_SCAN_LIMIT),
+                &self.ap.nodes(),
+            )),
             PeerRequest::ApReapCheck { items } => {
                 PeerResponse::ApReapChecked(tombstones::check(&self.ap, &items))
             }

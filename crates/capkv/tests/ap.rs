@@ -9,14 +9,7 @@ use capkv_client::{ApValue, Client, ErrorCode, KeyspaceSpec, Mode, WriteOptions}
 use harness::{eventually, eventually_some, Cluster};
 
 async fn create_ap(c: &Cluster, name: &str) {
-    let spec = KeyspaceSpec {
-        name: name.into(),
-        mode: Mode::Ap,
-        n: None,
-        r: None,
-        w: None,
-        value_type: None,
-    };
+    let spec = KeyspaceSpec::new(name, Mode::Ap);
     c.client(0).create_keyspace(&spec).await.unwrap();
     // Every node must know the keyspace (the registry replicates through Raft).
     for i in 0..3 {
@@ -35,17 +28,20 @@ async fn create_ap(c: &Cluster, name: &str) {
     }
 }
 
+/// Sum of a metric over every node.
+async fn total(c: &Cluster, name: &str) -> f64 {
+    let mut sum = 0.0;
+    for i in 0..3 {
+        sum += harness::metric(&c.metrics(i).await, name);
+    }
+    sum
+}
+
 async fn hints_drained(c: &Cluster) {
     eventually(
         Duration::from_secs(20),
         "every hint is handed off",
-        || async {
-            let mut held = 0.0;
-            for i in 0..3 {
-                held += harness::metric(&c.metrics(i).await, "capkv_ap_hints_queued");
-            }
-            held == 0.0
-        },
+        || async { total(c, "capkv_ap_hints_queued").await == 0.0 },
     )
     .await;
 }
@@ -236,12 +232,8 @@ async fn a_replica_killed_during_writes_converges_with_no_acknowledged_write_los
 async fn ap_requests_reject_cp_only_parameters() {
     let c = Cluster::start(1, &[]).await;
     let spec = KeyspaceSpec {
-        name: "ap1".into(),
-        mode: Mode::Ap,
         n: Some(1),
-        r: None,
-        w: None,
-        value_type: None,
+        ..KeyspaceSpec::new("ap1", Mode::Ap)
     };
     c.client(0).create_keyspace(&spec).await.unwrap();
     let http = reqwest::Client::new();
@@ -265,14 +257,7 @@ async fn ap_requests_reject_cp_only_parameters() {
         assert_eq!(r.status().as_u16(), 400, "{method} {path}");
     }
     // CRDT operations: 404 for a keyspace that does not exist, 400 on a cp keyspace.
-    let cp = KeyspaceSpec {
-        name: "cp1".into(),
-        mode: Mode::Cp,
-        n: None,
-        r: None,
-        w: None,
-        value_type: None,
-    };
+    let cp = KeyspaceSpec::new("cp1", Mode::Cp);
     c.client(0).create_keyspace(&cp).await.unwrap();
     for (method, path, status) in [
         (reqwest::Method::POST, "/v1/kv/nosuch/k/incr", 404),
@@ -315,12 +300,8 @@ async fn ap_requests_reject_cp_only_parameters() {
 
 async fn create_typed(c: &Cluster, name: &str, t: capkv_client::ValueType) {
     let spec = KeyspaceSpec {
-        name: name.into(),
-        mode: Mode::Ap,
-        n: None,
-        r: None,
-        w: None,
         value_type: Some(t),
+        ..KeyspaceSpec::new(name, Mode::Ap)
     };
     c.client(0).create_keyspace(&spec).await.unwrap();
     for i in 0..3 {
@@ -467,10 +448,7 @@ async fn anti_entropy_restores_replicas_that_lost_their_disk() {
         )
         .await;
     }
-    let mut repaired = 0.0;
-    for node in 0..3 {
-        repaired += harness::metric(&c.metrics(node).await, "capkv_ap_ae_keys_repaired_total");
-    }
+    let repaired = total(&c, "capkv_ap_ae_keys_repaired_total").await;
     assert!(
         repaired >= 80.0,
         "n1 and n3 each needed 40 keys, repaired {repaired}"
@@ -586,15 +564,6 @@ async fn lww_keyspaces_pick_one_winner_everywhere() {
     }
 }
 
-/// Sum of a metric over every node.
-async fn total(c: &Cluster, name: &str) -> f64 {
-    let mut sum = 0.0;
-    for i in 0..3 {
-        sum += harness::metric(&c.metrics(i).await, name);
-    }
-    sum
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tombstones_are_collected_only_once_every_replica_has_them() {
     let c = Cluster::start(3, &["--tombstone-grace-ms", "300"]).await;
@@ -645,13 +614,7 @@ async fn tombstones_are_collected_only_once_every_replica_has_them() {
     eventually(
         Duration::from_secs(60),
         "every tombstone is collected on every node",
-        || async {
-            let mut objects = 0.0;
-            for i in 0..3 {
-                objects += harness::metric(&c.metrics(i).await, "capkv_ap_objects");
-            }
-            objects == 0.0
-        },
+        || async { total(&c, "capkv_ap_objects").await == 0.0 },
     )
     .await;
     assert!(total(&c, "capkv_ap_tombstones_collected_total").await >= 10.0);

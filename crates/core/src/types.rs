@@ -77,6 +77,19 @@ impl Serialize for KeyspaceSpec {
 }
 
 impl KeyspaceSpec {
+    /// A spec with only a name and mode; the defaults of the mode apply
+    /// (see [`KeyspaceSpec::normalized`]).
+    pub fn new(name: impl Into<String>, mode: Mode) -> KeyspaceSpec {
+        KeyspaceSpec {
+            name: name.into(),
+            mode,
+            n: None,
+            r: None,
+            w: None,
+            value_type: None,
+        }
+    }
+
     /// Checks a spec sent by a client and fills in the defaults of its mode.
     ///
     /// cp keyspaces take no `n`/`r`/`w`: their replication is the Raft group's.

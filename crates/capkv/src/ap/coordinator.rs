@@ -52,11 +52,13 @@ fn net_err(e: crate::net::NetError) -> ApiError {
 }
 
 impl Coordinator {
-    fn up(&self, id: NodeId) -> bool {
+    /// Whether `id` is this node or a peer heard from recently.
+    pub(super) fn up(&self, id: NodeId) -> bool {
         id == self.me || self.transport.reachable(id, REACHABLE_WINDOW)
     }
 
-    fn nodes(&self) -> Vec<NodeId> {
+    /// Every node of the cluster (the ring's members).
+    pub(crate) fn nodes(&self) -> Vec<NodeId> {
         self.ring.nodes().iter().copied().collect()
     }
 

@@ -19,7 +19,7 @@ use capkv_core::ValueType;
 use super::scan::{merge_pages, Page};
 use super::value::{ApState, Mutation, ReapFloor};
 use crate::cp::{decode, encode, NodeId};
-use crate::storage::{prefix_end, Engine, GroupCommit, Tree, WriteBatch};
+use crate::storage::{prefix_end, prefix_range_after, Engine, GroupCommit, Tree, WriteBatch};
 
 /// Lock stripes for read-merge-write of keys.
 const STRIPES: usize = 64;
@@ -324,14 +324,10 @@ impl Replica {
         limit: usize,
         homes: &[NodeId],
     ) -> Result<(Page, bool), ApiError> {
-        let from = obj_key(keyspace, prefix);
-        let mut start = from.clone();
-        if let Some(a) = after {
-            let mut next = obj_key(keyspace, a);
-            next.push(0);
-            start = start.max(next);
-        }
-        let end = prefix_end(&from);
+        let (start, end) = prefix_range_after(
+            obj_key(keyspace, prefix),
+            after.map(|a| obj_key(keyspace, a)),
+        );
         // One page per source: the replica, then the hints held for each home (keyed by
         // home first). A source that filled `limit` may hold more.
         let page = |tree: Tree, head: &[u8]| -> Result<(Page, bool), ApiError> {

@@ -79,10 +79,9 @@ impl Coordinator {
         deadline: Instant,
     ) -> Result<(Page, bool), ApiError> {
         if node == self.me {
-            let homes: Vec<NodeId> = self.ring.nodes().iter().copied().collect();
             return self
                 .replica
-                .scan(&keyspace, &prefix, after.as_deref(), limit, &homes);
+                .scan(&keyspace, &prefix, after.as_deref(), limit, &self.nodes());
         }
         let left = deadline.saturating_duration_since(Instant::now());
         let req = PeerRequest::ApScan {
@@ -112,17 +111,8 @@ impl Coordinator {
         let mut out: Page = Vec::new();
         let mut after = after.map(<[u8]>::to_vec);
         loop {
-            let nodes: Vec<NodeId> = self
-                .ring
-                .nodes()
-                .iter()
-                .copied()
-                .filter(|n| {
-                    *n == self.me || self.transport.reachable(*n, crate::node::REACHABLE_WINDOW)
-                })
-                .collect();
             let mut tasks = JoinSet::new();
-            for node in nodes {
+            for node in self.nodes().into_iter().filter(|n| self.up(*n)) {
                 let this = self.clone();
                 let (ks, p, a) = (keyspace.to_owned(), prefix.to_vec(), after.clone());
                 let want = limit - out.len();

@@ -50,7 +50,7 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(120);
 
 /// This node's answer to a check: per tombstone, whether every copy it holds equals it.
 pub fn check(c: &Coordinator, items: &[StoredObject]) -> Result<Vec<bool>, ApiError> {
-    let nodes: Vec<NodeId> = c.ring.nodes().iter().copied().collect();
+    let nodes = c.nodes();
     items
         .iter()
         .map(|(ks, key, state)| {
@@ -62,7 +62,7 @@ pub fn check(c: &Coordinator, items: &[StoredObject]) -> Result<Vec<bool>, ApiEr
 /// Collects tombstones every node confirmed twice: drops this node's copies that still
 /// equal them and raises its floor. Returns the number of copies dropped.
 pub async fn reap(c: &Coordinator, items: &[StoredObject]) -> Result<u64, ApiError> {
-    let nodes: Vec<NodeId> = c.ring.nodes().iter().copied().collect();
+    let nodes = c.nodes();
     let mut dropped = 0;
     for (ks, key, state) in items {
         dropped += c.replica.reap(ks, key, state, &nodes, &c.actor).await?;
@@ -141,7 +141,7 @@ impl Collector {
         if candidates.is_empty() {
             return Ok(0);
         }
-        let nodes: Vec<NodeId> = c.ring.nodes().iter().copied().collect();
+        let nodes = c.nodes();
         let mut everywhere = check(c, &candidates)?;
         for &node in nodes.iter().filter(|n| **n != c.me) {
             let answer = ask(

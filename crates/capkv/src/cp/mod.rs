@@ -201,14 +201,7 @@ mod tests {
     fn commands_round_trip_through_bincode() {
         for op in [
             Op::CreateKeyspace {
-                spec: KeyspaceSpec {
-                    name: "cp".into(),
-                    mode: Mode::Cp,
-                    n: None,
-                    r: None,
-                    w: None,
-                    value_type: None,
-                },
+                spec: KeyspaceSpec::new("cp", Mode::Cp),
             },
             Op::CreateKeyspace {
                 spec: KeyspaceSpec {

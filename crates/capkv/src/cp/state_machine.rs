@@ -33,7 +33,7 @@ use super::{
     decode, encode, Command, Condition, LogId, NodeId, Op, PeerNode, Reply, StorageResult,
     TypeConfig, Written,
 };
-use crate::storage::{prefix_end, Engine, Tree, WriteBatch};
+use crate::storage::{prefix_range_after, Engine, Tree, WriteBatch};
 
 /// Idempotency records are kept this long (by the proposer's clock): a client retrying
 /// later than this gets its write applied again.
@@ -195,16 +195,10 @@ impl Reader {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<(Vec<ScanRow>, bool), ApiError> {
-        let lower = data_key(keyspace, prefix);
-        let start = match after {
-            Some(a) if data_key(keyspace, a) >= lower => {
-                let mut s = data_key(keyspace, a);
-                s.push(0); // the smallest key strictly after `a`
-                s
-            }
-            _ => lower.clone(),
-        };
-        let end = prefix_end(&lower);
+        let (start, end) = prefix_range_after(
+            data_key(keyspace, prefix),
+            after.map(|a| data_key(keyspace, a)),
+        );
         let rows = self
             .engine
             .range(Tree::Data, &start, end.as_deref(), limit + 1)
@@ -692,14 +686,7 @@ mod tests {
 
     fn cp_keyspace() -> Op {
         Op::CreateKeyspace {
-            spec: KeyspaceSpec {
-                name: "cp".into(),
-                mode: Mode::Cp,
-                n: None,
-                r: None,
-                w: None,
-                value_type: None,
-            },
+            spec: KeyspaceSpec::new("cp", Mode::Cp),
         }
     }
 

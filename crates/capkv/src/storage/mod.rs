@@ -134,6 +134,21 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The range of a prefix scan resuming after `after` (both already full storage keys):
+/// from the first key strictly after `after`, or from `prefix` if that is later, to the
+/// end of the prefix.
+pub fn prefix_range_after(prefix: Vec<u8>, after: Option<Vec<u8>>) -> (Vec<u8>, Option<Vec<u8>>) {
+    let end = prefix_end(&prefix);
+    let start = match after {
+        Some(mut a) => {
+            a.push(0); // the smallest key strictly after `after`
+            a.max(prefix)
+        }
+        None => prefix,
+    };
+    (start, end)
+}
+
 #[cfg(test)]
 pub(crate) mod engine_tests {
     //! Behaviour every engine must share; run against both implementations.

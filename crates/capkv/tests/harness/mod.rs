@@ -103,14 +103,7 @@ impl Cluster {
             c.spawn(i);
         }
         c.wait_healthy().await;
-        let spec = KeyspaceSpec {
-            name: "cp".into(),
-            mode: Mode::Cp,
-            n: None,
-            r: None,
-            w: None,
-            value_type: None,
-        };
+        let spec = KeyspaceSpec::new("cp", Mode::Cp);
         let client = c.client(0);
         eventually(
             Duration::from_secs(20),
