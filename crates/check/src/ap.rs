@@ -1,0 +1,334 @@
+//! Checkers for the ap workloads: what an ap keyspace promises is not linearizability but
+//! that no acknowledged write is lost, nothing appears that nobody wrote, and every replica
+//! converges once the network heals.
+//!
+//! Each checker reads the final phase (after every fault healed, see
+//! [`History::final_at_us`]): the harness reads every key from every node until they agree
+//! or a deadline passes; the last answer of each node is what it converged to.
+//!
+//! - `set`: unique adds. Every acknowledged add is in every node's final set; every member
+//!   any read shows was attempted (ok or unknown), never one whose add failed.
+//! - `counter`: increments (positive). Every node's final total is the same, at least the
+//!   acknowledged increments and at most those plus the unknown ones; no read during the run
+//!   shows more than was attempted before it completed.
+//! - `siblings`: read-then-write with the context of the read. An acknowledged value may be
+//!   missing at the end only if a later write's context saw it (and so replaced it).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use crate::history::{Call, History, Op, Outcome, Ret};
+use crate::{Anomaly, CheckResult};
+
+/// The last successful final-phase read of each node, per key.
+fn final_reads<'a>(
+    h: &'a History,
+    is_read: impl Fn(&Call) -> bool,
+) -> BTreeMap<&'a str, BTreeMap<&'a str, &'a Op>> {
+    let mut out: BTreeMap<&str, BTreeMap<&str, &Op>> = BTreeMap::new();
+    for op in &h.ops {
+        if h.is_final(op) && is_read(&op.call) && op.outcome == Outcome::Ok {
+            let slot = out
+                .entry(&op.key)
+                .or_default()
+                .entry(&op.node)
+                .or_insert(op);
+            if op.invoke_us >= slot.invoke_us {
+                *slot = op;
+            }
+        }
+    }
+    out
+}
+
+fn ids<'a>(ops: impl IntoIterator<Item = &'a Op>, max: usize) -> Vec<u64> {
+    ops.into_iter().take(max).map(|o| o.id).collect()
+}
+
+fn keys_written(h: &History, is_write: impl Fn(&Call) -> bool) -> BTreeSet<&str> {
+    h.ops
+        .iter()
+        .filter(|o| is_write(&o.call) && o.outcome == Outcome::Ok)
+        .map(|o| o.key.as_str())
+        .collect()
+}
+
+/// Flags nodes whose final answers differ, and keys nobody could read at the end.
+fn converged<T: PartialEq + std::fmt::Debug>(
+    key: &str,
+    finals: Option<&BTreeMap<&str, &Op>>,
+    value: impl Fn(&Op) -> Option<T>,
+    result: &mut CheckResult,
+) -> Option<T> {
+    let Some(finals) = finals.filter(|f| !f.is_empty()) else {
+        result.undecided(format!(
+            "key {key}: no node answered a read in the final phase"
+        ));
+        return None;
+    };
+    let mut seen: Vec<(&str, T, u64)> = Vec::new();
+    for (node, op) in finals {
+        if let Some(v) = value(op) {
+            seen.push((node, v, op.id));
+        }
+    }
+    let (_, first, _) = seen.first()?;
+    if seen.iter().any(|(_, v, _)| v != first) {
+        let summary: Vec<String> = seen.iter().map(|(n, v, _)| format!("{n}: {v:?}")).collect();
+        result.add(Anomaly {
+            kind: "diverged".into(),
+            key: key.to_owned(),
+            message: format!(
+                "the nodes did not converge after the heal: {}",
+                summary.join("; ")
+            ),
+            ops: seen.iter().map(|(_, _, id)| *id).collect(),
+            stuck: None,
+        });
+    }
+    let (_, v, _) = seen.swap_remove(0);
+    Some(v)
+}
+
+/// Checks a `set` history.
+pub fn check_set(h: &History, result: &mut CheckResult) {
+    let mut adds: HashMap<(&str, &str), Vec<&Op>> = HashMap::new();
+    for op in &h.ops {
+        if let Call::SetAdd { member } = &op.call {
+            adds.entry((&op.key, member)).or_default().push(op);
+        }
+    }
+    let attempted = |key: &str, m: &str| {
+        adds.get(&(key, m))
+            .is_some_and(|v| v.iter().any(|o| o.outcome != Outcome::Fail))
+    };
+    // Nothing appears that was never attempted, or whose add certainly failed.
+    for op in &h.ops {
+        if let (Call::SetRead, Some(Ret::Members { members })) = (&op.call, &op.ret) {
+            for m in members {
+                if !attempted(&op.key, m) {
+                    let failed = adds.get(&(op.key.as_str(), m.as_str()));
+                    result.add(Anomaly {
+                        kind: if failed.is_some() {
+                            "failed-write-visible"
+                        } else {
+                            "phantom"
+                        }
+                        .into(),
+                        key: op.key.clone(),
+                        message: format!(
+                            "{} shows member {m}, which {}",
+                            op.describe(),
+                            if failed.is_some() {
+                                "was added only by operations answered as not applied"
+                            } else {
+                                "no client ever added"
+                            }
+                        ),
+                        ops: std::iter::once(op.id)
+                            .chain(failed.into_iter().flatten().map(|o| o.id))
+                            .collect(),
+                        stuck: None,
+                    });
+                }
+            }
+        }
+    }
+    let finals = final_reads(h, |c| matches!(c, Call::SetRead));
+    for key in keys_written(h, |c| matches!(c, Call::SetAdd { .. })) {
+        let members = |op: &Op| match &op.ret {
+            Some(Ret::Members { members }) => {
+                Some(members.iter().cloned().collect::<BTreeSet<_>>())
+            }
+            _ => None,
+        };
+        let Some(end) = converged(key, finals.get(key), members, result) else {
+            continue;
+        };
+        let lost: Vec<&Op> = h
+            .ops
+            .iter()
+            .filter(|o| o.key == key && o.outcome == Outcome::Ok)
+            .filter(|o| matches!(&o.call, Call::SetAdd { member } if !end.contains(member)))
+            .collect();
+        if !lost.is_empty() {
+            result.add(Anomaly {
+                kind: "lost-write".into(),
+                key: key.to_owned(),
+                message: format!(
+                    "{} acknowledged adds are missing from the converged set of {} members \
+                     (first: {})",
+                    lost.len(),
+                    end.len(),
+                    lost[0].describe()
+                ),
+                ops: ids(lost.iter().copied(), 20),
+                stuck: None,
+            });
+        }
+    }
+}
+
+/// Checks a `counter` history.
+pub fn check_counter(h: &History, result: &mut CheckResult) {
+    let incrs = |key: &str, o: Outcome| -> i64 {
+        h.ops
+            .iter()
+            .filter(|op| op.key == key && op.outcome == o)
+            .filter_map(|op| match op.call {
+                Call::Incr { by } => Some(by),
+                _ => None,
+            })
+            .sum()
+    };
+    // No read shows more than was attempted before it completed.
+    let mut attempted_before: HashMap<&str, Vec<(u64, i64)>> = HashMap::new();
+    for op in &h.ops {
+        if let Call::Incr { by } = op.call {
+            if op.outcome != Outcome::Fail {
+                attempted_before
+                    .entry(&op.key)
+                    .or_default()
+                    .push((op.invoke_us, by));
+            }
+        }
+    }
+    for op in &h.ops {
+        if let (Call::CounterRead, Some(Ret::Counter { value })) = (&op.call, &op.ret) {
+            let done = op.complete_us.unwrap_or(u64::MAX);
+            let bound: i64 = attempted_before
+                .get(op.key.as_str())
+                .map(|v| v.iter().filter(|(t, _)| *t <= done).map(|(_, by)| by).sum())
+                .unwrap_or(0);
+            if *value > bound {
+                result.add(Anomaly {
+                    kind: "double-count".into(),
+                    key: op.key.clone(),
+                    message: format!(
+                        "{} reads {value}, but increments invoked before it completed add up to \
+                         at most {bound}: some increment was counted more than once",
+                        op.describe()
+                    ),
+                    ops: vec![op.id],
+                    stuck: None,
+                });
+            }
+        }
+    }
+    let finals = final_reads(h, |c| matches!(c, Call::CounterRead));
+    for key in keys_written(h, |c| matches!(c, Call::Incr { .. })) {
+        let total = |op: &Op| match op.ret {
+            Some(Ret::Counter { value }) => Some(value),
+            _ => None,
+        };
+        let Some(end) = converged(key, finals.get(key), total, result) else {
+            continue;
+        };
+        let (acked, unknown) = (incrs(key, Outcome::Ok), incrs(key, Outcome::Unknown));
+        let (lo, hi) = (acked, acked + unknown);
+        if end < lo || end > hi {
+            let (kind, why) = if end > hi {
+                ("double-count", "some increment was counted more than once")
+            } else {
+                ("lost-write", "some acknowledged increment was lost")
+            };
+            result.add(Anomaly {
+                kind: kind.into(),
+                key: key.to_owned(),
+                message: format!(
+                    "the converged total is {end}, outside [{lo}, {hi}] (acknowledged \
+                     increments, plus those with an unknown outcome): {why}"
+                ),
+                ops: ids(
+                    finals
+                        .get(key)
+                        .into_iter()
+                        .flat_map(|m| m.values().copied()),
+                    8,
+                ),
+                stuck: None,
+            });
+        }
+    }
+}
+
+/// Checks a `siblings` history.
+pub fn check_siblings(h: &History, result: &mut CheckResult) {
+    let mut writes: HashMap<(&str, &str), &Op> = HashMap::new();
+    let mut covered: HashSet<(&str, &str)> = HashSet::new();
+    for op in &h.ops {
+        if let Call::ApWrite { value, seen } = &op.call {
+            writes.insert((&op.key, value), op);
+            if op.outcome != Outcome::Fail {
+                for s in seen {
+                    covered.insert((&op.key, s));
+                }
+            }
+        }
+    }
+    for op in &h.ops {
+        if let (Call::ApRead, Some(Ret::Siblings { values })) = (&op.call, &op.ret) {
+            for v in values {
+                match writes.get(&(op.key.as_str(), v.as_str())) {
+                    Some(w) if w.outcome != Outcome::Fail => {}
+                    found => result.add(Anomaly {
+                        kind: if found.is_some() {
+                            "failed-write-visible"
+                        } else {
+                            "phantom"
+                        }
+                        .into(),
+                        key: op.key.clone(),
+                        message: format!(
+                            "{} shows {v}, which {}",
+                            op.describe(),
+                            if found.is_some() {
+                                "was written only by an operation answered as not applied"
+                            } else {
+                                "no client ever wrote"
+                            }
+                        ),
+                        ops: std::iter::once(op.id).chain(found.map(|w| w.id)).collect(),
+                        stuck: None,
+                    }),
+                }
+            }
+        }
+    }
+    let finals = final_reads(h, |c| matches!(c, Call::ApRead));
+    for key in keys_written(h, |c| matches!(c, Call::ApWrite { .. })) {
+        let values = |op: &Op| match &op.ret {
+            Some(Ret::Siblings { values }) => Some(values.iter().cloned().collect::<BTreeSet<_>>()),
+            _ => None,
+        };
+        let Some(end) = converged(key, finals.get(key), values, result) else {
+            continue;
+        };
+        let mut lost: Vec<&Op> = h
+            .ops
+            .iter()
+            .filter(|o| o.key == key && o.outcome == Outcome::Ok)
+            .filter(|o| match &o.call {
+                Call::ApWrite { value, .. } => {
+                    !end.contains(value) && !covered.contains(&(key, value.as_str()))
+                }
+                _ => false,
+            })
+            .collect();
+        lost.sort_by_key(|o| o.id);
+        if !lost.is_empty() {
+            result.add(Anomaly {
+                kind: "lost-write".into(),
+                key: key.to_owned(),
+                message: format!(
+                    "{} acknowledged writes disappeared though no later write's context saw \
+                     them (first: {}); the converged value is [{}]",
+                    lost.len(),
+                    lost[0].describe(),
+                    end.iter().cloned().collect::<Vec<_>>().join(",")
+                ),
+                ops: ids(lost.iter().copied(), 20),
+                stuck: None,
+            });
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! The sequential models the linearizability checker holds histories against, and the
+//! translation of recorded operations into model operations.
+//!
+//! - [`Register`]: Jepsen's register: `read`, `write`, `cas` by value. A `cas` that failed
+//!   its comparison (Jepsen `:fail`, capkv `409`) is an observation that the value differed.
+//! - [`CpKey`]: a capkv cp key: `get` (value and version), `put` (blind, CAS by version,
+//!   CAS by value; `if_version=0` = only if absent), `delete`. Versions are cluster-wide
+//!   revisions, so each write of the key gets a version above every earlier one, and a read
+//!   must show the version of the write it reads.
+//!
+//! Values are interned to small integers per key, so states are cheap to hash and compare.
+
+use std::collections::HashMap;
+
+use crate::history::{Call, Op, Outcome, Ret};
+use crate::linear::{LinOp, Model};
+
+/// Maps a key's values to small integers.
+#[derive(Debug, Default)]
+pub struct Interner {
+    ids: HashMap<String, u32>,
+    values: Vec<String>,
+}
+
+impl Interner {
+    pub fn id(&mut self, v: &str) -> u32 {
+        if let Some(&id) = self.ids.get(v) {
+            return id;
+        }
+        let id = self.values.len() as u32;
+        self.ids.insert(v.to_owned(), id);
+        self.values.push(v.to_owned());
+        id
+    }
+
+    pub fn value(&self, id: u32) -> &str {
+        &self.values[id as usize]
+    }
+}
+
+/// A model that knows how to read recorded operations.
+pub trait HistoryModel: Model + Sized {
+    /// Builds the model for one key (it keeps the key's interned values for reports).
+    fn for_key(interner: Interner) -> Self;
+    /// The model operation an operation stands for, or None when it constrains nothing
+    /// (a fail that had no effect, a read with no answer).
+    fn compile(op: &Op, interner: &mut Interner) -> Option<<Self as Model>::Op>;
+}
+
+/// What the search needs to know of an op: when it may take effect.
+pub(crate) fn lin_op<O>(op: &Op, model_op: O) -> LinOp<O> {
+    LinOp {
+        id: op.id,
+        op: model_op,
+        call_us: op.invoke_us,
+        ret_us: match op.outcome {
+            Outcome::Ok | Outcome::Fail => op.complete_us.or(Some(u64::MAX)),
+            Outcome::Unknown => None,
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Register
+
+/// Jepsen's single register, starting absent.
+pub struct Register {
+    interner: Interner,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegisterOp {
+    Read(Option<u32>),
+    Write(u32),
+    /// `ok`: the cas applied; otherwise its comparison failed.
+    Cas {
+        from: u32,
+        to: u32,
+        ok: bool,
+    },
+}
+
+impl Model for Register {
+    type State = Option<u32>;
+    type Op = RegisterOp;
+
+    fn init(&self) -> Option<u32> {
+        None
+    }
+
+    fn step(&self, state: &Option<u32>, op: &RegisterOp) -> Option<Option<u32>> {
+        match *op {
+            RegisterOp::Read(v) => (*state == v).then_some(*state),
+            RegisterOp::Write(v) => Some(Some(v)),
+            RegisterOp::Cas { from, to, ok: true } => (*state == Some(from)).then_some(Some(to)),
+            RegisterOp::Cas {
+                from, ok: false, ..
+            } => (*state != Some(from)).then_some(*state),
+        }
+    }
+
+    fn describe(&self, state: &Option<u32>) -> String {
+        match state {
+            None => "absent".into(),
+            Some(v) => self.interner.value(*v).to_owned(),
+        }
+    }
+}
+
+impl HistoryModel for Register {
+    fn for_key(interner: Interner) -> Self {
+        Register { interner }
+    }
+
+    fn compile(op: &Op, interner: &mut Interner) -> Option<RegisterOp> {
+        let mismatch = matches!(op.ret, Some(Ret::Mismatch));
+        match (&op.call, op.outcome) {
+            (Call::Read, Outcome::Ok) => match &op.ret {
+                Some(Ret::Value { value, .. }) => {
+                    Some(RegisterOp::Read(value.as_deref().map(|v| interner.id(v))))
+                }
+                _ => None,
+            },
+            (Call::Read, _) => None,
+            (_, Outcome::Fail) if !mismatch => None,
+            (Call::Write { value }, _)
+            | (
+                Call::Put {
+                    value,
+                    if_version: None,
+                    if_value: None,
+                    ..
+                },
+                _,
+            ) => Some(RegisterOp::Write(interner.id(value))),
+            (Call::Cas { from, to }, outcome)
+            | (
+                Call::Put {
+                    value: to,
+                    if_value: Some(from),
+                    if_version: None,
+                    ..
+                },
+                outcome,
+            ) => Some(RegisterOp::Cas {
+                from: interner.id(from),
+                to: interner.id(to),
+                ok: outcome != Outcome::Fail,
+            }),
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// CpKey
+
+/// A capkv cp key: a value, its version, and the highest version the key has had.
+pub struct CpKey {
+    interner: Interner,
+}
+
+/// What the model knows of the current value's version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Version {
+    /// The key is absent.
+    Absent,
+    Known(u64),
+    /// Written by an operation whose answer was lost: the first read that sees it says.
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyState {
+    pub value: Option<u32>,
+    pub version: Version,
+    /// Every later write of this key gets a version above this.
+    pub floor: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cond {
+    None,
+    /// `if_version=V` (`0`: only if absent).
+    Version(u64),
+    /// `if_value=X`.
+    Value(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyOp {
+    Read {
+        value: Option<u32>,
+        version: Option<u64>,
+    },
+    /// `applied`: false for a 409, whose condition did not hold.
+    Put {
+        value: u32,
+        cond: Cond,
+        version: Option<u64>,
+        applied: bool,
+    },
+    Delete {
+        deleted: Option<bool>,
+    },
+}
+
+impl CpKey {
+    /// Whether `cond` holds in `s`; binding an unknown version when it must be `n`.
+    fn holds(s: &KeyState, cond: Cond) -> Option<KeyState> {
+        match cond {
+            Cond::None => Some(*s),
+            Cond::Version(0) => s.value.is_none().then_some(*s),
+            Cond::Version(n) => match s.version {
+                Version::Known(v) => (v == n).then_some(*s),
+                Version::Unknown => (n > s.floor).then_some(KeyState {
+                    version: Version::Known(n),
+                    floor: n,
+                    ..*s
+                }),
+                Version::Absent => None,
+            },
+            Cond::Value(x) => (s.value == Some(x)).then_some(*s),
+        }
+    }
+
+    /// Whether `cond` certainly fails in `s` (an unknown version could be anything above
+    /// the floor, so it may fail).
+    fn fails(s: &KeyState, cond: Cond) -> bool {
+        match cond {
+            Cond::None => false,
+            Cond::Version(0) => s.value.is_some(),
+            Cond::Version(n) => match s.version {
+                Version::Known(v) => v != n,
+                Version::Unknown | Version::Absent => true,
+            },
+            Cond::Value(x) => s.value != Some(x),
+        }
+    }
+}
+
+impl Model for CpKey {
+    type State = KeyState;
+    type Op = KeyOp;
+
+    fn init(&self) -> KeyState {
+        KeyState {
+            value: None,
+            version: Version::Absent,
+            floor: 0,
+        }
+    }
+
+    fn step(&self, s: &KeyState, op: &KeyOp) -> Option<KeyState> {
+        match *op {
+            KeyOp::Read { value: None, .. } => s.value.is_none().then_some(*s),
+            KeyOp::Read {
+                value: Some(v),
+                version,
+            } => {
+                if s.value != Some(v) {
+                    return None;
+                }
+                match (s.version, version) {
+                    (Version::Known(a), Some(b)) => (a == b).then_some(*s),
+                    (Version::Unknown, Some(b)) => (b > s.floor).then_some(KeyState {
+                        version: Version::Known(b),
+                        floor: b,
+                        ..*s
+                    }),
+                    _ => Some(*s),
+                }
+            }
+            KeyOp::Put {
+                value,
+                cond,
+                version,
+                applied: true,
+            } => {
+                let s = Self::holds(s, cond)?;
+                match version {
+                    Some(v) if v <= s.floor => None,
+                    Some(v) => Some(KeyState {
+                        value: Some(value),
+                        version: Version::Known(v),
+                        floor: v,
+                    }),
+                    None => Some(KeyState {
+                        value: Some(value),
+                        version: Version::Unknown,
+                        floor: s.floor,
+                    }),
+                }
+            }
+            KeyOp::Put {
+                cond,
+                applied: false,
+                ..
+            } => Self::fails(s, cond).then_some(*s),
+            KeyOp::Delete { deleted } => {
+                if deleted.is_some_and(|d| d != s.value.is_some()) {
+                    return None;
+                }
+                Some(KeyState {
+                    value: None,
+                    version: Version::Absent,
+                    floor: s.floor,
+                })
+            }
+        }
+    }
+
+    fn describe(&self, s: &KeyState) -> String {
+        let value = match s.value {
+            None => "absent".to_owned(),
+            Some(v) => self.interner.value(v).to_owned(),
+        };
+        match s.version {
+            Version::Absent => value,
+            Version::Known(v) => format!("{value} v{v}"),
+            Version::Unknown => format!("{value} v>{}", s.floor),
+        }
+    }
+}
+
+impl HistoryModel for CpKey {
+    fn for_key(interner: Interner) -> Self {
+        CpKey { interner }
+    }
+
+    fn compile(op: &Op, interner: &mut Interner) -> Option<KeyOp> {
+        let mismatch = matches!(op.ret, Some(Ret::Mismatch));
+        if op.outcome == Outcome::Fail && !mismatch {
+            return None;
+        }
+        match &op.call {
+            Call::Read => match (&op.ret, op.outcome) {
+                (Some(Ret::Value { value, version }), Outcome::Ok) => Some(KeyOp::Read {
+                    value: value.as_deref().map(|v| interner.id(v)),
+                    version: *version,
+                }),
+                _ => None,
+            },
+            Call::Write { value } => Some(KeyOp::Put {
+                value: interner.id(value),
+                cond: Cond::None,
+                version: None,
+                applied: true,
+            }),
+            Call::Cas { from, to } => Some(KeyOp::Put {
+                value: interner.id(to),
+                cond: Cond::Value(interner.id(from)),
+                version: None,
+                applied: !mismatch,
+            }),
+            Call::Put {
+                value,
+                if_version,
+                if_value,
+                ..
+            } => {
+                let cond = match (if_version, if_value) {
+                    (Some(v), _) => Cond::Version(*v),
+                    (None, Some(x)) => Cond::Value(interner.id(x)),
+                    (None, None) => Cond::None,
+                };
+                let version = match &op.ret {
+                    Some(Ret::Written { version }) if op.outcome == Outcome::Ok => *version,
+                    _ => None,
+                };
+                Some(KeyOp::Put {
+                    value: interner.id(value),
+                    cond,
+                    version,
+                    applied: !mismatch,
+                })
+            }
+            Call::Delete => Some(KeyOp::Delete {
+                deleted: match (&op.ret, op.outcome) {
+                    (Some(Ret::Deleted { deleted, .. }), Outcome::Ok) => Some(*deleted),
+                    _ => None,
+                },
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(value: Option<u32>, version: Version, floor: u64) -> KeyState {
+        KeyState {
+            value,
+            version,
+            floor,
+        }
+    }
+
+    #[test]
+    fn register_steps() {
+        let r = Register {
+            interner: Interner::default(),
+        };
+        assert_eq!(r.step(&None, &RegisterOp::Read(None)), Some(None));
+        assert_eq!(r.step(&None, &RegisterOp::Read(Some(1))), None);
+        assert_eq!(r.step(&None, &RegisterOp::Write(1)), Some(Some(1)));
+        let cas = |ok| RegisterOp::Cas { from: 1, to: 2, ok };
+        assert_eq!(r.step(&Some(1), &cas(true)), Some(Some(2)));
+        assert_eq!(r.step(&Some(3), &cas(true)), None);
+        assert_eq!(r.step(&Some(3), &cas(false)), Some(Some(3)));
+        assert_eq!(r.step(&Some(1), &cas(false)), None);
+    }
+
+    #[test]
+    fn cp_key_versions_only_grow_and_reads_see_the_written_version() {
+        let k = CpKey {
+            interner: Interner::default(),
+        };
+        let put = |value, cond, version| KeyOp::Put {
+            value,
+            cond,
+            version,
+            applied: true,
+        };
+        let s0 = k.init();
+        let s1 = k.step(&s0, &put(1, Cond::Version(0), Some(5))).unwrap();
+        assert_eq!(s1, st(Some(1), Version::Known(5), 5));
+        // A later write with a smaller version is impossible.
+        assert_eq!(k.step(&s1, &put(2, Cond::None, Some(4))), None);
+        // if_version=0 on a present key cannot apply, and must fail.
+        assert_eq!(k.step(&s1, &put(2, Cond::Version(0), Some(9))), None);
+        let mismatch = KeyOp::Put {
+            value: 2,
+            cond: Cond::Version(0),
+            version: None,
+            applied: false,
+        };
+        assert_eq!(k.step(&s1, &mismatch), Some(s1));
+        assert_eq!(k.step(&s0, &mismatch), None);
+        // A read must show the version.
+        let read = |value, version| KeyOp::Read { value, version };
+        assert_eq!(k.step(&s1, &read(Some(1), Some(5))), Some(s1));
+        assert_eq!(k.step(&s1, &read(Some(1), Some(6))), None);
+        // A write whose answer was lost: the first read binds its version.
+        let s2 = k.step(&s1, &put(2, Cond::None, None)).unwrap();
+        assert_eq!(s2, st(Some(2), Version::Unknown, 5));
+        assert_eq!(k.step(&s2, &read(Some(2), Some(5))), None);
+        assert_eq!(
+            k.step(&s2, &read(Some(2), Some(8))),
+            Some(st(Some(2), Version::Known(8), 8))
+        );
+        // CAS by version and value.
+        assert!(k.step(&s1, &put(3, Cond::Version(5), Some(7))).is_some());
+        assert!(k.step(&s1, &put(3, Cond::Version(4), Some(7))).is_none());
+        assert!(k.step(&s1, &put(3, Cond::Value(1), Some(7))).is_some());
+        assert!(k.step(&s1, &put(3, Cond::Value(2), Some(7))).is_none());
+        // Deletes say whether the key was there.
+        let del = |deleted| KeyOp::Delete { deleted };
+        assert_eq!(
+            k.step(&s1, &del(Some(true))),
+            Some(st(None, Version::Absent, 5))
+        );
+        assert_eq!(k.step(&s1, &del(Some(false))), None);
+        assert_eq!(k.step(&s0, &del(Some(false))), Some(s0));
+    }
+}
