@@ -20,10 +20,10 @@ use crate::history::{Call, History, Op, Outcome, Ret};
 use crate::{Anomaly, CheckResult};
 
 /// The last successful final-phase read of each node, per key.
-fn final_reads<'a>(
-    h: &'a History,
+fn final_reads(
+    h: &History,
     is_read: impl Fn(&Call) -> bool,
-) -> BTreeMap<&'a str, BTreeMap<&'a str, &'a Op>> {
+) -> BTreeMap<&str, BTreeMap<&str, &Op>> {
     let mut out: BTreeMap<&str, BTreeMap<&str, &Op>> = BTreeMap::new();
     for op in &h.ops {
         if h.is_final(op) && is_read(&op.call) && op.outcome == Outcome::Ok {

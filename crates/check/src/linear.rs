@@ -348,7 +348,7 @@ impl<'a, M: Model> Search<'a, M> {
         let mut entry = self.next[0];
         while self.remaining > 0 {
             steps += 1;
-            if steps % 4096 == 0 && Instant::now() > budget.deadline {
+            if steps.is_multiple_of(4096) && Instant::now() > budget.deadline {
                 return Verdict::Unknown(format!(
                     "time budget spent after {steps} steps ({} configurations)",
                     cache.len()
