@@ -113,11 +113,92 @@ pub enum Cmd {
         #[command(flatten)]
         node: NodeArg,
     },
+    /// Verify a cluster the way Jepsen does: concurrent clients, a nemesis, a recorded
+    /// history and a checker. Exit 0 valid, 1 invalid, 2 unknown, 3 the harness failed.
+    Check(CheckArgs),
+    /// Check a recorded history (capkv's JSON lines or a Jepsen register log); exit codes
+    /// as for `check`.
+    CheckHistory {
+        #[arg(long, value_enum, default_value = "capkv")]
+        format: crate::check::HistoryFormat,
+        file: PathBuf,
+        /// Write report.html in this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seconds the checker may spend before it answers unknown.
+        #[arg(long, default_value_t = 120)]
+        check_time: u64,
+    },
     /// Inject network faults on every node (nodes must run with --enable-faults).
     Fault {
         #[command(subcommand)]
         cmd: FaultCmd,
     },
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    #[arg(long, value_enum, default_value = "register")]
+    pub workload: crate::check::Workload,
+    /// Faults, comma-separated: partition, kill, restart, pause, clock, snapshot (none: no faults).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub nemesis: Vec<crate::check::NemesisKind>,
+    /// Seconds of the fault phase.
+    #[arg(long, default_value_t = 60)]
+    pub duration: u64,
+    /// Seeds the clients' choices and the nemesis's schedule (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Where the history, report.html, summary.json and node logs go
+    /// (default: capkv-check/<workload>-<seed>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Check a running cluster at these URLs (comma-separated) instead of starting one;
+    /// only the partition, clock and snapshot nemeses are possible then.
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Option<Vec<String>>,
+    /// Nodes of the cluster check starts.
+    #[arg(long, default_value_t = 3)]
+    pub cluster_size: u32,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 10)]
+    pub clients: u32,
+    /// Keys the workload spreads over (unique-insert: ignored).
+    #[arg(long, default_value_t = 4)]
+    pub keys: u32,
+    /// `--snapshot-every` of the nodes when the snapshot nemesis is on.
+    #[arg(long, default_value_t = 30)]
+    pub snapshot_every: u64,
+    /// Seconds the checker may spend before it answers unknown.
+    #[arg(long, default_value_t = 120)]
+    pub check_time: u64,
+}
+
+impl CheckArgs {
+    pub fn into_options(self) -> crate::check::CheckOptions {
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() % 1_000_000)
+                .unwrap_or(0)
+        });
+        let out = self.out.unwrap_or_else(|| {
+            PathBuf::from("capkv-check").join(format!("{}-{seed}", self.workload.name()))
+        });
+        crate::check::CheckOptions {
+            workload: self.workload,
+            nemesis: self.nemesis,
+            duration: std::time::Duration::from_secs(self.duration),
+            seed,
+            out,
+            nodes: self.nodes,
+            cluster_size: self.cluster_size,
+            clients: self.clients,
+            keys: self.keys,
+            snapshot_every: self.snapshot_every,
+            check_time: std::time::Duration::from_secs(self.check_time),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -303,7 +384,9 @@ fn exit_quietly_on_closed_stdout() {
 pub async fn run_client(cmd: Cmd) -> Result<(), String> {
     exit_quietly_on_closed_stdout();
     match cmd {
-        Cmd::Serve(_) | Cmd::Dev { .. } => unreachable!("handled by main"),
+        Cmd::Serve(_) | Cmd::Dev { .. } | Cmd::Check(_) | Cmd::CheckHistory { .. } => {
+            unreachable!("handled by main")
+        }
         Cmd::Put {
             keyspace,
             key,

@@ -31,7 +31,16 @@ fn cluster_spec(nodes: u32, base: u16) -> Result<String, String> {
     Ok(parts.join(","))
 }
 
-fn spawn_node(exe: &Path, i: u32, cluster: &str, data_dir: &Path) -> Result<Child, String> {
+/// Starts `capkv serve` for node `n{i}` with faults enabled, its data in `{data_dir}/n{i}`
+/// and its output appended to `{data_dir}/n{i}.log`; `extra` are more `serve` flags. The
+/// child gets SIGTERM if this process dies.
+pub(crate) fn spawn_node(
+    exe: &Path,
+    i: u32,
+    cluster: &str,
+    data_dir: &Path,
+    extra: &[String],
+) -> Result<Child, String> {
     let log_path = data_dir.join(format!("n{i}.log"));
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -48,6 +57,7 @@ fn spawn_node(exe: &Path, i: u32, cluster: &str, data_dir: &Path) -> Result<Chil
         .arg("--cluster")
         .arg(cluster)
         .arg("--enable-faults")
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err)
@@ -89,13 +99,18 @@ async fn create_keyspaces(client: &Client) -> Result<(), String> {
     Ok(())
 }
 
-fn terminate(child: &Child) {
+/// Sends `signal` to a child process (if it has not been reaped).
+pub(crate) fn signal(child: &Child, signal: libc::c_int) {
     if let Some(pid) = child.id() {
         // SAFETY: sending a signal to our own child process by pid.
         unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            libc::kill(pid as libc::pid_t, signal);
         }
     }
+}
+
+fn terminate(child: &Child) {
+    signal(child, libc::SIGTERM);
 }
 
 pub async fn run(opts: DevOptions) -> Result<(), String> {
@@ -108,7 +123,7 @@ pub async fn run(opts: DevOptions) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the capkv binary: {e}"))?;
     let mut children = Vec::new();
     for i in 1..=opts.nodes {
-        children.push(spawn_node(&exe, i, &cluster, &opts.data_dir)?);
+        children.push(spawn_node(&exe, i, &cluster, &opts.data_dir, &[])?);
     }
     let urls: Vec<String> = (1..=opts.nodes)
         .map(|i| format!("http://127.0.0.1:{}", opts.base_port + i as u16))

@@ -9,9 +9,11 @@
 //! - [`node`]: assembles a node; request paths with deadlines and leader forwarding.
 //! - [`api`]: the HTTP API (axum) and its OpenAPI description.
 //! - [`server`], [`dev`], [`cli`]: the `serve` and `dev` commands and the client CLI.
+//! - [`check`]: `capkv check`, Jepsen-style runs against a cluster (checkers: `capkv-check`).
 
 pub mod ap;
 pub mod api;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod cp;

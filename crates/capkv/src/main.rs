@@ -39,6 +39,25 @@ fn main() {
                 })
                 .await
             }
+            Cmd::Check(args) => {
+                init_tracing();
+                let code = capkv::check::run(args.into_options()).await;
+                std::process::exit(code);
+            }
+            Cmd::CheckHistory {
+                format,
+                file,
+                out,
+                check_time,
+            } => {
+                let code = capkv::check::check_history(
+                    format,
+                    &file,
+                    out.as_deref(),
+                    std::time::Duration::from_secs(check_time),
+                );
+                std::process::exit(code);
+            }
             other => run_client(other).await,
         }
     });

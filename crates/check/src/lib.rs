@@ -115,12 +115,12 @@ impl CheckResult {
         }
     }
 
-    pub(crate) fn add(&mut self, anomaly: Anomaly) {
+    pub fn add(&mut self, anomaly: Anomaly) {
         self.validity = Validity::Invalid;
         self.anomalies.push(anomaly);
     }
 
-    pub(crate) fn undecided(&mut self, why: String) {
+    pub fn undecided(&mut self, why: String) {
         self.validity = self.validity.and(Validity::Unknown);
         self.undecided.push(why);
     }

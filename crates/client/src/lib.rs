@@ -21,9 +21,13 @@ pub enum ClientError {
     /// A node answered with an error.
     #[error("{status} {error}")]
     Api { status: u16, error: ApiError },
-    /// No node could be reached.
+    /// No node could be reached: the request was never delivered.
     #[error("no capkv node reachable (tried {tried}): {last}")]
     Unreachable { tried: String, last: String },
+    /// The request was sent but no answer came (a timeout, a connection lost): it may
+    /// or may not have taken effect.
+    #[error("no answer from {node}: {error}")]
+    Lost { node: String, error: String },
     /// A node answered with something that is not the API's format.
     #[error("unexpected answer: {0}")]
     Decode(String),
@@ -92,6 +96,10 @@ pub struct Client {
     learned: Mutex<bool>,
 }
 
+/// How long a client waits for an answer by default: above the longest server deadline
+/// (60 s), so the server's own 504 arrives first.
+const ANSWER_WAIT_DEFAULT: Duration = Duration::from_secs(70);
+
 /// Percent-encodes a key as one path segment (every byte but unreserved characters).
 pub fn encode_segment(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
@@ -126,14 +134,29 @@ impl Client {
             .map(|s| s.into().trim_end_matches('/').to_owned())
             .collect();
         Client {
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(70))
-                .build()
-                .expect("building the HTTP client"),
+            http: Self::http(ANSWER_WAIT_DEFAULT),
             endpoints: Mutex::new(endpoints),
             learned: Mutex::new(false),
         }
+    }
+
+    /// A client that talks to exactly one node: it never learns other nodes or fails over,
+    /// and gives up waiting for an answer after `answer_wait` ([`ClientError::Lost`]).
+    /// For tools that must know which node served each request (`capkv check`).
+    pub fn pinned(node: &str, answer_wait: Duration) -> Client {
+        Client {
+            http: Self::http(answer_wait),
+            endpoints: Mutex::new(vec![node.trim_end_matches('/').to_owned()]),
+            learned: Mutex::new(true),
+        }
+    }
+
+    fn http(answer_wait: Duration) -> reqwest::Client {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2).min(answer_wait))
+            .timeout(answer_wait)
+            .build()
+            .expect("building the HTTP client")
     }
 
     /// The node URLs this client knows, in the order it tries them.
@@ -171,9 +194,9 @@ impl Client {
                 }
                 Err(e) if e.is_connect() => last = format!("{base}: {e}"),
                 Err(e) => {
-                    return Err(ClientError::Unreachable {
-                        tried: base.clone(),
-                        last: e.to_string(),
+                    return Err(ClientError::Lost {
+                        node: base.clone(),
+                        error: e.to_string(),
                     })
                 }
             }

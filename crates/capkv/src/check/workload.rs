@@ -1,0 +1,654 @@
+//! The clients of `capkv check`: each runs one operation at a time against a node it picks
+//! at random, and records every operation with its outcome (see `capkv_check::history`).
+//!
+//! Values are unique (`{client}-{n}`), so a read names the write it saw. Keys carry the
+//! run's tag, so runs against a long-lived cluster never read each other's data.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capkv_check::{Call, NemesisEvent, Op, Outcome, Record, Ret};
+use capkv_client::{ApValue, Client, ClientError, Consistency, WriteOptions};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::Workload;
+
+/// Records operations, in memory and (as JSON lines) in the run's history file.
+pub struct Recorder {
+    start: Instant,
+    next_id: AtomicU64,
+    ops: Mutex<Vec<Op>>,
+    nemesis: Mutex<Vec<NemesisEvent>>,
+    file: Mutex<std::io::BufWriter<std::fs::File>>,
+    /// ok, fail, unknown so far (for progress).
+    pub counts: [AtomicU64; 3],
+}
+
+impl Recorder {
+    pub fn new(file: std::fs::File) -> Recorder {
+        Recorder {
+            start: Instant::now(),
+            next_id: AtomicU64::new(0),
+            ops: Mutex::default(),
+            nemesis: Mutex::default(),
+            file: Mutex::new(std::io::BufWriter::new(file)),
+            counts: Default::default(),
+        }
+    }
+
+    /// Microseconds since the run started, on the monotonic clock.
+    pub fn now_us(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    pub fn write(&self, record: &Record) {
+        let mut f = self.file.lock().expect("history file lock");
+        // A history that cannot be written is a harness failure, found when it is read back.
+        let _ = serde_json::to_writer(&mut *f, record);
+        let _ = f.write_all(b"\n");
+    }
+
+    /// Starts an operation: its id (in invoke order) and invoke time.
+    fn invoke(&self) -> (u64, u64) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        (id, self.now_us())
+    }
+
+    fn complete(&self, op: Op) {
+        let slot = match op.outcome {
+            Outcome::Ok => 0,
+            Outcome::Fail => 1,
+            Outcome::Unknown => 2,
+        };
+        self.counts[slot].fetch_add(1, Ordering::Relaxed);
+        self.write(&Record::Op(op.clone()));
+        self.ops.lock().expect("ops lock").push(op);
+    }
+
+    pub fn nemesis(&self, event: NemesisEvent) {
+        self.write(&Record::Nemesis(event.clone()));
+        self.nemesis.lock().expect("nemesis lock").push(event);
+    }
+
+    pub fn flush(&self) {
+        let _ = self.file.lock().expect("history file lock").flush();
+    }
+
+    pub fn take(&self) -> (Vec<Op>, Vec<NemesisEvent>) {
+        let mut ops = std::mem::take(&mut *self.ops.lock().expect("ops lock"));
+        ops.sort_by_key(|o| (o.invoke_us, o.id));
+        let nemesis = std::mem::take(&mut *self.nemesis.lock().expect("nemesis lock"));
+        (ops, nemesis)
+    }
+}
+
+/// What an answer (or its absence) means for whether the operation took effect.
+fn outcome_of<T>(r: &Result<T, ClientError>) -> (Outcome, Option<u16>, Option<String>) {
+    match r {
+        Ok(_) => (Outcome::Ok, None, None),
+        Err(ClientError::Api { status, error }) => {
+            let outcome = match status {
+                // 503 and every 4xx promise the operation did not take effect.
+                400..=499 | 503 => Outcome::Fail,
+                _ => Outcome::Unknown,
+            };
+            (outcome, Some(*status), Some(error.message.clone()))
+        }
+        // Never connected: never delivered.
+        Err(ClientError::Unreachable { last, .. }) => (Outcome::Fail, None, Some(last.clone())),
+        Err(e @ (ClientError::Lost { .. } | ClientError::Decode(_))) => {
+            (Outcome::Unknown, None, Some(e.to_string()))
+        }
+    }
+}
+
+/// Everything the clients share.
+pub struct Ctx {
+    pub workload: Workload,
+    pub keyspace: String,
+    /// Prefix of every key of this run.
+    pub tag: String,
+    pub keys: u32,
+    pub node_ids: Vec<String>,
+    /// One pinned client per node, in `node_ids` order.
+    pub clients: Vec<Client>,
+    pub recorder: Arc<Recorder>,
+    pub stop: AtomicBool,
+    /// Keys `unique-insert` has tried to insert.
+    pub inserted: Mutex<Vec<String>>,
+}
+
+/// One client's state: its id, its RNG and what it has seen.
+pub struct ClientState {
+    pub id: u64,
+    rng: StdRng,
+    n: u64,
+    /// The last value and version this client saw per key (for CAS).
+    last: HashMap<String, (String, u64)>,
+    /// siblings: the context and value of this client's last write per key.
+    chained: HashMap<String, (String, String)>,
+}
+
+impl ClientState {
+    pub fn new(id: u64, seed: u64) -> ClientState {
+        ClientState {
+            id,
+            rng: StdRng::seed_from_u64(seed ^ (id.wrapping_mul(0x9e37_79b9_7f4a_7c15))),
+            n: 0,
+            last: HashMap::new(),
+            chained: HashMap::new(),
+        }
+    }
+
+    fn unique(&mut self) -> String {
+        self.n += 1;
+        format!("{}-{}", self.id, self.n)
+    }
+}
+
+/// One recorded operation in flight.
+struct Pending<'a> {
+    ctx: &'a Ctx,
+    client: u64,
+    node: usize,
+    key: String,
+    call: Call,
+    id: u64,
+    invoke_us: u64,
+}
+
+impl Ctx {
+    fn begin(&self, st: &mut ClientState, key: &str, call: Call) -> Pending<'_> {
+        let node = st.rng.gen_range(0..self.clients.len());
+        self.begin_at(st.id, node, key, call)
+    }
+
+    fn begin_at(&self, client: u64, node: usize, key: &str, call: Call) -> Pending<'_> {
+        let (id, invoke_us) = self.recorder.invoke();
+        Pending {
+            ctx: self,
+            client,
+            node,
+            key: key.to_owned(),
+            call,
+            id,
+            invoke_us,
+        }
+    }
+
+    fn key(&self, prefix: &str, k: u32) -> String {
+        format!("{}{prefix}{k}", self.tag)
+    }
+}
+
+impl Pending<'_> {
+    fn client(&self) -> &Client {
+        &self.ctx.clients[self.node]
+    }
+
+    /// Records the operation; `ret` is what it learned when it succeeded.
+    fn end<T>(self, r: &Result<T, ClientError>, ret: impl FnOnce(&T) -> Option<Ret>) -> Outcome {
+        let (mut outcome, status, error) = outcome_of(r);
+        let mut result = r.as_ref().ok().and_then(ret);
+        let conditional = matches!(
+            self.call,
+            Call::Put {
+                if_version: Some(_),
+                ..
+            } | Call::Put {
+                if_value: Some(_),
+                ..
+            }
+        );
+        if status == Some(409) && conditional {
+            result = Some(Ret::Mismatch);
+        }
+        if !self.call.is_write() && outcome == Outcome::Fail {
+            // A read that failed tells nothing; keep it as fail.
+            outcome = Outcome::Fail;
+        }
+        self.ctx.recorder.complete(Op {
+            id: self.id,
+            client: self.client,
+            node: self.ctx.node_ids[self.node].clone(),
+            key: self.key,
+            call: self.call,
+            invoke_us: self.invoke_us,
+            complete_us: Some(self.ctx.recorder.now_us()),
+            outcome,
+            ret: result,
+            status,
+            error,
+        });
+        outcome
+    }
+}
+
+fn written(version: u64) -> Option<Ret> {
+    Some(Ret::Written {
+        version: Some(version),
+    })
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs one client until the context says stop.
+pub async fn client_loop(ctx: Arc<Ctx>, mut st: ClientState) {
+    while !ctx.stop.load(Ordering::Relaxed) {
+        let outcome = match ctx.workload {
+            Workload::Register => register_op(&ctx, &mut st).await,
+            Workload::UniqueInsert => unique_insert_op(&ctx, &mut st).await,
+            Workload::Idempotent => idempotent_op(&ctx, &mut st).await,
+            Workload::Set => set_op(&ctx, &mut st).await,
+            Workload::Counter => counter_op(&ctx, &mut st).await,
+            Workload::Siblings => siblings_op(&ctx, &mut st).await,
+        };
+        if outcome != Outcome::Ok {
+            // Do not spin against a node that refuses at once.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn read_cp(p: Pending<'_>) -> (Outcome, Option<(String, u64)>) {
+    let r = p
+        .client()
+        .get(&p.ctx.keyspace, p.key.as_bytes(), Consistency::Linearizable)
+        .await;
+    let seen = match &r {
+        Ok(Some(v)) => Some((text(&v.value), v.version)),
+        _ => None,
+    };
+    let outcome = p.end(&r, |v| {
+        Some(Ret::Value {
+            value: v.as_ref().map(|v| text(&v.value)),
+            version: v.as_ref().map(|v| v.version),
+        })
+    });
+    (outcome, seen)
+}
+
+async fn put_cp(p: Pending<'_>, value: String, opts: WriteOptions) -> Outcome {
+    let r = p
+        .client()
+        .put(&p.ctx.keyspace, p.key.as_bytes(), value.into_bytes(), &opts)
+        .await;
+    p.end(&r, |v| written(v.version))
+}
+
+/// register: reads, blind writes, CAS by value and by version on a few keys.
+async fn register_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
+    let key = ctx.key("r", st.rng.gen_range(0..ctx.keys));
+    let dice: f64 = st.rng.gen();
+    if dice < 0.5 {
+        let p = ctx.begin(st, &key, Call::Read);
+        let (outcome, seen) = read_cp(p).await;
+        if let Some(seen) = seen {
+            st.last.insert(key, seen);
+        }
+        return outcome;
+    }
+    let value = st.unique();
+    let last = st.last.get(&key).cloned();
+    let (if_version, if_value) = match (dice, last) {
+        (d, _) if d < 0.75 => (None, None),
+        (d, Some((v, _))) if d < 0.9 => (None, Some(v)),
+        (_, Some((_, ver))) => (Some(ver), None),
+        (_, None) => (Some(0), None),
+    };
+    let call = Call::Put {
+        value: value.clone(),
+        if_version,
+        if_value: if_value.clone(),
+        idempotency_key: None,
+    };
+    let p = ctx.begin(st, &key, call);
+    let opts = WriteOptions {
+        if_version,
+        if_value,
+        ..WriteOptions::default()
+    };
+    put_cp(p, value, opts).await
+}
+
+/// unique-insert: `if_version=0` inserts of fresh keys, and reads of keys tried before.
+async fn unique_insert_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
+    let earlier = {
+        let inserted = ctx.inserted.lock().expect("inserted lock");
+        (st.rng.gen::<f64>() < 0.2 && !inserted.is_empty())
+            .then(|| inserted[st.rng.gen_range(0..inserted.len())].clone())
+    };
+    if let Some(key) = earlier {
+        return read_cp(ctx.begin(st, &key, Call::Read)).await.0;
+    }
+    let value = st.unique();
+    let key = format!("{}u{value}", ctx.tag);
+    ctx.inserted
+        .lock()
+        .expect("inserted lock")
+        .push(key.clone());
+    let call = Call::Put {
+        value: value.clone(),
+        if_version: Some(0),
+        if_value: None,
+        idempotency_key: None,
+    };
+    let p = ctx.begin(st, &key, call);
+    let opts = WriteOptions {
+        if_version: Some(0),
+        ..WriteOptions::default()
+    };
+    put_cp(p, value, opts).await
+}
+
+/// How often `idempotent` retries a write whose outcome is unknown.
+const IDEMPOTENT_RETRIES_MAX: u32 = 4;
+
+/// idempotent: writes with an Idempotency-Key, retried through other nodes while their
+/// outcome is unknown; and reads.
+async fn idempotent_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
+    let key = ctx.key("i", st.rng.gen_range(0..ctx.keys));
+    if st.rng.gen::<f64>() < 0.4 {
+        return read_cp(ctx.begin(st, &key, Call::Read)).await.0;
+    }
+    let value = st.unique();
+    let idem = format!("{}{}", ctx.tag, value);
+    let mut node = st.rng.gen_range(0..ctx.clients.len());
+    let mut outcome = Outcome::Unknown;
+    for attempt in 0..=IDEMPOTENT_RETRIES_MAX {
+        let call = Call::Put {
+            value: value.clone(),
+            if_version: None,
+            if_value: None,
+            idempotency_key: Some(idem.clone()),
+        };
+        let p = ctx.begin_at(st.id, node, &key, call);
+        let opts = WriteOptions {
+            idempotency_key: Some(idem.clone()),
+            ..WriteOptions::default()
+        };
+        outcome = put_cp(p, value.clone(), opts).await;
+        if outcome != Outcome::Unknown || ctx.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        // Retry through another node, as a client that lost its connection would.
+        if ctx.clients.len() > 1 {
+            node = (node + 1 + st.rng.gen_range(0..ctx.clients.len() - 1)) % ctx.clients.len();
+        }
+        tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt + 1))).await;
+    }
+    outcome
+}
+
+/// set: unique adds to a few sets, and reads.
+async fn set_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
+    let key = ctx.key("s", st.rng.gen_range(0..ctx.keys));
+    if st.rng.gen::<f64>() < 0.1 {
+        return read_set(ctx.begin(st, &key, Call::SetRead)).await;
+    }
+    let member = st.unique();
+    let p = ctx.begin(
+        st,
+        &key,
+        Call::SetAdd {
+            member: member.clone(),
+        },
+    );
+    let r = p
+        .client()
+        .set_add(&ctx.keyspace, key.as_bytes(), &[&member], None)
+        .await;
+    p.end(&r, |_| None)
+}
+
+async fn read_set(p: Pending<'_>) -> Outcome {
+    let r = p
+        .client()
+        .set_members(&p.ctx.keyspace, p.key.as_bytes(), None)
+        .await;
+    p.end(&r, |m| Some(Ret::Members { members: m.clone() }))
+}
+
+/// counter: increments of one to a few counters, and reads.
+async fn counter_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
+    let key = ctx.key("c", st.rng.gen_range(0..ctx.keys));
+    if st.rng.gen::<f64>() < 0.1 {
+        return read_counter(ctx.begin(st, &key, Call::CounterRead)).await;
+    }
+    let p = ctx.begin(st, &key, Call::Incr { by: 1 });
+    let r = p
+        .client()
+        .incr(&ctx.keyspace, key.as_bytes(), 1, None)
+        .await;
+    p.end(&r, |_| None)
+}
+
+async fn read_counter(p: Pending<'_>) -> Outcome {
+    let r = p
+        .client()
+        .counter(&p.ctx.keyspace, p.key.as_bytes(), None)
+        .await;
+    p.end(&r, |v| Some(Ret::Counter { value: *v }))
+}
+
+fn siblings_of(v: &ApValue) -> Vec<String> {
+    let mut values: Vec<String> = match v {
+        ApValue::Absent { .. } => Vec::new(),
+        ApValue::Value { value, .. } => vec![text(value)],
+        ApValue::Siblings { values, .. } => values.iter().map(|v| text(v)).collect(),
+    };
+    values.sort();
+    values
+}
+
+async fn read_register(p: Pending<'_>) -> (Outcome, Option<ApValue>) {
+    let r = p
+        .client()
+        .ap_get(&p.ctx.keyspace, p.key.as_bytes(), None)
+        .await;
+    let got = r.as_ref().ok().cloned();
+    let outcome = p.end(&r, |v| {
+        Some(Ret::Siblings {
+            values: siblings_of(v),
+        })
+    });
+    (outcome, got)
+}
+
+/// siblings: read a register, then write a new value with the read's context (it replaces
+/// what the read showed); sometimes write again with the context the last write returned.
+async fn siblings_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
+    let key = ctx.key("a", st.rng.gen_range(0..ctx.keys));
+    let (context, seen) = match st.chained.remove(&key) {
+        Some((context, value)) if st.rng.gen::<f64>() < 0.3 => (Some(context), vec![value]),
+        _ => {
+            let (outcome, got) = read_register(ctx.begin(st, &key, Call::ApRead)).await;
+            let Some(got) = got else {
+                return outcome;
+            };
+            (got.context().map(str::to_owned), siblings_of(&got))
+        }
+    };
+    let value = st.unique();
+    let call = Call::ApWrite {
+        value: value.clone(),
+        seen,
+    };
+    let p = ctx.begin(st, &key, call);
+    let r = p
+        .client()
+        .ap_put(
+            &ctx.keyspace,
+            key.as_bytes(),
+            value.clone().into_bytes(),
+            context.as_deref(),
+            None,
+        )
+        .await;
+    if let Ok(new_context) = &r {
+        st.chained.insert(key, (new_context.clone(), value));
+    }
+    p.end(&r, |_| None)
+}
+
+/// The final phase of an ap workload: reads every key of the run from every node until all
+/// nodes answer the same for every key, or `limit` passes. Every read is recorded.
+pub async fn final_ap_reads(ctx: &Ctx, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let prefix = match ctx.workload {
+        Workload::Set => "s",
+        Workload::Counter => "c",
+        _ => "a",
+    };
+    let keys: Vec<String> = (0..ctx.keys).map(|k| ctx.key(prefix, k)).collect();
+    let client = u64::MAX; // the checker's own reads: one per node at a time
+    loop {
+        let mut agree = true;
+        for key in &keys {
+            let mut answers: Vec<Option<Ret>> = Vec::new();
+            for node in 0..ctx.clients.len() {
+                let call = match ctx.workload {
+                    Workload::Set => Call::SetRead,
+                    Workload::Counter => Call::CounterRead,
+                    _ => Call::ApRead,
+                };
+                let p = ctx.begin_at(client - node as u64, node, key, call);
+                let ret = match ctx.workload {
+                    Workload::Set => {
+                        let r = p
+                            .client()
+                            .set_members(&ctx.keyspace, key.as_bytes(), None)
+                            .await;
+                        let ret = r.as_ref().ok().map(|m| Ret::Members { members: m.clone() });
+                        p.end(&r, |_| ret.clone());
+                        ret
+                    }
+                    Workload::Counter => {
+                        let r = p
+                            .client()
+                            .counter(&ctx.keyspace, key.as_bytes(), None)
+                            .await;
+                        let ret = r.as_ref().ok().map(|v| Ret::Counter { value: *v });
+                        p.end(&r, |_| ret.clone());
+                        ret
+                    }
+                    _ => {
+                        let (_, got) = read_register(p).await;
+                        got.map(|g| Ret::Siblings {
+                            values: siblings_of(&g),
+                        })
+                    }
+                };
+                answers.push(ret);
+            }
+            if answers.iter().any(Option::is_none) || answers.windows(2).any(|w| w[0] != w[1]) {
+                agree = false;
+            }
+        }
+        if agree {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The final phase of a cp workload: reads every key of the run once, linearizably, so a
+/// write answered as failed that took effect anyway shows. `unique-insert` reads its many
+/// keys with scans; the others read key by key.
+pub async fn final_cp_reads(ctx: &Ctx, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    if ctx.workload == Workload::UniqueInsert {
+        while !final_scan(ctx).await && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        return;
+    }
+    let prefix = if ctx.workload == Workload::Register {
+        "r"
+    } else {
+        "i"
+    };
+    let client = u64::MAX;
+    for k in 0..ctx.keys {
+        let key = ctx.key(prefix, k);
+        // Retry a key until a node answers (the cluster was healed and serves).
+        for attempt in 0.. {
+            let node = (k as usize + attempt) % ctx.clients.len();
+            let p = ctx.begin_at(client - node as u64, node, &key, Call::Read);
+            if read_cp(p).await.0 == Outcome::Ok || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Scans every `unique-insert` key of the run, page by page, and records for each key it
+/// tried a read: each page is one linearizable read of every key in its range, so a key in
+/// the range that the page does not list was absent. Returns false if a page failed (the
+/// pages recorded so far stay: each was a correct read).
+async fn final_scan(ctx: &Ctx) -> bool {
+    let mut tried = ctx.inserted.lock().expect("inserted lock").clone();
+    tried.sort();
+    let prefix = format!("{}u", ctx.tag);
+    let mut after: Option<String> = None;
+    let mut i = 0; // next tried key to account for
+    let mut pages = 0usize;
+    while i < tried.len() {
+        let node = pages % ctx.clients.len();
+        pages += 1;
+        let invoke_us = ctx.recorder.now_us();
+        let r = ctx.clients[node]
+            .scan(&ctx.keyspace, &prefix, after.as_deref(), Some(1000))
+            .await;
+        let complete_us = ctx.recorder.now_us();
+        let Ok((entries, more)) = r else {
+            return false;
+        };
+        let found: HashMap<String, (String, u64)> = entries
+            .iter()
+            .filter_map(|e| Some((e.key.clone()?, (e.value.clone()?, e.version?))))
+            .collect();
+        let last = entries.last().and_then(|e| e.key.clone());
+        if more && last.is_none() {
+            return false; // a cut page names where it stopped; this one did not
+        }
+        // This page covers (after, last] when more follow, else everything after `after`.
+        while i < tried.len() && (!more || last.as_ref().is_some_and(|l| tried[i] <= *l)) {
+            let key = &tried[i];
+            let (id, _) = ctx.recorder.invoke();
+            let seen = found.get(key);
+            ctx.recorder.complete(Op {
+                id,
+                client: u64::MAX - node as u64,
+                node: ctx.node_ids[node].clone(),
+                key: key.clone(),
+                call: Call::Read,
+                invoke_us,
+                complete_us: Some(complete_us),
+                outcome: Outcome::Ok,
+                ret: Some(Ret::Value {
+                    value: seen.map(|(v, _)| v.clone()),
+                    version: seen.map(|(_, v)| *v),
+                }),
+                status: None,
+                error: Some("final scan".into()),
+            });
+            i += 1;
+        }
+        if !more {
+            break;
+        }
+        after = last;
+    }
+    true
+}
