@@ -26,7 +26,7 @@ use utoipa::OpenApi;
 
 use crate::ap::dvv::{Object, VersionVector};
 use crate::ap::value::{ApState, LwwValue, Mutation};
-use crate::cp::{now_ms, Command, Condition, Op, Written};
+use crate::cp::{Command, Condition, Op, Written};
 use crate::node::Node;
 use crate::rpc::{ForwardOp, ForwardReply};
 use base64::Engine as _;
@@ -565,11 +565,11 @@ fn condition(params: &Params) -> Result<Option<Condition>, ApiError> {
     }
 }
 
-fn command(op: Op, headers: &HeaderMap) -> Result<Command, ApiError> {
+fn command(node: &Node, op: Op, headers: &HeaderMap) -> Result<Command, ApiError> {
     Ok(Command {
         op,
         idempotency_key: idempotency_key(headers)?,
-        proposed_at_ms: now_ms(),
+        proposed_at_ms: node.clock.now_ms(),
     })
 }
 
@@ -622,7 +622,7 @@ async fn put_key(
     };
     match st
         .node
-        .write(command(op, &headers)?, params.deadline()?)
+        .write(command(&st.node, op, &headers)?, params.deadline()?)
         .await?
     {
         Written::Put { version } => Ok(Json(PutResponse { version }).into_response()),
@@ -704,7 +704,7 @@ async fn delete_key(
     };
     match st
         .node
-        .write(command(op, &headers)?, params.deadline()?)
+        .write(command(&st.node, op, &headers)?, params.deadline()?)
         .await?
     {
         Written::Delete { deleted, version } => {
@@ -781,7 +781,7 @@ async fn create_keyspace(
     let spec = spec.normalized()?;
     let op = Op::CreateKeyspace { spec: spec.clone() };
     st.node
-        .write(command(op, &headers)?, params.deadline()?)
+        .write(command(&st.node, op, &headers)?, params.deadline()?)
         .await?;
     Ok((StatusCode::CREATED, Json(spec)))
 }

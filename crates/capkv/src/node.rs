@@ -28,6 +28,7 @@ use crate::ap::coordinator::Coordinator;
 use crate::ap::replica::Replica;
 use crate::ap::ring::{Ring, DEFAULT_VNODES};
 use crate::ap::{anti_entropy, tombstones};
+use crate::clock::WallClock;
 use crate::config::NodeConfig;
 use crate::cp::log_store::LogStore;
 use crate::cp::network::NetworkFactory;
@@ -57,6 +58,9 @@ pub struct Node {
     pub reader: Reader,
     pub transport: Arc<PeerTransport>,
     pub faults: Arc<FaultFilter>,
+    /// The node's wall clock: every read of the time of day for a decision goes through
+    /// it, so a fault-injected skew (or, later, a simulated clock) reaches all of them.
+    pub clock: Arc<WallClock>,
     proposer: Proposer,
     /// ap keyspaces: coordinator, local replica and hints.
     pub ap: Arc<Coordinator>,
@@ -107,6 +111,7 @@ impl Node {
         let reader = Reader::new(engine.clone());
 
         let faults = Arc::new(FaultFilter::default());
+        let clock = Arc::new(WallClock::system());
         let peers: BTreeMap<NodeId, String> = config
             .cluster
             .iter()
@@ -156,6 +161,7 @@ impl Node {
             ring: Ring::new(config.cluster.iter().map(|m| m.id), DEFAULT_VNODES),
             transport: transport.clone(),
             replica,
+            clock: clock.clone(),
         });
         let node = Arc::new(Node {
             config,
@@ -163,6 +169,7 @@ impl Node {
             reader,
             transport,
             faults,
+            clock,
             proposer,
             ap,
             group_commit,
