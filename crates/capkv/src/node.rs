@@ -14,7 +14,9 @@
 //!
 //! Reachability is measured, not guessed: every node pings every peer through the same
 //! transport (and fault filter) that Raft uses, so a partition shows up within
-//! [`REACHABLE_WINDOW`] on both sides.
+//! [`REACHABLE_WINDOW`] on both sides. A one-way fault (`drop_to`) makes each side count
+//! the other unreachable too, though one still hears the other (see
+//! [`crate::net::FaultFilter`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -620,7 +622,7 @@ impl Node {
                 let (t, id) = (self.transport.clone(), m.id);
                 tokio::spawn(async move {
                     if let Err(e) = t.call(id, PeerRequest::Ping, REACHABLE_WINDOW).await {
-                        if !matches!(e, NetError::Isolated(_)) {
+                        if !matches!(e, NetError::Isolated(_) | NetError::DropTo(_)) {
                             tracing::trace!(peer = id, error = %e, "ping failed");
                         }
                     }
