@@ -26,7 +26,8 @@ use utoipa::OpenApi;
 
 use crate::ap::dvv::{Object, VersionVector};
 use crate::ap::value::{ApState, LwwValue, Mutation};
-use crate::cp::{now_ms, Command, Condition, Op, Written};
+use crate::cp::{Command, Condition, Op, Written};
+use crate::net::PeerFaults;
 use crate::node::Node;
 use crate::rpc::{ForwardOp, ForwardReply};
 use base64::Engine as _;
@@ -565,11 +566,11 @@ fn condition(params: &Params) -> Result<Option<Condition>, ApiError> {
     }
 }
 
-fn command(op: Op, headers: &HeaderMap) -> Result<Command, ApiError> {
+fn command(node: &Node, op: Op, headers: &HeaderMap) -> Result<Command, ApiError> {
     Ok(Command {
         op,
         idempotency_key: idempotency_key(headers)?,
-        proposed_at_ms: now_ms(),
+        proposed_at_ms: node.clock.now_ms(),
     })
 }
 
@@ -622,7 +623,7 @@ async fn put_key(
     };
     match st
         .node
-        .write(command(op, &headers)?, params.deadline()?)
+        .write(command(&st.node, op, &headers)?, params.deadline()?)
         .await?
     {
         Written::Put { version } => Ok(Json(PutResponse { version }).into_response()),
@@ -704,7 +705,7 @@ async fn delete_key(
     };
     match st
         .node
-        .write(command(op, &headers)?, params.deadline()?)
+        .write(command(&st.node, op, &headers)?, params.deadline()?)
         .await?
     {
         Written::Delete { deleted, version } => {
@@ -781,7 +782,7 @@ async fn create_keyspace(
     let spec = spec.normalized()?;
     let op = Op::CreateKeyspace { spec: spec.clone() };
     st.node
-        .write(command(op, &headers)?, params.deadline()?)
+        .write(command(&st.node, op, &headers)?, params.deadline()?)
         .await?;
     Ok((StatusCode::CREATED, Json(spec)))
 }
@@ -816,14 +817,14 @@ async fn cluster(State(st): State<AppState>) -> Json<ClusterInfo> {
 }
 
 fn fault_state(node: &Node) -> FaultState {
+    let faults = node.faults.get();
+    let names = |ids: BTreeSet<u64>| ids.into_iter().map(|id| node.name_of(id)).collect();
     FaultState {
         enabled: node.config.enable_faults,
-        isolate_from: node
-            .faults
-            .isolated()
-            .into_iter()
-            .map(|id| node.name_of(id))
-            .collect(),
+        isolate_from: names(faults.isolate),
+        drop_to: names(faults.drop_to),
+        clock_skew_ms: node.clock.skew_ms(),
+        wall_clock_ms: node.clock.now_ms(),
     }
 }
 
@@ -838,7 +839,38 @@ fn require_faults(node: &Node) -> Result<(), ApiError> {
     }
 }
 
-/// Isolates this node from the listed nodes: all peer traffic to and from them is dropped.
+/// The peer ids of the nodes named in `field`: each a cluster member other than this node.
+fn fault_peers(node: &Node, field: &str, names: &[String]) -> Result<BTreeSet<u64>, ApiError> {
+    let mut ids = BTreeSet::new();
+    for name in names {
+        let m = node.config.member_by_name(name).ok_or_else(|| {
+            let known: Vec<&str> = node
+                .config
+                .cluster
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect();
+            ApiError::bad_request(format!(
+                "{field}: unknown node '{name}'; the cluster has {}",
+                known.join(", ")
+            ))
+        })?;
+        if m.id == node.id() {
+            return Err(ApiError::bad_request(format!(
+                "{field}: '{name}' is this node; a node cannot cut itself off from itself"
+            )));
+        }
+        ids.insert(m.id);
+    }
+    Ok(ids)
+}
+
+/// Sets this node's faults, replacing all that were in force (a field left out is "no
+/// such fault"). `isolate_from`: all peer traffic to and from these nodes is dropped.
+/// `drop_to`: every frame this node would send them (requests and replies) is dropped,
+/// while what they send is still received and handled, so their requests here take
+/// effect but time out at them (outcome unknown). `clock_skew_ms`: this node's wall
+/// clock reads that many ms off (±86400000 at most).
 #[utoipa::path(post, path = "/v1/faults", tag = "faults", request_body = FaultRequest,
     responses((status = 200, body = FaultState), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn set_faults(
@@ -847,30 +879,35 @@ async fn set_faults(
 ) -> ApiResult<Json<FaultState>> {
     require_faults(&st.node)?;
     let req: FaultRequest = json_body(body)?;
-    let mut ids = BTreeSet::new();
-    for name in &req.isolate_from {
-        let m = st
-            .node
-            .config
-            .member_by_name(name)
-            .ok_or_else(|| ApiError::bad_request(format!("unknown node '{name}'")))?;
-        if m.id == st.node.id() {
-            return Err(ApiError::bad_request("a node cannot be isolated from itself").into());
-        }
-        ids.insert(m.id);
+    let isolate = fault_peers(&st.node, "isolate_from", &req.isolate_from)?;
+    let drop_to = fault_peers(&st.node, "drop_to", &req.drop_to)?;
+    let skew = req.clock_skew_ms.unwrap_or(0);
+    if !(-validate::MAX_CLOCK_SKEW_MS..=validate::MAX_CLOCK_SKEW_MS).contains(&skew) {
+        return Err(ApiError::bad_request(format!(
+            "clock_skew_ms must be between -{max} and {max} (one day), got {skew}",
+            max = validate::MAX_CLOCK_SKEW_MS
+        ))
+        .into());
     }
-    tracing::warn!(isolate_from = ?req.isolate_from, "fault injection: isolating");
-    st.node.faults.isolate(ids);
+    tracing::warn!(
+        isolate_from = ?req.isolate_from,
+        drop_to = ?req.drop_to,
+        clock_skew_ms = skew,
+        "fault injection: faults set"
+    );
+    st.node.faults.set(PeerFaults { isolate, drop_to });
+    st.node.clock.set_skew_ms(skew);
     Ok(Json(fault_state(&st.node)))
 }
 
-/// Removes every fault on this node.
+/// Removes every fault on this node (isolation, one-way drops and clock skew).
 #[utoipa::path(delete, path = "/v1/faults", tag = "faults",
     responses((status = 200, body = FaultState), (status = 403, body = ErrorBody)))]
 async fn clear_faults(State(st): State<AppState>) -> ApiResult<Json<FaultState>> {
     require_faults(&st.node)?;
     tracing::warn!("fault injection: healed");
-    st.node.faults.isolate(BTreeSet::new());
+    st.node.faults.set(PeerFaults::default());
+    st.node.clock.set_skew_ms(0);
     Ok(Json(fault_state(&st.node)))
 }
 

@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
-use capkv_client::{Client, ClientError, Consistency, KeyspaceSpec, Mode, ValueType, WriteOptions};
+use capkv_client::{
+    Client, ClientError, ClusterInfo, Consistency, FaultRequest, FaultState, KeyspaceSpec, Mode,
+    ValueType, WriteOptions,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{parse_cluster, ConfigError, ConfigFile, NodeConfig};
@@ -129,7 +132,8 @@ pub enum Cmd {
         #[arg(long, default_value_t = 120)]
         check_time: u64,
     },
-    /// Inject network faults on every node (nodes must run with --enable-faults).
+    /// Inject faults: partitions, one-way partitions, clock skew (nodes must run with
+    /// --enable-faults).
     Fault {
         #[command(subcommand)]
         cmd: FaultCmd,
@@ -249,7 +253,27 @@ pub enum FaultCmd {
         #[command(flatten)]
         node: NodeArg,
     },
-    /// Remove every fault on every node.
+    /// One-way partition: FROM drops every message it would send to TO (requests and
+    /// replies alike) but still receives and handles what TO sends, so TO's requests take
+    /// effect on FROM and then time out at TO. Set on FROM only, replacing its one-way
+    /// drops and keeping its other faults. TO may be comma-separated node ids.
+    #[command(name = "one-way")]
+    OneWay {
+        from: String,
+        to: String,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Set NODE_ID's wall clock SKEW_MS ms off (negative: behind; at most one day,
+    /// 86400000, either way; 0 removes the skew). Keeps that node's other faults.
+    Clock {
+        node_id: String,
+        #[arg(allow_negative_numbers = true)]
+        skew_ms: i64,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Remove every fault (partitions, one-way drops, clock skew) on every node.
     Heal {
         #[command(flatten)]
         node: NodeArg,
@@ -547,6 +571,17 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
             cmd: FaultCmd::Partition { groups, node },
         } => partition(node.client(), &groups).await?,
         Cmd::Fault {
+            cmd: FaultCmd::OneWay { from, to, node },
+        } => one_way(node.client(), &from, &to).await?,
+        Cmd::Fault {
+            cmd:
+                FaultCmd::Clock {
+                    node_id,
+                    skew_ms,
+                    node,
+                },
+        } => clock(node.client(), &node_id, skew_ms).await?,
+        Cmd::Fault {
             cmd: FaultCmd::Heal { node },
         } => heal(node.client()).await?,
     }
@@ -590,30 +625,49 @@ async fn status(client: Client) -> Result<(), String> {
     Ok(())
 }
 
+/// The HTTP URL of node `id`, as the cluster describes it.
+fn node_url(info: &ClusterInfo, id: &str) -> Result<String, String> {
+    match info.nodes.iter().find(|n| n.id == id) {
+        Some(n) => Ok(format!("http://{}", n.http_addr)),
+        None => Err(format!(
+            "unknown node '{id}'; the cluster has {}",
+            info.nodes
+                .iter()
+                .map(|n| n.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// Comma-separated node ids, blanks dropped.
+fn id_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Changes one fault of the node at `url` and keeps its others (a `POST /v1/faults`
+/// replaces them all, so read them first). Not atomic: two commands racing on one node
+/// may lose one change.
+async fn update_faults(
+    client: &Client,
+    url: &str,
+    change: impl FnOnce(&mut FaultRequest),
+) -> Result<FaultState, ClientError> {
+    let mut req = client.faults(url).await?.request();
+    change(&mut req);
+    client.set_fault_request(url, &req).await
+}
+
 async fn partition(client: Client, groups: &[String]) -> Result<(), String> {
     let info = client.cluster().await.map_err(fail)?;
-    let groups: Vec<Vec<String>> = groups
-        .iter()
-        .map(|g| {
-            g.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
-        .collect();
+    let groups: Vec<Vec<String>> = groups.iter().map(|g| id_list(g)).collect();
     let mut seen = std::collections::BTreeSet::new();
     for id in groups.iter().flatten() {
-        if !info.nodes.iter().any(|n| &n.id == id) {
-            return Err(format!(
-                "unknown node '{id}'; the cluster has {}",
-                info.nodes
-                    .iter()
-                    .map(|n| n.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
+        node_url(&info, id)?;
         if !seen.insert(id.clone()) {
             return Err(format!("node '{id}' is in more than one group"));
         }
@@ -629,10 +683,8 @@ async fn partition(client: Client, groups: &[String]) -> Result<(), String> {
             .flatten()
             .cloned()
             .collect();
-        match client
-            .set_faults(&format!("http://{}", n.http_addr), others.clone())
-            .await
-        {
+        let url = format!("http://{}", n.http_addr);
+        match update_faults(&client, &url, |f| f.isolate_from = others.clone()).await {
             Ok(_) => println!("{}: isolated from {}", n.id, others.join(",")),
             Err(e) => failed.push(format!("{}: {e}", n.id)),
         }
@@ -642,6 +694,41 @@ async fn partition(client: Client, groups: &[String]) -> Result<(), String> {
     } else {
         Err(failed.join("\n"))
     }
+}
+
+async fn one_way(client: Client, from: &str, to: &str) -> Result<(), String> {
+    let info = client.cluster().await.map_err(fail)?;
+    let url = node_url(&info, from)?;
+    let to = id_list(to);
+    if to.is_empty() {
+        return Err("name at least one node for FROM to drop its messages to".into());
+    }
+    for id in &to {
+        node_url(&info, id)?;
+    }
+    let state = update_faults(&client, &url, |f| f.drop_to = to)
+        .await
+        .map_err(fail)?;
+    println!(
+        "{from}: drops everything it sends to {} (still receives from them)",
+        state.drop_to.join(",")
+    );
+    Ok(())
+}
+
+async fn clock(client: Client, id: &str, skew_ms: i64) -> Result<(), String> {
+    let info = client.cluster().await.map_err(fail)?;
+    let url = node_url(&info, id)?;
+    let state = update_faults(&client, &url, |f| {
+        f.clock_skew_ms = (skew_ms != 0).then_some(skew_ms)
+    })
+    .await
+    .map_err(fail)?;
+    println!(
+        "{id}: wall clock skewed by {:+} ms (reads {} ms since the epoch)",
+        state.clock_skew_ms, state.wall_clock_ms
+    );
+    Ok(())
 }
 
 async fn heal(client: Client) -> Result<(), String> {

@@ -4,6 +4,7 @@
 //!
 //! - [`storage`]: the `Engine` trait, fjall and in-memory engines, group commit.
 //! - [`net`]: the peer transport and its fault filter; [`rpc`]: the messages it carries.
+//! - [`clock`]: the node's wall clock (and its fault-injected skew).
 //! - [`ap`]: leaderless replication for ap keyspaces (ring, dotted version vectors).
 //! - [`cp`]: the Raft group (openraft): log store, state machine, network adapter.
 //! - [`node`]: assembles a node; request paths with deadlines and leader forwarding.
@@ -15,6 +16,7 @@ pub mod ap;
 pub mod api;
 pub mod check;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod cp;
 pub mod demo;

@@ -14,7 +14,9 @@
 //!
 //! Reachability is measured, not guessed: every node pings every peer through the same
 //! transport (and fault filter) that Raft uses, so a partition shows up within
-//! [`REACHABLE_WINDOW`] on both sides.
+//! [`REACHABLE_WINDOW`] on both sides. A one-way fault (`drop_to`) makes each side count
+//! the other unreachable too, though one still hears the other (see
+//! [`crate::net::FaultFilter`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use crate::ap::coordinator::Coordinator;
 use crate::ap::replica::Replica;
 use crate::ap::ring::{Ring, DEFAULT_VNODES};
 use crate::ap::{anti_entropy, tombstones};
+use crate::clock::WallClock;
 use crate::config::NodeConfig;
 use crate::cp::log_store::LogStore;
 use crate::cp::network::NetworkFactory;
@@ -57,6 +60,9 @@ pub struct Node {
     pub reader: Reader,
     pub transport: Arc<PeerTransport>,
     pub faults: Arc<FaultFilter>,
+    /// The node's wall clock: every read of the time of day for a decision goes through
+    /// it, so a fault-injected skew (or, later, a simulated clock) reaches all of them.
+    pub clock: Arc<WallClock>,
     proposer: Proposer,
     /// ap keyspaces: coordinator, local replica and hints.
     pub ap: Arc<Coordinator>,
@@ -107,6 +113,7 @@ impl Node {
         let reader = Reader::new(engine.clone());
 
         let faults = Arc::new(FaultFilter::default());
+        let clock = Arc::new(WallClock::system());
         let peers: BTreeMap<NodeId, String> = config
             .cluster
             .iter()
@@ -156,6 +163,7 @@ impl Node {
             ring: Ring::new(config.cluster.iter().map(|m| m.id), DEFAULT_VNODES),
             transport: transport.clone(),
             replica,
+            clock: clock.clone(),
         });
         let node = Arc::new(Node {
             config,
@@ -163,6 +171,7 @@ impl Node {
             reader,
             transport,
             faults,
+            clock,
             proposer,
             ap,
             group_commit,
@@ -613,7 +622,7 @@ impl Node {
                 let (t, id) = (self.transport.clone(), m.id);
                 tokio::spawn(async move {
                     if let Err(e) = t.call(id, PeerRequest::Ping, REACHABLE_WINDOW).await {
-                        if !matches!(e, NetError::Isolated(_)) {
+                        if !matches!(e, NetError::Isolated(_) | NetError::DropTo(_)) {
                             tracing::trace!(peer = id, error = %e, "ping failed");
                         }
                     }

@@ -637,27 +637,59 @@ impl Client {
         Self::json(resp).await
     }
 
-    /// Isolates one node (by URL) from the named nodes; an empty list heals it.
+    /// Isolates one node (by URL) from the named nodes; an empty list heals it (every
+    /// fault of that node, as [`Client::clear_faults`]). Like every `POST /v1/faults`, a
+    /// non-empty list replaces all of the node's faults (one-way drops, clock skew).
     pub async fn set_faults(
         &self,
         node_url: &str,
         isolate_from: Vec<String>,
     ) -> Result<FaultState> {
-        let req = if isolate_from.is_empty() {
-            self.http.delete(format!("{node_url}/v1/faults"))
+        if isolate_from.is_empty() {
+            self.clear_faults(node_url).await
         } else {
-            self.http
-                .post(format!("{node_url}/v1/faults"))
-                .json(&FaultRequest { isolate_from })
-        };
-        let resp = req
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                tried: node_url.to_owned(),
-                last: e.to_string(),
-            })?;
+            self.set_fault_request(node_url, &FaultRequest::isolate(isolate_from))
+                .await
+        }
+    }
+
+    /// Sets one node's (by URL) faults to exactly `req`: isolation, one-way drops
+    /// (`drop_to`) and clock skew. Returns the node's fault state after the change.
+    pub async fn set_fault_request(
+        &self,
+        node_url: &str,
+        req: &FaultRequest,
+    ) -> Result<FaultState> {
+        self.faults_call(node_url, Method::POST, Some(req)).await
+    }
+
+    /// Removes every fault on one node (by URL).
+    pub async fn clear_faults(&self, node_url: &str) -> Result<FaultState> {
+        self.faults_call(node_url, Method::DELETE, None).await
+    }
+
+    /// The faults active on one node (by URL), and what its wall clock reads.
+    pub async fn faults(&self, node_url: &str) -> Result<FaultState> {
+        self.faults_call(node_url, Method::GET, None).await
+    }
+
+    async fn faults_call(
+        &self,
+        node_url: &str,
+        method: Method,
+        body: Option<&FaultRequest>,
+    ) -> Result<FaultState> {
+        let mut req = self
+            .http
+            .request(method, format!("{node_url}/v1/faults"))
+            .timeout(Duration::from_secs(2));
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            tried: node_url.to_owned(),
+            last: e.to_string(),
+        })?;
         Self::json(resp).await
     }
 }

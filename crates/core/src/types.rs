@@ -347,22 +347,105 @@ pub struct ClusterInfo {
     pub isolated_from: Vec<String>,
 }
 
-/// `POST /v1/faults`: drop all peer traffic to and from these nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// `POST /v1/faults`: the faults the receiving node should have from now on. One request
+/// replaces the node's whole fault state: a field left out means "no such fault", so
+/// `{}` clears everything (as `DELETE /v1/faults` does). Unknown fields are refused, so a
+/// misspelt fault never silently heals the others.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct FaultRequest {
+    /// Drop all peer traffic to and from these nodes (a two-way partition).
+    #[serde(default)]
     pub isolate_from: Vec<String>,
+    /// Drop every frame this node would send to these nodes, requests and replies alike,
+    /// but keep receiving and handling what they send (a one-way partition): their
+    /// requests here take effect, and they see them time out.
+    #[serde(default)]
+    pub drop_to: Vec<String>,
+    /// Make this node's wall clock read this many ms off (negative: behind), within
+    /// ±86400000 (one day). Left out: 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = -86400000, maximum = 86400000)]
+    pub clock_skew_ms: Option<i64>,
 }
 
-/// `GET /v1/faults`: the faults active on the answering node.
+impl FaultRequest {
+    /// Isolation from `nodes` and no other fault (the request body before one-way
+    /// partitions and clock skew existed).
+    pub fn isolate(nodes: Vec<String>) -> FaultRequest {
+        FaultRequest {
+            isolate_from: nodes,
+            ..FaultRequest::default()
+        }
+    }
+}
+
+/// `GET /v1/faults` (and the answer to `POST`/`DELETE`): the faults active on the
+/// answering node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FaultState {
+    /// Whether the node accepts faults (`--enable-faults`).
     pub enabled: bool,
+    /// Nodes it exchanges no peer traffic with.
     pub isolate_from: Vec<String>,
+    /// Nodes it sends nothing to, while still receiving from them.
+    pub drop_to: Vec<String>,
+    /// How far its wall clock is set off, in ms (0: none).
+    pub clock_skew_ms: i64,
+    /// What its wall clock reads now, skew included, in ms since the Unix epoch.
+    pub wall_clock_ms: u64,
+}
+
+impl FaultState {
+    /// The request that sets exactly these faults: change a field of it and post it to
+    /// change one fault while keeping the others.
+    pub fn request(&self) -> FaultRequest {
+        FaultRequest {
+            isolate_from: self.isolate_from.clone(),
+            drop_to: self.drop_to.clone(),
+            clock_skew_ms: (self.clock_skew_ms != 0).then_some(self.clock_skew_ms),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fault_requests_old_and_new() {
+        let old: FaultRequest = serde_json::from_str(r#"{"isolate_from":["n2"]}"#).unwrap();
+        assert_eq!(old, FaultRequest::isolate(vec!["n2".into()]));
+        let new: FaultRequest =
+            serde_json::from_str(r#"{"drop_to":["n3"],"clock_skew_ms":-250}"#).unwrap();
+        assert_eq!(
+            new,
+            FaultRequest {
+                isolate_from: vec![],
+                drop_to: vec!["n3".into()],
+                clock_skew_ms: Some(-250),
+            }
+        );
+        assert_eq!(
+            serde_json::from_str::<FaultRequest>("{}").unwrap(),
+            FaultRequest::default()
+        );
+        assert!(serde_json::from_str::<FaultRequest>(r#"{"drop_too":["n3"]}"#).is_err());
+        let state = FaultState {
+            enabled: true,
+            isolate_from: vec!["n2".into()],
+            drop_to: vec!["n3".into()],
+            clock_skew_ms: -250,
+            wall_clock_ms: 1,
+        };
+        assert_eq!(
+            state.request(),
+            FaultRequest {
+                isolate_from: vec!["n2".into()],
+                ..new
+            }
+        );
+    }
 
     fn spec(json: &str) -> Result<KeyspaceSpec, ApiError> {
         serde_json::from_str::<KeyspaceSpec>(json)

@@ -25,6 +25,10 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 /// Longest deadline a request may ask for with `timeout_ms`.
 pub const MAX_TIMEOUT_MS: u64 = 60_000;
 
+/// Largest clock skew `/v1/faults` accepts, either way: one day, far beyond any skew a
+/// real cluster survives unnoticed, yet small enough that no arithmetic on it overflows.
+pub const MAX_CLOCK_SKEW_MS: i64 = 86_400_000;
+
 /// A keyspace name: 1..=64 characters of `[A-Za-z0-9_-]`.
 pub fn keyspace_name(name: &str) -> Result<(), ApiError> {
     if name.is_empty() || name.len() > MAX_KEYSPACE_NAME_BYTES {

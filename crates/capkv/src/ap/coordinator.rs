@@ -29,7 +29,8 @@ use super::dvv::Actor;
 use super::replica::Replica;
 use super::ring::{key_hash, Ring};
 use super::value::{ApState, Mutation};
-use crate::cp::{now_ms, NodeId};
+use crate::clock::WallClock;
+use crate::cp::NodeId;
 use crate::node::REACHABLE_WINDOW;
 use crate::rpc::{PeerRequest, PeerResponse};
 use crate::PeerTransport;
@@ -45,6 +46,8 @@ pub struct Coordinator {
     pub ring: Ring,
     pub transport: Arc<PeerTransport>,
     pub replica: Arc<Replica>,
+    /// The node's wall clock: HLC stamps of `lww` writes, `written_at_ms` of siblings.
+    pub clock: Arc<WallClock>,
 }
 
 fn net_err(e: crate::net::NetError) -> ApiError {
@@ -84,7 +87,14 @@ impl Coordinator {
         if home == self.me {
             return self
                 .replica
-                .update(keyspace, key, value_type, mutation, &self.actor, now_ms())
+                .update(
+                    keyspace,
+                    key,
+                    value_type,
+                    mutation,
+                    &self.actor,
+                    self.clock.now_ms(),
+                )
                 .await;
         }
         let req = PeerRequest::ApUpdate {
@@ -92,7 +102,7 @@ impl Coordinator {
             key: key.to_vec(),
             value_type,
             mutation: mutation.clone(),
-            now_ms: now_ms(),
+            now_ms: self.clock.now_ms(),
         };
         match self.call(home, req, deadline).await? {
             PeerResponse::ApObject(Ok(Some(obj))) => Ok(obj),
@@ -181,7 +191,7 @@ impl Coordinator {
             }
             None => {
                 let one_time = format!("{}~{:016x}", self.actor, rand::random::<u64>());
-                ApState::empty(value_type).apply(mutation, &one_time, now_ms())?
+                ApState::empty(value_type).apply(mutation, &one_time, self.clock.now_ms())?
             }
         };
 

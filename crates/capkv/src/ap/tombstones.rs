@@ -251,6 +251,7 @@ mod tests {
                 1 << 20,
             )),
             replica,
+            clock: Arc::default(),
         })
     }
 

@@ -102,8 +102,9 @@ pub struct Command {
     /// The client's `Idempotency-Key`: a second command with the same key gets the
     /// first one's reply and changes nothing.
     pub idempotency_key: Option<String>,
-    /// Wall-clock time at the proposer, in ms since the Unix epoch. Used only to expire
-    /// idempotency records; carried in the entry so every replica expires the same ones.
+    /// Wall-clock time at the proposer ([`crate::clock::WallClock`], skew included), in ms
+    /// since the Unix epoch. Used only to expire idempotency records; carried in the entry
+    /// so every replica expires the same ones.
     pub proposed_at_ms: u64,
 }
 
@@ -130,14 +131,6 @@ pub enum Written {
 /// What a client gets back for a [`Command`]: deterministic, so it can be stored for
 /// idempotent retries.
 pub type Reply = Result<Written, ApiError>;
-
-/// Milliseconds since the Unix epoch on this node's clock.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// The format of every record [`encode`] writes: Raft log entries, vote, snapshots,
 /// idempotency records, ap objects, hints and the reap floor. bincode has no schema, so

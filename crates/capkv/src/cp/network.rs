@@ -59,9 +59,10 @@ fn rpc_error<E: std::error::Error>(
             timeout: option.hard_ttl(),
         }),
         NetError::Lost(..) => RPCError::Network(NetworkError::new(&e)),
-        NetError::Isolated(_) | NetError::UnknownPeer(_) | NetError::Connect(..) => {
-            RPCError::Unreachable(Unreachable::new(&e))
-        }
+        NetError::Isolated(_)
+        | NetError::DropTo(_)
+        | NetError::UnknownPeer(_)
+        | NetError::Connect(..) => RPCError::Unreachable(Unreachable::new(&e)),
     }
 }
 

@@ -16,9 +16,16 @@
 //! ([`NetError::maybe_delivered`]). Refused by the fault filter or never connected: it was
 //! not. Timed out or the connection broke after sending: it may have been.
 //!
-//! The fault filter drops traffic on both sides: a node refuses to send to an isolated
-//! peer, and silently drops requests and responses arriving from one (no reply, as a
-//! real partition would).
+//! The fault filter has two switches per peer (see [`FaultFilter`]):
+//!
+//! - **isolate**: traffic is dropped on both sides: a node refuses to send to an isolated
+//!   peer, and silently drops requests and responses arriving from one (no reply, as a
+//!   real partition would).
+//! - **drop_to** (a one-way partition): a node drops every frame it would *send* to the
+//!   peer, requests and replies alike, but still receives and handles what the peer
+//!   sends. Its own calls to the peer fail at once as not delivered; the peer's calls are
+//!   delivered and handled, and then time out at the peer ([`NetError::Timeout`], which
+//!   [`NetError::maybe_delivered`]): "delivered, but the reply was lost".
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -55,6 +62,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 pub enum NetError {
     #[error("isolated from node {0} by fault injection")]
     Isolated(PeerId),
+    #[error("frames to node {0} are dropped by fault injection (drop_to)")]
+    DropTo(PeerId),
     #[error("unknown peer {0}")]
     UnknownPeer(PeerId),
     #[error("cannot connect to node {0}: {1}")]
@@ -72,27 +81,81 @@ impl NetError {
     }
 }
 
-/// Which peers this node refuses to talk to. Changed at run time through `/v1/faults`.
+/// The peer faults in force on one node: replaced whole by each `POST /v1/faults`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerFaults {
+    /// Peers cut off both ways: nothing is sent to them, nothing from them is accepted.
+    pub isolate: BTreeSet<PeerId>,
+    /// Peers cut off one way: nothing is sent to them (requests or replies), but what
+    /// they send is received and handled.
+    pub drop_to: BTreeSet<PeerId>,
+}
+
+/// Which peers this node refuses to talk to, and in which direction. Changed at run time
+/// through `/v1/faults`.
+///
+/// What each side of a one-way fault sees (n1 with `drop_to` n2), so that reachability
+/// never lies: a peer is *reachable* only if messages were heard from it recently **and**
+/// this node can send to it, i.e. only if a request to it could get an answer.
+///
+/// - n1 still hears n2 (its pings, Raft messages, forwarded requests), but cannot answer
+///   or call it, so n1 counts n2 **unreachable** at once ([`Transport::reachable`]); n1
+///   never counts n2 toward a quorum it could not use.
+/// - n2 hears nothing from n1 (no replies, no requests), so n2 counts n1 **unreachable**
+///   once [`Transport::reachable`]'s window passes, as for a crashed peer. Its requests
+///   to n1 still take effect there; n2 sees them time out (outcome unknown).
 #[derive(Default)]
 pub struct FaultFilter {
-    isolated: RwLock<BTreeSet<PeerId>>,
+    state: RwLock<PeerFaults>,
 }
 
 impl FaultFilter {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, PeerFaults> {
+        self.state.read().expect("fault filter lock poisoned")
+    }
+
+    /// Whether frames arriving from `peer` are dropped (it is isolated).
     pub fn blocks(&self, peer: PeerId) -> bool {
-        self.isolated
-            .read()
-            .expect("fault filter lock poisoned")
-            .contains(&peer)
+        self.read().isolate.contains(&peer)
     }
+
+    /// Whether frames to `peer` may be sent: not if it is isolated or in `drop_to`.
+    pub fn sends_to(&self, peer: PeerId) -> bool {
+        let f = self.read();
+        !f.isolate.contains(&peer) && !f.drop_to.contains(&peer)
+    }
+
+    /// Why a call to `peer` is refused before sending, if it is.
+    fn refuse_send(&self, peer: PeerId) -> Option<NetError> {
+        let f = self.read();
+        if f.isolate.contains(&peer) {
+            Some(NetError::Isolated(peer))
+        } else if f.drop_to.contains(&peer) {
+            Some(NetError::DropTo(peer))
+        } else {
+            None
+        }
+    }
+
+    /// Replaces every fault at once.
+    pub fn set(&self, faults: PeerFaults) {
+        *self.state.write().expect("fault filter lock poisoned") = faults;
+    }
+
+    /// Replaces the isolated peers, leaving `drop_to` as it is.
     pub fn isolate(&self, peers: BTreeSet<PeerId>) {
-        *self.isolated.write().expect("fault filter lock poisoned") = peers;
-    }
-    pub fn isolated(&self) -> BTreeSet<PeerId> {
-        self.isolated
-            .read()
+        self.state
+            .write()
             .expect("fault filter lock poisoned")
-            .clone()
+            .isolate = peers;
+    }
+
+    pub fn get(&self) -> PeerFaults {
+        self.read().clone()
+    }
+
+    pub fn isolated(&self) -> BTreeSet<PeerId> {
+        self.read().isolate.clone()
     }
 }
 
@@ -154,16 +217,28 @@ async fn read_frame<R: AsyncReadExt + Unpin>(
     Ok(Some((kind, id, buf)))
 }
 
-/// Drains `rx` into the socket, flushing whenever the queue is empty.
+/// Drains `rx` into the socket to `peer`, flushing whenever the queue is empty.
+///
+/// This is the last gate of the fault filter on the send side: a request or reply
+/// queued before a fault was set, and written after, is dropped here (a request
+/// dropped here times out at its caller: it is reported as maybe delivered, which is
+/// the safe answer). The hello frame always passes: it carries nothing.
 async fn write_loop(
     mut rx: mpsc::Receiver<Vec<u8>>,
     w: tokio::net::tcp::OwnedWriteHalf,
+    peer: PeerId,
+    faults: Arc<FaultFilter>,
 ) -> std::io::Result<()> {
     let mut w = BufWriter::new(w);
+    let passes = |f: &[u8]| f[4] == KIND_HELLO || faults.sends_to(peer);
     while let Some(f) = rx.recv().await {
-        w.write_all(&f).await?;
-        while let Ok(f) = rx.try_recv() {
+        if passes(&f) {
             w.write_all(&f).await?;
+        }
+        while let Ok(f) = rx.try_recv() {
+            if passes(&f) {
+                w.write_all(&f).await?;
+            }
         }
         w.flush().await?;
     }
@@ -202,9 +277,11 @@ where
         &self.faults
     }
 
-    /// Whether `peer` was heard from within `window` and is not isolated.
+    /// Whether `peer` can answer a request from here: it was heard from within `window`
+    /// and this node may send to it (neither isolated nor in `drop_to`; hearing a peer
+    /// we cannot answer does not make it reachable, see [`FaultFilter`]).
     pub fn reachable(&self, peer: PeerId, window: Duration) -> bool {
-        !self.faults.blocks(peer) && self.contacts.heard_within(peer, window)
+        self.faults.sends_to(peer) && self.contacts.heard_within(peer, window)
     }
 
     async fn connection(&self, to: PeerId) -> Result<Arc<Conn<Resp>>, NetError> {
@@ -229,9 +306,9 @@ where
             .await
             .map_err(|_| NetError::Connect(to, "writer gone".into()))?;
         {
-            let closed = closed.clone();
+            let (closed, faults) = (closed.clone(), self.faults.clone());
             tokio::spawn(async move {
-                if let Err(e) = write_loop(rx, w).await {
+                if let Err(e) = write_loop(rx, w, to, faults).await {
                     tracing::debug!(peer = to, error = %e, "peer connection write failed");
                 }
                 closed.store(true, Ordering::Release);
@@ -289,8 +366,8 @@ where
         req: Req,
         timeout: Duration,
     ) -> Result<Resp, NetError> {
-        if self.faults.blocks(to) {
-            return Err(NetError::Isolated(to));
+        if let Some(refused) = self.faults.refuse_send(to) {
+            return Err(refused);
         }
         let started = Instant::now();
         let conn = tokio::time::timeout(timeout, self.connection(to))
@@ -372,8 +449,9 @@ where
                 _ => return Err(std::io::Error::other("peer did not say hello")),
             };
         let (tx, rx) = mpsc::channel(SEND_QUEUE_FRAMES);
+        let faults = self.faults.clone();
         tokio::spawn(async move {
-            let _ = write_loop(rx, w).await;
+            let _ = write_loop(rx, w, from, faults).await;
         });
         let in_flight = Arc::new(Semaphore::new(INBOUND_IN_FLIGHT_MAX));
         while let Some((kind, id, body)) = read_frame(&mut r, self.frame_bytes_max).await? {
@@ -382,6 +460,7 @@ where
                     "unexpected frame kind {kind}"
                 )));
             }
+            // Isolated: dropped unread. drop_to alone does not stop receiving.
             if self.faults.blocks(from) {
                 continue;
             }
@@ -396,7 +475,9 @@ where
             tokio::spawn(async move {
                 let resp = handler(from, req).await;
                 drop(permit);
-                if !this.faults.blocks(from) {
+                // Isolated or drop_to: the request took effect, the reply is lost, and
+                // the caller times out (maybe delivered), as with a real lost reply.
+                if this.faults.sends_to(from) {
                     let _ = tx.send(frame(KIND_RESPONSE, id, &resp)).await;
                 }
             });
@@ -434,6 +515,13 @@ mod tests {
     type T = Transport<String, String>;
 
     async fn pair() -> (Arc<T>, Arc<T>) {
+        let (t1, t2, _) = pair_counted().await;
+        (t1, t2)
+    }
+
+    /// Two connected transports, and how many requests each has handled.
+    async fn pair_counted() -> (Arc<T>, Arc<T>, [Arc<AtomicU64>; 2]) {
+        let handled: [Arc<AtomicU64>; 2] = Default::default();
         let l1 = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a1 = l1.local_addr().unwrap().to_string();
@@ -450,13 +538,17 @@ mod tests {
             Arc::default(),
             1 << 20,
         ));
-        for (t, l, me) in [(&t1, l1, "n1"), (&t2, l2, "n2")] {
+        for (t, l, me, n) in [
+            (&t1, l1, "n1", handled[0].clone()),
+            (&t2, l2, "n2", handled[1].clone()),
+        ] {
             let handler: Handler<String, String> = Arc::new(move |from, req| {
+                n.fetch_add(1, Ordering::SeqCst);
                 Box::pin(async move { format!("{me} got {req} from {from}") })
             });
             tokio::spawn(t.clone().serve(l, handler));
         }
-        (t1, t2)
+        (t1, t2, handled)
     }
 
     #[tokio::test]
@@ -509,6 +601,94 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, NetError::Timeout(2, _)), "{e}");
         assert!(e.maybe_delivered());
+    }
+
+    fn drop_to(peers: impl IntoIterator<Item = PeerId>) -> PeerFaults {
+        PeerFaults {
+            drop_to: peers.into_iter().collect(),
+            ..PeerFaults::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn drop_to_is_one_way_own_calls_not_sent_peer_calls_handled_but_unanswered() {
+        let (t1, t2, handled) = pair_counted().await;
+        let d = Duration::from_secs(5);
+        // Both directions work and both sides count the other reachable.
+        t1.call(2, "a".into(), d).await.unwrap();
+        t2.call(1, "b".into(), d).await.unwrap();
+        assert!(t1.reachable(2, d) && t2.reachable(1, d));
+        let before = [0, 1].map(|i| handled[i].load(Ordering::SeqCst));
+
+        t1.faults().set(drop_to([2]));
+        assert!(!t1.faults().blocks(2) && !t1.faults().sends_to(2));
+
+        // n1's own calls to n2 are never sent: an immediate not-delivered error.
+        let started = Instant::now();
+        let e = t1.call(2, "x".into(), d).await.unwrap_err();
+        assert!(matches!(e, NetError::DropTo(2)), "{e}");
+        assert!(!e.maybe_delivered());
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(
+            handled[1].load(Ordering::SeqCst),
+            before[1],
+            "n2 got nothing"
+        );
+
+        // n2's calls reach n1 and are handled there, but the replies never come back:
+        // at n2 that is a timeout, outcome unknown.
+        let calls = 3;
+        for i in 0..calls {
+            let e = t2
+                .call(1, format!("y{i}"), Duration::from_millis(300))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, NetError::Timeout(1, _)), "{e}");
+            assert!(e.maybe_delivered());
+        }
+        assert_eq!(
+            handled[0].load(Ordering::SeqCst),
+            before[0] + calls,
+            "n1 handled every request n2 sent"
+        );
+
+        // Reachability never lies: n1 hears n2 (its requests just arrived) but cannot
+        // answer it, so n2 is unreachable from n1; n2 has heard nothing from n1 since
+        // its calls began (at least 900 ms ago), so n1 is unreachable from n2.
+        assert!(!t1.reachable(2, d));
+        assert!(!t2.reachable(1, Duration::from_millis(800)));
+
+        // Healing restores both directions on the same connections.
+        t1.faults().set(PeerFaults::default());
+        assert_eq!(t1.call(2, "p".into(), d).await.unwrap(), "n2 got p from 1");
+        assert_eq!(t2.call(1, "q".into(), d).await.unwrap(), "n1 got q from 2");
+        assert!(t1.reachable(2, d) && t2.reachable(1, d));
+    }
+
+    #[tokio::test]
+    async fn drop_to_on_the_receiver_loses_only_the_reply() {
+        // The same fault seen from the caller: n2 drops what it sends to n1, so n1's
+        // request is applied at n2 and n1 cannot tell it from a lost reply.
+        let (t1, t2, handled) = pair_counted().await;
+        t2.faults().set(drop_to([1]));
+        let e = t1
+            .call(2, "x".into(), Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, NetError::Timeout(2, _)), "{e}");
+        assert!(e.maybe_delivered());
+        assert_eq!(handled[1].load(Ordering::SeqCst), 1);
+        // Isolation, unlike drop_to, refuses the request on arrival: never handled.
+        t2.faults().set(PeerFaults {
+            isolate: BTreeSet::from([1]),
+            ..PeerFaults::default()
+        });
+        let e = t1
+            .call(2, "z".into(), Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, NetError::Timeout(2, _)), "{e}");
+        assert_eq!(handled[1].load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

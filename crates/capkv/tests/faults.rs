@@ -1,0 +1,273 @@
+//! `/v1/faults` beyond two-way partitions, with real processes: clock skew (what the
+//! node's wall clock reads, and that its stamps carry the skew), one-way partitions
+//! (`drop_to`: what each side counts reachable), input checks, heal, and the CLI.
+
+mod harness;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use capkv_client::{ApValue, Client, FaultRequest, FaultState, KeyspaceSpec, Mode, ValueType};
+use harness::{eventually, Cluster};
+
+const HOUR_MS: i64 = 3_600_000;
+
+fn local_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Asserts that `state`'s wall clock reads `skew` ms off this machine's clock (the test
+/// and the node share the machine, so only the time between the reads differs).
+fn assert_reads_off_by(state: &FaultState, skew: i64) {
+    let off = state.wall_clock_ms as i64 - local_ms();
+    assert!(
+        (off - skew).abs() < 10_000,
+        "wall clock should read {skew} ms off, reads {off} ms off: {state:?}"
+    );
+    assert_eq!(state.clock_skew_ms, skew);
+}
+
+/// Whether node `i` currently counts node `peer` (indexes) reachable.
+async fn sees(c: &Cluster, i: usize, peer: usize) -> bool {
+    let info = c.client(i).cluster_of(&c.url(i)).await.unwrap();
+    let name = format!("n{}", peer + 1);
+    info.nodes.iter().any(|n| n.id == name && n.reachable)
+}
+
+async fn raw_post(url: &str, body: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/faults"))
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+fn cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capkv"))
+        .args(args)
+        .output()
+        .expect("running the capkv CLI");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "capkv {args:?} failed: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_skew_and_one_way_faults_are_set_shown_checked_and_healed() {
+    let c = Cluster::start(3, &[]).await;
+    let (u1, u2) = (c.url(0), c.url(1));
+    let client = c.client(0);
+
+    let fresh = client.faults(&u1).await.unwrap();
+    assert!(fresh.enabled && fresh.isolate_from.is_empty() && fresh.drop_to.is_empty());
+    assert_reads_off_by(&fresh, 0);
+
+    // Clock skew: the node's wall clock reads that far off; the other nodes' do not.
+    let s = client
+        .set_fault_request(
+            &u1,
+            &FaultRequest {
+                clock_skew_ms: Some(HOUR_MS),
+                ..FaultRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_reads_off_by(&s, HOUR_MS);
+    assert_reads_off_by(&client.faults(&u1).await.unwrap(), HOUR_MS);
+    assert_reads_off_by(&client.faults(&u2).await.unwrap(), 0);
+    // Both bounds are accepted; negative skews put the clock behind.
+    let s = client
+        .set_fault_request(
+            &u2,
+            &FaultRequest {
+                clock_skew_ms: Some(-86_400_000),
+                ..FaultRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_reads_off_by(&s, -86_400_000);
+
+    // One POST replaces the whole state: drop_to alone clears n1's skew.
+    let s = client
+        .set_fault_request(
+            &u1,
+            &FaultRequest {
+                drop_to: vec!["n2".into()],
+                ..FaultRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.drop_to.clone(), s.isolate_from.clone()),
+        (vec!["n2".to_string()], vec![])
+    );
+    assert_reads_off_by(&s, 0);
+
+    // What each side counts reachable: n1 hears n2 but cannot answer it, n2 hears
+    // nothing from n1; n3 still talks to both, so both keep a majority.
+    assert!(!sees(&c, 0, 1).await, "n1 cannot send to n2");
+    eventually(
+        Duration::from_secs(10),
+        "n2 counts n1 unreachable",
+        || async { !sees(&c, 1, 0).await },
+    )
+    .await;
+    for (i, peer) in [(0, 2), (1, 2), (2, 0), (2, 1)] {
+        assert!(sees(&c, i, peer).await, "n{} sees n{}", i + 1, peer + 1);
+    }
+    for i in [0, 1] {
+        assert!(c.client(i).cluster_of(&c.url(i)).await.unwrap().has_quorum);
+    }
+
+    // Bad input is 400 with a message naming the problem, and changes nothing.
+    for (body, says) in [
+        (r#"{"drop_to":["n9"]}"#, "unknown node 'n9'"),
+        (r#"{"drop_to":["n1"]}"#, "drop_to: 'n1' is this node"),
+        (
+            r#"{"isolate_from":["n1"]}"#,
+            "isolate_from: 'n1' is this node",
+        ),
+        (
+            r#"{"clock_skew_ms":86400001}"#,
+            "clock_skew_ms must be between",
+        ),
+        (
+            r#"{"clock_skew_ms":-86400001}"#,
+            "clock_skew_ms must be between",
+        ),
+        (r#"{"clock_skew_ms":"5"}"#, "bad JSON body"),
+        (r#"{"drop_too":["n2"]}"#, "unknown field"),
+    ] {
+        let (status, b) = raw_post(&u1, body).await;
+        let msg = b["error"]["message"].as_str().unwrap_or_default();
+        assert_eq!(
+            (status, b["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{body}: {b}"
+        );
+        assert!(msg.contains(says), "{body}: {msg}");
+    }
+    assert_eq!(client.faults(&u1).await.unwrap().drop_to, vec!["n2"]);
+
+    // The old body still works, and replaces drop_to.
+    let (status, b) = raw_post(&u1, r#"{"isolate_from":["n3"]}"#).await;
+    assert_eq!(status, 200, "{b}");
+    let s: FaultState = serde_json::from_value(b).unwrap();
+    assert_eq!(
+        (s.isolate_from, s.drop_to),
+        (vec!["n3".to_string()], vec![])
+    );
+
+    // DELETE clears every kind of fault.
+    let s = client
+        .set_fault_request(
+            &u1,
+            &FaultRequest {
+                isolate_from: vec!["n3".into()],
+                drop_to: vec!["n2".into(), "n3".into()],
+                clock_skew_ms: Some(-5_000),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.drop_to, vec!["n2", "n3"]);
+    assert_reads_off_by(&s, -5_000);
+    for u in [&u1, &u2] {
+        let s = client.clear_faults(u).await.unwrap();
+        assert!(s.isolate_from.is_empty() && s.drop_to.is_empty(), "{s:?}");
+        assert_reads_off_by(&s, 0);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "n1 and n2 see each other again",
+        || async { sees(&c, 0, 1).await && sees(&c, 1, 0).await },
+    )
+    .await;
+
+    // The CLI: each fault command changes its own fault and keeps the others.
+    let out = cli(&["fault", "clock", "n1", "-5000", "--node", &u2]);
+    assert!(out.contains("n1: wall clock skewed by -5000 ms"), "{out}");
+    let out = cli(&["fault", "one-way", "n1", "n2,n3", "--node", &u2]);
+    assert!(
+        out.contains("n1: drops everything it sends to n2,n3"),
+        "{out}"
+    );
+    cli(&["fault", "partition", "n1,n2", "n3", "--node", &u2]);
+    let s = client.faults(&u1).await.unwrap();
+    assert_eq!(
+        (s.isolate_from.clone(), s.drop_to.clone()),
+        (vec!["n3".into()], vec!["n2".into(), "n3".into()])
+    );
+    assert_reads_off_by(&s, -5_000);
+    cli(&["fault", "heal", "--node", &u2]);
+    for i in 0..3 {
+        let s = client.faults(&c.url(i)).await.unwrap();
+        assert!(s.isolate_from.is_empty() && s.drop_to.is_empty(), "{s:?}");
+        assert_eq!(s.clock_skew_ms, 0);
+    }
+}
+
+/// The skew reaches the decisions made with wall time: an `lww` write made on a node
+/// whose clock is an hour ahead beats a write made later, in real time, elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skewed_clock_stamps_lww_writes() {
+    let c = Cluster::start(3, &[]).await;
+    let spec = KeyspaceSpec {
+        value_type: Some(ValueType::Lww),
+        ..KeyspaceSpec::new("profile", Mode::Ap)
+    };
+    c.client(0).create_keyspace(&spec).await.unwrap();
+    for i in 0..3 {
+        let client = c.client(i);
+        eventually(
+            Duration::from_secs(10),
+            "every node knows the lww keyspace",
+            || async { client.ap_get("profile", b"probe", None).await.is_ok() },
+        )
+        .await;
+    }
+    c.partition(&[&[0], &[1, 2]]).await;
+    c.wait_cut_off(0).await;
+    // Keep the partition, add the skew (a POST replaces every fault: start from the state).
+    let client = c.client(0);
+    let mut req = client.faults(&c.url(0)).await.unwrap().request();
+    req.clock_skew_ms = Some(HOUR_MS);
+    let s = client.set_fault_request(&c.url(0), &req).await.unwrap();
+    assert_eq!(s.isolate_from, vec!["n2", "n3"]);
+
+    c.client(0)
+        .ap_put("profile", b"bio", b"ahead".to_vec(), None, None)
+        .await
+        .unwrap();
+    c.client(1)
+        .ap_put("profile", b"bio", b"later".to_vec(), None, None)
+        .await
+        .unwrap();
+    c.heal().await;
+    for i in 0..3 {
+        let client: Client = c.client(i);
+        eventually(
+            Duration::from_secs(20),
+            &format!("n{} reads the write stamped an hour ahead", i + 1),
+            || async {
+                matches!(
+                    client.ap_get("profile", b"bio", Some(3)).await,
+                    Ok(ApValue::Value { value, .. }) if value == b"ahead"
+                )
+            },
+        )
+        .await;
+    }
+}
