@@ -180,40 +180,6 @@ pub fn check_counter(h: &History, result: &mut CheckResult) {
             })
             .sum()
     };
-    // No read shows more than was attempted before it completed.
-    let mut attempted_before: HashMap<&str, Vec<(u64, i64)>> = HashMap::new();
-    for op in &h.ops {
-        if let Call::Incr { by } = op.call {
-            if op.outcome != Outcome::Fail {
-                attempted_before
-                    .entry(&op.key)
-                    .or_default()
-                    .push((op.invoke_us, by));
-            }
-        }
-    }
-    for op in &h.ops {
-        if let (Call::CounterRead, Some(Ret::Counter { value })) = (&op.call, &op.ret) {
-            let done = op.complete_us.unwrap_or(u64::MAX);
-            let bound: i64 = attempted_before
-                .get(op.key.as_str())
-                .map(|v| v.iter().filter(|(t, _)| *t <= done).map(|(_, by)| by).sum())
-                .unwrap_or(0);
-            if *value > bound {
-                result.add(Anomaly {
-                    kind: "double-count".into(),
-                    key: op.key.clone(),
-                    message: format!(
-                        "{} reads {value}, but increments invoked before it completed add up to \
-                         at most {bound}: some increment was counted more than once",
-                        op.describe()
-                    ),
-                    ops: vec![op.id],
-                    stuck: None,
-                });
-            }
-        }
-    }
     let finals = final_reads(h, |c| matches!(c, Call::CounterRead));
     for key in keys_written(h, |c| matches!(c, Call::Incr { .. })) {
         let total = |op: &Op| match op.ret {
@@ -248,6 +214,60 @@ pub fn check_counter(h: &History, result: &mut CheckResult) {
                 stuck: None,
             });
         }
+    }
+    // No read shows more than was attempted before it completed. Once one does, every
+    // later read usually does too: report the first per key, with the count.
+    let mut attempted_before: HashMap<&str, Vec<(u64, i64)>> = HashMap::new();
+    for op in &h.ops {
+        if let Call::Incr { by } = op.call {
+            if op.outcome != Outcome::Fail {
+                attempted_before
+                    .entry(&op.key)
+                    .or_default()
+                    .push((op.invoke_us, by));
+            }
+        }
+    }
+    // As prefix sums by invoke time, so each read's bound is one binary search.
+    for v in attempted_before.values_mut() {
+        v.sort_unstable();
+        let mut sum = 0i64;
+        for e in v.iter_mut() {
+            sum = sum.saturating_add(e.1);
+            e.1 = sum;
+        }
+    }
+    let mut over: BTreeMap<&str, Vec<(&Op, i64)>> = BTreeMap::new();
+    for op in &h.ops {
+        if let (Call::CounterRead, Some(Ret::Counter { value })) = (&op.call, &op.ret) {
+            let done = op.complete_us.unwrap_or(u64::MAX);
+            let bound: i64 = attempted_before
+                .get(op.key.as_str())
+                .map(|v| match v.partition_point(|(t, _)| *t <= done) {
+                    0 => 0,
+                    n => v[n - 1].1,
+                })
+                .unwrap_or(0);
+            if *value > bound {
+                over.entry(&op.key).or_default().push((op, bound));
+            }
+        }
+    }
+    for (key, reads) in over {
+        let (first, bound) = reads[0];
+        result.add(Anomaly {
+            kind: "double-count".into(),
+            key: key.to_owned(),
+            message: format!(
+                "{} reads of this counter show more than was ever attempted before they \
+                 completed; the first: {}, while the increments invoked before it add up to at \
+                 most {bound}: some increment was counted more than once",
+                reads.len(),
+                first.describe()
+            ),
+            ops: ids(reads.iter().map(|(o, _)| *o), 20),
+            stuck: None,
+        });
     }
 }
 
