@@ -56,7 +56,7 @@ impl Nemesis {
             cluster,
             recorder,
             kinds,
-            rng: StdRng::seed_from_u64(seed ^ 0x6e65_6d65_7369_73),
+            rng: StdRng::seed_from_u64(seed ^ 0x006e_656d_6573_6973),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
                 .build()
