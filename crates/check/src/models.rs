@@ -6,7 +6,10 @@
 //! - [`CpKey`]: a capkv cp key: `get` (value and version), `put` (blind, CAS by version,
 //!   CAS by value; `if_version=0` = only if absent), `delete`. Versions are cluster-wide
 //!   revisions, so each write of the key gets a version above every earlier one, and a read
-//!   must show the version of the write it reads.
+//!   must show the version of the write it reads. A delete that deleted something is a write
+//!   too (it takes a revision); a delete that found nothing answers the revision so far, so
+//!   every later write's version is above it. A write whose answer was lost still took a
+//!   revision of its own if it applied.
 //!
 //! Values are interned to small integers per key, so states are cheap to hash and compare.
 
@@ -155,7 +158,7 @@ impl HistoryModel for Register {
 // ---------------------------------------------------------------------------------------
 // CpKey
 
-/// A capkv cp key: a value, its version, and the highest version the key has had.
+/// A capkv cp key: a value, its version, and a floor below every later write's version.
 pub struct CpKey {
     interner: Interner,
 }
@@ -166,7 +169,8 @@ pub enum Version {
     /// The key is absent.
     Absent,
     Known(u64),
-    /// Written by an operation whose answer was lost: the first read that sees it says.
+    /// Written by an operation whose answer was lost: at least [`KeyState::floor`]; the
+    /// first read that sees it says which.
     Unknown,
 }
 
@@ -174,7 +178,10 @@ pub enum Version {
 pub struct KeyState {
     pub value: Option<u32>,
     pub version: Version,
-    /// Every later write of this key gets a version above this.
+    /// Every later write of this key gets a version above this. With a
+    /// [`Version::Known`] it is that version; with a [`Version::Unknown`] it is the least
+    /// that version can be (one above the floor before that write: each write takes a
+    /// revision of its own).
     pub floor: u64,
 }
 
@@ -200,8 +207,11 @@ pub enum KeyOp {
         version: Option<u64>,
         applied: bool,
     },
+    /// `deleted`: whether the key existed (None: the answer was lost); `version`: the
+    /// revision the delete answered.
     Delete {
         deleted: Option<bool>,
+        version: Option<u64>,
     },
 }
 
@@ -213,7 +223,7 @@ impl CpKey {
             Cond::Version(0) => s.value.is_none().then_some(*s),
             Cond::Version(n) => match s.version {
                 Version::Known(v) => (v == n).then_some(*s),
-                Version::Unknown => (n > s.floor).then_some(KeyState {
+                Version::Unknown => (n >= s.floor).then_some(KeyState {
                     version: Version::Known(n),
                     floor: n,
                     ..*s
@@ -263,7 +273,7 @@ impl Model for CpKey {
                 }
                 match (s.version, version) {
                     (Version::Known(a), Some(b)) => (a == b).then_some(*s),
-                    (Version::Unknown, Some(b)) => (b > s.floor).then_some(KeyState {
+                    (Version::Unknown, Some(b)) => (b >= s.floor).then_some(KeyState {
                         version: Version::Known(b),
                         floor: b,
                         ..*s
@@ -285,10 +295,11 @@ impl Model for CpKey {
                         version: Version::Known(v),
                         floor: v,
                     }),
+                    // The answer was lost, but the write took a revision above the floor.
                     None => Some(KeyState {
                         value: Some(value),
                         version: Version::Unknown,
-                        floor: s.floor,
+                        floor: s.floor + 1,
                     }),
                 }
             }
@@ -297,14 +308,25 @@ impl Model for CpKey {
                 applied: false,
                 ..
             } => Self::fails(s, cond).then_some(*s),
-            KeyOp::Delete { deleted } => {
+            KeyOp::Delete { deleted, version } => {
                 if deleted.is_some_and(|d| d != s.value.is_some()) {
                     return None;
                 }
+                let floor = match (s.value.is_some(), version) {
+                    // It deleted: a write, with a revision of its own.
+                    (true, Some(v)) if v <= s.floor => return None,
+                    (true, Some(v)) => v,
+                    (true, None) => s.floor + 1,
+                    // It found nothing: it answered the revision so far, which is at least
+                    // the version of every earlier write; every later write is above it.
+                    (false, Some(v)) if v < s.floor => return None,
+                    (false, Some(v)) => v,
+                    (false, None) => s.floor,
+                };
                 Some(KeyState {
                     value: None,
                     version: Version::Absent,
-                    floor: s.floor,
+                    floor,
                 })
             }
         }
@@ -318,7 +340,7 @@ impl Model for CpKey {
         match s.version {
             Version::Absent => value,
             Version::Known(v) => format!("{value} v{v}"),
-            Version::Unknown => format!("{value} v>{}", s.floor),
+            Version::Unknown => format!("{value} v>={}", s.floor),
         }
     }
 }
@@ -375,12 +397,15 @@ impl HistoryModel for CpKey {
                     applied: !mismatch,
                 })
             }
-            Call::Delete => Some(KeyOp::Delete {
-                deleted: match (&op.ret, op.outcome) {
-                    (Some(Ret::Deleted { deleted, .. }), Outcome::Ok) => Some(*deleted),
-                    _ => None,
-                },
-            }),
+            Call::Delete => {
+                let (deleted, version) = match (&op.ret, op.outcome) {
+                    (Some(Ret::Deleted { deleted, version }), Outcome::Ok) => {
+                        (Some(*deleted), *version)
+                    }
+                    _ => (None, None),
+                };
+                Some(KeyOp::Delete { deleted, version })
+            }
             _ => None,
         }
     }
@@ -445,8 +470,17 @@ mod tests {
         assert_eq!(k.step(&s1, &read(Some(1), Some(6))), None);
         // A write whose answer was lost: the first read binds its version.
         let s2 = k.step(&s1, &put(2, Cond::None, None)).unwrap();
-        assert_eq!(s2, st(Some(2), Version::Unknown, 5));
+        assert_eq!(s2, st(Some(2), Version::Unknown, 6));
         assert_eq!(k.step(&s2, &read(Some(2), Some(5))), None);
+        assert_eq!(
+            k.step(&s2, &read(Some(2), Some(6))),
+            Some(st(Some(2), Version::Known(6), 6))
+        );
+        // Another lost write after it takes a version above the first one's.
+        let s3 = k.step(&s2, &put(3, Cond::None, None)).unwrap();
+        assert_eq!(s3, st(Some(3), Version::Unknown, 7));
+        assert_eq!(k.step(&s3, &put(4, Cond::None, Some(7))), None);
+        assert!(k.step(&s3, &put(4, Cond::None, Some(8))).is_some());
         assert_eq!(
             k.step(&s2, &read(Some(2), Some(8))),
             Some(st(Some(2), Version::Known(8), 8))
@@ -456,13 +490,30 @@ mod tests {
         assert!(k.step(&s1, &put(3, Cond::Version(4), Some(7))).is_none());
         assert!(k.step(&s1, &put(3, Cond::Value(1), Some(7))).is_some());
         assert!(k.step(&s1, &put(3, Cond::Value(2), Some(7))).is_none());
-        // Deletes say whether the key was there.
-        let del = |deleted| KeyOp::Delete { deleted };
+        // Deletes say whether the key was there, and take a revision when they delete.
+        let del = |deleted, version| KeyOp::Delete { deleted, version };
         assert_eq!(
-            k.step(&s1, &del(Some(true))),
-            Some(st(None, Version::Absent, 5))
+            k.step(&s1, &del(Some(true), Some(6))),
+            Some(st(None, Version::Absent, 6))
         );
-        assert_eq!(k.step(&s1, &del(Some(false))), None);
-        assert_eq!(k.step(&s0, &del(Some(false))), Some(s0));
+        assert_eq!(k.step(&s1, &del(Some(true), Some(5))), None);
+        assert_eq!(
+            k.step(&s1, &del(Some(true), None)),
+            Some(st(None, Version::Absent, 6))
+        );
+        assert_eq!(
+            k.step(&s1, &del(None, None)),
+            Some(st(None, Version::Absent, 6))
+        );
+        assert_eq!(k.step(&s1, &del(Some(false), Some(9))), None);
+        assert_eq!(k.step(&s0, &del(Some(false), None)), Some(s0));
+        // One that found nothing saw the revision so far.
+        let gone = st(None, Version::Absent, 6);
+        assert_eq!(k.step(&gone, &del(Some(false), Some(5))), None);
+        assert_eq!(
+            k.step(&gone, &del(Some(false), Some(9))),
+            Some(st(None, Version::Absent, 9))
+        );
+        assert_eq!(k.step(&gone, &del(None, None)), Some(gone));
     }
 }
