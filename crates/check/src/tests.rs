@@ -591,6 +591,25 @@ fn cp_an_unknown_put_takes_a_version_of_its_own() {
 }
 
 #[test]
+fn cp_a_refused_if_version_rules_out_the_version_a_lost_write_got() {
+    let mut b = Hb::new(CP);
+    b.put(1, "a", 1, (0, 10));
+    b.unknown(2, put("b"), 12, None);
+    b.get(3, Some("b"), None, (20, 25)); // b applied before the refusal (no version shown)
+    b.mismatch(1, put_if_version("c", 3), (30, 35)); // so b's version is not 3...
+    let r = b.get(3, Some("b"), Some(3), (40, 50)); // ...but it is
+    assert_stuck(&run(&b), r, &[]);
+    // Refused for another version, it is fine.
+    let mut b = Hb::new(CP);
+    b.put(1, "a", 1, (0, 10));
+    b.unknown(2, put("b"), 12, None);
+    b.get(3, Some("b"), None, (20, 25));
+    b.mismatch(1, put_if_version("c", 2), (30, 35));
+    b.get(3, Some("b"), Some(3), (40, 50));
+    assert_valid(&run(&b));
+}
+
+#[test]
 fn cp_an_unknown_delete_takes_a_version_of_its_own() {
     let mut b = Hb::new(CP);
     b.put(1, "a", 5, (0, 10));
