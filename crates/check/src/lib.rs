@@ -26,6 +26,8 @@ pub mod jepsen;
 pub mod linear;
 pub mod models;
 pub mod report;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};

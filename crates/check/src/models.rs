@@ -6,7 +6,10 @@
 //! - [`CpKey`]: a capkv cp key: `get` (value and version), `put` (blind, CAS by version,
 //!   CAS by value; `if_version=0` = only if absent), `delete`. Versions are cluster-wide
 //!   revisions, so each write of the key gets a version above every earlier one, and a read
-//!   must show the version of the write it reads.
+//!   must show the version of the write it reads. A delete that deleted something is a write
+//!   too (it takes a revision); a delete that found nothing answers the revision so far, so
+//!   every later write's version is above it. A write whose answer was lost still took a
+//!   revision of its own if it applied.
 //!
 //! Values are interned to small integers per key, so states are cheap to hash and compare.
 
@@ -155,7 +158,7 @@ impl HistoryModel for Register {
 // ---------------------------------------------------------------------------------------
 // CpKey
 
-/// A capkv cp key: a value, its version, and the highest version the key has had.
+/// A capkv cp key: a value, its version, and a floor below every later write's version.
 pub struct CpKey {
     interner: Interner,
 }
@@ -166,16 +169,81 @@ pub enum Version {
     /// The key is absent.
     Absent,
     Known(u64),
-    /// Written by an operation whose answer was lost: the first read that sees it says.
+    /// Written by an operation whose answer was lost: at least [`KeyState::floor`]; the
+    /// first read that sees it says which.
     Unknown,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KeyState {
     pub value: Option<u32>,
     pub version: Version,
-    /// Every later write of this key gets a version above this.
+    /// Every later write of this key gets a version above this. With a
+    /// [`Version::Known`] it is that version; with a [`Version::Unknown`] it is the least
+    /// that version can be (above the floor before that write: each write takes a revision
+    /// of its own, and above any version a refused `if_version` ruled out).
     pub floor: u64,
+    /// With a [`Version::Unknown`]: versions above the floor it cannot be, because an
+    /// `if_version` naming them was refused (409) while it was current. Sorted; empty
+    /// otherwise.
+    pub not: Vec<u64>,
+}
+
+impl KeyState {
+    fn new(value: Option<u32>, version: Version, floor: u64) -> KeyState {
+        KeyState {
+            value,
+            version,
+            floor,
+            not: Vec::new(),
+        }
+    }
+
+    /// Whether the current value's version can be `n`; binds it if it was unknown.
+    fn bind(&self, n: u64) -> Option<KeyState> {
+        match self.version {
+            Version::Known(v) => (v == n).then(|| self.clone()),
+            Version::Unknown => (n >= self.floor && !self.not.contains(&n))
+                .then(|| KeyState::new(self.value, Version::Known(n), n)),
+            Version::Absent => None,
+        }
+    }
+
+    /// The current value's version is not `n`.
+    fn rule_out(&self, n: u64) -> Option<KeyState> {
+        match self.version {
+            Version::Known(v) => (v != n).then(|| self.clone()),
+            Version::Absent => Some(self.clone()),
+            Version::Unknown if n < self.floor => Some(self.clone()),
+            Version::Unknown => {
+                let mut s = self.clone();
+                if let Err(at) = s.not.binary_search(&n) {
+                    s.not.insert(at, n);
+                }
+                // Keep the floor the least version it can be.
+                while s.not.first() == Some(&s.floor) {
+                    s.not.remove(0);
+                    s.floor += 1;
+                }
+                Some(s)
+            }
+        }
+    }
+
+    /// After a write (put or delete) of the key: a known version must be above every
+    /// earlier one; an unknown one is at least one above.
+    fn written(&self, value: Option<u32>, version: Option<u64>) -> Option<KeyState> {
+        let known = |v| match value {
+            Some(_) => Version::Known(v),
+            None => Version::Absent,
+        };
+        match version {
+            Some(v) if v <= self.floor => None,
+            Some(v) => Some(KeyState::new(value, known(v), v)),
+            None if value.is_some() => Some(KeyState::new(value, Version::Unknown, self.floor + 1)),
+            None => Some(KeyState::new(None, Version::Absent, self.floor + 1)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,8 +268,11 @@ pub enum KeyOp {
         version: Option<u64>,
         applied: bool,
     },
+    /// `deleted`: whether the key existed (None: the answer was lost); `version`: the
+    /// revision the delete answered.
     Delete {
         deleted: Option<bool>,
+        version: Option<u64>,
     },
 }
 
@@ -209,32 +280,20 @@ impl CpKey {
     /// Whether `cond` holds in `s`; binding an unknown version when it must be `n`.
     fn holds(s: &KeyState, cond: Cond) -> Option<KeyState> {
         match cond {
-            Cond::None => Some(*s),
-            Cond::Version(0) => s.value.is_none().then_some(*s),
-            Cond::Version(n) => match s.version {
-                Version::Known(v) => (v == n).then_some(*s),
-                Version::Unknown => (n > s.floor).then_some(KeyState {
-                    version: Version::Known(n),
-                    floor: n,
-                    ..*s
-                }),
-                Version::Absent => None,
-            },
-            Cond::Value(x) => (s.value == Some(x)).then_some(*s),
+            Cond::None => Some(s.clone()),
+            Cond::Version(0) => s.value.is_none().then(|| s.clone()),
+            Cond::Version(n) => s.bind(n),
+            Cond::Value(x) => (s.value == Some(x)).then(|| s.clone()),
         }
     }
 
-    /// Whether `cond` certainly fails in `s` (an unknown version could be anything above
-    /// the floor, so it may fail).
-    fn fails(s: &KeyState, cond: Cond) -> bool {
+    /// Whether `cond` can fail in `s`, and what that says of `s`.
+    fn fails(s: &KeyState, cond: Cond) -> Option<KeyState> {
         match cond {
-            Cond::None => false,
-            Cond::Version(0) => s.value.is_some(),
-            Cond::Version(n) => match s.version {
-                Version::Known(v) => v != n,
-                Version::Unknown | Version::Absent => true,
-            },
-            Cond::Value(x) => s.value != Some(x),
+            Cond::None => None,
+            Cond::Version(0) => s.value.is_some().then(|| s.clone()),
+            Cond::Version(n) => s.rule_out(n),
+            Cond::Value(x) => (s.value != Some(x)).then(|| s.clone()),
         }
     }
 }
@@ -244,16 +303,12 @@ impl Model for CpKey {
     type Op = KeyOp;
 
     fn init(&self) -> KeyState {
-        KeyState {
-            value: None,
-            version: Version::Absent,
-            floor: 0,
-        }
+        KeyState::new(None, Version::Absent, 0)
     }
 
     fn step(&self, s: &KeyState, op: &KeyOp) -> Option<KeyState> {
         match *op {
-            KeyOp::Read { value: None, .. } => s.value.is_none().then_some(*s),
+            KeyOp::Read { value: None, .. } => s.value.is_none().then(|| s.clone()),
             KeyOp::Read {
                 value: Some(v),
                 version,
@@ -261,14 +316,9 @@ impl Model for CpKey {
                 if s.value != Some(v) {
                     return None;
                 }
-                match (s.version, version) {
-                    (Version::Known(a), Some(b)) => (a == b).then_some(*s),
-                    (Version::Unknown, Some(b)) => (b > s.floor).then_some(KeyState {
-                        version: Version::Known(b),
-                        floor: b,
-                        ..*s
-                    }),
-                    _ => Some(*s),
+                match version {
+                    Some(b) => s.bind(b),
+                    None => Some(s.clone()),
                 }
             }
             KeyOp::Put {
@@ -276,36 +326,27 @@ impl Model for CpKey {
                 cond,
                 version,
                 applied: true,
-            } => {
-                let s = Self::holds(s, cond)?;
-                match version {
-                    Some(v) if v <= s.floor => None,
-                    Some(v) => Some(KeyState {
-                        value: Some(value),
-                        version: Version::Known(v),
-                        floor: v,
-                    }),
-                    None => Some(KeyState {
-                        value: Some(value),
-                        version: Version::Unknown,
-                        floor: s.floor,
-                    }),
-                }
-            }
+            } => Self::holds(s, cond)?.written(Some(value), version),
             KeyOp::Put {
                 cond,
                 applied: false,
                 ..
-            } => Self::fails(s, cond).then_some(*s),
-            KeyOp::Delete { deleted } => {
+            } => Self::fails(s, cond),
+            KeyOp::Delete { deleted, version } => {
                 if deleted.is_some_and(|d| d != s.value.is_some()) {
                     return None;
                 }
-                Some(KeyState {
-                    value: None,
-                    version: Version::Absent,
-                    floor: s.floor,
-                })
+                if s.value.is_some() {
+                    // It deleted: a write, with a revision of its own.
+                    return s.written(None, version);
+                }
+                // It found nothing: it answered the revision so far, which is at least the
+                // version of every earlier write; every later write is above it.
+                match version {
+                    Some(v) if v < s.floor => None,
+                    Some(v) => Some(KeyState::new(None, Version::Absent, v)),
+                    None => Some(s.clone()),
+                }
             }
         }
     }
@@ -318,7 +359,11 @@ impl Model for CpKey {
         match s.version {
             Version::Absent => value,
             Version::Known(v) => format!("{value} v{v}"),
-            Version::Unknown => format!("{value} v>{}", s.floor),
+            Version::Unknown if s.not.is_empty() => format!("{value} v>={}", s.floor),
+            Version::Unknown => {
+                let not: Vec<String> = s.not.iter().map(u64::to_string).collect();
+                format!("{value} v>={} not {}", s.floor, not.join(","))
+            }
         }
     }
 }
@@ -375,12 +420,15 @@ impl HistoryModel for CpKey {
                     applied: !mismatch,
                 })
             }
-            Call::Delete => Some(KeyOp::Delete {
-                deleted: match (&op.ret, op.outcome) {
-                    (Some(Ret::Deleted { deleted, .. }), Outcome::Ok) => Some(*deleted),
-                    _ => None,
-                },
-            }),
+            Call::Delete => {
+                let (deleted, version) = match (&op.ret, op.outcome) {
+                    (Some(Ret::Deleted { deleted, version }), Outcome::Ok) => {
+                        (Some(*deleted), *version)
+                    }
+                    _ => (None, None),
+                };
+                Some(KeyOp::Delete { deleted, version })
+            }
             _ => None,
         }
     }
@@ -391,11 +439,7 @@ mod tests {
     use super::*;
 
     fn st(value: Option<u32>, version: Version, floor: u64) -> KeyState {
-        KeyState {
-            value,
-            version,
-            floor,
-        }
+        KeyState::new(value, version, floor)
     }
 
     #[test]
@@ -437,16 +481,25 @@ mod tests {
             version: None,
             applied: false,
         };
-        assert_eq!(k.step(&s1, &mismatch), Some(s1));
+        assert_eq!(k.step(&s1, &mismatch), Some(s1.clone()));
         assert_eq!(k.step(&s0, &mismatch), None);
         // A read must show the version.
         let read = |value, version| KeyOp::Read { value, version };
-        assert_eq!(k.step(&s1, &read(Some(1), Some(5))), Some(s1));
+        assert_eq!(k.step(&s1, &read(Some(1), Some(5))), Some(s1.clone()));
         assert_eq!(k.step(&s1, &read(Some(1), Some(6))), None);
         // A write whose answer was lost: the first read binds its version.
         let s2 = k.step(&s1, &put(2, Cond::None, None)).unwrap();
-        assert_eq!(s2, st(Some(2), Version::Unknown, 5));
+        assert_eq!(s2, st(Some(2), Version::Unknown, 6));
         assert_eq!(k.step(&s2, &read(Some(2), Some(5))), None);
+        assert_eq!(
+            k.step(&s2, &read(Some(2), Some(6))),
+            Some(st(Some(2), Version::Known(6), 6))
+        );
+        // Another lost write after it takes a version above the first one's.
+        let s3 = k.step(&s2, &put(3, Cond::None, None)).unwrap();
+        assert_eq!(s3, st(Some(3), Version::Unknown, 7));
+        assert_eq!(k.step(&s3, &put(4, Cond::None, Some(7))), None);
+        assert!(k.step(&s3, &put(4, Cond::None, Some(8))).is_some());
         assert_eq!(
             k.step(&s2, &read(Some(2), Some(8))),
             Some(st(Some(2), Version::Known(8), 8))
@@ -456,13 +509,73 @@ mod tests {
         assert!(k.step(&s1, &put(3, Cond::Version(4), Some(7))).is_none());
         assert!(k.step(&s1, &put(3, Cond::Value(1), Some(7))).is_some());
         assert!(k.step(&s1, &put(3, Cond::Value(2), Some(7))).is_none());
-        // Deletes say whether the key was there.
-        let del = |deleted| KeyOp::Delete { deleted };
+        // Deletes say whether the key was there, and take a revision when they delete.
+        let del = |deleted, version| KeyOp::Delete { deleted, version };
         assert_eq!(
-            k.step(&s1, &del(Some(true))),
-            Some(st(None, Version::Absent, 5))
+            k.step(&s1, &del(Some(true), Some(6))),
+            Some(st(None, Version::Absent, 6))
         );
-        assert_eq!(k.step(&s1, &del(Some(false))), None);
-        assert_eq!(k.step(&s0, &del(Some(false))), Some(s0));
+        assert_eq!(k.step(&s1, &del(Some(true), Some(5))), None);
+        assert_eq!(
+            k.step(&s1, &del(Some(true), None)),
+            Some(st(None, Version::Absent, 6))
+        );
+        assert_eq!(
+            k.step(&s1, &del(None, None)),
+            Some(st(None, Version::Absent, 6))
+        );
+        assert_eq!(k.step(&s1, &del(Some(false), Some(9))), None);
+        assert_eq!(k.step(&s0, &del(Some(false), None)), Some(s0));
+        // One that found nothing saw the revision so far.
+        let gone = st(None, Version::Absent, 6);
+        assert_eq!(k.step(&gone, &del(Some(false), Some(5))), None);
+        assert_eq!(
+            k.step(&gone, &del(Some(false), Some(9))),
+            Some(st(None, Version::Absent, 9))
+        );
+        assert_eq!(k.step(&gone, &del(None, None)), Some(gone.clone()));
+    }
+
+    #[test]
+    fn cp_key_a_refused_if_version_rules_out_an_unknown_version() {
+        let k = CpKey {
+            interner: Interner::default(),
+        };
+        let refused = |n| KeyOp::Put {
+            value: 9,
+            cond: Cond::Version(n),
+            version: None,
+            applied: false,
+        };
+        let read = |version| KeyOp::Read {
+            value: Some(1),
+            version: Some(version),
+        };
+        let put = |version| KeyOp::Put {
+            value: 2,
+            cond: Cond::None,
+            version: Some(version),
+            applied: true,
+        };
+        // Written at some version >= 4, answer lost.
+        let s = st(Some(1), Version::Unknown, 4);
+        // if_version=6 refused: it is not 6.
+        let s6 = k.step(&s, &refused(6)).unwrap();
+        assert_eq!(s6.not, vec![6]);
+        assert_eq!(k.step(&s6, &read(6)), None);
+        assert!(k.step(&s6, &read(5)).is_some());
+        // if_version=4 refused as well: it is at least 5, so a later write is above 5.
+        let s46 = k.step(&s6, &refused(4)).unwrap();
+        assert_eq!((s46.floor, s46.not.clone()), (5, vec![6]));
+        assert_eq!(k.step(&s46, &put(5)), None);
+        assert!(k.step(&s46, &put(6)).is_some());
+        // and 5: then it is at least 7.
+        let s = k.step(&s46, &refused(5)).unwrap();
+        assert_eq!((s.floor, s.not.clone()), (7, vec![]));
+        // Versions below the floor, and known versions, are simply not it.
+        assert_eq!(k.step(&s, &refused(2)), Some(s.clone()));
+        let known = st(Some(1), Version::Known(4), 4);
+        assert_eq!(k.step(&known, &refused(4)), None);
+        assert_eq!(k.step(&known, &refused(3)), Some(known.clone()));
     }
 }
