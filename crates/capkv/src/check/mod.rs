@@ -105,7 +105,7 @@ impl NemesisKind {
         )
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             NemesisKind::Partition => "partition",
             NemesisKind::Kill => "kill",
@@ -277,7 +277,7 @@ async fn experiment(
         opts.nemesis.clone(),
         opts.seed,
     );
-    let current = nemesis.current.clone();
+    let current = nemesis.current();
     let nemesis_task = tokio::spawn(nemesis.run(nemesis_stop.clone()));
 
     // The fault phase, with progress.
@@ -285,7 +285,13 @@ async fn experiment(
     while started.elapsed() < opts.duration {
         tokio::time::sleep(Duration::from_secs(2).min(opts.duration - started.elapsed())).await;
         let c = |i: usize| recorder.counts[i].load(Ordering::Relaxed);
-        let now = current.lock().expect("current lock").clone();
+        let now = current
+            .lock()
+            .expect("current lock")
+            .values()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
         eprintln!(
             "[{:>4}s] ops {:>7}  ok {:>7}  fail {:>6}  unknown {:>5}  {}",
             started.elapsed().as_secs(),

@@ -1,8 +1,11 @@
 //! The nemesis: breaks the cluster on a seeded schedule and records what it did.
 //!
-//! It runs one fault at a time: a quiet gap, then a fault chosen at random among the
-//! enabled ones, held for a random while, then healed. Every fault is recorded as a
-//! [`NemesisEvent`] from the moment it began to the moment it was healed.
+//! Each enabled nemesis runs its own seeded schedule, concurrently with the others (so a
+//! partition can overlap a clock skew, a kill or a pause): a quiet gap, a fault held for a
+//! random while, then healed. Network and clock faults are kept as one layer per nemesis
+//! and node, and a node is always sent the union of its layers, so healing one nemesis's
+//! fault never heals another's. Every fault is recorded as a [`NemesisEvent`] from the
+//! moment it began to the moment it was healed.
 //!
 //! | nemesis | what it does |
 //! |---|---|
@@ -13,7 +16,7 @@
 //! | `clock` | skew a node's wall clock by seconds to hours (`clock_skew_ms` in `/v1/faults`) |
 //! | `snapshot` | nodes run with a tiny `--snapshot-every`; cut one node off until the others have compacted past it, so it catches up by snapshot |
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,7 +30,7 @@ use super::cluster::Cluster;
 use super::workload::Recorder;
 use super::NemesisKind;
 
-/// The faults the nemesis has set on one node's `/v1/faults`, sent whole each time.
+/// The faults a nemesis has set on one node's `/v1/faults`.
 #[derive(Default, Clone, PartialEq, Eq)]
 struct NodeFaults {
     isolate_from: BTreeSet<String>,
@@ -35,50 +38,28 @@ struct NodeFaults {
     clock_skew_ms: i64,
 }
 
-pub struct Nemesis {
-    cluster: Arc<Cluster>,
-    recorder: Arc<Recorder>,
-    kinds: Vec<NemesisKind>,
-    rng: StdRng,
-    http: reqwest::Client,
-    /// What the nemesis is doing now, for the progress line.
-    pub current: Arc<Mutex<String>>,
+impl NodeFaults {
+    fn union(&mut self, other: &NodeFaults) {
+        self.isolate_from.extend(other.isolate_from.iter().cloned());
+        self.drop_to.extend(other.drop_to.iter().cloned());
+        self.clock_skew_ms += other.clock_skew_ms;
+    }
 }
 
-impl Nemesis {
-    pub fn new(
-        cluster: Arc<Cluster>,
-        recorder: Arc<Recorder>,
-        kinds: Vec<NemesisKind>,
-        seed: u64,
-    ) -> Nemesis {
-        Nemesis {
-            cluster,
-            recorder,
-            kinds,
-            rng: StdRng::seed_from_u64(seed ^ 0x006e_656d_6573_6973),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(2))
-                .build()
-                .expect("building the HTTP client"),
-            current: Arc::default(),
-        }
-    }
+/// What every nemesis shares: the cluster, the recorder, and the fault layers.
+struct Shared {
+    cluster: Arc<Cluster>,
+    recorder: Arc<Recorder>,
+    http: reqwest::Client,
+    /// node -> nemesis -> the faults that nemesis wants on that node.
+    layers: tokio::sync::Mutex<BTreeMap<String, BTreeMap<&'static str, NodeFaults>>>,
+    /// nemesis -> what it is doing now, for the progress line.
+    current: Arc<Mutex<BTreeMap<&'static str, String>>>,
+}
 
-    fn ids(&self) -> Vec<String> {
-        self.cluster.nodes.iter().map(|n| n.id.clone()).collect()
-    }
-
-    async fn sleep_ms(&mut self, lo: u64, hi: u64, stop: &AtomicBool) {
-        let ms = self.rng.gen_range(lo..=hi);
-        let end = tokio::time::Instant::now() + Duration::from_millis(ms);
-        while tokio::time::Instant::now() < end && !stop.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Sends a node its whole fault state (an empty one clears it). A node that is down
-    /// cannot be told; it starts with no faults anyway.
+impl Shared {
+    /// Sends a node the union of its layers (nothing: clears its faults). A node that is
+    /// down cannot be told; it starts with no faults, and gets them at the next change.
     async fn send(&self, id: &str, f: &NodeFaults) {
         let Some(node) = self.cluster.nodes.iter().find(|n| n.id == id) else {
             return;
@@ -100,15 +81,161 @@ impl Nemesis {
         }
     }
 
-    /// Clears the network and clock faults of every node.
-    pub async fn heal_network(&self) {
-        for id in self.ids() {
-            self.send(&id, &NodeFaults::default()).await;
+    /// Sets (or, with the default, clears) one nemesis's layer on the given nodes.
+    async fn set_layer(&self, kind: &'static str, changes: Vec<(String, NodeFaults)>) {
+        let mut layers = self.layers.lock().await;
+        for (id, f) in changes {
+            let node = layers.entry(id.clone()).or_default();
+            if f == NodeFaults::default() {
+                node.remove(kind);
+            } else {
+                node.insert(kind, f);
+            }
+            let mut merged = NodeFaults::default();
+            for l in node.values() {
+                merged.union(l);
+            }
+            self.send(&id, &merged).await;
         }
     }
 
-    /// Cuts the cluster into `groups`: nodes in different groups cannot talk.
+    /// Clears one nemesis's layer everywhere.
+    async fn clear_layer(&self, kind: &'static str) {
+        let ids: Vec<String> = {
+            let layers = self.layers.lock().await;
+            layers
+                .iter()
+                .filter(|(_, l)| l.contains_key(kind))
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        let changes = ids
+            .into_iter()
+            .map(|id| (id, NodeFaults::default()))
+            .collect();
+        self.set_layer(kind, changes).await;
+    }
+
+    fn begin(&self, kind: &'static str, detail: String) -> NemesisEvent {
+        self.current
+            .lock()
+            .expect("current lock")
+            .insert(kind, detail.clone());
+        NemesisEvent {
+            kind: kind.into(),
+            detail,
+            start_us: self.recorder.now_us(),
+            end_us: None,
+        }
+    }
+
+    fn end(&self, mut ev: NemesisEvent) {
+        ev.end_us = Some(self.recorder.now_us());
+        self.current
+            .lock()
+            .expect("current lock")
+            .retain(|k, _| *k != ev.kind);
+        self.recorder.nemesis(ev);
+    }
+}
+
+pub struct Nemesis {
+    shared: Arc<Shared>,
+    kinds: Vec<NemesisKind>,
+    seed: u64,
+}
+
+impl Nemesis {
+    pub fn new(
+        cluster: Arc<Cluster>,
+        recorder: Arc<Recorder>,
+        kinds: Vec<NemesisKind>,
+        seed: u64,
+    ) -> Nemesis {
+        Nemesis {
+            shared: Arc::new(Shared {
+                cluster,
+                recorder,
+                http: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(2))
+                    .build()
+                    .expect("building the HTTP client"),
+                layers: Default::default(),
+                current: Arc::default(),
+            }),
+            kinds,
+            seed,
+        }
+    }
+
+    /// What the nemeses are doing now, for the progress line.
+    pub fn current(&self) -> Arc<Mutex<BTreeMap<&'static str, String>>> {
+        self.shared.current.clone()
+    }
+
+    /// Clears the network and clock faults of every node.
+    pub async fn heal_network(&self) {
+        for n in &self.shared.cluster.nodes {
+            self.shared.send(&n.id, &NodeFaults::default()).await;
+        }
+    }
+
+    /// Runs every nemesis's schedule until `stop`; each heals its own faults as it ends.
+    pub async fn run(self, stop: Arc<AtomicBool>) -> Result<(), String> {
+        let mut tasks = Vec::new();
+        for (i, kind) in self.kinds.iter().enumerate() {
+            let actor = Actor {
+                shared: self.shared.clone(),
+                kind: *kind,
+                rng: StdRng::seed_from_u64(
+                    self.seed ^ 0x006e_656d_6573_6973 ^ (i as u64).wrapping_mul(0x9e37_79b9),
+                ),
+                stop: stop.clone(),
+            };
+            tasks.push(tokio::spawn(actor.run()));
+        }
+        for t in tasks {
+            t.await.map_err(|e| format!("a nemesis panicked: {e}"))??;
+        }
+        Ok(())
+    }
+}
+
+/// One nemesis's schedule.
+struct Actor {
+    shared: Arc<Shared>,
+    kind: NemesisKind,
+    rng: StdRng,
+    stop: Arc<AtomicBool>,
+}
+
+impl Actor {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    async fn sleep_ms(&mut self, lo: u64, hi: u64) {
+        let ms = self.rng.gen_range(lo..=hi);
+        let end = tokio::time::Instant::now() + Duration::from_millis(ms);
+        while tokio::time::Instant::now() < end && !self.stopped() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn run(mut self) -> Result<(), String> {
+        while !self.stopped() {
+            self.sleep_ms(1000, 4000).await;
+            if self.stopped() {
+                break;
+            }
+            self.one().await?;
+        }
+        Ok(())
+    }
+
+    /// Cuts the cluster into `groups` (nodes in different groups cannot talk).
     async fn partition(&self, groups: &[Vec<String>]) {
+        let mut changes = Vec::new();
         for g in groups {
             let others: BTreeSet<String> = groups
                 .iter()
@@ -121,75 +248,40 @@ impl Nemesis {
                     isolate_from: others.clone(),
                     ..NodeFaults::default()
                 };
-                self.send(id, &f).await;
+                changes.push((id.clone(), f));
             }
         }
+        self.shared.set_layer(self.kind.name(), changes).await;
     }
 
-    fn begin(&self, kind: &str, detail: String) -> NemesisEvent {
-        *self.current.lock().expect("current lock") = format!("{kind} {detail}");
-        NemesisEvent {
-            kind: kind.into(),
-            detail,
-            start_us: self.recorder.now_us(),
-            end_us: None,
-        }
-    }
-
-    fn end(&self, mut ev: NemesisEvent) {
-        ev.end_us = Some(self.recorder.now_us());
-        self.current.lock().expect("current lock").clear();
-        self.recorder.nemesis(ev);
-    }
-
-    /// Runs faults until `stop`, then heals everything.
-    pub async fn run(mut self, stop: Arc<AtomicBool>) -> Result<(), String> {
-        if self.kinds.is_empty() {
-            return Ok(());
-        }
-        while !stop.load(Ordering::Relaxed) {
-            self.sleep_ms(1000, 3000, &stop).await;
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let kind = *self
-                .kinds
-                .choose(&mut self.rng)
-                .expect("kinds is not empty");
-            self.one(kind, &stop).await?;
-        }
-        Ok(())
-    }
-
-    async fn one(&mut self, kind: NemesisKind, stop: &AtomicBool) -> Result<(), String> {
-        let mut ids = self.ids();
+    async fn one(&mut self) -> Result<(), String> {
+        let sh = self.shared.clone();
+        let name = self.kind.name();
+        let mut ids: Vec<String> = sh.cluster.nodes.iter().map(|n| n.id.clone()).collect();
         ids.shuffle(&mut self.rng);
         let n = ids.len();
-        match kind {
+        match self.kind {
             NemesisKind::Partition => {
                 let variant = self.rng.gen_range(0..4);
-                if variant == 3 && n >= 2 {
+                let ev = if variant == 3 && n >= 2 {
                     // One-way: ids[0]'s messages to everyone else are dropped.
                     let to: BTreeSet<String> = ids[1..].iter().cloned().collect();
-                    let ev = self.begin(
-                        "partition",
-                        format!(
-                            "one-way: {} -/-> {}",
-                            ids[0],
-                            to.iter().cloned().collect::<Vec<_>>().join(",")
-                        ),
+                    let detail = format!(
+                        "one-way: {} -/-> {}",
+                        ids[0],
+                        to.iter().cloned().collect::<Vec<_>>().join(",")
                     );
+                    let ev = sh.begin(name, detail);
                     let f = NodeFaults {
                         drop_to: to,
                         ..NodeFaults::default()
                     };
-                    self.send(&ids[0], &f).await;
-                    self.sleep_ms(2000, 6000, stop).await;
-                    self.heal_network().await;
-                    self.end(ev);
+                    sh.set_layer(name, vec![(ids[0].clone(), f)]).await;
+                    ev
                 } else if variant == 2 && n >= 5 {
                     // Majorities ring: each node reaches only its two neighbours.
-                    let ev = self.begin("partition", format!("ring {}", ids.join("-")));
+                    let ev = sh.begin(name, format!("ring {}", ids.join("-")));
+                    let mut changes = Vec::new();
                     for (i, id) in ids.iter().enumerate() {
                         let near = [&ids[(i + 1) % n], &ids[(i + n - 1) % n]];
                         let f = NodeFaults {
@@ -200,11 +292,10 @@ impl Nemesis {
                                 .collect(),
                             ..NodeFaults::default()
                         };
-                        self.send(id, &f).await;
+                        changes.push((id.clone(), f));
                     }
-                    self.sleep_ms(2000, 6000, stop).await;
-                    self.heal_network().await;
-                    self.end(ev);
+                    sh.set_layer(name, changes).await;
+                    ev
                 } else {
                     let cut = if variant == 1 || n < 2 {
                         1
@@ -212,57 +303,58 @@ impl Nemesis {
                         self.rng.gen_range(1..=n / 2)
                     };
                     let groups = vec![ids[..cut].to_vec(), ids[cut..].to_vec()];
-                    let ev = self.begin(
-                        "partition",
+                    let ev = sh.begin(
+                        name,
                         format!("{} | {}", groups[0].join(","), groups[1].join(",")),
                     );
                     self.partition(&groups).await;
-                    self.sleep_ms(2000, 6000, stop).await;
-                    self.heal_network().await;
-                    self.end(ev);
-                }
+                    ev
+                };
+                self.sleep_ms(2000, 6000).await;
+                sh.clear_layer(name).await;
+                sh.end(ev);
             }
             NemesisKind::Kill => {
-                let ev = self.begin("kill", ids[0].clone());
-                self.cluster.kill(&ids[0]).await;
-                self.sleep_ms(1000, 4000, stop).await;
-                self.cluster.start(&ids[0]).await?;
-                self.end(ev);
+                let ev = sh.begin(name, ids[0].clone());
+                sh.cluster.kill(&ids[0]).await;
+                self.sleep_ms(1000, 4000).await;
+                sh.cluster.start(&ids[0]).await?;
+                sh.end(ev);
             }
             NemesisKind::Restart => {
-                let ev = self.begin("restart", ids[0].clone());
-                self.cluster.stop(&ids[0]).await;
-                self.sleep_ms(500, 2000, stop).await;
-                self.cluster.start(&ids[0]).await?;
-                self.end(ev);
+                let ev = sh.begin(name, ids[0].clone());
+                sh.cluster.stop(&ids[0]).await;
+                self.sleep_ms(500, 2000).await;
+                sh.cluster.start(&ids[0]).await?;
+                sh.end(ev);
             }
             NemesisKind::Pause => {
-                let ev = self.begin("pause", ids[0].clone());
-                self.cluster.pause(&ids[0], true).await;
-                self.sleep_ms(1000, 5000, stop).await;
-                self.cluster.pause(&ids[0], false).await;
-                self.end(ev);
+                let ev = sh.begin(name, ids[0].clone());
+                sh.cluster.pause(&ids[0], true).await;
+                self.sleep_ms(1000, 5000).await;
+                sh.cluster.pause(&ids[0], false).await;
+                sh.end(ev);
             }
             NemesisKind::Clock => {
                 const SKEWS_MS: [i64; 6] = [-7_200_000, -60_000, -5_000, 5_000, 60_000, 7_200_000];
                 let skew = *SKEWS_MS.choose(&mut self.rng).expect("not empty");
-                let ev = self.begin("clock", format!("{} {skew:+}ms", ids[0]));
+                let ev = sh.begin(name, format!("{} {skew:+}ms", ids[0]));
                 let f = NodeFaults {
                     clock_skew_ms: skew,
                     ..NodeFaults::default()
                 };
-                self.send(&ids[0], &f).await;
-                self.sleep_ms(3000, 8000, stop).await;
-                self.send(&ids[0], &NodeFaults::default()).await;
-                self.end(ev);
+                sh.set_layer(name, vec![(ids[0].clone(), f)]).await;
+                self.sleep_ms(3000, 8000).await;
+                sh.clear_layer(name).await;
+                sh.end(ev);
             }
             NemesisKind::Snapshot => {
-                let ev = self.begin("snapshot", format!("{} cut off to fall behind", ids[0]));
+                let ev = sh.begin(name, format!("{} cut off to fall behind", ids[0]));
                 let groups = vec![vec![ids[0].clone()], ids[1..].to_vec()];
                 self.partition(&groups).await;
-                self.sleep_ms(3000, 6000, stop).await;
-                self.heal_network().await;
-                self.end(ev);
+                self.sleep_ms(3000, 6000).await;
+                sh.clear_layer(name).await;
+                sh.end(ev);
             }
         }
         Ok(())
