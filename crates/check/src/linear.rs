@@ -23,13 +23,29 @@
 //! Each key is checked on its own (P-compositionality: a history is linearizable iff each
 //! key's sub-history is), which is what makes long histories checkable at all.
 //!
+//! **Unknown outcomes** are what makes a search blow up: each one that is pending can be
+//! linearized at every point, and each subset of them is a different configuration. Three
+//! rules, each of which only drops configurations that cannot succeed where another did not,
+//! keep them in check:
+//!
+//! - *lazily*: at each configuration the calls that must take effect are tried first, then
+//!   the unknown ones, so a lost write is placed where something needs it;
+//! - *not for nothing*: an unknown op whose step leaves the state as it was is not tried
+//!   (the configuration without it can do all the one with it can);
+//! - *one of equals*: of pending unknown ops with equal model operations only the first is
+//!   tried (they are interchangeable). The driver gives every lost write whose value nobody
+//!   observed the same value, so these are equal (see `check_key`).
+//!
 //! **Bounded**: a time budget and a memory budget for the memo table. A search that hits
 //! either stops and says [`Verdict::Unknown`], never valid.
 //!
 //! The cache key is compact: with operations numbered in invoke order and `p` the first
-//! operation that must be linearized and is not, a configuration is `p`, the linearized
-//! unknown-outcome operations below `p`, and the bitset from `p` on. Its size is the width of
-//! the concurrency window, not the length of the history.
+//! operation that must be linearized and is not, a configuration is `p`, a 128-bit
+//! fingerprint of the linearized unknown-outcome operations, and the bitset from `p` on. Its
+//! size is the width of the concurrency window, not the length of the history. (A
+//! fingerprint collision could only make the search skip a configuration it had not seen:
+//! at worst a wrong invalid, with odds of about 2^-128 a pair; never a wrong valid, which
+//! needs a whole linearization in hand.)
 
 use std::collections::HashSet;
 use std::fmt::Debug;
@@ -41,7 +57,7 @@ use serde::Serialize;
 /// A sequential specification: a state and a partial transition function.
 pub trait Model {
     type State: Clone + Eq + Hash + Debug;
-    type Op: Clone + Debug;
+    type Op: Clone + Debug + PartialEq;
 
     fn init(&self) -> Self::State;
     /// The state after `op` in `state`, or None if `op` could not have done what the
@@ -135,6 +151,8 @@ struct Search<'a, M: Model> {
     highest: usize,
     /// Linearized unknown-outcome operations, in the order they were linearized.
     unknown_stack: Vec<usize>,
+    /// Their fingerprint: the XOR of their `zobrist` words.
+    unknown_hash: u128,
     /// (call entry, state before it) for each linearized operation.
     stack: Vec<(usize, M::State)>,
     state: M::State,
@@ -195,6 +213,7 @@ impl<'a, M: Model> Search<'a, M> {
             first_open: 0,
             highest: 0,
             unknown_stack: Vec::new(),
+            unknown_hash: 0,
             stack: Vec::new(),
             state: model.init(),
             best: None,
@@ -222,24 +241,19 @@ impl<'a, M: Model> Search<'a, M> {
         }
     }
 
-    /// The compact configuration key: `[p, k, the k linearized unknown ops below p
-    /// (sorted), the bitset words from p/64 up to the highest linearized op]`.
-    fn key(&self) -> Box<[u64]> {
+    /// The configuration key: `[p, the fingerprint of the linearized unknown-outcome ops
+    /// (two words), the bitset words from p/64 up to the highest linearized op]`. With `p`,
+    /// the required ops below it are all linearized; the fingerprint names the unknown ones;
+    /// the bitset the rest. Its size is the width of the concurrency window.
+    fn key(&self, unknown_hash: u128) -> Box<[u64]> {
         let p = self.first_open;
-        let mut below: Vec<u64> = self
-            .unknown_stack
-            .iter()
-            .filter(|&&u| u < p)
-            .map(|&u| u as u64)
-            .collect();
-        below.sort_unstable();
         let words = self.linearized.len();
         let lo = (p / 64).min(words);
         let hi = (self.highest / 64 + 1).max(lo).min(words);
-        let mut key = Vec::with_capacity(2 + below.len() + hi - lo);
+        let mut key = Vec::with_capacity(3 + hi - lo);
         key.push(p as u64);
-        key.push(below.len() as u64);
-        key.extend(below);
+        key.push(unknown_hash as u64);
+        key.push((unknown_hash >> 64) as u64);
         key.extend_from_slice(&self.linearized[lo..hi]);
         key.into_boxed_slice()
     }
@@ -262,6 +276,7 @@ impl<'a, M: Model> Search<'a, M> {
             }
         } else {
             self.unknown_stack.push(i);
+            self.unknown_hash ^= zobrist(i);
         }
         let before = std::mem::replace(&mut self.state, new_state);
         self.stack.push((ce, before));
@@ -271,8 +286,9 @@ impl<'a, M: Model> Search<'a, M> {
         }
     }
 
-    /// Undoes the last `lift`; returns the entry to try next (the one after its call).
-    fn unlift(&mut self) -> Option<usize> {
+    /// Undoes the last `lift`; returns the entry to try next (the one after its call), and
+    /// whether the op undone must take effect.
+    fn unlift(&mut self) -> Option<(usize, bool)> {
         let (ce, before) = self.stack.pop()?;
         let e = self.entries[ce];
         let i = e.op;
@@ -289,10 +305,11 @@ impl<'a, M: Model> Search<'a, M> {
             self.remaining += 1;
             self.first_open = self.first_open.min(i);
         } else {
+            self.unknown_hash ^= zobrist(i);
             let popped = self.unknown_stack.pop();
             debug_assert_eq!(popped, Some(i), "unknown ops are undone in LIFO order");
         }
-        Some(self.next[ce])
+        Some((self.next[ce], self.required[i]))
     }
 
     /// Remembers the point where the search got stuck deepest: the counterexample.
@@ -341,11 +358,35 @@ impl<'a, M: Model> Search<'a, M> {
         }))
     }
 
+    /// Whether an unknown-outcome op equal to the one of call entry `e` comes before it in
+    /// the list. Every entry before `e` is a call (the scan stops at the first completion),
+    /// so both ops are invoked and neither must complete: they are interchangeable, and
+    /// linearizing the first is as good as linearizing either (this keeps k identical lost
+    /// writes from making 2^k configurations).
+    fn same_unknown_before(&self, e: usize) -> bool {
+        let op = &self.ops[self.entries[e].op].op;
+        let mut x = self.next[0];
+        while x != e && x != NIL {
+            let j = self.entries[x].op;
+            if !self.required[j] && self.ops[j].op == *op {
+                return true;
+            }
+            x = self.next[x];
+        }
+        false
+    }
+
     fn run(&mut self, budget: Budget) -> Verdict {
         let mut cache: HashSet<(Box<[u64]>, M::State)> = HashSet::new();
         let mut cache_bytes = 0usize;
         let mut steps = 0u64;
         let mut entry = self.next[0];
+        // Each configuration tries the calls of the ops that must take effect first, then
+        // (`lazy`) those with an unknown outcome: a lost write is linearized where something
+        // needs it, not wherever it fits first. (Trying it early and finding out thousands
+        // of operations later that it was needed elsewhere is what makes long histories
+        // with lost writes blow up.) Either order finds a linearization if there is one.
+        let mut lazy = false;
         while self.remaining > 0 {
             steps += 1;
             if steps.is_multiple_of(4096) && Instant::now() > budget.deadline {
@@ -355,22 +396,42 @@ impl<'a, M: Model> Search<'a, M> {
                 ));
             }
             if entry == NIL || !self.entries[entry].is_call {
-                // Either a completion came before its op was linearized, or only
-                // unknown-outcome calls were left and none fit: undo the last choice.
+                if !lazy {
+                    // Now the unknown-outcome calls before this completion.
+                    lazy = true;
+                    entry = self.next[0];
+                    continue;
+                }
+                // A completion came before its op was linearized: undo the last choice.
                 if entry != NIL {
                     self.record_stuck(entry);
                 }
                 match self.unlift() {
-                    Some(e) => entry = e,
+                    Some((e, required)) => (entry, lazy) = (e, !required),
                     None => return self.invalid(),
                 }
                 continue;
             }
             let i = self.entries[entry].op;
+            if self.required[i] == lazy {
+                entry = self.next[entry];
+                continue;
+            }
+            if lazy && self.same_unknown_before(entry) {
+                entry = self.next[entry];
+                continue;
+            }
             let Some(new_state) = self.model.step(&self.state, &self.ops[i].op) else {
                 entry = self.next[entry];
                 continue;
             };
+            if !self.required[i] && new_state == self.state {
+                // An unknown-outcome op that changes nothing here (a delete of an absent
+                // key) is never worth linearizing: without it, every continuation is still
+                // open, and it stays available for later.
+                entry = self.next[entry];
+                continue;
+            }
             // Look the configuration up as if i were linearized.
             self.linearized[i / 64] |= 1 << (i % 64);
             let (saved_open, saved_high) = (self.first_open, self.highest);
@@ -383,13 +444,11 @@ impl<'a, M: Model> Search<'a, M> {
                     self.first_open += 1;
                 }
             }
-            if !self.required[i] {
-                self.unknown_stack.push(i);
-            }
-            let key = self.key();
-            if !self.required[i] {
-                self.unknown_stack.pop();
-            }
+            let key = self.key(if self.required[i] {
+                self.unknown_hash
+            } else {
+                self.unknown_hash ^ zobrist(i)
+            });
             self.linearized[i / 64] &= !(1 << (i % 64));
             self.first_open = saved_open;
             self.highest = saved_high;
@@ -404,13 +463,28 @@ impl<'a, M: Model> Search<'a, M> {
                     ));
                 }
                 self.lift(entry, new_state);
-                entry = self.next[0];
+                (entry, lazy) = (self.next[0], false);
             } else {
                 entry = self.next[entry];
             }
         }
         Verdict::Valid
     }
+}
+
+/// A fixed pseudo-random 128-bit word for op `i` (splitmix64), for the fingerprint of a set
+/// of ops. Two different sets get the same fingerprint with a chance of about 2^-128; if
+/// they did, the search would skip a configuration it never saw — it could then miss a
+/// linearization (a wrong invalid), but never claim one that is not there.
+fn zobrist(i: usize) -> u128 {
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let i = i as u64;
+    ((mix(2 * i) as u128) << 64) | mix(2 * i + 1) as u128
 }
 
 /// Checks one sub-history against a model.
