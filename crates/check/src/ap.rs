@@ -52,13 +52,31 @@ fn keys_written(h: &History, is_write: impl Fn(&Call) -> bool) -> BTreeSet<&str>
         .collect()
 }
 
-/// Flags nodes whose final answers differ, and keys nobody could read at the end.
+/// Flags nodes whose final answers differ; a node of the run that never answered a final
+/// read leaves convergence undecided (it may hold anything).
 fn converged<T: PartialEq + std::fmt::Debug>(
+    h: &History,
     key: &str,
     finals: Option<&BTreeMap<&str, &Op>>,
     value: impl Fn(&Op) -> Option<T>,
     result: &mut CheckResult,
 ) -> Option<T> {
+    let silent: Vec<&String> = h
+        .info
+        .nodes
+        .iter()
+        .filter(|n| !finals.is_some_and(|f| f.contains_key(n.as_str())))
+        .collect();
+    if !silent.is_empty() {
+        result.undecided(format!(
+            "key {key}: {} never answered a read in the final phase, so convergence is not shown",
+            silent
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
     let Some(finals) = finals.filter(|f| !f.is_empty()) else {
         result.undecided(format!(
             "key {key}: no node answered a read in the final phase"
@@ -141,7 +159,7 @@ pub fn check_set(h: &History, result: &mut CheckResult) {
             }
             _ => None,
         };
-        let Some(end) = converged(key, finals.get(key), members, result) else {
+        let Some(end) = converged(h, key, finals.get(key), members, result) else {
             continue;
         };
         let lost: Vec<&Op> = h
@@ -170,12 +188,13 @@ pub fn check_set(h: &History, result: &mut CheckResult) {
 
 /// Checks a `counter` history.
 pub fn check_counter(h: &History, result: &mut CheckResult) {
-    let incrs = |key: &str, o: Outcome| -> i64 {
+    // Sums in i128: no history can overflow them.
+    let incrs = |key: &str, o: Outcome, keep: fn(i64) -> bool| -> i128 {
         h.ops
             .iter()
             .filter(|op| op.key == key && op.outcome == o)
             .filter_map(|op| match op.call {
-                Call::Incr { by } => Some(by),
+                Call::Incr { by } if keep(by) => Some(i128::from(by)),
                 _ => None,
             })
             .sum()
@@ -186,13 +205,16 @@ pub fn check_counter(h: &History, result: &mut CheckResult) {
             Some(Ret::Counter { value }) => Some(value),
             _ => None,
         };
-        let Some(end) = converged(key, finals.get(key), total, result) else {
+        let Some(end) = converged(h, key, finals.get(key), total, result) else {
             continue;
         };
-        let (acked, unknown) = (incrs(key, Outcome::Ok), incrs(key, Outcome::Unknown));
-        let (lo, hi) = (acked, acked + unknown);
-        if end < lo || end > hi {
-            let (kind, why) = if end > hi {
+        // Each unknown increment may or may not count.
+        let acked = incrs(key, Outcome::Ok, |_| true);
+        let lo = acked + incrs(key, Outcome::Unknown, |by| by < 0);
+        let hi = acked + incrs(key, Outcome::Unknown, |by| by > 0);
+        let end_wide = i128::from(end);
+        if end_wide < lo || end_wide > hi {
+            let (kind, why) = if end_wide > hi {
                 ("double-count", "some increment was counted more than once")
             } else {
                 ("lost-write", "some acknowledged increment was lost")
@@ -216,39 +238,47 @@ pub fn check_counter(h: &History, result: &mut CheckResult) {
         }
     }
     // No read shows more than was attempted before it completed. Once one does, every
-    // later read usually does too: report the first per key, with the count.
-    let mut attempted_before: HashMap<&str, Vec<(u64, i64)>> = HashMap::new();
+    // later read usually does too: report the first per key, with the count. (This bound
+    // holds when increments are positive, as the workload's are; with decrements it is
+    // skipped.)
+    if h.ops
+        .iter()
+        .any(|op| matches!(op.call, Call::Incr { by } if by < 0))
+    {
+        return;
+    }
+    let mut attempted_before: HashMap<&str, Vec<(u64, i128)>> = HashMap::new();
     for op in &h.ops {
         if let Call::Incr { by } = op.call {
             if op.outcome != Outcome::Fail {
                 attempted_before
                     .entry(&op.key)
                     .or_default()
-                    .push((op.invoke_us, by));
+                    .push((op.invoke_us, i128::from(by)));
             }
         }
     }
     // As prefix sums by invoke time, so each read's bound is one binary search.
     for v in attempted_before.values_mut() {
         v.sort_unstable();
-        let mut sum = 0i64;
+        let mut sum = 0i128;
         for e in v.iter_mut() {
-            sum = sum.saturating_add(e.1);
+            sum += e.1;
             e.1 = sum;
         }
     }
-    let mut over: BTreeMap<&str, Vec<(&Op, i64)>> = BTreeMap::new();
+    let mut over: BTreeMap<&str, Vec<(&Op, i128)>> = BTreeMap::new();
     for op in &h.ops {
         if let (Call::CounterRead, Some(Ret::Counter { value })) = (&op.call, &op.ret) {
             let done = op.complete_us.unwrap_or(u64::MAX);
-            let bound: i64 = attempted_before
+            let bound: i128 = attempted_before
                 .get(op.key.as_str())
                 .map(|v| match v.partition_point(|(t, _)| *t <= done) {
                     0 => 0,
                     n => v[n - 1].1,
                 })
                 .unwrap_or(0);
-            if *value > bound {
+            if i128::from(*value) > bound {
                 over.entry(&op.key).or_default().push((op, bound));
             }
         }
@@ -274,14 +304,25 @@ pub fn check_counter(h: &History, result: &mut CheckResult) {
 /// Checks a `siblings` history.
 pub fn check_siblings(h: &History, result: &mut CheckResult) {
     let mut writes: HashMap<(&str, &str), &Op> = HashMap::new();
+    let mut read_values: HashSet<(&str, &str)> = HashSet::new();
+    for op in &h.ops {
+        if let Call::ApWrite { value, .. } = &op.call {
+            writes.insert((&op.key, value), op);
+        }
+        if let (Call::ApRead, Some(Ret::Siblings { values })) = (&op.call, &op.ret) {
+            read_values.extend(values.iter().map(|v| (op.key.as_str(), v.as_str())));
+        }
+    }
+    // A write replaced what its context saw only if it took effect: acknowledged, or with
+    // an unknown outcome but read by someone (so it did apply).
     let mut covered: HashSet<(&str, &str)> = HashSet::new();
     for op in &h.ops {
         if let Call::ApWrite { value, seen } = &op.call {
-            writes.insert((&op.key, value), op);
-            if op.outcome != Outcome::Fail {
-                for s in seen {
-                    covered.insert((&op.key, s));
-                }
+            let applied = op.outcome == Outcome::Ok
+                || (op.outcome == Outcome::Unknown
+                    && read_values.contains(&(op.key.as_str(), value.as_str())));
+            if applied {
+                covered.extend(seen.iter().map(|s| (op.key.as_str(), s.as_str())));
             }
         }
     }
@@ -320,7 +361,7 @@ pub fn check_siblings(h: &History, result: &mut CheckResult) {
             Some(Ret::Siblings { values }) => Some(values.iter().cloned().collect::<BTreeSet<_>>()),
             _ => None,
         };
-        let Some(end) = converged(key, finals.get(key), values, result) else {
+        let Some(end) = converged(h, key, finals.get(key), values, result) else {
             continue;
         };
         let mut lost: Vec<&Op> = h

@@ -146,6 +146,7 @@ pub enum Ret {
 
 /// One client operation, recorded when it completed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Op {
     /// Unique in the history, in invoke order for histories capkv records.
     pub id: u64,
@@ -174,6 +175,30 @@ pub struct Op {
 }
 
 impl Op {
+    /// Refuses an operation whose answer does not fit its call: an `ok` read must say what
+    /// it read (a checker would otherwise have to ignore it, and could call a broken
+    /// history valid).
+    pub fn validate(&self) -> Result<(), String> {
+        let fits = match (&self.call, &self.ret) {
+            (_, _) if self.outcome != Outcome::Ok => true,
+            (Call::Read, Some(Ret::Value { .. })) => true,
+            (Call::SetRead, Some(Ret::Members { .. })) => true,
+            (Call::CounterRead, Some(Ret::Counter { .. })) => true,
+            (Call::ApRead, Some(Ret::Siblings { .. })) => true,
+            (Call::Read | Call::SetRead | Call::CounterRead | Call::ApRead, _) => false,
+            _ => true,
+        };
+        if fits {
+            Ok(())
+        } else {
+            Err(format!(
+                "op {}: an ok {} must carry what it read in \"ret\"",
+                self.id,
+                self.call.describe()
+            ))
+        }
+    }
+
     /// `#12 c3 n2 put 3-17 -> ok`: for reports and error messages.
     pub fn describe(&self) -> String {
         let ret = match &self.ret {
@@ -215,6 +240,7 @@ impl Op {
 
 /// One action of the nemesis: a fault that was active from `start_us` to `end_us`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NemesisEvent {
     /// `partition`, `kill`, `restart`, `pause`, `clock`.
     pub kind: String,
@@ -311,7 +337,20 @@ impl History {
                 line: i + 1,
                 message: e.to_string(),
             })?;
+            if let Record::Op(op) = &record {
+                op.validate().map_err(|message| ParseError {
+                    line: i + 1,
+                    message,
+                })?;
+            }
             h.push(record);
+        }
+        if h.info.workload.is_empty() {
+            return Err(ParseError {
+                line: 1,
+                message: "no header: a history starts with {\"type\":\"run\",\"workload\":...}"
+                    .into(),
+            });
         }
         h.ops.sort_by_key(|o| (o.invoke_us, o.id));
         Ok(h)

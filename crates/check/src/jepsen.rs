@@ -45,9 +45,10 @@ pub fn parse(text: &str) -> Result<History, ParseError> {
         if fields.len() < 3 || !fields[1].starts_with(':') {
             continue;
         }
-        let process: u64 = fields[0]
-            .parse()
-            .map_err(|_| err(format!("bad process {:?}", fields[0])))?;
+        // Lines of other actors (`:nemesis`) are not client operations.
+        let Ok(process) = fields[0].parse::<u64>() else {
+            continue;
+        };
         let kind = fields[1];
         let f = fields[2];
         let value = fields[3..].join(" ");

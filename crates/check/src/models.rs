@@ -420,6 +420,8 @@ impl HistoryModel for CpKey {
                     applied: !mismatch,
                 })
             }
+            // Deletes carry no condition: a failed one did nothing.
+            Call::Delete if op.outcome == Outcome::Fail => None,
             Call::Delete => {
                 let (deleted, version) = match (&op.ret, op.outcome) {
                     (Some(Ret::Deleted { deleted, version }), Outcome::Ok) => {

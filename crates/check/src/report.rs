@@ -42,14 +42,24 @@ fn color(o: Outcome) -> &'static str {
     }
 }
 
-/// Maps run time (µs) to an x coordinate.
+/// Maps run time (µs) to an x coordinate, from the history's first instant to its last.
 struct Scale {
-    end_us: f64,
+    start_us: u64,
+    span_us: f64,
 }
 
 impl Scale {
+    fn new(h: &History) -> Scale {
+        let start_us = h.ops.iter().map(|o| o.invoke_us).min().unwrap_or(0);
+        Scale {
+            start_us,
+            span_us: h.end_us().saturating_sub(start_us).max(1) as f64,
+        }
+    }
+
     fn x(&self, t_us: u64) -> f64 {
-        LEFT + (t_us as f64 / self.end_us.max(1.0)) * (WIDTH - LEFT - 10.0)
+        let t = t_us.saturating_sub(self.start_us) as f64;
+        LEFT + (t / self.span_us).min(1.0) * (WIDTH - LEFT - 10.0)
     }
 }
 
@@ -109,14 +119,16 @@ fn nemesis_shading(h: &History, s: &Scale, top: f64, height: f64, labels: bool) 
 
 fn time_axis(s: &Scale, y: f64) -> String {
     let mut out = String::new();
-    let secs = s.end_us / 1e6;
-    let step = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]
-        .into_iter()
-        .find(|st| secs / st <= 12.0)
-        .unwrap_or(1200.0);
+    let secs = s.span_us / 1e6;
+    // A round step giving at most a dozen ticks, whatever the span.
+    let mut step = 1.0;
+    let mut factors = [2.0, 2.5, 2.0].into_iter().cycle(); // 1, 2, 5, 10, 20, 50, ...
+    while secs / step > 12.0 {
+        step *= factors.next().unwrap_or(2.0);
+    }
     let mut t = 0.0;
     while t <= secs {
-        let x = s.x((t * 1e6) as u64);
+        let x = s.x(s.start_us + (t * 1e6) as u64);
         let _ = write!(
             out,
             r##"<line x1="{x:.1}" x2="{x:.1}" y1="{y:.1}" y2="{:.1}" stroke="#999"/><text x="{x:.1}" y="{:.1}" font-size="10" text-anchor="middle">{t}s</text>"##,
@@ -245,29 +257,34 @@ fn latency_chart(h: &History, s: &Scale, marked: &HashSet<u64>) -> String {
     svg
 }
 
-/// Completions per second by outcome.
-fn per_second(h: &History) -> Vec<[u64; 3]> {
-    let secs = (h.end_us() / 1_000_000 + 1) as usize;
-    let mut buckets = vec![[0u64; 3]; secs];
+/// Completions by outcome in at most 2,000 buckets of at least a second, from the history's
+/// first instant: (bucket width in µs, first instant, counts).
+fn buckets(h: &History) -> (u64, u64, Vec<[u64; 3]>) {
+    const BUCKETS_MAX: u64 = 2_000;
+    let start = h.ops.iter().map(|o| o.invoke_us).min().unwrap_or(0);
+    let span = h.end_us().saturating_sub(start);
+    let width = (span / BUCKETS_MAX + 1).max(1_000_000);
+    let mut counts = vec![[0u64; 3]; (span / width + 1) as usize];
     for o in &h.ops {
-        let t = o.complete_us.unwrap_or(o.invoke_us);
+        let t = o.complete_us.unwrap_or(o.invoke_us).saturating_sub(start);
         let i = match o.outcome {
             Outcome::Ok => 0,
             Outcome::Fail => 1,
             Outcome::Unknown => 2,
         };
-        if let Some(b) = buckets.get_mut((t / 1_000_000) as usize) {
+        if let Some(b) = counts.get_mut((t / width) as usize) {
             b[i] += 1;
         }
     }
-    buckets
+    (width, start, counts)
 }
 
 fn throughput_chart(h: &History, s: &Scale) -> String {
-    let buckets = per_second(h);
+    let (width, start, buckets) = buckets(h);
+    let per_s = |v: u64| v * 1_000_000 / width;
     let height = 200.0;
     let plot = height - 30.0;
-    let max = buckets.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
+    let max = per_s(buckets.iter().flatten().copied().max().unwrap_or(1)).max(1) as f64;
     let y = |v: u64| 5.0 + plot - v as f64 / max * plot;
     let mut svg = format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif">"##
@@ -287,12 +304,9 @@ fn throughput_chart(h: &History, s: &Scale) -> String {
         let points: Vec<String> = buckets
             .iter()
             .enumerate()
-            .map(|(sec, b)| {
-                format!(
-                    "{:.1},{:.1}",
-                    s.x(sec as u64 * 1_000_000 + 500_000),
-                    y(b[i])
-                )
+            .map(|(n, b)| {
+                let t = start + n as u64 * width + width / 2;
+                format!("{:.1},{:.1}", s.x(t), y(per_s(b[i])))
             })
             .collect();
         let _ = write!(
@@ -358,9 +372,7 @@ pub fn html(h: &History, result: &CheckResult) -> String {
             .map(|o| escape(&o.describe()))
             .unwrap_or_else(|| format!("#{id}"))
     };
-    let s = Scale {
-        end_us: h.end_us().max(1) as f64,
-    };
+    let s = Scale::new(h);
     let (verdict, vcolor) = match result.validity {
         Validity::Valid => ("VALID", "#2e7d32"),
         Validity::Invalid => ("INVALID", "#c62828"),
