@@ -198,8 +198,15 @@ pub(crate) fn linearizable(
             Verdict::Valid => {}
             Verdict::Invalid(stuck) => {
                 let mut involved = vec![stuck.op];
-                involved.extend(stuck.pending.iter().copied());
-                involved.extend(stuck.prefix_tail.iter().rev().take(3).copied());
+                for id in stuck
+                    .pending
+                    .iter()
+                    .chain(stuck.prefix_tail.iter().rev().take(3))
+                {
+                    if !involved.contains(id) {
+                        involved.push(*id);
+                    }
+                }
                 let by_id: BTreeMap<u64, &&Op> = ops.iter().map(|o| (o.id, o)).collect();
                 let stuck_desc = by_id
                     .get(&stuck.op)

@@ -226,6 +226,10 @@ fn assert_stuck(r: &CheckResult, stuck: u64, named: &[u64]) {
     for id in named {
         assert!(a.ops.contains(id), "op #{id} is named: {a:#?}");
     }
+    let mut once = a.ops.clone();
+    once.sort_unstable();
+    once.dedup();
+    assert_eq!(once.len(), a.ops.len(), "each op named once: {:?}", a.ops);
     assert!(a.message.contains(&format!("#{stuck} ")), "{}", a.message);
 }
 
