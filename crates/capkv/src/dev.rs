@@ -33,13 +33,14 @@ fn cluster_spec(nodes: u32, base: u16) -> Result<String, String> {
 
 /// Starts `capkv serve` for node `n{i}` with faults enabled, its data in `{data_dir}/n{i}`
 /// and its output appended to `{data_dir}/n{i}.log`; `extra` are more `serve` flags. The
-/// child gets SIGTERM if this process dies.
+/// child gets `death_signal` if this process dies (SIGKILL reaches a stopped child too).
 pub(crate) fn spawn_node(
     exe: &Path,
     i: u32,
     cluster: &str,
     data_dir: &Path,
     extra: &[String],
+    death_signal: libc::c_int,
 ) -> Result<Child, String> {
     let log_path = data_dir.join(format!("n{i}.log"));
     let log = std::fs::OpenOptions::new()
@@ -64,10 +65,10 @@ pub(crate) fn spawn_node(
         .kill_on_drop(true);
     #[cfg(target_os = "linux")]
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it only
-    // asks the kernel to send SIGTERM to the child when its parent dies.
+    // asks the kernel to send `death_signal` to the child when its parent dies.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -123,7 +124,14 @@ pub async fn run(opts: DevOptions) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the capkv binary: {e}"))?;
     let mut children = Vec::new();
     for i in 1..=opts.nodes {
-        children.push(spawn_node(&exe, i, &cluster, &opts.data_dir, &[])?);
+        children.push(spawn_node(
+            &exe,
+            i,
+            &cluster,
+            &opts.data_dir,
+            &[],
+            libc::SIGTERM,
+        )?);
     }
     let urls: Vec<String> = (1..=opts.nodes)
         .map(|i| format!("http://127.0.0.1:{}", opts.base_port + i as u16))

@@ -14,7 +14,18 @@ fn init_tracing() {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        // `check` and `check-history` promise exit codes 0-3 (3: the harness failed), so a
+        // command line they cannot use is a 3, not clap's 2 (which would read as "unknown").
+        let checking = std::env::args()
+            .nth(1)
+            .is_some_and(|a| a == "check" || a == "check-history");
+        if checking && e.use_stderr() {
+            let _ = e.print();
+            std::process::exit(3);
+        }
+        e.exit()
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -153,6 +153,17 @@ pub enum ModelKind {
     CpKey,
 }
 
+/// The workloads this crate has checkers for (a history names one in its header).
+pub const WORKLOADS: [&str; 7] = [
+    "jepsen-register",
+    "register",
+    "unique-insert",
+    "idempotent",
+    "set",
+    "counter",
+    "siblings",
+];
+
 /// Checks a history with the checkers its workload calls for.
 pub fn check(h: &History, limits: Limits) -> CheckResult {
     let started = Instant::now();

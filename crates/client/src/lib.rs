@@ -18,9 +18,15 @@ use reqwest::{Method, StatusCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// A node answered with an error.
+    /// A node answered with an error. `from_capkv`: the body was capkv's error JSON (so the
+    /// status carries the API's promise); false for anything else that answered, such as a
+    /// proxy in front of the node.
     #[error("{status} {error}")]
-    Api { status: u16, error: ApiError },
+    Api {
+        status: u16,
+        error: ApiError,
+        from_capkv: bool,
+    },
     /// No node could be reached: the request was never delivered.
     #[error("no capkv node reachable (tried {tried}): {last}")]
     Unreachable { tried: String, last: String },
@@ -233,10 +239,18 @@ impl Client {
         }
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        let error = serde_json::from_str::<ErrorBody>(&text)
-            .map(|b| b.error)
-            .unwrap_or_else(|_| ApiError::new(ErrorCode::from_http_status(status), text));
-        Err(ClientError::Api { status, error })
+        let (error, from_capkv) = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => (b.error, true),
+            Err(_) => (
+                ApiError::new(ErrorCode::from_http_status(status), text),
+                false,
+            ),
+        };
+        Err(ClientError::Api {
+            status,
+            error,
+            from_capkv,
+        })
     }
 
     /// Reads a 404: `Ok` if the key is absent (an answer), the error if the keyspace is

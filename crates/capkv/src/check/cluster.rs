@@ -67,7 +67,14 @@ impl Cluster {
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let mut children = Vec::new();
         for i in 1..=size {
-            children.push(Some(spawn_node(&exe, i, &cluster, dir, &extra)?));
+            children.push(Some(spawn_node(
+                &exe,
+                i,
+                &cluster,
+                dir,
+                &extra,
+                libc::SIGKILL,
+            )?));
         }
         Ok(Cluster {
             nodes,
@@ -94,6 +101,33 @@ impl Cluster {
             nodes.push(NodeHandle { id: info.node, url });
         }
         Ok(Cluster { nodes, local: None })
+    }
+
+    /// Checks every node accepts `/v1/faults` (it was started with `--enable-faults`).
+    pub async fn check_faults_enabled(&self) -> Result<(), String> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("building the HTTP client");
+        for n in &self.nodes {
+            let resp = http
+                .get(format!("{}/v1/faults", n.url))
+                .send()
+                .await
+                .map_err(|e| format!("cannot ask {} for its faults: {e}", n.id))?;
+            let enabled = resp.status().is_success()
+                && resp
+                    .json::<capkv_client::FaultState>()
+                    .await
+                    .is_ok_and(|f| f.enabled);
+            if !enabled {
+                return Err(format!(
+                    "{} does not accept fault injection: start it with --enable-faults",
+                    n.id
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the harness owns the processes (so it can kill, restart and pause them).
@@ -143,7 +177,14 @@ impl Cluster {
         if let Some(local) = &self.local {
             let mut l = local.lock().await;
             if l.children[i].is_none() {
-                let child = spawn_node(&l.exe, i as u32 + 1, &l.cluster, &l.dir, &l.extra)?;
+                let child = spawn_node(
+                    &l.exe,
+                    i as u32 + 1,
+                    &l.cluster,
+                    &l.dir,
+                    &l.extra,
+                    libc::SIGKILL,
+                )?;
                 l.children[i] = Some(child);
             }
         }

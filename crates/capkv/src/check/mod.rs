@@ -158,6 +158,22 @@ async fn run_inner(opts: &CheckOptions) -> Result<Validity, String> {
     if opts.clients == 0 || opts.keys == 0 {
         return Err("--clients and --keys must be at least 1".into());
     }
+    if opts.duration.is_zero() {
+        return Err("--duration must be at least 1 second".into());
+    }
+    let size = opts
+        .nodes
+        .as_ref()
+        .map_or(opts.cluster_size as usize, Vec::len);
+    if let Some(k) = opts
+        .nemesis
+        .iter()
+        .find(|k| matches!(k, NemesisKind::Partition | NemesisKind::Snapshot))
+    {
+        if size < 2 {
+            return Err(format!("the {} nemesis needs at least 2 nodes", k.name()));
+        }
+    }
     std::fs::create_dir_all(&opts.out)
         .map_err(|e| format!("cannot create {}: {e}", opts.out.display()))?;
     let cluster = match &opts.nodes {
@@ -188,7 +204,12 @@ async fn run_inner(opts: &CheckOptions) -> Result<Validity, String> {
         }
     };
     let cluster = Arc::new(cluster);
-    let result = experiment(opts, &cluster).await;
+    // Ctrl-C or SIGTERM ends the run early: the cluster is still stopped (paused nodes
+    // resumed first), and the history written so far stays on disk.
+    let result = tokio::select! {
+        r = experiment(opts, &cluster) => r,
+        why = interrupted() => Err(format!("interrupted by {why}; the partial history is in {}", opts.out.display())),
+    };
     if cluster.is_local() {
         cluster.revive_all().await.ok();
         cluster.shutdown().await;
@@ -220,11 +241,26 @@ async fn run_inner(opts: &CheckOptions) -> Result<Validity, String> {
 
 /// Runs the workload and the nemesis; returns the history and, if the healed cluster did
 /// not serve again, why.
+/// Resolves on Ctrl-C or SIGTERM, naming which.
+async fn interrupted() -> &'static str {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "Ctrl-C",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
 async fn experiment(
     opts: &CheckOptions,
     cluster: &Arc<Cluster>,
 ) -> Result<(History, Option<String>), String> {
     cluster.wait_ready(Duration::from_secs(30)).await?;
+    if opts.nemesis.iter().any(|k| !k.needs_processes()) {
+        cluster.check_faults_enabled().await?;
+    }
     let spec = opts.workload.keyspace();
     create_keyspace(cluster, &spec).await?;
 
@@ -284,6 +320,7 @@ async fn experiment(
     let started = Instant::now();
     while started.elapsed() < opts.duration {
         tokio::time::sleep(Duration::from_secs(2).min(opts.duration - started.elapsed())).await;
+        recorder.flush();
         let c = |i: usize| recorder.counts[i].load(Ordering::Relaxed);
         let now = current
             .lock()
@@ -336,7 +373,7 @@ async fn experiment(
             eprintln!("check: the nodes still disagree after {CONVERGENCE_LIMIT:?}");
         }
     }
-    recorder.flush();
+    recorder.finish()?;
     let (ops, nemesis) = recorder.take();
     let history = History {
         info,
@@ -434,16 +471,33 @@ async fn wait_serving(cluster: &Cluster, spec: &KeyspaceSpec) -> Result<(), Stri
                         }
                     }
                 }
-                Mode::Ap => match spec.value_type {
-                    Some(ValueType::Counter) => {
-                        c.counter(&spec.name, key.as_bytes(), None).await.is_ok()
+                // A write and a read of a probe key (outside the workload's keys).
+                Mode::Ap => {
+                    let k = key.as_bytes();
+                    let (w, r) = match spec.value_type {
+                        Some(ValueType::Counter) => (
+                            c.incr(&spec.name, k, 1, None).await.err(),
+                            c.counter(&spec.name, k, None).await.err(),
+                        ),
+                        Some(ValueType::Set) => (
+                            c.set_add(&spec.name, k, &["probe"], None).await.err(),
+                            c.set_members(&spec.name, k, None).await.err(),
+                        ),
+                        _ => (
+                            c.ap_put(&spec.name, k, b"1".to_vec(), None, None)
+                                .await
+                                .err(),
+                            c.ap_get(&spec.name, k, None).await.err(),
+                        ),
+                    };
+                    match w.or(r) {
+                        None => true,
+                        Some(e) => {
+                            last = e.to_string();
+                            false
+                        }
                     }
-                    Some(ValueType::Set) => c
-                        .set_members(&spec.name, key.as_bytes(), None)
-                        .await
-                        .is_ok(),
-                    _ => c.ap_get(&spec.name, key.as_bytes(), None).await.is_ok(),
-                },
+                }
             };
             if ok {
                 break;
@@ -534,6 +588,15 @@ pub fn check_history(
             return 3;
         }
     };
+    if !capkv_check::WORKLOADS.contains(&h.info.workload.as_str()) {
+        eprintln!(
+            "check-history: {}: no checker for workload {:?} (known: {})",
+            file.display(),
+            h.info.workload,
+            capkv_check::WORKLOADS.join(", ")
+        );
+        return 3;
+    }
     let result = capkv_check::check(
         &h,
         Limits {

@@ -60,9 +60,9 @@ struct Shared {
 impl Shared {
     /// Sends a node the union of its layers (nothing: clears its faults). A node that is
     /// down cannot be told; it starts with no faults, and gets them at the next change.
-    async fn send(&self, id: &str, f: &NodeFaults) {
+    async fn send(&self, id: &str, f: &NodeFaults) -> Result<(), String> {
         let Some(node) = self.cluster.nodes.iter().find(|n| n.id == id) else {
-            return;
+            return Err(format!("no node {id}"));
         };
         let url = format!("{}/v1/faults", node.url);
         let req = if *f == NodeFaults::default() {
@@ -75,14 +75,20 @@ impl Shared {
             }))
         };
         match req.send().await {
-            Ok(r) if r.status().is_success() => {}
-            Ok(r) => tracing::warn!(node = id, status = %r.status(), "fault request refused"),
-            Err(e) => tracing::debug!(node = id, error = %e, "fault request not delivered"),
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!("{id} refused it ({})", r.status())),
+            Err(e) => Err(format!("{id} did not take it ({e})")),
         }
     }
 
-    /// Sets (or, with the default, clears) one nemesis's layer on the given nodes.
-    async fn set_layer(&self, kind: &'static str, changes: Vec<(String, NodeFaults)>) {
+    /// Sets (or, with the default, clears) one nemesis's layer on the given nodes; returns
+    /// the nodes that could not be told (down, or refusing), in words.
+    async fn set_layer(
+        &self,
+        kind: &'static str,
+        changes: Vec<(String, NodeFaults)>,
+    ) -> Vec<String> {
+        let mut failures = Vec::new();
         let mut layers = self.layers.lock().await;
         for (id, f) in changes {
             let node = layers.entry(id.clone()).or_default();
@@ -95,12 +101,15 @@ impl Shared {
             for l in node.values() {
                 merged.union(l);
             }
-            self.send(&id, &merged).await;
+            if let Err(e) = self.send(&id, &merged).await {
+                failures.push(e);
+            }
         }
+        failures
     }
 
     /// Clears one nemesis's layer everywhere.
-    async fn clear_layer(&self, kind: &'static str) {
+    async fn clear_layer(&self, kind: &'static str) -> Vec<String> {
         let ids: Vec<String> = {
             let layers = self.layers.lock().await;
             layers
@@ -113,7 +122,7 @@ impl Shared {
             .into_iter()
             .map(|id| (id, NodeFaults::default()))
             .collect();
-        self.set_layer(kind, changes).await;
+        self.set_layer(kind, changes).await
     }
 
     fn begin(&self, kind: &'static str, detail: String) -> NemesisEvent {
@@ -129,7 +138,15 @@ impl Shared {
         }
     }
 
-    fn end(&self, mut ev: NemesisEvent) {
+    /// Records the fault as over; `failures` name the nodes that never got (or never lost)
+    /// it, so the history says what really happened.
+    fn end(&self, mut ev: NemesisEvent, failures: Vec<String>) {
+        if !failures.is_empty() {
+            ev.detail.push_str(&format!(
+                " [not applied everywhere: {}]",
+                failures.join("; ")
+            ));
+        }
         ev.end_us = Some(self.recorder.now_us());
         self.current
             .lock()
@@ -176,7 +193,9 @@ impl Nemesis {
     /// Clears the network and clock faults of every node.
     pub async fn heal_network(&self) {
         for n in &self.shared.cluster.nodes {
-            self.shared.send(&n.id, &NodeFaults::default()).await;
+            if let Err(e) = self.shared.send(&n.id, &NodeFaults::default()).await {
+                tracing::warn!(error = %e, "could not clear a node's faults");
+            }
         }
     }
 
@@ -234,7 +253,7 @@ impl Actor {
     }
 
     /// Cuts the cluster into `groups` (nodes in different groups cannot talk).
-    async fn partition(&self, groups: &[Vec<String>]) {
+    async fn partition(&self, groups: &[Vec<String>]) -> Vec<String> {
         let mut changes = Vec::new();
         for g in groups {
             let others: BTreeSet<String> = groups
@@ -251,7 +270,7 @@ impl Actor {
                 changes.push((id.clone(), f));
             }
         }
-        self.shared.set_layer(self.kind.name(), changes).await;
+        self.shared.set_layer(self.kind.name(), changes).await
     }
 
     async fn one(&mut self) -> Result<(), String> {
@@ -263,7 +282,7 @@ impl Actor {
         match self.kind {
             NemesisKind::Partition => {
                 let variant = self.rng.gen_range(0..4);
-                let ev = if variant == 3 && n >= 2 {
+                let (ev, mut failures) = if variant == 3 && n >= 2 {
                     // One-way: ids[0]'s messages to everyone else are dropped.
                     let to: BTreeSet<String> = ids[1..].iter().cloned().collect();
                     let detail = format!(
@@ -276,8 +295,8 @@ impl Actor {
                         drop_to: to,
                         ..NodeFaults::default()
                     };
-                    sh.set_layer(name, vec![(ids[0].clone(), f)]).await;
-                    ev
+                    let failures = sh.set_layer(name, vec![(ids[0].clone(), f)]).await;
+                    (ev, failures)
                 } else if variant == 2 && n >= 5 {
                     // Majorities ring: each node reaches only its two neighbours.
                     let ev = sh.begin(name, format!("ring {}", ids.join("-")));
@@ -294,8 +313,8 @@ impl Actor {
                         };
                         changes.push((id.clone(), f));
                     }
-                    sh.set_layer(name, changes).await;
-                    ev
+                    let failures = sh.set_layer(name, changes).await;
+                    (ev, failures)
                 } else {
                     let cut = if variant == 1 || n < 2 {
                         1
@@ -307,33 +326,33 @@ impl Actor {
                         name,
                         format!("{} | {}", groups[0].join(","), groups[1].join(",")),
                     );
-                    self.partition(&groups).await;
-                    ev
+                    let failures = self.partition(&groups).await;
+                    (ev, failures)
                 };
                 self.sleep_ms(2000, 6000).await;
-                sh.clear_layer(name).await;
-                sh.end(ev);
+                failures.extend(sh.clear_layer(name).await);
+                sh.end(ev, failures);
             }
             NemesisKind::Kill => {
                 let ev = sh.begin(name, ids[0].clone());
                 sh.cluster.kill(&ids[0]).await;
                 self.sleep_ms(1000, 4000).await;
                 sh.cluster.start(&ids[0]).await?;
-                sh.end(ev);
+                sh.end(ev, Vec::new());
             }
             NemesisKind::Restart => {
                 let ev = sh.begin(name, ids[0].clone());
                 sh.cluster.stop(&ids[0]).await;
                 self.sleep_ms(500, 2000).await;
                 sh.cluster.start(&ids[0]).await?;
-                sh.end(ev);
+                sh.end(ev, Vec::new());
             }
             NemesisKind::Pause => {
                 let ev = sh.begin(name, ids[0].clone());
                 sh.cluster.pause(&ids[0], true).await;
                 self.sleep_ms(1000, 5000).await;
                 sh.cluster.pause(&ids[0], false).await;
-                sh.end(ev);
+                sh.end(ev, Vec::new());
             }
             NemesisKind::Clock => {
                 const SKEWS_MS: [i64; 6] = [-7_200_000, -60_000, -5_000, 5_000, 60_000, 7_200_000];
@@ -343,18 +362,18 @@ impl Actor {
                     clock_skew_ms: skew,
                     ..NodeFaults::default()
                 };
-                sh.set_layer(name, vec![(ids[0].clone(), f)]).await;
+                let mut failures = sh.set_layer(name, vec![(ids[0].clone(), f)]).await;
                 self.sleep_ms(3000, 8000).await;
-                sh.clear_layer(name).await;
-                sh.end(ev);
+                failures.extend(sh.clear_layer(name).await);
+                sh.end(ev, failures);
             }
             NemesisKind::Snapshot => {
                 let ev = sh.begin(name, format!("{} cut off to fall behind", ids[0]));
                 let groups = vec![vec![ids[0].clone()], ids[1..].to_vec()];
-                self.partition(&groups).await;
+                let mut failures = self.partition(&groups).await;
                 self.sleep_ms(3000, 6000).await;
-                sh.clear_layer(name).await;
-                sh.end(ev);
+                failures.extend(sh.clear_layer(name).await);
+                sh.end(ev, failures);
             }
         }
         Ok(())

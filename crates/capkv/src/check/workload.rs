@@ -24,6 +24,8 @@ pub struct Recorder {
     ops: Mutex<Vec<Op>>,
     nemesis: Mutex<Vec<NemesisEvent>>,
     file: Mutex<std::io::BufWriter<std::fs::File>>,
+    /// The first error writing the history file.
+    write_error: Mutex<Option<String>>,
     /// ok, fail, unknown so far (for progress).
     pub counts: [AtomicU64; 3],
 }
@@ -36,6 +38,7 @@ impl Recorder {
             ops: Mutex::default(),
             nemesis: Mutex::default(),
             file: Mutex::new(std::io::BufWriter::new(file)),
+            write_error: Mutex::default(),
             counts: Default::default(),
         }
     }
@@ -47,9 +50,35 @@ impl Recorder {
 
     pub fn write(&self, record: &Record) {
         let mut f = self.file.lock().expect("history file lock");
-        // A history that cannot be written is a harness failure, found when it is read back.
-        let _ = serde_json::to_writer(&mut *f, record);
-        let _ = f.write_all(b"\n");
+        let written = serde_json::to_writer(&mut *f, record)
+            .map_err(std::io::Error::from)
+            .and_then(|()| f.write_all(b"\n"));
+        if let Err(e) = written {
+            self.write_error
+                .lock()
+                .expect("write error lock")
+                .get_or_insert(e.to_string());
+        }
+    }
+
+    /// Flushes what was recorded so far to disk (so an interrupted run leaves its history).
+    pub fn flush(&self) {
+        if let Err(e) = self.file.lock().expect("history file lock").flush() {
+            self.write_error
+                .lock()
+                .expect("write error lock")
+                .get_or_insert(e.to_string());
+        }
+    }
+
+    /// Flushes the history file; an error in any write so far fails the run (a history on
+    /// disk that lacks operations would check as something it is not).
+    pub fn finish(&self) -> Result<(), String> {
+        let flushed = self.file.lock().expect("history file lock").flush();
+        if let Some(e) = self.write_error.lock().expect("write error lock").take() {
+            return Err(format!("cannot write the history: {e}"));
+        }
+        flushed.map_err(|e| format!("cannot write the history: {e}"))
     }
 
     /// Starts an operation: its id (in invoke order) and invoke time.
@@ -74,10 +103,6 @@ impl Recorder {
         self.nemesis.lock().expect("nemesis lock").push(event);
     }
 
-    pub fn flush(&self) {
-        let _ = self.file.lock().expect("history file lock").flush();
-    }
-
     pub fn take(&self) -> (Vec<Op>, Vec<NemesisEvent>) {
         let mut ops = std::mem::take(&mut *self.ops.lock().expect("ops lock"));
         ops.sort_by_key(|o| (o.invoke_us, o.id));
@@ -90,10 +115,15 @@ impl Recorder {
 fn outcome_of<T>(r: &Result<T, ClientError>) -> (Outcome, Option<u16>, Option<String>) {
     match r {
         Ok(_) => (Outcome::Ok, None, None),
-        Err(ClientError::Api { status, error }) => {
+        Err(ClientError::Api {
+            status,
+            error,
+            from_capkv,
+        }) => {
             let outcome = match status {
-                // 503 and every 4xx promise the operation did not take effect.
-                400..=499 | 503 => Outcome::Fail,
+                // capkv's 503 and every 4xx of capkv promise the operation did not take
+                // effect; an answer that is not capkv's (a proxy) promises nothing.
+                400..=499 | 503 if *from_capkv => Outcome::Fail,
                 _ => Outcome::Unknown,
             };
             (outcome, Some(*status), Some(error.message.clone()))
