@@ -179,3 +179,44 @@ async fn check_targets_a_running_cluster_with_nodes() {
     .unwrap();
     assert_eq!(code, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_nodes_without_fault_injection_and_bad_command_lines() {
+    let cluster = Cluster::start_with(2, &[], false).await;
+    let urls: Vec<String> = (0..2).map(|i| cluster.url(i)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run").display().to_string();
+    let nodes = urls.join(",");
+    let (code, _) = tokio::task::spawn_blocking(move || {
+        capkv(
+            &[
+                "check",
+                "--nodes",
+                &nodes,
+                "--nemesis",
+                "partition",
+                "--duration",
+                "3",
+                "--out",
+                &out,
+            ],
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        code, 3,
+        "a partition nobody applies must not become a verdict"
+    );
+    // Command lines check cannot use are harness failures (3), not "unknown" (2).
+    for args in [
+        &["check", "--nemesis", "foo"][..],
+        &["check", "--duration", "0"],
+        &["check", "--cluster-size", "1", "--nemesis", "partition"],
+        &["check-history", "/nonexistent/history.jsonl"],
+    ] {
+        let (code, _) = capkv(args, Duration::from_secs(30));
+        assert_eq!(code, 3, "{args:?}");
+    }
+}
