@@ -107,6 +107,26 @@ fn converged<T: PartialEq + std::fmt::Debug>(
     Some(v)
 }
 
+/// A read showed `value`, which no write that may have taken effect wrote: `writers` are
+/// the writes of it answered as not applied (empty: nobody wrote it at all).
+fn never_written(read: &Op, value: &str, writers: Vec<u64>) -> Anomaly {
+    let (kind, why) = if writers.is_empty() {
+        ("phantom", "no client ever wrote")
+    } else {
+        (
+            "failed-write-visible",
+            "only operations answered as not applied wrote",
+        )
+    };
+    Anomaly {
+        kind: kind.into(),
+        key: read.key.clone(),
+        message: format!("{} shows {value}, which {why}", read.describe()),
+        ops: std::iter::once(read.id).chain(writers).collect(),
+        stuck: None,
+    }
+}
+
 /// Checks a `set` history.
 pub fn check_set(h: &History, result: &mut CheckResult) {
     let mut adds: HashMap<(&str, &str), Vec<&Op>> = HashMap::new();
@@ -125,28 +145,8 @@ pub fn check_set(h: &History, result: &mut CheckResult) {
             for m in members {
                 if !attempted(&op.key, m) {
                     let failed = adds.get(&(op.key.as_str(), m.as_str()));
-                    result.add(Anomaly {
-                        kind: if failed.is_some() {
-                            "failed-write-visible"
-                        } else {
-                            "phantom"
-                        }
-                        .into(),
-                        key: op.key.clone(),
-                        message: format!(
-                            "{} shows member {m}, which {}",
-                            op.describe(),
-                            if failed.is_some() {
-                                "was added only by operations answered as not applied"
-                            } else {
-                                "no client ever added"
-                            }
-                        ),
-                        ops: std::iter::once(op.id)
-                            .chain(failed.into_iter().flatten().map(|o| o.id))
-                            .collect(),
-                        stuck: None,
-                    });
+                    let writers = failed.into_iter().flatten().map(|o| o.id).collect();
+                    result.add(never_written(op, m, writers));
                 }
             }
         }
@@ -331,26 +331,10 @@ pub fn check_siblings(h: &History, result: &mut CheckResult) {
             for v in values {
                 match writes.get(&(op.key.as_str(), v.as_str())) {
                     Some(w) if w.outcome != Outcome::Fail => {}
-                    found => result.add(Anomaly {
-                        kind: if found.is_some() {
-                            "failed-write-visible"
-                        } else {
-                            "phantom"
-                        }
-                        .into(),
-                        key: op.key.clone(),
-                        message: format!(
-                            "{} shows {v}, which {}",
-                            op.describe(),
-                            if found.is_some() {
-                                "was written only by an operation answered as not applied"
-                            } else {
-                                "no client ever wrote"
-                            }
-                        ),
-                        ops: std::iter::once(op.id).chain(found.map(|w| w.id)).collect(),
-                        stuck: None,
-                    }),
+                    found => {
+                        let writers = found.map(|w| w.id).into_iter().collect();
+                        result.add(never_written(op, v, writers))
+                    }
                 }
             }
         }
