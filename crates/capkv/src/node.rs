@@ -42,6 +42,9 @@ use crate::rpc::{Forward, ForwardOp, ForwardReply, PeerRequest, PeerResponse};
 use crate::storage::{Engine, FjallEngine, GroupCommit, Tree, WriteBatch};
 use crate::PeerTransport;
 
+/// How long a stopping node waits for proposals in flight before it stops Raft.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
+
 /// A peer counts as reachable if it was heard from this recently.
 pub const REACHABLE_WINDOW: Duration = Duration::from_millis(1000);
 /// How often every peer is pinged.
@@ -64,6 +67,8 @@ pub struct Node {
     /// it, so a fault-injected skew (or, later, a simulated clock) reaches all of them.
     pub clock: Arc<WallClock>,
     proposer: Proposer,
+    /// Set when shutdown begins: forwarded requests are refused from then on.
+    stopping: std::sync::atomic::AtomicBool,
     /// ap keyspaces: coordinator, local replica and hints.
     pub ap: Arc<Coordinator>,
     group_commit: GroupCommit,
@@ -173,6 +178,7 @@ impl Node {
             faults,
             clock,
             proposer,
+            stopping: std::sync::atomic::AtomicBool::new(false),
             ap,
             group_commit,
         });
@@ -230,8 +236,16 @@ impl Node {
         Ok(())
     }
 
-    /// Stops Raft and makes everything written durable.
+    /// Stops Raft and makes everything written durable. Order: refuse new forwarded
+    /// requests (503: not applied), let proposals in flight get their answers (up to
+    /// [`SHUTDOWN_DRAIN`]), then stop Raft; an answer Raft drops after that is a 504, never
+    /// "not applied".
     pub async fn shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        if !self.proposer.drain(SHUTDOWN_DRAIN).await {
+            tracing::warn!("proposals still in flight at shutdown; their clients get 504");
+        }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
@@ -369,6 +383,9 @@ impl Node {
                 Err(ProposeError::Stopped(e)) => {
                     Err(AttemptError::Final(ApiError::unavailable(format!("raft is not running: {e}"))))
                 }
+                Err(ProposeError::Unknown(e)) => Err(AttemptError::Final(ApiError::timeout(format!(
+                    "{e}; the write may still take effect"
+                )))),
                 Err(ProposeError::Internal(e)) => Err(AttemptError::Final(ApiError::internal(e))),
             };
         }
@@ -535,6 +552,11 @@ impl Node {
             }
             PeerRequest::ApReap { items } => {
                 PeerResponse::ApReaped(tombstones::reap(&self.ap, &items).await)
+            }
+            PeerRequest::Forward(_) if self.stopping.load(std::sync::atomic::Ordering::Acquire) => {
+                PeerResponse::Forward(Err(ApiError::unavailable(
+                    "this node is shutting down; the request was not applied",
+                )))
             }
             PeerRequest::Forward(f) => {
                 tracing::debug!(from, op = ?std::mem::discriminant(&f.op), "forwarded request");

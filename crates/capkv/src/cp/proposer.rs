@@ -9,8 +9,13 @@
 //! one fills up, so the busier the node, the bigger the batches.
 //!
 //! "Was it proposed?" is decided exactly once per command, by a compare-and-swap on its
-//! state: the proposer claims it (from then on its outcome may be unknown: 504 on
-//! timeout) or the waiter cancels it first (then it was certainly never proposed: 503).
+//! state: the proposer claims it or the waiter cancels it first (then it was certainly
+//! never proposed: 503). **Once claimed, every outcome but success is unknown (504)**:
+//! openraft may have appended the entry before it answers `ForwardToLeader` (a deposed
+//! leader whose entry another leader may still commit) or drops the answer when it stops
+//! (a graceful shutdown); neither tells whether the entry commits elsewhere. So the
+//! proposer checks leadership *before* it claims (not the leader: nothing proposed, the
+//! caller may try the new leader) and never reports "not proposed" after.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -40,8 +45,11 @@ const CANCELLED: u8 = 2;
 pub enum ProposeError {
     /// This node is not the leader: nothing was proposed.
     NotLeader,
-    /// Raft stopped: nothing more will be applied through this node.
+    /// Raft or the proposer stopped before the command was proposed: it was not applied.
     Stopped(String),
+    /// The command was proposed and then its answer was lost (leadership moved, Raft
+    /// stopped): it may or may not take effect.
+    Unknown(String),
     /// The deadline passed; `proposed` says whether it may still take effect.
     Deadline { proposed: bool },
     /// A bug or a broken disk.
@@ -57,6 +65,7 @@ struct Pending {
 #[derive(Clone)]
 pub struct Proposer {
     tx: mpsc::Sender<Pending>,
+    in_flight: Arc<Semaphore>,
 }
 
 fn size_of(cmd: &Command) -> usize {
@@ -70,8 +79,18 @@ fn size_of(cmd: &Command) -> usize {
 impl Proposer {
     pub fn start(raft: Raft) -> Proposer {
         let (tx, rx) = mpsc::channel(QUEUE_MAX);
-        tokio::spawn(run(raft, rx));
-        Proposer { tx }
+        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES_MAX));
+        tokio::spawn(run(raft, rx, in_flight.clone()));
+        Proposer { tx, in_flight }
+    }
+
+    /// Waits (up to `limit`) until no batch is in flight: used before Raft stops, so
+    /// proposals already made get their real answer rather than an unknown one.
+    pub async fn drain(&self, limit: std::time::Duration) -> bool {
+        let all = IN_FLIGHT_BATCHES_MAX as u32;
+        tokio::time::timeout(limit, self.in_flight.acquire_many(all))
+            .await
+            .is_ok_and(|p| p.is_ok())
     }
 
     /// Proposes `cmd` and waits for its reply until `deadline`.
@@ -104,8 +123,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
-    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES_MAX));
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, in_flight: Arc<Semaphore>) {
     while let Some(first) = rx.recv().await {
         // Wait for a slot first, so that commands arriving meanwhile join this batch.
         let permit = in_flight
@@ -123,6 +141,21 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
                 }
                 Err(_) => break,
             }
+        }
+        // Not the leader: refuse before claiming, while "nothing was proposed" is still
+        // certain. (Leadership can still move between here and the append; then the
+        // outcome is unknown, below.)
+        let leader = raft.metrics().borrow().current_leader;
+        if leader != Some(raft_id(&raft)) {
+            for p in queued {
+                if p.state
+                    .compare_exchange(QUEUED, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    let _ = p.reply.send(Err(ProposeError::NotLeader));
+                }
+            }
+            continue;
         }
         let claimed: Vec<Pending> = queued
             .into_iter()
@@ -156,19 +189,28 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
                     }
                 }
                 Err(e) => {
+                    // Claimed: whatever openraft says, the entry may have been appended.
+                    let why = match &e {
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                            "leadership moved after the write was proposed".to_owned()
+                        }
+                        RaftError::APIError(other) => other.to_string(),
+                        RaftError::Fatal(f) => {
+                            format!("raft stopped after the write was proposed: {f}")
+                        }
+                    };
                     for w in waiters {
-                        let _ = w.send(Err(match &e {
-                            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
-                                ProposeError::NotLeader
-                            }
-                            RaftError::APIError(other) => ProposeError::Internal(other.to_string()),
-                            RaftError::Fatal(f) => ProposeError::Stopped(f.to_string()),
-                        }));
+                        let _ = w.send(Err(ProposeError::Unknown(why.clone())));
                     }
                 }
             }
         });
     }
+}
+
+/// This node's Raft id.
+fn raft_id(raft: &Raft) -> super::NodeId {
+    raft.metrics().borrow().id
 }
 
 impl From<ApiError> for ProposeError {
