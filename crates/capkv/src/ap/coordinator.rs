@@ -15,6 +15,14 @@
 //!
 //! With the defaults n=3, r=1, w=1 any live node can answer any request on any side of
 //! any partition: it can always be its own fallback.
+//!
+//! **At most once.** A mutation (an increment, an add, a write with a new dot) is not
+//! idempotent: applied by two homes, it counts twice. So the coordinator moves on to the
+//! next home only when the request **certainly did not reach** the last one (never sent,
+//! or refused); if it may have arrived (a timeout, a lost connection) the outcome is
+//! unknown and the answer is `504`: the home applies it once, or never. Storing a whole
+//! object (replicas, hints) is idempotent, so those go on as before. `503` only when
+//! nothing could have been stored anywhere.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -50,8 +58,45 @@ pub struct Coordinator {
     pub clock: Arc<WallClock>,
 }
 
-fn net_err(e: crate::net::NetError) -> ApiError {
-    ApiError::unavailable(e.to_string())
+/// Why a request to a replica has no good answer, by whether it may have taken effect.
+#[derive(Debug)]
+enum CallError {
+    /// It certainly did not: never delivered, or refused before any change.
+    NotApplied(ApiError),
+    /// It may have: delivered (or maybe) and no answer, or failed part way.
+    Unknown(ApiError),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error().fmt(f)
+    }
+}
+
+impl CallError {
+    fn error(&self) -> &ApiError {
+        match self {
+            CallError::NotApplied(e) | CallError::Unknown(e) => e,
+        }
+    }
+}
+
+fn net_err(e: crate::net::NetError) -> CallError {
+    if e.maybe_delivered() {
+        CallError::Unknown(ApiError::timeout(e.to_string()))
+    } else {
+        CallError::NotApplied(ApiError::unavailable(e.to_string()))
+    }
+}
+
+/// A replica's refusal: a bad request changes nothing; any other failure (storage) may
+/// have happened after the change.
+fn replica_err(e: ApiError) -> CallError {
+    if e.code == capkv_core::ErrorCode::BadRequest {
+        CallError::NotApplied(e)
+    } else {
+        CallError::Unknown(e)
+    }
 }
 
 impl Coordinator {
@@ -71,6 +116,18 @@ impl Coordinator {
         req: PeerRequest,
         deadline: Instant,
     ) -> Result<PeerResponse, ApiError> {
+        self.call_for_effect(to, req, deadline)
+            .await
+            .map_err(|e| e.error().clone())
+    }
+
+    /// A call whose error says whether the request may have taken effect.
+    async fn call_for_effect(
+        &self,
+        to: NodeId,
+        req: PeerRequest,
+        deadline: Instant,
+    ) -> Result<PeerResponse, CallError> {
         let left = deadline.saturating_duration_since(Instant::now());
         self.transport.call(to, req, left).await.map_err(net_err)
     }
@@ -83,7 +140,7 @@ impl Coordinator {
         value_type: ValueType,
         mutation: &Mutation,
         deadline: Instant,
-    ) -> Result<ApState, ApiError> {
+    ) -> Result<ApState, CallError> {
         if home == self.me {
             return self
                 .replica
@@ -95,7 +152,8 @@ impl Coordinator {
                     &self.actor,
                     self.clock.now_ms(),
                 )
-                .await;
+                .await
+                .map_err(replica_err);
         }
         let req = PeerRequest::ApUpdate {
             keyspace: keyspace.to_owned(),
@@ -104,10 +162,12 @@ impl Coordinator {
             mutation: mutation.clone(),
             now_ms: self.clock.now_ms(),
         };
-        match self.call(home, req, deadline).await? {
+        match self.call_for_effect(home, req, deadline).await? {
             PeerResponse::ApObject(Ok(Some(obj))) => Ok(obj),
-            PeerResponse::ApObject(Err(e)) => Err(e),
-            _ => Err(ApiError::internal("wrong reply to ApUpdate")),
+            PeerResponse::ApObject(Err(e)) => Err(replica_err(e)),
+            _ => Err(CallError::Unknown(ApiError::internal(
+                "wrong reply to ApUpdate",
+            ))),
         }
     }
 
@@ -120,7 +180,7 @@ impl Coordinator {
         key: Vec<u8>,
         object: ApState,
         deadline: Instant,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CallError> {
         if node == self.me {
             return match home {
                 None => self
@@ -129,7 +189,8 @@ impl Coordinator {
                     .await
                     .map(|_| ()),
                 Some(h) => self.replica.hold_hint(h, &keyspace, &key, &object).await,
-            };
+            }
+            .map_err(replica_err);
         }
         let req = match home {
             None => PeerRequest::ApStore {
@@ -144,9 +205,11 @@ impl Coordinator {
                 object,
             },
         };
-        match self.call(node, req, deadline).await? {
-            PeerResponse::ApAck(r) => r,
-            _ => Err(ApiError::internal("wrong reply to ApStore")),
+        match self.call_for_effect(node, req, deadline).await? {
+            PeerResponse::ApAck(r) => r.map_err(replica_err),
+            _ => Err(CallError::Unknown(ApiError::internal(
+                "wrong reply to ApStore",
+            ))),
         }
     }
 
@@ -166,7 +229,8 @@ impl Coordinator {
         let homes: Vec<NodeId> = walk.iter().copied().take(n).collect();
         let mut holders: BTreeSet<NodeId> = BTreeSet::new();
 
-        // 1. The first reachable home issues the dot.
+        // 1. The first reachable home issues the dot. The next one is asked only if the
+        // last certainly did not apply it (see the module docs: at most once).
         let mut issued = None;
         for &h in homes.iter().filter(|h| self.up(**h)) {
             match self
@@ -178,9 +242,18 @@ impl Coordinator {
                     break;
                 }
                 // A refusal (wrong type for this key) is the same on every replica.
-                Err(e) if e.code == capkv_core::ErrorCode::BadRequest => return Err(e),
-                Err(e) => {
-                    tracing::debug!(home = h, error = %e, "home replica could not take the write")
+                Err(CallError::NotApplied(e)) if e.code == capkv_core::ErrorCode::BadRequest => {
+                    return Err(e)
+                }
+                Err(CallError::NotApplied(e)) => {
+                    tracing::debug!(home = h, error = %e, "home replica did not take the write")
+                }
+                Err(CallError::Unknown(e)) => {
+                    return Err(ApiError::timeout(format!(
+                        "home replica {h} may have applied the write ({}); it was not sent \
+                         elsewhere, so it takes effect once or not at all",
+                        e.message
+                    )))
                 }
             }
         }
@@ -208,6 +281,7 @@ impl Coordinator {
             next_fallback += 1;
             f
         };
+        let issued_by_home = !holders.is_empty();
         let mut tasks = JoinSet::new();
         for &h in homes.iter().filter(|h| !holders.contains(h)) {
             let (ks, k, obj) = (keyspace.to_owned(), key.to_vec(), object.clone());
@@ -238,6 +312,8 @@ impl Coordinator {
                 });
             }
         }
+        // Whether some store may have taken effect without confirming it.
+        let mut uncertain = false;
         while holders.len() < w {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, tasks.join_next()).await {
@@ -245,10 +321,18 @@ impl Coordinator {
                     holders.insert(node);
                 }
                 Ok(Some(Ok(Err(e)))) => {
+                    uncertain |= matches!(e, CallError::Unknown(_));
                     tracing::debug!(error = %e, "a replica or hint write failed")
                 }
-                Ok(Some(Err(e))) => tracing::warn!(error = %e, "replication task failed"),
-                Ok(None) | Err(_) => break,
+                Ok(Some(Err(e))) => {
+                    uncertain = true;
+                    tracing::warn!(error = %e, "replication task failed")
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    uncertain = true; // stores still running at the deadline
+                    break;
+                }
             }
         }
         // The rest finish in the background; their outcome no longer changes the answer.
@@ -256,9 +340,13 @@ impl Coordinator {
         if holders.len() >= w {
             metrics::counter!("capkv_ap_writes_total").increment(1);
             Ok(object)
-        } else if holders.is_empty() {
+        } else if holders.is_empty() && !issued_by_home && !uncertain {
             Err(ApiError::unavailable(format!(
                 "no replica could store the write (w={w}); it was not applied"
+            )))
+        } else if holders.is_empty() {
+            Err(ApiError::timeout(format!(
+                "no replica confirmed the write (w={w}) before the deadline; it may still take effect"
             )))
         } else {
             Err(ApiError::timeout(format!(
