@@ -54,7 +54,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Forwarding hops a request may take while leadership moves.
 const FORWARD_HOPS: u8 = 3;
 /// Time kept back when forwarding, so the forwarder hears the remote's precise answer
-/// (503 or 504) before its own deadline.
+/// (503 or 504) before its own deadline: at most this, and at most a quarter of what is
+/// left (so a short `timeout_ms` still leaves the leader most of it).
 const FORWARD_MARGIN: Duration = Duration::from_millis(50);
 
 pub struct Node {
@@ -318,7 +319,9 @@ impl Node {
                     let left = deadline.saturating_duration_since(now);
                     let fwd = Forward {
                         op: op.clone(),
-                        timeout_ms: left.saturating_sub(FORWARD_MARGIN).as_millis() as u64,
+                        timeout_ms: left
+                            .saturating_sub(FORWARD_MARGIN.min(left / 4))
+                            .as_millis() as u64,
                         hops_left: hops_left - 1,
                     };
                     metrics::counter!("capkv_forwarded_requests_total").increment(1);
