@@ -917,10 +917,19 @@ async fn get_faults(State(st): State<AppState>) -> Json<FaultState> {
     Json(fault_state(&st.node))
 }
 
-/// Liveness: 200 while the process serves HTTP.
-#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "alive")))]
-async fn healthz() -> &'static str {
-    "ok\n"
+/// Health: 200 while the node serves; 503 with the reason when a part of it has stopped
+/// (today: the Raft core, after a fatal error), so a supervisor can tell a node that only
+/// answers HTTP from one that works.
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "healthy"), (status = 503, body = ErrorBody)))]
+async fn healthz(State(st): State<AppState>) -> ApiResult<&'static str> {
+    let metrics = st.node.raft.metrics().borrow().clone();
+    if let Err(fatal) = &metrics.running_state {
+        return Err(ApiError::unavailable(format!("the raft core has stopped: {fatal}")).into());
+    }
+    if metrics.state == openraft::ServerState::Shutdown {
+        return Err(ApiError::unavailable("the raft core is shut down").into());
+    }
+    Ok("ok\n")
 }
 
 /// Prometheus metrics.
