@@ -182,8 +182,25 @@ fn context_from(headers: &HeaderMap) -> Result<VersionVector, ApiError> {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(v.as_bytes())
         .map_err(|_| bad())?;
-    serde_json::from_slice(&raw).map_err(|_| bad())
+    let vv: VersionVector = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    // A context names dots capkv issued: one per write, so a counter near 2^64 (which would
+    // make the next dot of that actor wrap) or an absurd number of actors is forged.
+    if vv.0.len() > CONTEXT_ACTORS_MAX
+        || vv
+            .0
+            .iter()
+            .any(|(actor, &n)| n > CONTEXT_COUNTER_MAX || actor.is_empty() || actor.len() > 256)
+    {
+        return Err(bad());
+    }
+    Ok(vv)
 }
+
+/// Most actors a client context may name (every node's incarnations and one-time actors).
+const CONTEXT_ACTORS_MAX: usize = 4096;
+/// Largest dot counter a client context may carry: 2^62, far above any count of writes, far
+/// below the wrap of the u64 the next dot is computed in.
+const CONTEXT_COUNTER_MAX: u64 = 1 << 62;
 
 /// `r` or `w` from the query (1..=n), or the keyspace's default.
 fn quorum(params: &Params, name: &str, default: Option<u32>, n: u32) -> Result<usize, ApiError> {
@@ -262,7 +279,7 @@ async fn ap_mutate(
         .into_response(),
         // The state of the replica that applied it: other replicas' changes may be missing.
         ApState::Counter(_) => Json(CounterValue {
-            value: state.total(),
+            value: state.total()?,
         })
         .into_response(),
         ApState::Set(_) => Json(SetMembers {
@@ -324,7 +341,7 @@ async fn ap_read(
         }
         ApState::Counter(_) => {
             return Ok(Json(CounterValue {
-                value: state.total(),
+                value: state.total()?,
             })
             .into_response())
         }
@@ -397,11 +414,11 @@ async fn ap_scan(
         .ap
         .scan(&spec.name, prefix, after, limit, params.deadline()?)
         .await?;
-    let entries: Vec<ScanEntry> = page
+    let entries = page
         .iter()
         .map(|(key, state)| {
             let entry = ScanEntry::key(key);
-            match state {
+            Ok(match state {
                 ApState::Register(obj) => {
                     let values = distinct_values(obj);
                     let context = Some(encode_context(&obj.context));
@@ -423,16 +440,16 @@ async fn ap_scan(
                         .unwrap_or_default(),
                 ),
                 ApState::Counter(_) => ScanEntry {
-                    counter: Some(state.total()),
+                    counter: Some(state.total()?),
                     ..entry
                 },
                 ApState::Set(_) => ScanEntry {
                     members: Some(state.members()),
                     ..entry
                 },
-            }
+            })
         })
-        .collect();
+        .collect::<Result<Vec<ScanEntry>, ApiError>>()?;
     Ok(scan_response(entries, more))
 }
 

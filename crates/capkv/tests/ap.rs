@@ -792,3 +792,53 @@ async fn ap_scans_merge_every_node_and_page_through_every_key() {
     let right = scan_all(&c.client(0), "cart", "right", 2).await;
     assert_eq!(keys_of(&right), want[6..].to_vec());
 }
+
+/// Regression (issue "Every promise kept under faults", item 13): a forged context with a
+/// dot counter of 2^64-1 made the next dot of that actor wrap, and every later write to the
+/// key vanished; an increment past i64 read back as i64::MAX. Both are refused with 400 now,
+/// and the key keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_contexts_and_counter_overflow_are_refused() {
+    use base64::Engine as _;
+    let c = Cluster::start(3, &[]).await;
+    create_ap(&c, "forge").await;
+    let client = c.client(0);
+    client
+        .ap_put("forge", b"k", b"first".to_vec(), None, None)
+        .await
+        .unwrap();
+    let read = client.ap_get("forge", b"k", None).await.unwrap();
+    let ctx_json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(read.context().unwrap())
+        .unwrap();
+    let mut ctx: std::collections::BTreeMap<String, u64> =
+        serde_json::from_slice(&ctx_json).unwrap();
+    for n in ctx.values_mut() {
+        *n = u64::MAX;
+    }
+    let forged =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&ctx).unwrap());
+    let e = client
+        .ap_put("forge", b"k", b"evil".to_vec(), Some(&forged), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{e}");
+    // The key still takes writes, and they are visible.
+    client
+        .ap_put("forge", b"k", b"later".to_vec(), read.context(), None)
+        .await
+        .unwrap();
+    match client.ap_get("forge", b"k", Some(3)).await.unwrap() {
+        ApValue::Value { value, .. } => assert_eq!(value, b"later"),
+        other => panic!("expected the later value, got {other:?}"),
+    }
+
+    create_typed(&c, "count", capkv_client::ValueType::Counter).await;
+    client.incr("count", b"n", i64::MAX, None).await.unwrap();
+    let e = client.incr("count", b"n", 1, None).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{e}");
+    assert_eq!(
+        client.counter("count", b"n", Some(3)).await.unwrap(),
+        i64::MAX
+    );
+}

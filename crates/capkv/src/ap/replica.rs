@@ -521,7 +521,7 @@ mod tests {
         let (page, more) = r.scan("stock", b"a", None, 10, &[1, 2, 3]).unwrap();
         let got: Vec<(&[u8], i64)> = page
             .iter()
-            .map(|(k, s)| (k.as_slice(), s.total()))
+            .map(|(k, s)| (k.as_slice(), s.total().unwrap()))
             .collect();
         assert_eq!(got, vec![(b"a1".as_slice(), 1), (b"a2", 2), (b"a3", 3)]);
         assert!(!more);
@@ -555,6 +555,13 @@ mod tests {
             .update("stock", b"k", ValueType::Counter, &bad, "n1.x", 1)
             .await
             .is_err());
-        assert_eq!(r.read("stock", b"k", &[]).unwrap().unwrap().total(), 2);
+        assert_eq!(
+            r.read("stock", b"k", &[])
+                .unwrap()
+                .unwrap()
+                .total()
+                .unwrap(),
+            2
+        );
     }
 }

@@ -200,7 +200,7 @@ mod tests {
                 for (k, state) in &page {
                     // Every copy of the key was merged: one increment per source holding it.
                     let holders = sources.iter().filter(|s| s.contains(&k[0])).count() as i64;
-                    prop_assert_eq!(state.total(), holders);
+                    prop_assert_eq!(state.total().unwrap(), holders);
                     seen.push(k[0]);
                 }
                 if let Some((k, _)) = page.last() {

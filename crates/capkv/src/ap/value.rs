@@ -162,6 +162,14 @@ impl ApState {
                 value: value.clone(),
             })),
             (ApState::Counter(c), Mutation::Add { by }) => {
+                // Totals are 64-bit signed in the API: refuse a change that would leave
+                // that range rather than wrap or clamp it.
+                let now = counter_total(c)?;
+                if i64::try_from(now + i128::from(*by)).is_err() {
+                    return Err(ApiError::bad_request(format!(
+                        "adding {by} to {now} would leave the range of a 64-bit signed counter"
+                    )));
+                }
                 let mut c = c.clone();
                 let op = if *by >= 0 {
                     c.inc_many(actor, by.unsigned_abs())
@@ -259,11 +267,20 @@ impl ApState {
         super::ring::hash64(&bytes)
     }
 
-    /// The counter's total (0 for other types).
-    pub fn total(&self) -> i64 {
+    /// The counter's total (0 for other types). Increments are refused before a replica's
+    /// total leaves the i64 range, but concurrent ones merged from both sides of a
+    /// partition can still add up past it: then this is an error, never a clamped number.
+    pub fn total(&self) -> Result<i64, ApiError> {
         match self {
-            ApState::Counter(c) => c.read().to_string().parse().unwrap_or(i64::MAX),
-            _ => 0,
+            ApState::Counter(c) => {
+                let t = counter_total(c)?;
+                i64::try_from(t).map_err(|_| {
+                    ApiError::internal(format!(
+                        "the counter's merged total {t} is outside the range of a 64-bit signed integer"
+                    ))
+                })
+            }
+            _ => Ok(0),
         }
     }
 
@@ -280,10 +297,38 @@ impl ApState {
     }
 }
 
+/// A PN-counter's total, exactly.
+fn counter_total(c: &PNCounter<Actor>) -> Result<i128, ApiError> {
+    c.read()
+        .to_string()
+        .parse()
+        .map_err(|_| ApiError::internal("a counter's total is beyond 128 bits"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_counter_never_wraps_or_clamps() {
+        let add = |by| Mutation::Add { by };
+        let c = ApState::empty(ValueType::Counter)
+            .apply(&add(i64::MAX), "a", 1)
+            .unwrap();
+        assert_eq!(c.total().unwrap(), i64::MAX);
+        let e = c.apply(&add(1), "a", 1).unwrap_err();
+        assert_eq!(e.code, capkv_core::ErrorCode::BadRequest, "{e:?}");
+        let low = ApState::empty(ValueType::Counter)
+            .apply(&add(i64::MIN), "a", 1)
+            .unwrap();
+        assert!(low.apply(&add(-1), "a", 1).is_err());
+        // Two sides each within range, merged past it: an error, not i64::MAX.
+        let other = ApState::empty(ValueType::Counter)
+            .apply(&add(i64::MAX), "b", 1)
+            .unwrap();
+        assert!(c.merge(&other).total().is_err());
+    }
 
     fn ops() -> impl Strategy<Value = Vec<(u8, u8, i8, bool)>> {
         // (replica, other replica, amount or member, sync?)
@@ -325,7 +370,7 @@ mod tests {
             prop_assert_eq!(r[0].merge(&r[1]).merge(&r[2]), r[0].merge(&r[1].merge(&r[2])));
             prop_assert_eq!(r[0].merge(&r[0]), r[0].clone());
             // Once every replica's state meets, the total is exactly the sum of all changes.
-            prop_assert_eq!(r[0].merge(&r[1]).merge(&r[2]).total(), sum);
+            prop_assert_eq!(r[0].merge(&r[1]).merge(&r[2]).total().unwrap(), sum);
         }
 
         #[test]
