@@ -42,6 +42,22 @@ use crate::rpc::{Forward, ForwardOp, ForwardReply, PeerRequest, PeerResponse};
 use crate::storage::{Engine, FjallEngine, GroupCommit, Tree, WriteBatch};
 use crate::PeerTransport;
 
+/// Counts one request in flight for as long as it lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(n: &'a std::sync::atomic::AtomicUsize) -> InFlight<'a> {
+        n.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// How long a stopping node waits for proposals in flight before it stops Raft.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 
@@ -70,6 +86,8 @@ pub struct Node {
     proposer: Proposer,
     /// Set when shutdown begins: forwarded requests are refused from then on.
     stopping: std::sync::atomic::AtomicBool,
+    /// Forwarded requests being executed (shutdown waits for them).
+    forwards_in_flight: std::sync::atomic::AtomicUsize,
     /// ap keyspaces: coordinator, local replica and hints.
     pub ap: Arc<Coordinator>,
     group_commit: GroupCommit,
@@ -158,7 +176,7 @@ impl Node {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
-        let proposer = Proposer::start(raft.clone());
+        let proposer = Proposer::start(raft.clone(), config.election_timeout_min_ms);
         let replica = Arc::new(
             Replica::new(engine.clone(), group_commit.clone())
                 .map_err(|e| StartError::Storage(e.to_string()))?,
@@ -180,6 +198,7 @@ impl Node {
             clock,
             proposer,
             stopping: std::sync::atomic::AtomicBool::new(false),
+            forwards_in_flight: std::sync::atomic::AtomicUsize::new(0),
             ap,
             group_commit,
         });
@@ -563,6 +582,7 @@ impl Node {
             }
             PeerRequest::Forward(f) => {
                 tracing::debug!(from, op = ?std::mem::discriminant(&f.op), "forwarded request");
+                let _in_flight = InFlight::enter(&self.forwards_in_flight);
                 let deadline = Instant::now() + Duration::from_millis(f.timeout_ms);
                 PeerResponse::Forward(self.execute(f.op, deadline, f.hops_left).await)
             }

@@ -297,9 +297,18 @@ impl Coordinator {
                         Ok(()) => Ok(h),
                         Err(e) => {
                             tracing::debug!(home = h, error = %e, "replica store failed; hinting");
-                            this.store_at(fallback, Some(h), ks, k, obj, deadline)
+                            let hinted = this
+                                .store_at(fallback, Some(h), ks, k, obj, deadline)
                                 .await
-                                .map(|()| fallback)
+                                .map(|()| fallback);
+                            // If the home may hold it, a refused hint must not turn the
+                            // answer into "not applied".
+                            match (e, hinted) {
+                                (CallError::Unknown(e), Err(CallError::NotApplied(_))) => {
+                                    Err(CallError::Unknown(e))
+                                }
+                                (_, hinted) => hinted,
+                            }
                         }
                     }
                 });

@@ -17,7 +17,7 @@
 //! proposer checks leadership *before* it claims (not the leader: nothing proposed, the
 //! caller may try the new leader) and never reports "not proposed" after.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -66,6 +66,8 @@ struct Pending {
 pub struct Proposer {
     tx: mpsc::Sender<Pending>,
     in_flight: Arc<Semaphore>,
+    /// Set when the node stops: queued commands are refused (not proposed) from then on.
+    stopping: Arc<AtomicBool>,
 }
 
 fn size_of(cmd: &Command) -> usize {
@@ -77,11 +79,30 @@ fn size_of(cmd: &Command) -> usize {
 }
 
 impl Proposer {
-    pub fn start(raft: Raft) -> Proposer {
+    /// Starts the proposer. `fresh_quorum_ms`: a leader proposes only if a quorum
+    /// acknowledged it this recently (a restarted old leader still believes it leads
+    /// until it hears otherwise; its proposals could never commit).
+    pub fn start(raft: Raft, fresh_quorum_ms: u64) -> Proposer {
         let (tx, rx) = mpsc::channel(QUEUE_MAX);
         let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES_MAX));
-        tokio::spawn(run(raft, rx, in_flight.clone()));
-        Proposer { tx, in_flight }
+        let stopping = Arc::new(AtomicBool::new(false));
+        tokio::spawn(run(
+            raft,
+            rx,
+            in_flight.clone(),
+            stopping.clone(),
+            fresh_quorum_ms,
+        ));
+        Proposer {
+            tx,
+            in_flight,
+            stopping,
+        }
+    }
+
+    /// Stops proposing: every command not yet claimed is answered "not proposed" (503).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
     }
 
     /// Waits (up to `limit`) until no batch is in flight: used before Raft stops, so
@@ -110,6 +131,10 @@ impl Proposer {
         }
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(r)) => r,
+            // The answer was dropped: if the command had been claimed it may be in the log.
+            Ok(Err(_)) if state.load(Ordering::Acquire) == CLAIMED => Err(ProposeError::Unknown(
+                "the proposer stopped after the write was proposed".into(),
+            )),
             Ok(Err(_)) => Err(ProposeError::Stopped("the proposer has stopped".into())),
             Err(_) => {
                 let cancelled = state
@@ -123,7 +148,13 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, in_flight: Arc<Semaphore>) {
+async fn run(
+    raft: Raft,
+    mut rx: mpsc::Receiver<Pending>,
+    in_flight: Arc<Semaphore>,
+    stopping: Arc<AtomicBool>,
+    fresh_quorum_ms: u64,
+) {
     while let Some(first) = rx.recv().await {
         // Wait for a slot first, so that commands arriving meanwhile join this batch.
         let permit = in_flight
@@ -142,18 +173,19 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, in_flight: Arc<Semapho
                 Err(_) => break,
             }
         }
-        // Not the leader: refuse before claiming, while "nothing was proposed" is still
-        // certain. (Leadership can still move between here and the append; then the
-        // outcome is unknown, below.)
-        let leader = raft.metrics().borrow().current_leader;
-        if leader != Some(raft_id(&raft)) {
+        // Stopping, or not the leader: refuse before claiming, while "nothing was
+        // proposed" is still certain. The waiter's own compare-and-swap still decides
+        // (it may have given up meanwhile); either way the answer is "not applied".
+        // (Leadership can still move between here and the append; then the outcome is
+        // unknown, below.)
+        let stopping_now = stopping.load(Ordering::Acquire);
+        if stopping_now || !leads_with_fresh_quorum(&raft, fresh_quorum_ms) {
             for p in queued {
-                if p.state
-                    .compare_exchange(QUEUED, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    let _ = p.reply.send(Err(ProposeError::NotLeader));
-                }
+                let _ = p.reply.send(Err(if stopping_now {
+                    ProposeError::Stopped("this node is shutting down".into())
+                } else {
+                    ProposeError::NotLeader
+                }));
             }
             continue;
         }
@@ -208,9 +240,13 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, in_flight: Arc<Semapho
     }
 }
 
-/// This node's Raft id.
-fn raft_id(raft: &Raft) -> super::NodeId {
-    raft.metrics().borrow().id
+/// Whether this node leads and a quorum acknowledged it within `fresh_ms` (a single voter
+/// is its own quorum).
+fn leads_with_fresh_quorum(raft: &Raft, fresh_ms: u64) -> bool {
+    let m = raft.metrics().borrow().clone();
+    let alone = m.membership_config.membership().voter_ids().count() <= 1;
+    m.current_leader == Some(m.id)
+        && (alone || m.millis_since_quorum_ack.is_some_and(|ms| ms < fresh_ms))
 }
 
 impl From<ApiError> for ProposeError {
