@@ -420,7 +420,7 @@ async fn idempotent_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
 async fn set_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
     let key = ctx.key("s", st.rng.gen_range(0..ctx.keys));
     if st.rng.gen::<f64>() < 0.1 {
-        return read_set(ctx.begin(st, &key, Call::SetRead)).await;
+        return read_set(ctx.begin(st, &key, Call::SetRead)).await.0;
     }
     let member = st.unique();
     let p = ctx.begin(
@@ -437,19 +437,20 @@ async fn set_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
     p.end(&r, |_| None)
 }
 
-async fn read_set(p: Pending<'_>) -> Outcome {
+async fn read_set(p: Pending<'_>) -> (Outcome, Option<Ret>) {
     let r = p
         .client()
         .set_members(&p.ctx.keyspace, p.key.as_bytes(), None)
         .await;
-    p.end(&r, |m| Some(Ret::Members { members: m.clone() }))
+    let ret = r.as_ref().ok().map(|m| Ret::Members { members: m.clone() });
+    (p.end(&r, |_| ret.clone()), ret)
 }
 
 /// counter: increments of one to a few counters, and reads.
 async fn counter_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
     let key = ctx.key("c", st.rng.gen_range(0..ctx.keys));
     if st.rng.gen::<f64>() < 0.1 {
-        return read_counter(ctx.begin(st, &key, Call::CounterRead)).await;
+        return read_counter(ctx.begin(st, &key, Call::CounterRead)).await.0;
     }
     let p = ctx.begin(st, &key, Call::Incr { by: 1 });
     let r = p
@@ -459,12 +460,13 @@ async fn counter_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
     p.end(&r, |_| None)
 }
 
-async fn read_counter(p: Pending<'_>) -> Outcome {
+async fn read_counter(p: Pending<'_>) -> (Outcome, Option<Ret>) {
     let r = p
         .client()
         .counter(&p.ctx.keyspace, p.key.as_bytes(), None)
         .await;
-    p.end(&r, |v| Some(Ret::Counter { value: *v }))
+    let ret = r.as_ref().ok().map(|v| Ret::Counter { value: *v });
+    (p.end(&r, |_| ret.clone()), ret)
 }
 
 fn siblings_of(v: &ApValue) -> Vec<String> {
@@ -543,34 +545,25 @@ pub async fn final_ap_reads(ctx: &Ctx, limit: Duration) -> bool {
         for key in &keys {
             let mut answers: Vec<Option<Ret>> = Vec::new();
             for node in 0..ctx.clients.len() {
-                let call = match ctx.workload {
-                    Workload::Set => Call::SetRead,
-                    Workload::Counter => Call::CounterRead,
-                    _ => Call::ApRead,
-                };
-                let p = ctx.begin_at(client - node as u64, node, key, call);
                 let ret = match ctx.workload {
                     Workload::Set => {
-                        let r = p
-                            .client()
-                            .set_members(&ctx.keyspace, key.as_bytes(), None)
-                            .await;
-                        let ret = r.as_ref().ok().map(|m| Ret::Members { members: m.clone() });
-                        p.end(&r, |_| ret.clone());
-                        ret
+                        read_set(ctx.begin_at(client - node as u64, node, key, Call::SetRead))
+                            .await
+                            .1
                     }
                     Workload::Counter => {
-                        let r = p
-                            .client()
-                            .counter(&ctx.keyspace, key.as_bytes(), None)
-                            .await;
-                        let ret = r.as_ref().ok().map(|v| Ret::Counter { value: *v });
-                        p.end(&r, |_| ret.clone());
-                        ret
+                        read_counter(ctx.begin_at(
+                            client - node as u64,
+                            node,
+                            key,
+                            Call::CounterRead,
+                        ))
+                        .await
+                        .1
                     }
                     _ => {
-                        let (_, got) = read_register(p).await;
-                        got.map(|g| Ret::Siblings {
+                        let p = ctx.begin_at(client - node as u64, node, key, Call::ApRead);
+                        read_register(p).await.1.map(|g| Ret::Siblings {
                             values: siblings_of(&g),
                         })
                     }
