@@ -291,6 +291,7 @@ async fn experiment(
         recorder: recorder.clone(),
         stop: AtomicBool::new(false),
         inserted: Default::default(),
+        set_adds: Default::default(),
     });
 
     eprintln!(

@@ -150,6 +150,25 @@ pub struct Ctx {
     pub stop: AtomicBool,
     /// Keys `unique-insert` has tried to insert.
     pub inserted: Mutex<Vec<String>>,
+    /// Adds `set` has sent so far (it moves to fresh keys every `SET_MEMBERS_PER_KEY`).
+    pub set_adds: AtomicU64,
+}
+
+/// Members the `set` workload adds to one key before it moves to fresh keys. A set is one
+/// object that every add rewrites (and copies to every replica), so unbounded sets measure
+/// write amplification rather than correctness; Jepsen's set workloads use many bounded keys
+/// for the same reason.
+const SET_MEMBERS_PER_KEY: u64 = 500;
+
+impl Ctx {
+    /// The `set` keys in use once `adds` adds were sent: `--keys` per generation.
+    fn set_keys(&self, adds: u64) -> Vec<String> {
+        let generations = adds / (SET_MEMBERS_PER_KEY * u64::from(self.keys)) + 1;
+        (0..generations)
+            .flat_map(|g| (0..self.keys).map(move |k| (g, k)))
+            .map(|(g, k)| format!("{}s{g}-{k}", self.tag))
+            .collect()
+    }
 }
 
 /// One client's state: its id, its RNG and what it has seen.
@@ -418,7 +437,9 @@ async fn idempotent_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
 
 /// set: unique adds to a few sets, and reads.
 async fn set_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
-    let key = ctx.key("s", st.rng.gen_range(0..ctx.keys));
+    let adds = ctx.set_adds.fetch_add(1, Ordering::Relaxed);
+    let generation = adds / (SET_MEMBERS_PER_KEY * u64::from(ctx.keys));
+    let key = format!("{}s{generation}-{}", ctx.tag, st.rng.gen_range(0..ctx.keys));
     if st.rng.gen::<f64>() < 0.1 {
         return read_set(ctx.begin(st, &key, Call::SetRead)).await.0;
     }
@@ -538,7 +559,10 @@ pub async fn final_ap_reads(ctx: &Ctx, limit: Duration) -> bool {
         Workload::Counter => "c",
         _ => "a",
     };
-    let keys: Vec<String> = (0..ctx.keys).map(|k| ctx.key(prefix, k)).collect();
+    let keys: Vec<String> = match ctx.workload {
+        Workload::Set => ctx.set_keys(ctx.set_adds.load(Ordering::Relaxed)),
+        _ => (0..ctx.keys).map(|k| ctx.key(prefix, k)).collect(),
+    };
     let client = u64::MAX; // the checker's own reads: one per node at a time
     loop {
         let mut agree = true;
