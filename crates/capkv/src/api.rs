@@ -572,11 +572,17 @@ async fn crdt_op(
     ap_mutate(&st.node, &spec, key, mutation, &params).await
 }
 
-fn condition(params: &Params) -> Result<Option<Condition>, ApiError> {
+/// The CAS condition of a write. `if_value` is bounded like a value (a log entry's size,
+/// and so the peer frame limit, is computed from it).
+fn condition(params: &Params, max_value_bytes: usize) -> Result<Option<Condition>, ApiError> {
     match (params.number("if_version")?, params.get("if_value")) {
         (Some(_), Some(_)) => Err(ApiError::bad_request(
             "give if_version or if_value, not both",
         )),
+        (None, Some(v)) if v.len() > max_value_bytes => Err(ApiError::too_large(format!(
+            "if_value is {} bytes; the limit is {max_value_bytes} (--max-value-bytes)",
+            v.len()
+        ))),
         (Some(v), None) => Ok(Some(Condition::Version(v))),
         (None, Some(v)) => Ok(Some(Condition::Value(v.as_bytes().to_vec()))),
         (None, None) => Ok(None),
@@ -636,7 +642,7 @@ async fn put_key(
         keyspace: ks,
         key: key.into_bytes(),
         value: value.to_vec(),
-        condition: condition(&params)?,
+        condition: condition(&params, st.node.config.max_value_bytes)?,
     };
     match st
         .node
@@ -718,7 +724,7 @@ async fn delete_key(
     let op = Op::Delete {
         keyspace: ks,
         key: key.into_bytes(),
-        condition: condition(&params)?,
+        condition: condition(&params, st.node.config.max_value_bytes)?,
     };
     match st
         .node

@@ -145,8 +145,9 @@ impl Node {
             .map(|m| (m.id, m.peer_addr.clone()))
             .collect();
         // A frame carries at most one AppendEntries message: MAX_PAYLOAD_ENTRIES entries,
-        // each a batch of at most BATCH_BYTES_MAX bytes (or one larger value).
-        let entry_bytes_max = BATCH_BYTES_MAX + config.max_value_bytes + 64 * 1024;
+        // each a batch of at most BATCH_BYTES_MAX bytes, or one larger command alone (a
+        // value and a CAS value of at most max_value_bytes each, a key, names).
+        let entry_bytes_max = BATCH_BYTES_MAX + 2 * config.max_value_bytes + 64 * 1024;
         let frame_bytes_max = (MAX_PAYLOAD_ENTRIES as usize + 1) * entry_bytes_max;
         let transport = Arc::new(PeerTransport::new(
             config.id,

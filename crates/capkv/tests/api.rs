@@ -36,6 +36,16 @@ async fn bad_input_gets_clear_errors() {
     let (s, _) = call(Method::PUT, format!("{u}/v1/kv/cp/k"), vec![b'x'; 1000]).await;
     assert_eq!(s, 200);
 
+    // A CAS value is bounded like a value (it is carried in the log entry).
+    let big = "x".repeat(1001);
+    let (s, b) = call(
+        Method::PUT,
+        format!("{u}/v1/kv/cp/k?if_value={big}"),
+        b"v".to_vec(),
+    )
+    .await;
+    assert_eq!((s, code(&b)), (413, "too_large"), "{b}");
+
     let long_key = "k".repeat(1025);
     let (s, b) = call(
         Method::PUT,

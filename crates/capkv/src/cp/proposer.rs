@@ -70,11 +70,31 @@ pub struct Proposer {
     stopping: Arc<AtomicBool>,
 }
 
+/// The bytes a command adds to a log entry: everything it carries that can be large (key,
+/// value, the value a CAS compares with, names), plus a fixed allowance for the rest.
 fn size_of(cmd: &Command) -> usize {
-    match &cmd.op {
-        super::Op::Put { key, value, .. } => key.len() + value.len(),
-        super::Op::Delete { key, .. } => key.len(),
-        super::Op::CreateKeyspace { .. } => 64,
+    const FIXED: usize = 64;
+    let op = match &cmd.op {
+        super::Op::Put {
+            keyspace,
+            key,
+            value,
+            condition,
+        } => keyspace.len() + key.len() + value.len() + condition_len(condition),
+        super::Op::Delete {
+            keyspace,
+            key,
+            condition,
+        } => keyspace.len() + key.len() + condition_len(condition),
+        super::Op::CreateKeyspace { .. } => 256,
+    };
+    FIXED + op + cmd.idempotency_key.as_ref().map_or(0, String::len)
+}
+
+fn condition_len(c: &Option<super::Condition>) -> usize {
+    match c {
+        Some(super::Condition::Value(v)) => v.len(),
+        _ => 0,
     }
 }
 
@@ -155,7 +175,16 @@ async fn run(
     stopping: Arc<AtomicBool>,
     fresh_quorum_ms: u64,
 ) {
-    while let Some(first) = rx.recv().await {
+    // A command that did not fit the last batch starts the next one.
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => break,
+            },
+        };
         // Wait for a slot first, so that commands arriving meanwhile join this batch.
         let permit = in_flight
             .clone()
@@ -164,8 +193,14 @@ async fn run(
             .expect("semaphore never closed");
         let mut queued = vec![first];
         let mut bytes = size_of(&queued[0].cmd);
-        while queued.len() < BATCH_COMMANDS_MAX && bytes < BATCH_BYTES_MAX {
+        // Fill up to the limits; a command that would cross BATCH_BYTES_MAX waits for the
+        // next batch, so an entry is at most BATCH_BYTES_MAX, or one larger command alone.
+        while queued.len() < BATCH_COMMANDS_MAX {
             match rx.try_recv() {
+                Ok(p) if bytes + size_of(&p.cmd) > BATCH_BYTES_MAX => {
+                    carry = Some(p);
+                    break;
+                }
                 Ok(p) => {
                     bytes += size_of(&p.cmd);
                     queued.push(p);
@@ -247,6 +282,37 @@ fn leads_with_fresh_quorum(raft: &Raft, fresh_ms: u64) -> bool {
     let alone = m.membership_config.membership().voter_ids().count() <= 1;
     m.current_leader == Some(m.id)
         && (alone || m.millis_since_quorum_ack.is_some_and(|ms| ms < fresh_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cp::{Condition, Op};
+
+    fn put(value: usize, if_value: usize) -> Command {
+        Command {
+            op: Op::Put {
+                keyspace: "cp".into(),
+                key: b"k".to_vec(),
+                value: vec![0; value],
+                condition: (if_value > 0).then(|| Condition::Value(vec![0; if_value])),
+            },
+            idempotency_key: Some("idem".into()),
+            proposed_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_command_counts_everything_it_carries() {
+        let plain = size_of(&put(1000, 0));
+        // A CAS by value carries the value it compares with: 256 of them at 1 MiB each
+        // once made an entry no follower could receive.
+        assert_eq!(size_of(&put(1000, 1 << 20)), plain + (1 << 20));
+        assert!(
+            plain >= 1000 + 1 + 2 + 4,
+            "key, value, keyspace, idempotency key"
+        );
+    }
 }
 
 impl From<ApiError> for ProposeError {
