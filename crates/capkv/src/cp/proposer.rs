@@ -284,6 +284,12 @@ fn leads_with_fresh_quorum(raft: &Raft, fresh_ms: u64) -> bool {
         && (alone || m.millis_since_quorum_ack.is_some_and(|ms| ms < fresh_ms))
 }
 
+impl From<ApiError> for ProposeError {
+    fn from(e: ApiError) -> ProposeError {
+        ProposeError::Internal(e.message)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,11 +318,5 @@ mod tests {
             plain >= 1000 + 1 + 2 + 4,
             "key, value, keyspace, idempotency key"
         );
-    }
-}
-
-impl From<ApiError> for ProposeError {
-    fn from(e: ApiError) -> ProposeError {
-        ProposeError::Internal(e.message)
     }
 }
