@@ -60,7 +60,15 @@ struct Pending {
     cmd: Command,
     state: Arc<AtomicU8>,
     reply: oneshot::Sender<Result<Reply, ProposeError>>,
+    /// When its waiter stops waiting.
+    deadline: Instant,
 }
+
+/// How long a batch's slot stays taken after the last of its waiters gave up. openraft
+/// never answers a proposal whose entry a snapshot install purged (a deposed leader that
+/// caught up by snapshot); without a bound, each such batch would hold one of the
+/// IN_FLIGHT_BATCHES_MAX slots for ever, and after four of them no write could pass.
+const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct Proposer {
@@ -142,6 +150,7 @@ impl Proposer {
             cmd,
             state: state.clone(),
             reply,
+            deadline,
         };
         let deadline = tokio::time::Instant::from_std(deadline);
         match tokio::time::timeout_at(deadline, self.tx.send(pending)).await {
@@ -237,12 +246,36 @@ async fn run(
         }
         metrics::histogram!("capkv_raft_batch_commands").record(claimed.len() as f64);
         let raft = raft.clone();
+        let until = claimed
+            .iter()
+            .map(|p| p.deadline)
+            .max()
+            .unwrap_or_else(Instant::now)
+            + ANSWER_GRACE;
         tokio::spawn(async move {
             let (cmds, waiters): (Vec<Command>, Vec<_>) =
                 claimed.into_iter().map(|p| (p.cmd, p.reply)).unzip();
             let n = cmds.len();
-            let result = raft.client_write(Batch(cmds)).await;
+            let answer = tokio::time::timeout_at(
+                tokio::time::Instant::from_std(until),
+                raft.client_write(Batch(cmds)),
+            )
+            .await;
             drop(permit);
+            let Ok(result) = answer else {
+                // Every waiter has gone (with 504: these were claimed); free the slot.
+                metrics::counter!("capkv_raft_proposals_unanswered_total").increment(1);
+                tracing::warn!(
+                    commands = n,
+                    "raft never answered a proposal; its slot is freed"
+                );
+                for w in waiters {
+                    let _ = w.send(Err(ProposeError::Unknown(
+                        "raft did not answer the proposal".into(),
+                    )));
+                }
+                return;
+            };
             match result {
                 Ok(resp) if resp.data.len() == n => {
                     for (w, r) in waiters.into_iter().zip(resp.data) {
