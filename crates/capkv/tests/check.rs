@@ -221,6 +221,16 @@ async fn check_refuses_nodes_without_fault_injection_and_bad_command_lines() {
     }
 }
 
+/// Runs `capkv check` with `args` into a temporary directory; returns (exit code, stdout).
+fn check_run(args: &[&str]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut all = vec!["check"];
+    all.extend_from_slice(args);
+    all.extend(["--out", out.to_str().unwrap()]);
+    capkv(&all, Duration::from_secs(240))
+}
+
 /// Regression (issue "Every promise kept under faults", item 1): a leader stopped with
 /// SIGTERM dropped the answers of writes it had proposed and said 503 "not applied"; the
 /// follower that forwarded them proposed them again, so `if_version=0` inserts of fresh
@@ -228,26 +238,18 @@ async fn check_refuses_nodes_without_fault_injection_and_bad_command_lines() {
 /// --nemesis restart` (docs/checking.md).
 #[test]
 fn unique_inserts_survive_graceful_leader_restarts() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let (code, stdout) = capkv(
-        &[
-            "check",
-            "--workload",
-            "unique-insert",
-            "--nemesis",
-            "restart",
-            "--duration",
-            "25",
-            "--clients",
-            "16",
-            "--seed",
-            "7",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        Duration::from_secs(240),
-    );
+    let (code, stdout) = check_run(&[
+        "--workload",
+        "unique-insert",
+        "--nemesis",
+        "restart",
+        "--duration",
+        "25",
+        "--clients",
+        "16",
+        "--seed",
+        "7",
+    ]);
     assert_eq!(code, 0, "{stdout}");
 }
 
@@ -257,23 +259,15 @@ fn unique_inserts_survive_graceful_leader_restarts() {
 /// --workload counter --nemesis pause` (docs/checking.md).
 #[test]
 fn counters_count_each_increment_once_while_nodes_pause() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let (code, stdout) = capkv(
-        &[
-            "check",
-            "--workload",
-            "counter",
-            "--nemesis",
-            "pause",
-            "--duration",
-            "25",
-            "--seed",
-            "3",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        Duration::from_secs(240),
-    );
+    let (code, stdout) = check_run(&[
+        "--workload",
+        "counter",
+        "--nemesis",
+        "pause",
+        "--duration",
+        "25",
+        "--seed",
+        "3",
+    ]);
     assert_eq!(code, 0, "{stdout}");
 }

@@ -425,14 +425,7 @@ fn latency(h: &History, out: &mut String) {
     let mut d = d_lo;
     while d <= d_hi {
         let yy = y(d);
-        let _ = write!(
-            out,
-            r#"<line class="grid" x1="{LEFT}" x2="{:.1}" y1="{yy:.1}" y2="{yy:.1}"/><text class="row-label" x="{:.1}" y="{:.1}">{}</text>"#,
-            LEFT + WIDTH,
-            LEFT - 6.0,
-            yy + 4.0,
-            human_us(d)
-        );
+        grid_line(out, yy, &human_us(d));
         d = d.saturating_mul(10);
         if d == u64::MAX {
             break;
@@ -448,6 +441,18 @@ fn latency(h: &History, out: &mut String) {
         );
     }
     close_plot(out, h, top + height + 2.0);
+}
+
+/// A horizontal grid line across a plot at `yy`, labelled on the left.
+fn grid_line(out: &mut String, yy: f64, label: &str) {
+    let _ = write!(
+        out,
+        r#"<line class="grid" x1="{LEFT}" x2="{:.1}" y1="{yy:.1}" y2="{yy:.1}"/><text class="row-label" x="{:.1}" y="{:.1}">{}</text>"#,
+        LEFT + WIDTH,
+        LEFT - 6.0,
+        yy + 4.0,
+        escape(label)
+    );
 }
 
 /// Operations per bin of time: (bin width in µs, [ok, fail, unknown] per bin), counted at
@@ -488,14 +493,7 @@ fn throughput(h: &History, out: &mut String) {
     open_plot(out, "throughput", h, top, height, false);
     for frac in [0.0, 0.5, 1.0] {
         let yy = top + height * (1.0 - frac);
-        let _ = write!(
-            out,
-            r#"<line class="grid" x1="{LEFT}" x2="{:.1}" y1="{yy:.1}" y2="{yy:.1}"/><text class="row-label" x="{:.1}" y="{:.1}">{:.0}/s</text>"#,
-            LEFT + WIDTH,
-            LEFT - 6.0,
-            yy + 4.0,
-            peak * frac
-        );
+        grid_line(out, yy, &format!("{:.0}/s", peak * frac));
     }
     let w = (WIDTH * bin as f64 / end as f64).max(0.5);
     for (i, b) in bins.iter().enumerate() {
