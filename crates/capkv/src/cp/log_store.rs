@@ -6,6 +6,16 @@
 //! Durability (see the rules in the `cp` module docs): `append` writes the entries and
 //! reports them flushed only from the group-commit thread, after an fsync that started
 //! after the write; `save_vote` waits for an fsync before it returns.
+//!
+//! Crash safety of deletes. Purging and truncating delete many entries, in bounded
+//! batches, and a crash can stop them after any batch (the engine recovers a prefix of
+//! the batches written). Each is ordered so that every such prefix is a valid log:
+//! - `purge` records the new purged id *first*, then deletes from the lowest index up.
+//!   Entries left at or below the purged id are invisible (the log starts above it, and
+//!   `get_log_state` never reports a last id below it); the next purge deletes them.
+//! - `truncate` deletes from the *highest* index down, so what is left is always a
+//!   contiguous prefix: a log truncated part of the way is a log not yet truncated, which
+//!   openraft handles like any log whose tail conflicts with the leader's.
 
 use std::fmt::Debug;
 use std::io;
@@ -60,37 +70,57 @@ impl LogStore {
         }
     }
 
-    /// Deletes every entry with `start <= index < end`, in bounded batches; `extra` is
-    /// written atomically with the last batch.
-    fn delete_range(&self, start: u64, end: Option<u64>, extra: WriteBatch) -> StorageResult<()> {
-        let end_key = end.map(log_key);
-        let mut from = start;
+    /// Deletes every entry with `index <= last`, lowest first, in bounded batches. Only
+    /// for entries already invisible (at or below a recorded purged id): a crash part way
+    /// leaves some of them behind, which the next call deletes.
+    fn delete_up_to(&self, last: u64) -> StorageResult<()> {
+        let end = last.checked_add(1).map(log_key);
         loop {
             let rows = self
                 .engine
                 .range(
                     Tree::Log,
-                    &log_key(from),
-                    end_key.as_ref().map(|k| &k[..]),
+                    &log_key(0),
+                    end.as_ref().map(|k| &k[..]),
                     DELETE_CHUNK,
                 )
                 .map_err(read_err)?;
-            let done = rows.len() < DELETE_CHUNK;
-            let mut batch = if done {
-                extra.clone()
-            } else {
-                WriteBatch::new()
-            };
+            let mut batch = WriteBatch::new();
             for (k, _) in &rows {
                 batch.delete(Tree::Log, k.clone());
             }
-            if let Some((k, _)) = rows.last() {
-                from = u64::from_be_bytes(k[..8].try_into().map_err(read_err)?) + 1;
+            if !batch.is_empty() {
+                self.engine.write(batch).map_err(write_err)?;
             }
-            self.engine.write(batch).map_err(write_err)?;
-            if done {
+            if rows.len() < DELETE_CHUNK {
                 return Ok(());
             }
+        }
+    }
+
+    /// Deletes every entry with `index >= first`, highest first, in bounded batches, so
+    /// that after each batch the log is still contiguous. Log indexes above the purged id
+    /// have no holes, so the batches name indexes directly instead of reading entries.
+    fn delete_from(&self, first: u64) -> StorageResult<()> {
+        let Some((k, _)) = self
+            .engine
+            .last_in_range(Tree::Log, &log_key(first), None)
+            .map_err(read_err)?
+        else {
+            return Ok(());
+        };
+        let mut high = u64::from_be_bytes(k[..8].try_into().map_err(read_err)?);
+        loop {
+            let low = high.saturating_sub(DELETE_CHUNK as u64 - 1).max(first);
+            let mut batch = WriteBatch::new();
+            for i in (low..=high).rev() {
+                batch.delete(Tree::Log, log_key(i).to_vec());
+            }
+            self.engine.write(batch).map_err(write_err)?;
+            if low == first {
+                return Ok(());
+            }
+            high = low - 1;
         }
     }
 }
@@ -131,12 +161,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let last_purged: Option<LogId> = self.meta::<Option<LogId>>(META_PURGED)?.flatten();
+        // Entries at or below the purged id may be left by a purge a crash cut short.
         let last = match self
             .engine
             .last_in_range(Tree::Log, &[], None)
             .map_err(read_err)?
         {
-            Some((_, v)) => Some(decode::<Entry>(&v).map_err(read_err)?.log_id),
+            Some((_, v)) => {
+                let id = decode::<Entry>(&v).map_err(read_err)?.log_id;
+                Some(id).max(last_purged)
+            }
             None => last_purged,
         };
         Ok(LogState {
@@ -191,7 +225,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> StorageResult<()> {
-        self.delete_range(log_id.index, None, WriteBatch::new())?;
+        self.delete_from(log_id.index)?;
         self.group_commit.sync().await.map_err(write_err)
     }
 
@@ -199,9 +233,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Rule 3: the state machine writes without fsync, so make it durable before the
         // log entries that could rebuild it are gone.
         self.group_commit.sync().await.map_err(write_err)?;
-        let mut last = WriteBatch::new();
-        last.put(Tree::Meta, META_PURGED.to_vec(), encode(&Some(log_id)));
-        self.delete_range(0, Some(log_id.index + 1), last)
+        let mut record = WriteBatch::new();
+        record.put(Tree::Meta, META_PURGED.to_vec(), encode(&Some(log_id)));
+        self.engine.write(record).map_err(write_err)?;
+        // Durable before any entry goes, even where a crash keeps no prefix order.
+        self.group_commit.sync().await.map_err(write_err)?;
+        self.delete_up_to(log_id.index)
     }
 }
 
@@ -253,5 +290,154 @@ mod tests {
     #[test]
     fn openraft_storage_suite_on_fjall() {
         Suite::test_all(FjallBuilder(tempfile::tempdir().unwrap())).unwrap();
+    }
+
+    /// An engine that stops taking writes after `writes_left` batches: a crash between
+    /// two batches. The inner engine then holds exactly what survived.
+    struct CrashAfter {
+        inner: Arc<MemoryEngine>,
+        writes_left: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Engine for CrashAfter {
+        fn get(&self, tree: Tree, key: &[u8]) -> crate::storage::Result<Option<Vec<u8>>> {
+            self.inner.get(tree, key)
+        }
+        fn range(
+            &self,
+            tree: Tree,
+            start: &[u8],
+            end: Option<&[u8]>,
+            limit: usize,
+        ) -> crate::storage::Result<Vec<crate::storage::Entry>> {
+            self.inner.range(tree, start, end, limit)
+        }
+        fn last_in_range(
+            &self,
+            tree: Tree,
+            start: &[u8],
+            end: Option<&[u8]>,
+        ) -> crate::storage::Result<Option<crate::storage::Entry>> {
+            self.inner.last_in_range(tree, start, end)
+        }
+        fn write(&self, batch: WriteBatch) -> crate::storage::Result<()> {
+            use std::sync::atomic::Ordering;
+            let left = self.writes_left.load(Ordering::SeqCst);
+            if left == 0 {
+                return Err(crate::storage::StorageError::Engine("crashed".into()));
+            }
+            self.writes_left.store(left - 1, Ordering::SeqCst);
+            self.inner.write(batch)
+        }
+        fn sync(&self) -> crate::storage::Result<()> {
+            self.inner.sync()
+        }
+    }
+
+    const ENTRIES: u64 = 3000;
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(openraft::CommittedLeaderId::new(1, 1), index)
+    }
+
+    /// A log of entries 1..=ENTRIES on a fresh memory engine.
+    async fn full_log() -> Arc<MemoryEngine> {
+        let engine = Arc::new(MemoryEngine::new());
+        let mut batch = WriteBatch::new();
+        for i in 1..=ENTRIES {
+            let e = Entry {
+                log_id: log_id(i),
+                payload: openraft::EntryPayload::Blank,
+            };
+            batch.put(Tree::Log, log_key(i).to_vec(), encode(&e));
+        }
+        engine.write(batch).unwrap();
+        engine
+    }
+
+    /// Reopens the log on what survived and checks that it is a valid Raft log: the last
+    /// id is at or above the purged id, and every entry between them is there, in order.
+    /// Returns (purged index, last index).
+    async fn reopened(engine: Arc<MemoryEngine>) -> (u64, u64) {
+        let mut store = LogStore::new(engine.clone(), GroupCommit::start(engine));
+        let state = store.get_log_state().await.unwrap();
+        let purged = state.last_purged_log_id.map_or(0, |id| id.index);
+        let last = state.last_log_id.map_or(0, |id| id.index);
+        assert!(last >= purged, "last {last} below purged {purged}");
+        let entries = store.try_get_log_entries(purged + 1..=last).await.unwrap();
+        let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
+        let want: Vec<u64> = (purged + 1..=last).collect();
+        assert_eq!(
+            indexes, want,
+            "a hole between purged {purged} and last {last}"
+        );
+        (purged, last)
+    }
+
+    /// #8 item 3: a purge cut after any of its batches leaves a log that opens, with no
+    /// hole, and the next purge finishes the job.
+    #[tokio::test]
+    async fn a_purge_cut_after_any_batch_leaves_a_valid_log() {
+        let purge_to = 2500;
+        for cut in 0..=5 {
+            let inner = full_log().await;
+            let crashing: Arc<dyn Engine> = Arc::new(CrashAfter {
+                inner: inner.clone(),
+                writes_left: cut.into(),
+            });
+            let mut store = LogStore::new(crashing.clone(), GroupCommit::start(crashing));
+            let finished = store.purge(log_id(purge_to)).await.is_ok();
+            let (purged, last) = reopened(inner.clone()).await;
+            assert_eq!(last, ENTRIES, "cut after {cut} batches");
+            assert!(purged == 0 || purged == purge_to, "cut after {cut} batches");
+            if finished {
+                assert_eq!(purged, purge_to);
+            }
+            // Purge again on the survivor: nothing at or below the purged id remains.
+            let mut store = LogStore::new(inner.clone(), GroupCommit::start(inner.clone()));
+            store.purge(log_id(purge_to)).await.unwrap();
+            assert_eq!(reopened(inner.clone()).await, (purge_to, ENTRIES));
+            let below = inner
+                .range(Tree::Log, &log_key(0), Some(&log_key(purge_to + 1)), 1)
+                .unwrap();
+            assert!(below.is_empty(), "cut after {cut}: purged entries remain");
+        }
+    }
+
+    /// A purge past the end of the log (a snapshot install) reports the purged id as the
+    /// last one even when a crash left older entries behind.
+    #[tokio::test]
+    async fn a_purge_past_the_end_cut_short_reports_the_purged_id_as_last() {
+        let inner = full_log().await;
+        let crashing: Arc<dyn Engine> = Arc::new(CrashAfter {
+            inner: inner.clone(),
+            writes_left: 2.into(),
+        });
+        let mut store = LogStore::new(crashing.clone(), GroupCommit::start(crashing));
+        assert!(store.purge(log_id(ENTRIES + 100)).await.is_err());
+        assert_eq!(reopened(inner).await, (ENTRIES + 100, ENTRIES + 100));
+    }
+
+    /// #8 item 3: a truncate cut after any of its batches leaves a contiguous log that
+    /// ends somewhere between the truncation point and the old end.
+    #[tokio::test]
+    async fn a_truncate_cut_after_any_batch_leaves_a_contiguous_log() {
+        let truncate_at = 500;
+        for cut in 0..=4 {
+            let inner = full_log().await;
+            let crashing: Arc<dyn Engine> = Arc::new(CrashAfter {
+                inner: inner.clone(),
+                writes_left: cut.into(),
+            });
+            let mut store = LogStore::new(crashing.clone(), GroupCommit::start(crashing));
+            let finished = store.truncate(log_id(truncate_at)).await.is_ok();
+            let (_, last) = reopened(inner.clone()).await;
+            assert!((truncate_at - 1..=ENTRIES).contains(&last), "cut {cut}");
+            if finished {
+                assert_eq!(last, truncate_at - 1);
+            }
+            let above = inner.range(Tree::Log, &log_key(last + 1), None, 1).unwrap();
+            assert!(above.is_empty(), "cut {cut}: an entry above the last one");
+        }
     }
 }

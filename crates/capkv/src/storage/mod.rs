@@ -7,7 +7,10 @@
 //!
 //! - a write batch is atomic (all of its operations are visible, or none) but **not**
 //!   durable until a later [`Engine::sync`] returns;
-//! - `sync` makes every batch written before it durable (fsync).
+//! - `sync` makes every batch written before it durable (fsync);
+//! - after a process crash, the batches that survive are a prefix of those written (fjall
+//!   keeps one journal for all trees). Code that must survive a crash part way through a
+//!   sequence of batches (log purge and truncation) orders them so every prefix is valid.
 //!
 //! [`GroupCommit`] turns many "write, then wait for sync" callers into one fsync.
 //!
