@@ -30,6 +30,7 @@ use crate::cp::{Command, Condition, Op, Written};
 use crate::net::PeerFaults;
 use crate::node::Node;
 use crate::rpc::{ForwardOp, ForwardReply};
+use crate::storage::Engine as _;
 use base64::Engine as _;
 
 /// Requests without `timeout_ms` get this deadline.
@@ -848,6 +849,7 @@ fn fault_state(node: &Node) -> FaultState {
         drop_to: names(faults.drop_to),
         clock_skew_ms: node.clock.skew_ms(),
         wall_clock_ms: node.clock.now_ms(),
+        storage_stall: node.engine.is_stalled(),
     }
 }
 
@@ -893,7 +895,8 @@ fn fault_peers(node: &Node, field: &str, names: &[String]) -> Result<BTreeSet<u6
 /// `drop_to`: every frame this node would send them (requests and replies) is dropped,
 /// while what they send is still received and handled, so their requests here take
 /// effect but time out at them (outcome unknown). `clock_skew_ms`: this node's wall
-/// clock reads that many ms off (±86400000 at most).
+/// clock reads that many ms off (±86400000 at most). `storage_stall`: every storage
+/// write and fsync of this node is held until the fault is lifted.
 #[utoipa::path(post, path = "/v1/faults", tag = "faults", request_body = FaultRequest,
     responses((status = 200, body = FaultState), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn set_faults(
@@ -916,14 +919,16 @@ async fn set_faults(
         isolate_from = ?req.isolate_from,
         drop_to = ?req.drop_to,
         clock_skew_ms = skew,
+        storage_stall = req.storage_stall,
         "fault injection: faults set"
     );
     st.node.faults.set(PeerFaults { isolate, drop_to });
     st.node.clock.set_skew_ms(skew);
+    st.node.engine.set_stalled(req.storage_stall);
     Ok(Json(fault_state(&st.node)))
 }
 
-/// Removes every fault on this node (isolation, one-way drops and clock skew).
+/// Removes every fault on this node (isolation, one-way drops, clock skew, storage stall).
 #[utoipa::path(delete, path = "/v1/faults", tag = "faults",
     responses((status = 200, body = FaultState), (status = 403, body = ErrorBody)))]
 async fn clear_faults(State(st): State<AppState>) -> ApiResult<Json<FaultState>> {
@@ -931,6 +936,7 @@ async fn clear_faults(State(st): State<AppState>) -> ApiResult<Json<FaultState>>
     tracing::warn!("fault injection: healed");
     st.node.faults.set(PeerFaults::default());
     st.node.clock.set_skew_ms(0);
+    st.node.engine.set_stalled(false);
     Ok(Json(fault_state(&st.node)))
 }
 
@@ -943,6 +949,9 @@ async fn get_faults(State(st): State<AppState>) -> Json<FaultState> {
 /// Health: 200 while the node serves; 503 with the reason when a part of it has stopped
 /// (today: the Raft core, after a fatal error), so a supervisor can tell a node that only
 /// answers HTTP from one that works.
+/// A storage write or fsync waiting this long with none finishing makes the node unhealthy.
+const STORAGE_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "healthy"), (status = 503, body = ErrorBody)))]
 async fn healthz(State(st): State<AppState>) -> ApiResult<&'static str> {
     let metrics = st.node.raft.metrics().borrow().clone();
@@ -952,12 +961,22 @@ async fn healthz(State(st): State<AppState>) -> ApiResult<&'static str> {
     if metrics.state == openraft::ServerState::Shutdown {
         return Err(ApiError::unavailable("the raft core is shut down").into());
     }
+    if let Some(stall) = st.node.engine.write_stall() {
+        if stall >= STORAGE_STALL {
+            return Err(ApiError::unavailable(format!(
+                "storage: a write or fsync has made no progress for {} ms",
+                stall.as_millis()
+            ))
+            .into());
+        }
+    }
     Ok("ok\n")
 }
 
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format")))]
 async fn prometheus(State(st): State<AppState>) -> Response {
+    st.node.engine.report_gauges();
     match &st.prometheus {
         Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
         None => Failure(ApiError::new(

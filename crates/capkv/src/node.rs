@@ -39,7 +39,7 @@ use crate::cp::state_machine::{Reader, StateMachine};
 use crate::cp::{NodeId, PeerNode, Raft, Written};
 use crate::net::{FaultFilter, NetError};
 use crate::rpc::{Forward, ForwardOp, ForwardReply, PeerRequest, PeerResponse};
-use crate::storage::{Engine, FjallEngine, GroupCommit, Tree, WriteBatch};
+use crate::storage::{Engine, FjallEngine, GroupCommit, Tree, Watched, WriteBatch};
 use crate::PeerTransport;
 
 /// Counts one request in flight for as long as it lives.
@@ -91,6 +91,8 @@ pub struct Node {
     /// ap keyspaces: coordinator, local replica and hints.
     pub ap: Arc<Coordinator>,
     group_commit: GroupCommit,
+    /// The store, for its health, gauges and injected stalls.
+    pub engine: Arc<Watched>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,18 +120,18 @@ impl Node {
         config: NodeConfig,
         peer_listener: tokio::net::TcpListener,
     ) -> Result<Arc<Node>, StartError> {
-        let engine: Arc<dyn Engine> = Arc::new(
-            FjallEngine::open(&config.data_dir.join("store"))
-                .map_err(|e| StartError::Storage(e.to_string()))?,
-        );
+        let engine = FjallEngine::open(&config.data_dir.join("store"))
+            .map_err(|e| StartError::Storage(e.to_string()))?;
         Node::start_with_engine(config, peer_listener, engine).await
     }
 
     pub async fn start_with_engine(
         config: NodeConfig,
         peer_listener: tokio::net::TcpListener,
-        engine: Arc<dyn Engine>,
+        engine: impl Engine,
     ) -> Result<Arc<Node>, StartError> {
+        let watched = Arc::new(Watched::new(engine));
+        let engine: Arc<dyn Engine> = watched.clone();
         let group_commit = GroupCommit::start(engine.clone());
         let log_store = LogStore::new(engine.clone(), group_commit.clone());
         let sm =
@@ -202,6 +204,7 @@ impl Node {
             forwards_in_flight: std::sync::atomic::AtomicUsize::new(0),
             ap,
             group_commit,
+            engine: watched,
         });
 
         let handler_node = node.clone();
@@ -707,9 +710,7 @@ impl Node {
             }
             if probed.is_none_or(|t| t.elapsed() >= METRICS_PROBE_EVERY) {
                 probed = Some(Instant::now());
-                if let Ok(Ok(c)) =
-                    tokio::time::timeout(Duration::from_secs(1), self.commit_index()).await
-                {
+                if let Some(c) = self.commit_index().await {
                     metrics::gauge!("capkv_raft_commit_index").set(c as f64);
                 }
                 let reachable = self
@@ -727,10 +728,16 @@ impl Node {
         }
     }
 
-    async fn commit_index(&self) -> Result<u64, openraft::error::Fatal<NodeId>> {
-        self.raft
-            .with_raft_state(|st| st.committed.map_or(0, |l| l.index))
+    /// The commit index as the Raft core knows it, if the core answers within 200 ms (it
+    /// does not while it waits on stalled storage, and `/v1/cluster` must still answer).
+    async fn commit_index(&self) -> Option<u64> {
+        let ask = self
+            .raft
+            .with_raft_state(|st| st.committed.map_or(0, |l| l.index));
+        tokio::time::timeout(Duration::from_millis(200), ask)
             .await
+            .ok()?
+            .ok()
     }
 
     /// This node's view of the cluster, for `/v1/cluster` and `capkv status`.
@@ -743,14 +750,16 @@ impl Node {
             ServerState::Learner => "learner",
             ServerState::Shutdown => "shutdown",
         };
-        let commit_index = self.commit_index().await.unwrap_or(0);
+        let applied_index = m.last_applied.map_or(0, |l| l.index);
+        // Every applied entry is committed: a lower bound when the core does not answer.
+        let commit_index = self.commit_index().await.unwrap_or(applied_index);
         let ring = self.ap.ring.ownership();
         ClusterInfo {
             node: self.config.name.clone(),
             role: role.to_owned(),
             leader: m.current_leader.map(|l| self.name_of(l)),
             term: m.current_term,
-            applied_index: m.last_applied.map_or(0, |l| l.index),
+            applied_index,
             commit_index,
             last_log_index: m.last_log_index.unwrap_or(0),
             has_quorum: self.has_quorum(),

@@ -1,6 +1,7 @@
 //! `/v1/faults` beyond two-way partitions, with real processes: clock skew (what the
 //! node's wall clock reads, and that its stamps carry the skew), one-way partitions
-//! (`drop_to`: what each side counts reachable), input checks, heal, and the CLI.
+//! (`drop_to`: what each side counts reachable), storage stalls (the node keeps answering
+//! and says why), input checks, heal, and the CLI.
 
 mod harness;
 
@@ -178,6 +179,7 @@ async fn clock_skew_and_one_way_faults_are_set_shown_checked_and_healed() {
                 isolate_from: vec!["n3".into()],
                 drop_to: vec!["n2".into(), "n3".into()],
                 clock_skew_ms: Some(-5_000),
+                storage_stall: false,
             },
         )
         .await
@@ -270,4 +272,128 @@ async fn a_skewed_clock_stamps_lww_writes() {
         )
         .await;
     }
+}
+
+/// `/healthz` on `url`: its status and body, or `None` if it gave no answer within 2 s
+/// (a node whose async workers are blocked answers nothing).
+async fn health(url: &str) -> Option<(u16, String)> {
+    let r = reqwest::Client::new()
+        .get(format!("{url}/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.ok()?))
+}
+
+/// #8 item 14: a node whose storage writes stall (what fjall's write halt did after a
+/// kill -9 and restart) keeps answering — `/healthz` says storage is the trouble, its
+/// cluster view answers — and the cluster serves cp writes through the other nodes; once
+/// storage moves again the node is healthy and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_storage_stalls_keeps_answering_and_says_why() {
+    let c = Cluster::start(3, &[]).await;
+    let stalled = c.leader().await;
+    let other = (stalled + 1) % 3;
+    let url = c.url(stalled);
+    let client = c.client(other);
+    let opts = capkv_client::WriteOptions::default();
+    client
+        .put("cp", b"k", b"before".to_vec(), &opts)
+        .await
+        .unwrap();
+    client
+        .create_keyspace(&KeyspaceSpec::new("cart", Mode::Ap))
+        .await
+        .unwrap();
+
+    let s = client
+        .set_fault_request(
+            &url,
+            &FaultRequest {
+                storage_stall: true,
+                ..FaultRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(s.storage_stall, "{s:?}");
+
+    // Writes that reach the stalled node's storage wait on it: a cp write at the leader,
+    // ap writes it coordinates (more of them than the node has async workers).
+    let held = tokio::spawn({
+        let client = c.client(stalled);
+        let opts = opts.clone();
+        async move { client.put("cp", b"k", b"held".to_vec(), &opts).await }
+    });
+    let ap_held: Vec<_> = (0..6)
+        .map(|i| {
+            let client = c.client(stalled);
+            tokio::spawn(async move {
+                let key = format!("a{i}");
+                client
+                    .ap_put("cart", key.as_bytes(), b"x".to_vec(), None, None)
+                    .await
+            })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(20),
+        "the stalled node's /healthz says storage is stalled",
+        || async {
+            match health(&url).await {
+                Some((503, body)) => body.contains("storage"),
+                _ => false,
+            }
+        },
+    )
+    .await;
+    for _ in 0..5 {
+        let (status, body) = health(&url).await.expect("/healthz answers while stalled");
+        assert_eq!(status, 503, "{body}");
+        c.client(stalled)
+            .cluster_of(&url)
+            .await
+            .expect("/v1/cluster answers while storage is stalled");
+    }
+    // The other two elect a leader between them and serve writes.
+    eventually(
+        Duration::from_secs(30),
+        "a write through another node succeeds while one node's storage is stalled",
+        || async {
+            client
+                .put("cp", b"k", b"during".to_vec(), &opts)
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+
+    client.clear_faults(&url).await.unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the node is healthy once its storage moves again",
+        || async { matches!(health(&url).await, Some((200, _))) },
+    )
+    .await;
+    let _ = held.await.unwrap();
+    for w in ap_held {
+        let _ = w.await.unwrap();
+    }
+    client
+        .put("cp", b"k", b"after".to_vec(), &opts)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the stalled node catches up",
+        || async {
+            matches!(
+                c.client(stalled).get("cp", b"k", capkv_client::Consistency::Serializable).await,
+                Ok(Some(v)) if v.value == b"after"
+            )
+        },
+    )
+    .await;
 }

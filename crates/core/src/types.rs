@@ -336,7 +336,9 @@ pub struct ClusterInfo {
     pub term: u64,
     /// Index of the last Raft log entry applied to its state machine.
     pub applied_index: u64,
-    /// Index of the last Raft log entry it knows to be committed.
+    /// Index of the last Raft log entry it knows to be committed (when its Raft core is
+    /// too busy to say within 200 ms, e.g. waiting on stalled storage: the applied index,
+    /// a lower bound).
     pub commit_index: u64,
     /// Index of the last entry in its Raft log.
     pub last_log_index: u64,
@@ -367,6 +369,11 @@ pub struct FaultRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = -86400000, maximum = 86400000)]
     pub clock_skew_ms: Option<i64>,
+    /// Hold every storage write and fsync of this node until the fault is lifted (what a
+    /// full disk or an engine's write halt does): reads and peer traffic go on. Left
+    /// out: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub storage_stall: bool,
 }
 
 impl FaultRequest {
@@ -394,6 +401,9 @@ pub struct FaultState {
     pub clock_skew_ms: i64,
     /// What its wall clock reads now, skew included, in ms since the Unix epoch.
     pub wall_clock_ms: u64,
+    /// Whether its storage writes are held.
+    #[serde(default)]
+    pub storage_stall: bool,
 }
 
 impl FaultState {
@@ -404,6 +414,7 @@ impl FaultState {
             isolate_from: self.isolate_from.clone(),
             drop_to: self.drop_to.clone(),
             clock_skew_ms: (self.clock_skew_ms != 0).then_some(self.clock_skew_ms),
+            storage_stall: self.storage_stall,
         }
     }
 }
@@ -424,6 +435,7 @@ mod tests {
                 isolate_from: vec![],
                 drop_to: vec!["n3".into()],
                 clock_skew_ms: Some(-250),
+                storage_stall: false,
             }
         );
         assert_eq!(
@@ -437,11 +449,13 @@ mod tests {
             drop_to: vec!["n3".into()],
             clock_skew_ms: -250,
             wall_clock_ms: 1,
+            storage_stall: true,
         };
         assert_eq!(
             state.request(),
             FaultRequest {
                 isolate_from: vec!["n2".into()],
+                storage_stall: true,
                 ..new
             }
         );

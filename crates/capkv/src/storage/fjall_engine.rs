@@ -115,6 +115,15 @@ impl Engine for FjallEngine {
             .persist(PersistMode::SyncAll)
             .map_err(engine_err)
     }
+
+    fn report_gauges(&self) {
+        metrics::gauge!("capkv_storage_write_buffer_bytes")
+            .set(self.keyspace.write_buffer_size() as f64);
+        metrics::gauge!("capkv_storage_journals").set(self.keyspace.journal_count() as f64);
+        metrics::gauge!("capkv_storage_journal_bytes")
+            .set(self.keyspace.journal_disk_space() as f64);
+        metrics::gauge!("capkv_storage_disk_bytes").set(self.keyspace.disk_space() as f64);
+    }
 }
 
 #[cfg(test)]

@@ -20,10 +20,12 @@
 mod fjall_engine;
 mod group_commit;
 mod memory;
+mod watched;
 
 pub use fjall_engine::FjallEngine;
 pub use group_commit::GroupCommit;
 pub use memory::MemoryEngine;
+pub use watched::{off_the_workers, Watched};
 
 /// The separate ordered key spaces of a node's store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -122,6 +124,15 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Makes every batch written so far durable (fsync).
     fn sync(&self) -> Result<()>;
+
+    /// How long writes or fsyncs have been waiting with none finishing, if one is
+    /// waiting now.
+    fn write_stall(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Sets the engine's own gauges (buffer and journal sizes) for `/metrics`.
+    fn report_gauges(&self) {}
 }
 
 /// The smallest key greater than every key with this prefix, or `None` if there is

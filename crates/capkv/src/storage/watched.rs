@@ -1,0 +1,199 @@
+//! [`Watched`]: the engine as the node uses it — writes kept off the async workers,
+//! their progress watched, and a stall that can be injected.
+//!
+//! A write or an fsync may block for long: fjall halts a writer (a sleep loop inside
+//! `Batch::commit`) while its write buffer or journal is over its limit, and a disk can
+//! be slow. If that ran on an async worker it would stop HTTP, pings and Raft messages
+//! with it. So on a multi-thread runtime every write and fsync runs in
+//! [`tokio::task::block_in_place`], which hands the worker's other tasks to another
+//! thread first: only the tasks that wait for storage wait. A write or fsync that makes
+//! no progress is reported by [`Engine::write_stall`] (and so by `/healthz`).
+//!
+//! The injected stall (`/v1/faults` `storage_stall`) makes every write and fsync wait
+//! the way fjall's write halt does, so tests can see what the node does meanwhile.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{Engine, Entry, Result, Tree, WriteBatch};
+
+/// Runs a call that may block for long without blocking an async worker (see the module
+/// docs). Off a multi-thread runtime (a plain thread, a current-thread test runtime) it
+/// simply runs.
+pub fn off_the_workers<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+pub struct Watched {
+    inner: Box<dyn Engine>,
+    base: Instant,
+    /// Writes and fsyncs started and finished.
+    started: AtomicU64,
+    finished: AtomicU64,
+    /// When one last finished, or one started while none was running (ms since `base`).
+    since_ms: AtomicU64,
+    stalled: AtomicBool,
+}
+
+impl Watched {
+    pub fn new(inner: impl Engine) -> Watched {
+        Watched {
+            inner: Box::new(inner),
+            base: Instant::now(),
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            since_ms: AtomicU64::new(0),
+            stalled: AtomicBool::new(false),
+        }
+    }
+
+    /// Injects (or lifts) a stall of every write and fsync.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.stalled.store(stalled, Ordering::SeqCst);
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::SeqCst)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    /// Runs a write or an fsync: off the workers, counted, held while a stall is injected.
+    fn watch<T>(&self, op: impl FnOnce() -> T) -> T {
+        let was = self.started.fetch_add(1, Ordering::SeqCst);
+        if was == self.finished.load(Ordering::SeqCst) {
+            self.since_ms.store(self.now_ms(), Ordering::SeqCst);
+        }
+        let result = off_the_workers(|| {
+            while self.stalled.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            op()
+        });
+        self.since_ms.store(self.now_ms(), Ordering::SeqCst);
+        self.finished.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+}
+
+impl Engine for Watched {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.get(tree, key)
+    }
+
+    fn range(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>> {
+        self.inner.range(tree, start, end, limit)
+    }
+
+    fn last_in_range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>) -> Result<Option<Entry>> {
+        self.inner.last_in_range(tree, start, end)
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<()> {
+        self.watch(|| self.inner.write(batch))
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.watch(|| self.inner.sync())
+    }
+
+    fn write_stall(&self) -> Option<Duration> {
+        let finished = self.finished.load(Ordering::SeqCst);
+        if self.started.load(Ordering::SeqCst) <= finished {
+            return None;
+        }
+        let since = self.since_ms.load(Ordering::SeqCst);
+        Some(Duration::from_millis(self.now_ms().saturating_sub(since)))
+    }
+
+    fn report_gauges(&self) {
+        self.inner.report_gauges();
+        let stall = self.write_stall().unwrap_or_default();
+        metrics::gauge!("capkv_storage_stall_seconds").set(stall.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryEngine;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_watched_engine_behaves_like_an_engine() {
+        crate::storage::engine_tests::check_engine(&Watched::new(MemoryEngine::new()));
+    }
+
+    /// With one async worker, a call blocked in `off_the_workers` must not stop the
+    /// other tasks: here the very task that would unblock it.
+    #[test]
+    fn a_blocked_call_does_not_stop_the_other_tasks() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let got = rt.block_on(async {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let started = Arc::new(AtomicBool::new(false));
+            let blocking = started.clone();
+            let blocked = tokio::spawn(async move {
+                blocking.store(true, Ordering::SeqCst);
+                off_the_workers(|| rx.recv_timeout(Duration::from_secs(10)))
+            });
+            // The blocked task holds the only worker before the unblocker is spawned.
+            while !started.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let unblocker = tokio::spawn(async move { tx.send(()) });
+            unblocker.await.unwrap().unwrap();
+            blocked.await.unwrap()
+        });
+        assert_eq!(got, Ok(()));
+    }
+
+    /// An injected stall holds writes, is reported while it lasts, and lifting it lets
+    /// the held write finish.
+    #[test]
+    fn a_stalled_write_is_reported_until_it_finishes() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let engine = Arc::new(Watched::new(MemoryEngine::new()));
+            assert_eq!(engine.write_stall(), None);
+            engine.set_stalled(true);
+            let writer = engine.clone();
+            let write = tokio::spawn(async move {
+                let mut b = WriteBatch::new();
+                b.put(Tree::Data, b"k".to_vec(), b"v".to_vec());
+                writer.write(b)
+            });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while engine.write_stall().unwrap_or_default() < Duration::from_millis(50) {
+                assert!(Instant::now() < deadline, "the stall is never reported");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(engine.get(Tree::Data, b"k").unwrap(), None);
+            engine.set_stalled(false);
+            write.await.unwrap().unwrap();
+            assert_eq!(engine.write_stall(), None);
+            assert_eq!(engine.get(Tree::Data, b"k").unwrap(), Some(b"v".to_vec()));
+        });
+    }
+}
