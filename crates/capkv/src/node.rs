@@ -27,7 +27,7 @@ use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
 
 use crate::ap::coordinator::Coordinator;
-use crate::ap::replica::Replica;
+use crate::ap::replica::{Replica, OBJECT_BYTES_MAX};
 use crate::ap::ring::{Ring, DEFAULT_VNODES};
 use crate::ap::{anti_entropy, tombstones};
 use crate::clock::WallClock;
@@ -182,7 +182,8 @@ impl Node {
         let proposer = Proposer::start(raft.clone(), config.election_timeout_min_ms);
         let replica = Arc::new(
             Replica::new(engine.clone(), group_commit.clone())
-                .map_err(|e| StartError::Storage(e.to_string()))?,
+                .map_err(|e| StartError::Storage(e.to_string()))?
+                .with_object_bytes_max(OBJECT_BYTES_MAX.max(2 * config.max_value_bytes)),
         );
         let ap = Arc::new(Coordinator {
             me: config.id,
@@ -553,14 +554,14 @@ impl Node {
             }
             PeerRequest::AeCompare { root, interior } => PeerResponse::AeDiffer(
                 self.ap_specs()
-                    .and_then(|specs| anti_entropy::build(&self.ap, &specs, from, None))
-                    .map(|(tree, _)| anti_entropy::compare(&tree, root, &interior)),
+                    .and_then(|specs| anti_entropy::build(&self.ap, &specs, from))
+                    .map(|tree| anti_entropy::compare(&tree, root, &interior)),
             ),
-            PeerRequest::AeFetch { leaves } => PeerResponse::AeObjects(
-                self.ap_specs()
-                    .and_then(|specs| anti_entropy::build(&self.ap, &specs, from, Some(&leaves)))
-                    .map(|(_, objects)| objects),
-            ),
+            PeerRequest::AeFetch { leaves, after } => {
+                PeerResponse::AeObjects(self.ap_specs().and_then(|specs| {
+                    anti_entropy::collect(&self.ap, &specs, from, &leaves, after.as_deref())
+                }))
+            }
             PeerRequest::ApScan {
                 keyspace,
                 prefix,
@@ -662,21 +663,23 @@ impl Node {
         }
     }
 
+    /// One pinger per peer, each waiting for its last ping (at most the reachability
+    /// window) before the next: a slow or silent peer never piles up pings.
     async fn ping_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(PING_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            for m in self.config.cluster.iter().filter(|m| m.id != self.id()) {
-                let (t, id) = (self.transport.clone(), m.id);
-                tokio::spawn(async move {
+        for m in self.config.cluster.iter().filter(|m| m.id != self.id()) {
+            let (t, id) = (self.transport.clone(), m.id);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(PING_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
                     if let Err(e) = t.call(id, PeerRequest::Ping, REACHABLE_WINDOW).await {
                         if !matches!(e, NetError::Isolated(_) | NetError::DropTo(_)) {
                             tracing::trace!(peer = id, error = %e, "ping failed");
                         }
                     }
-                });
-            }
+                }
+            });
         }
     }
 

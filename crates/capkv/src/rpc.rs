@@ -13,6 +13,12 @@ use crate::ap::value::{ApState, Mutation};
 use crate::cp::state_machine::ScanRow;
 use crate::cp::{Command, NodeId, TypeConfig, Written};
 
+/// Most bytes of rows one page of any scan carries (cp and ap alike; beyond it the
+/// page ends early, says there is more, and the client continues with `after=`), and
+/// one anti-entropy answer. Far below the peer frame limit, so a page forwarded
+/// between nodes always fits in one frame.
+pub const PAGE_BYTES_MAX: usize = 4 << 20;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerRequest {
     /// Liveness probe; keeps reachability fresh whatever Raft is doing.
@@ -48,9 +54,11 @@ pub enum PeerRequest {
         root: u64,
         interior: Vec<u64>,
     },
-    /// ap anti-entropy: the receiver's objects in these leaves (shared with the sender).
+    /// ap anti-entropy: a page of the receiver's objects in these leaves (shared with the
+    /// sender), after the storage key `after`.
     AeFetch {
         leaves: Vec<u16>,
+        after: Option<Vec<u8>>,
     },
     /// ap: the receiver's page of a keyspace's keys (replica merged with hints).
     ApScan {
@@ -87,7 +95,8 @@ pub enum PeerResponse {
     ApAck(Result<(), ApiError>),
     /// Per differing interior node: its index and the receiver's leaf hashes under it.
     AeDiffer(Result<Vec<(u16, Vec<u64>)>, ApiError>),
-    AeObjects(Result<Vec<StoredObject>, ApiError>),
+    /// A page of objects, and whether more may follow.
+    AeObjects(Result<(Vec<StoredObject>, bool), ApiError>),
     /// A page of keys and whether it was cut short.
     ApScanned(Result<(crate::ap::scan::Page, bool), ApiError>),
     ApReapChecked(Result<Vec<bool>, ApiError>),

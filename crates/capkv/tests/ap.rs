@@ -434,6 +434,39 @@ async fn anti_entropy_restores_replicas_that_lost_their_disk() {
             .await
             .unwrap();
     }
+    // More objects than one anti-entropy answer carries (#8 item 15: answers are pages
+    // of at most 1000 objects and about 4 MiB): 1100 small keys and 8 of 800 KB each.
+    let big = vec![b'b'; 800 << 10];
+    for i in 0..8 {
+        c.client(0)
+            .ap_put(
+                "cart",
+                format!("big{i}").as_bytes(),
+                big.clone(),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let writes: Vec<_> = (0..4)
+        .map(|w| {
+            let client = c.client(0);
+            tokio::spawn(async move {
+                for i in (w..1100).step_by(4) {
+                    let key = format!("small{i:04}");
+                    client
+                        .ap_put("cart", key.as_bytes(), b"s".to_vec(), None, None)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writes {
+        w.await.unwrap();
+    }
+    let keys = 40.0 + 8.0 + 1100.0;
     // n1 loses its disk (replicas and hints with it). Only n2 has every write now.
     c.kill9(0);
     c.wipe(0);
@@ -444,14 +477,14 @@ async fn anti_entropy_restores_replicas_that_lost_their_disk() {
         eventually(
             Duration::from_secs(60),
             "anti-entropy copies every key back",
-            || async { harness::metric(&c.metrics(node).await, "capkv_ap_objects") >= 40.0 },
+            || async { harness::metric(&c.metrics(node).await, "capkv_ap_objects") >= keys },
         )
         .await;
     }
     let repaired = total(&c, "capkv_ap_ae_keys_repaired_total").await;
     assert!(
-        repaired >= 80.0,
-        "n1 and n3 each needed 40 keys, repaired {repaired}"
+        repaired >= 2.0 * keys,
+        "n1 and n3 each needed {keys} keys, repaired {repaired}"
     );
     // Prove each restored node holds every key itself: cut it off and read alone (once
     // its registry, rebuilt through Raft after the wipe, knows the keyspace again).
@@ -470,6 +503,17 @@ async fn anti_entropy_restores_replicas_that_lost_their_disk() {
             assert!(
                 matches!(&got, ApValue::Value { value, .. } if value == b"v"),
                 "{key} on n{}: {got:?}",
+                node + 1
+            );
+        }
+        for i in 0..8 {
+            let got = client
+                .ap_get("cart", format!("big{i}").as_bytes(), Some(1))
+                .await
+                .unwrap();
+            assert!(
+                matches!(&got, ApValue::Value { value, .. } if *value == big),
+                "big{i} on n{}",
                 node + 1
             );
         }
@@ -841,4 +885,43 @@ async fn forged_contexts_and_counter_overflow_are_refused() {
         client.counter("count", b"n", Some(3)).await.unwrap(),
         i64::MAX
     );
+}
+
+/// #8 item 15: an ap object has a size bound (4 MiB by default): the add that would pass
+/// it is refused with 413 and a message saying what to do, nothing of it is stored, and
+/// the object stays writable (removes shrink it; smaller adds fit again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ap_object_past_its_size_bound_is_refused_with_413() {
+    let c = Cluster::start(3, &[]).await;
+    create_typed(&c, "bags", capkv_client::ValueType::Set).await;
+    let client = c.client(0);
+    let member = |i: usize| format!("{i}{}", "m".repeat(900 << 10));
+    let members: Vec<String> = (0..5).map(member).collect();
+    for m in &members[..4] {
+        client.set_add("bags", b"b", &[m], None).await.unwrap();
+    }
+    let e = client
+        .set_add("bags", b"b", &[&members[4]], None)
+        .await
+        .unwrap_err();
+    match &e {
+        capkv_client::ClientError::Api { status, error, .. } => {
+            assert_eq!(*status, 413, "{e}");
+            assert!(error.message.contains("at most"), "{e}");
+        }
+        other => panic!("expected 413, got {other}"),
+    }
+    let stored = client.set_members("bags", b"b", Some(3)).await.unwrap();
+    assert_eq!(stored.len(), 4, "the refused member was not stored");
+    assert!(!stored.contains(&members[4]));
+    client
+        .set_remove("bags", b"b", &[&members[0]], None)
+        .await
+        .unwrap();
+    client
+        .set_add("bags", b"b", &["small"], None)
+        .await
+        .unwrap();
+    let stored = client.set_members("bags", b"b", Some(3)).await.unwrap();
+    assert_eq!(stored.len(), 4);
 }

@@ -8,15 +8,18 @@
 //! ```text
 //!   A ── AeCompare {root, 16 interior hashes} ──────────────▶ B
 //!   A ◀── leaf hashes of the interior nodes that differ ────── B
-//!   A ── AeFetch {differing leaves} ─────────────────────────▶ B
-//!   A ◀── B's objects in those leaves ──────────────────────── B
+//!   A ── AeFetch {differing leaves, after} ──────────────────▶ B    ┐ page by page
+//!   A ◀── a page of B's objects in those leaves, more? ─────── B    ┘
 //!   A merges them; A ── ApStore (its objects B lacks) ───────▶ B
 //! ```
 //!
-//! Rate-limited: one exchange per [`AE_INTERVAL`], peers in turn, at most
-//! [`AE_KEYS_MAX`] objects moved per exchange. Equal trees cost one round trip of 17
-//! hashes. Caveat: trees are rebuilt by scanning the local replica each exchange
-//! (fine at the sizes we test; large stores want trees maintained on write).
+//! Rate-limited: one exchange per [`AE_INTERVAL`], peers in turn, each within a 5 s
+//! deadline (what it did not finish, the next one does). Every answer is a page of at
+//! most [`AE_KEYS_MAX`] objects and about [`PAGE_BYTES_MAX`] bytes, so one large object or
+//! a large range never makes a reply the transport cannot carry (#8 item 15). Equal
+//! trees cost one round trip of 17 hashes. Caveat: trees are rebuilt by scanning the
+//! local replica each exchange (fine at the sizes we test; large stores want trees
+//! maintained on write).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,9 +31,8 @@ use serde::{Deserialize, Serialize};
 use super::coordinator::Coordinator;
 use super::replica::{obj_key, StoredObject};
 use super::ring::{hash64, key_hash};
-use super::value::ApState;
 use crate::cp::NodeId;
-use crate::rpc::{PeerRequest, PeerResponse};
+use crate::rpc::{PeerRequest, PeerResponse, PAGE_BYTES_MAX};
 
 pub const LEAVES: usize = 256;
 const FANOUT: usize = 16;
@@ -85,16 +87,13 @@ fn shared(
     (pl.contains(&c.me) && pl.contains(&peer)).then_some(h)
 }
 
-/// Builds this node's tree for `peer` (and, if `leaves` is given, collects the objects
-/// in those leaves, up to [`AE_KEYS_MAX`]).
+/// Builds this node's tree for `peer`.
 pub fn build(
     c: &Coordinator,
     specs: &BTreeMap<String, KeyspaceSpec>,
     peer: NodeId,
-    collect: Option<&[u16]>,
-) -> Result<(Tree, Vec<StoredObject>), ApiError> {
+) -> Result<Tree, ApiError> {
     let mut leaves = vec![0u64; LEAVES];
-    let mut objects = Vec::new();
     let mut after: Option<Vec<u8>> = None;
     loop {
         let chunk = c.replica.objects(after.as_deref(), SCAN_CHUNK)?;
@@ -104,16 +103,48 @@ pub fn build(
             let Some(h) = shared(c, specs, peer, &ks, &key) else {
                 continue;
             };
-            let leaf = leaf_of(h);
             let mut entry = obj_key(&ks, &key);
             entry.extend_from_slice(&state.digest().to_be_bytes());
-            leaves[leaf] ^= hash64(&entry);
-            if collect.is_some_and(|l| l.contains(&(leaf as u16))) && objects.len() < AE_KEYS_MAX {
-                objects.push((ks, key, state));
-            }
+            leaves[leaf_of(h)] ^= hash64(&entry);
         }
         if done {
-            return Ok((Tree { leaves }, objects));
+            return Ok(Tree { leaves });
+        }
+    }
+}
+
+/// A page of this node's objects (shared with `peer`) in `leaves`, in storage-key order
+/// after `after` (a storage key, exclusive): at most [`AE_KEYS_MAX`] objects and about
+/// [`PAGE_BYTES_MAX`] bytes; and whether more may follow.
+pub fn collect(
+    c: &Coordinator,
+    specs: &BTreeMap<String, KeyspaceSpec>,
+    peer: NodeId,
+    leaves: &[u16],
+    after: Option<&[u8]>,
+) -> Result<(Vec<StoredObject>, bool), ApiError> {
+    let mut objects = Vec::new();
+    let mut bytes = 0;
+    let mut after: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
+    loop {
+        let chunk = c.replica.objects(after.as_deref(), SCAN_CHUNK)?;
+        let done = chunk.len() < SCAN_CHUNK;
+        for (ks, key, state) in chunk {
+            after = Some(obj_key(&ks, &key));
+            let Some(h) = shared(c, specs, peer, &ks, &key) else {
+                continue;
+            };
+            if !leaves.contains(&(leaf_of(h) as u16)) {
+                continue;
+            }
+            if objects.len() == AE_KEYS_MAX || bytes > PAGE_BYTES_MAX {
+                return Ok((objects, true));
+            }
+            bytes += ks.len() + key.len() + crate::cp::encode(&state).len();
+            objects.push((ks, key, state));
+        }
+        if done {
+            return Ok((objects, false));
         }
     }
 }
@@ -148,7 +179,7 @@ pub async fn exchange(
                 .map_err(|e| ApiError::unavailable(e.to_string()))
         }
     };
-    let (mine, _) = build(c, specs, peer, None)?;
+    let mine = build(c, specs, peer)?;
     metrics::counter!("capkv_ap_ae_exchanges_total").increment(1);
     let differing = match call(PeerRequest::AeCompare {
         root: mine.root(),
@@ -171,28 +202,53 @@ pub async fn exchange(
     if leaves.is_empty() {
         return Ok(0);
     }
-    let theirs = match call(PeerRequest::AeFetch {
-        leaves: leaves.clone(),
-    })
-    .await?
-    {
-        PeerResponse::AeObjects(r) => r?,
-        _ => return Err(ApiError::internal("wrong reply to AeFetch")),
-    };
+    // Their objects, page by page: merged here; their digests kept to tell what they lack.
+    // Counted as they happen: an exchange its deadline cuts short has still repaired them.
     let mut repaired = 0u64;
-    let mut theirs_by_key: BTreeMap<Vec<u8>, ApState> = BTreeMap::new();
-    for (ks, key, state) in theirs {
-        if c.replica.merge(&ks, &key, &state).await?.1 {
-            repaired += 1;
+    let mut count_repair = || {
+        repaired += 1;
+        metrics::counter!("capkv_ap_ae_keys_repaired_total").increment(1);
+    };
+    let mut their_digests: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let (theirs, more) = match call(PeerRequest::AeFetch {
+            leaves: leaves.clone(),
+            after: after.clone(),
+        })
+        .await?
+        {
+            PeerResponse::AeObjects(r) => r?,
+            _ => return Err(ApiError::internal("wrong reply to AeFetch")),
+        };
+        let empty = theirs.is_empty();
+        for (ks, key, state) in theirs {
+            let k = obj_key(&ks, &key);
+            if after.as_ref().is_some_and(|a| &k <= a) {
+                return Err(ApiError::internal("AeFetch page out of order"));
+            }
+            if c.replica.merge(&ks, &key, &state).await?.1 {
+                count_repair();
+            }
+            their_digests.insert(k.clone(), state.digest());
+            after = Some(k);
         }
-        theirs_by_key.insert(obj_key(&ks, &key), state);
+        if !more || empty {
+            break;
+        }
     }
-    let (_, ours) = build(c, specs, peer, Some(&leaves))?;
-    for (ks, key, state) in ours {
-        let behind = theirs_by_key
-            .get(&obj_key(&ks, &key))
-            .is_none_or(|t| !t.dominates(&state));
-        if behind {
+    // Ours, merged with theirs, so ours covers theirs: where the two differ, they lack
+    // something.
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let (ours, more) = collect(c, specs, peer, &leaves, after.as_deref())?;
+        let empty = ours.is_empty();
+        for (ks, key, state) in ours {
+            let k = obj_key(&ks, &key);
+            after = Some(k.clone());
+            if their_digests.get(&k) == Some(&state.digest()) {
+                continue;
+            }
             match call(PeerRequest::ApStore {
                 keyspace: ks,
                 key,
@@ -203,10 +259,12 @@ pub async fn exchange(
                 PeerResponse::ApAck(r) => r?,
                 _ => return Err(ApiError::internal("wrong reply to ApStore")),
             }
-            repaired += 1;
+            count_repair();
+        }
+        if !more || empty {
+            break;
         }
     }
-    metrics::counter!("capkv_ap_ae_keys_repaired_total").increment(repaired);
     Ok(repaired)
 }
 

@@ -91,8 +91,17 @@ fn net_err(e: crate::net::NetError) -> CallError {
 
 /// A replica's refusal: a bad request changes nothing; any other failure (storage) may
 /// have happened after the change.
+/// Whether a replica's refusal would be the same everywhere: the client's answer, not a
+/// reason to try another home.
+fn is_refusal(e: &ApiError) -> bool {
+    matches!(
+        e.code,
+        capkv_core::ErrorCode::BadRequest | capkv_core::ErrorCode::TooLarge
+    )
+}
+
 fn replica_err(e: ApiError) -> CallError {
-    if e.code == capkv_core::ErrorCode::BadRequest {
+    if is_refusal(&e) {
         CallError::NotApplied(e)
     } else {
         CallError::Unknown(e)
@@ -241,10 +250,9 @@ impl Coordinator {
                     issued = Some((h, obj));
                     break;
                 }
-                // A refusal (wrong type for this key) is the same on every replica.
-                Err(CallError::NotApplied(e)) if e.code == capkv_core::ErrorCode::BadRequest => {
-                    return Err(e)
-                }
+                // A refusal (wrong type for this key, an object at its size bound) is
+                // the client's answer: nothing was applied.
+                Err(CallError::NotApplied(e)) if is_refusal(&e) => return Err(e),
                 Err(CallError::NotApplied(e)) => {
                     tracing::debug!(home = h, error = %e, "home replica did not take the write")
                 }

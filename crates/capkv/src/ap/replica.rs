@@ -65,9 +65,18 @@ pub struct Hint {
     pub object: ApState,
 }
 
+/// The default bound on one ap object's encoded size (see [`Replica::object_bytes_max`]).
+pub const OBJECT_BYTES_MAX: usize = 4 << 20;
+
 pub struct Replica {
     engine: Arc<dyn Engine>,
     group_commit: GroupCommit,
+    /// A client write that would grow an object (all of a key's siblings, set members or
+    /// counter entries) past this many encoded bytes is refused with 413. It bounds what
+    /// one write rewrites and what one object weighs in a reply. Merges from other
+    /// replicas are never refused (convergence must not depend on it), so an object can
+    /// pass the bound only by merging writes made concurrently elsewhere.
+    object_bytes_max: usize,
     stripes: Vec<Mutex<()>>,
     hints: AtomicU64,
     objects: AtomicU64,
@@ -103,12 +112,19 @@ impl Replica {
         Ok(Replica {
             engine,
             group_commit,
+            object_bytes_max: OBJECT_BYTES_MAX,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hints: AtomicU64::new(held),
             objects: AtomicU64::new(objects),
             tombstones: AtomicU64::new(tombstones),
             floor: std::sync::Mutex::new(floor),
         })
+    }
+
+    /// Sets the object size bound (default [`OBJECT_BYTES_MAX`]).
+    pub fn with_object_bytes_max(mut self, bytes: usize) -> Replica {
+        self.object_bytes_max = bytes;
+        self
     }
 
     fn stripe(&self, k: &[u8]) -> &Mutex<()> {
@@ -191,6 +207,15 @@ impl Replica {
             .unwrap_or_else(|| ApState::empty(value_type));
         let floor = *self.floor.lock().expect("floor lock");
         let next = current.apply_above(mutation, actor, now_ms, &floor)?;
+        let size = encode(&next).len();
+        if size > self.object_bytes_max && size > encode(&current).len() {
+            return Err(ApiError::too_large(format!(
+                "this write would make the object {size} bytes; an ap object (all of a key's \
+                 values, siblings or set members) is at most {} bytes. Resolve siblings or \
+                 remove set members first, or spread the data over more keys",
+                self.object_bytes_max
+            )));
+        }
         self.store(Tree::Ap, k, &next).await?;
         self.account(existing.as_ref(), Some(&next));
         Ok(next)
@@ -451,6 +476,55 @@ mod tests {
     fn replica() -> Replica {
         let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
         Replica::new(engine.clone(), GroupCommit::start(engine)).unwrap()
+    }
+
+    /// #8 item 15: a write that would grow an object past the bound is refused (413) and
+    /// changes nothing; a write that shrinks it is taken; merges are never refused.
+    #[tokio::test]
+    async fn objects_are_bounded_in_bytes() {
+        let r = replica().with_object_bytes_max(4096);
+        let add = |m: String| Mutation::Insert { members: vec![m] };
+        let mut added = Vec::new();
+        let refused = loop {
+            let m = format!("{:0>500}", added.len());
+            match r
+                .update("s", b"k", ValueType::Set, &add(m.clone()), "n1.x", 1)
+                .await
+            {
+                Ok(_) => added.push(m),
+                Err(e) => break e,
+            }
+            assert!(added.len() < 100, "never refused");
+        };
+        assert_eq!(refused.code, capkv_core::ErrorCode::TooLarge, "{refused:?}");
+        assert!(refused.message.contains("4096"), "{}", refused.message);
+        let before = r.read("s", b"k", &[]).unwrap().unwrap();
+        assert!(encode(&before).len() <= 4096);
+        let ApState::Set(set) = &before else { panic!() };
+        assert_eq!(
+            set.read().val.len(),
+            added.len(),
+            "the refused add left no trace"
+        );
+        // Removing shrinks the object: taken, and then adding fits again.
+        let remove = Mutation::Remove {
+            members: vec![added[0].clone()],
+        };
+        r.update("s", b"k", ValueType::Set, &remove, "n1.x", 2)
+            .await
+            .unwrap();
+        r.update("s", b"k", ValueType::Set, &add("x".into()), "n1.x", 3)
+            .await
+            .unwrap();
+        // A replica's merge is never refused, whatever the size.
+        let big = replica();
+        let mut grown = big
+            .update("s", b"k", ValueType::Set, &add("y".repeat(8000)), "n2.y", 1)
+            .await
+            .unwrap();
+        grown = grown.merge(&r.read("s", b"k", &[]).unwrap().unwrap());
+        let (merged, changed) = r.merge("s", b"k", &grown).await.unwrap();
+        assert!(changed && encode(&merged).len() > 4096);
     }
 
     #[tokio::test]

@@ -26,9 +26,7 @@ use crate::rpc::{PeerRequest, PeerResponse};
 /// Keys in order with their state.
 pub type Page = Vec<(Vec<u8>, ApState)>;
 
-/// Most bytes of objects one node sends for one page (beyond it the page is cut short
-/// and the scan continues with another round); also bounds one answer.
-pub const PAGE_BYTES_MAX: usize = 4 << 20;
+pub use crate::rpc::PAGE_BYTES_MAX;
 
 /// Merges pages of the same key range from several sources. Each page is sorted and
 /// `truncated` when its source may hold further keys after its last. Returns the

@@ -58,7 +58,9 @@ fn rpc_error<E: std::error::Error>(
             target,
             timeout: option.hard_ttl(),
         }),
-        NetError::Lost(..) => RPCError::Network(NetworkError::new(&e)),
+        NetError::Lost(..) | NetError::RequestTooLarge(..) | NetError::ReplyTooLarge(_) => {
+            RPCError::Network(NetworkError::new(&e))
+        }
         NetError::Isolated(_)
         | NetError::DropTo(_)
         | NetError::UnknownPeer(_)

@@ -9,7 +9,17 @@
 //!   kind 0 = hello     (id = sender's node id, no body; first frame of a connection)
 //!   kind 1 = request   (body = bincode Req)
 //!   kind 2 = response  (body = bincode Resp, id = the request's id)
+//!   kind 3 = refused   (no body, id = the request's id: it was larger than the frame
+//!                       limit and was not handled)
+//!   kind 4 = too large (no body, id = the request's id: it was handled, but its
+//!                       response was larger than the frame limit)
 //! ```
+//!
+//! An oversized frame fails one request, never the connection: the sender refuses to
+//! send a request over the limit (not delivered) and answers `too large` in place of a
+//! response over it; a receiver skips an oversized frame's body unread (a peer that
+//! ignores the limit) and answers or fails that one request. Every await of a call is
+//! under its deadline, the send queue included.
 //!
 //! Failure semantics, which the layers above rely on to tell 503 from 504: an error from
 //! [`Transport::call`] says whether the request may have been delivered
@@ -46,7 +56,12 @@ pub type PeerId = u64;
 const KIND_HELLO: u8 = 0;
 const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
+const KIND_REFUSED: u8 = 3;
+const KIND_TOO_LARGE: u8 = 4;
 const HEADER_BYTES: usize = 9;
+/// How long a handled request's response may wait for room in the send queue before it
+/// is dropped (the caller then times out: outcome unknown, which is the truth).
+const RESPONSE_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 /// Frames queued for one connection's writer before senders wait.
 const SEND_QUEUE_FRAMES: usize = 1024;
@@ -72,12 +87,21 @@ pub enum NetError {
     Timeout(PeerId, Duration),
     #[error("connection to node {0} lost: {1}")]
     Lost(PeerId, String),
+    /// The request was over the frame limit: never sent, or refused unhandled.
+    #[error("request to node {0} too large: {1}")]
+    RequestTooLarge(PeerId, String),
+    /// The request was handled, but its response was over the frame limit.
+    #[error("the response of node {0} was too large to send")]
+    ReplyTooLarge(PeerId),
 }
 
 impl NetError {
-    /// False when the request certainly never left this node.
+    /// False when the request certainly never took effect at the peer.
     pub fn maybe_delivered(&self) -> bool {
-        matches!(self, NetError::Timeout(..) | NetError::Lost(..))
+        matches!(
+            self,
+            NetError::Timeout(..) | NetError::Lost(..) | NetError::ReplyTooLarge(..)
+        )
     }
 }
 
@@ -163,9 +187,12 @@ impl FaultFilter {
 pub type Handler<Req, Resp> =
     Arc<dyn Fn(PeerId, Req) -> Pin<Box<dyn Future<Output = Resp> + Send>> + Send + Sync>;
 
+/// Callers waiting for a reply, by request id.
+type Pending<Resp> = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Resp, NetError>>>>>;
+
 struct Conn<Resp> {
     tx: mpsc::Sender<Vec<u8>>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Resp>>>>,
+    pending: Pending<Resp>,
     closed: Arc<AtomicBool>,
 }
 
@@ -178,7 +205,14 @@ pub struct Transport<Req, Resp> {
     contacts: Arc<Contacts>,
     next_id: AtomicU64,
     frame_bytes_max: usize,
+    send_queue_frames: usize,
     _req: PhantomData<fn(Req)>,
+}
+
+/// One frame read: whole, or over the limit (its body skipped unread).
+enum Frame {
+    Whole(u8, u64, Vec<u8>),
+    Oversized(u8, u64),
 }
 
 fn frame(kind: u8, id: u64, body: &impl Serialize) -> Vec<u8> {
@@ -191,11 +225,17 @@ fn frame(kind: u8, id: u64, body: &impl Serialize) -> Vec<u8> {
     buf
 }
 
-/// Reads one frame: (kind, id, body). `Ok(None)` on a clean end of stream.
+/// The length a frame declares (kind, id and body), from its encoding.
+fn frame_len(f: &[u8]) -> usize {
+    f.len() - 4
+}
+
+/// Reads one frame. `Ok(None)` on a clean end of stream. A frame over `max` has its body
+/// read and dropped in bounded chunks, so the connection goes on.
 async fn read_frame<R: AsyncReadExt + Unpin>(
     r: &mut R,
     max: usize,
-) -> std::io::Result<Option<(u8, u64, Vec<u8>)>> {
+) -> std::io::Result<Option<Frame>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -203,18 +243,27 @@ async fn read_frame<R: AsyncReadExt + Unpin>(
         Err(e) => return Err(e),
     }
     let len = u32::from_be_bytes(len) as usize;
-    if !(HEADER_BYTES..=max).contains(&len) {
+    if len < HEADER_BYTES {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("frame of {len} bytes"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await?;
-    let kind = buf[0];
-    let id = u64::from_be_bytes(buf[1..9].try_into().expect("8 bytes"));
-    buf.drain(..HEADER_BYTES);
-    Ok(Some((kind, id, buf)))
+    let mut header = [0u8; HEADER_BYTES];
+    r.read_exact(&mut header).await?;
+    let kind = header[0];
+    let id = u64::from_be_bytes(header[1..].try_into().expect("8 bytes"));
+    let body_len = len - HEADER_BYTES;
+    if len > max {
+        let skipped = tokio::io::copy(&mut r.take(body_len as u64), &mut tokio::io::sink()).await?;
+        if skipped < body_len as u64 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        return Ok(Some(Frame::Oversized(kind, id)));
+    }
+    let mut body = vec![0u8; body_len];
+    r.read_exact(&mut body).await?;
+    Ok(Some(Frame::Whole(kind, id, body)))
 }
 
 /// Drains `rx` into the socket to `peer`, flushing whenever the queue is empty.
@@ -269,8 +318,16 @@ where
             contacts: Arc::default(),
             next_id: AtomicU64::new(1),
             frame_bytes_max,
+            send_queue_frames: SEND_QUEUE_FRAMES,
             _req: PhantomData,
         }
+    }
+
+    /// A smaller send queue, so tests can fill it.
+    #[cfg(test)]
+    fn with_send_queue(mut self, frames: usize) -> Self {
+        self.send_queue_frames = frames;
+        self
     }
 
     pub fn faults(&self) -> &FaultFilter {
@@ -299,9 +356,9 @@ where
             .map_err(|e| NetError::Connect(to, format!("{addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
         let (r, w) = stream.into_split();
-        let (tx, rx) = mpsc::channel(SEND_QUEUE_FRAMES);
+        let (tx, rx) = mpsc::channel(self.send_queue_frames);
         let closed = Arc::new(AtomicBool::new(false));
-        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Resp>>>> = Arc::default();
+        let pending: Pending<Resp> = Arc::default();
         tx.send(frame(KIND_HELLO, self.me, &()))
             .await
             .map_err(|_| NetError::Connect(to, "writer gone".into()))?;
@@ -324,25 +381,41 @@ where
             tokio::spawn(async move {
                 let mut r = BufReader::new(r);
                 let end = loop {
-                    match read_frame(&mut r, max).await {
-                        Ok(Some((KIND_RESPONSE, id, body))) => {
-                            if faults.blocks(to) {
-                                continue; // dropped on the floor, as a partition would
-                            }
-                            contacts.touch(to);
-                            let waiter = pending.lock().expect("pending lock poisoned").remove(&id);
-                            match (waiter, bincode::deserialize::<Resp>(&body)) {
-                                (Some(w), Ok(resp)) => {
-                                    let _ = w.send(resp);
-                                }
-                                (_, Err(e)) => break format!("undecodable response: {e}"),
-                                (None, Ok(_)) => {} // the caller gave up waiting
+                    let (id, outcome) = match read_frame(&mut r, max).await {
+                        Ok(Some(Frame::Whole(KIND_RESPONSE, id, body))) => {
+                            match bincode::deserialize::<Resp>(&body) {
+                                Ok(resp) => (id, Ok(resp)),
+                                Err(e) => break format!("undecodable response: {e}"),
                             }
                         }
-                        Ok(Some((kind, _, _))) => break format!("unexpected frame kind {kind}"),
+                        Ok(Some(Frame::Whole(KIND_REFUSED, id, _))) => (
+                            id,
+                            Err(NetError::RequestTooLarge(
+                                to,
+                                "refused by the peer: over its frame limit".into(),
+                            )),
+                        ),
+                        Ok(Some(Frame::Whole(KIND_TOO_LARGE, id, _))) => {
+                            (id, Err(NetError::ReplyTooLarge(to)))
+                        }
+                        // A response over our limit: skipped unread; that one call fails.
+                        Ok(Some(Frame::Oversized(KIND_RESPONSE, id))) => {
+                            (id, Err(NetError::ReplyTooLarge(to)))
+                        }
+                        Ok(Some(Frame::Whole(kind, _, _) | Frame::Oversized(kind, _))) => {
+                            break format!("unexpected frame kind {kind}")
+                        }
                         Ok(None) => break "closed by peer".to_string(),
                         Err(e) => break e.to_string(),
+                    };
+                    if faults.blocks(to) {
+                        continue; // dropped on the floor, as a partition would
                     }
+                    contacts.touch(to);
+                    let waiter = pending.lock().expect("pending lock poisoned").remove(&id);
+                    if let Some(w) = waiter {
+                        let _ = w.send(outcome);
+                    } // else the caller gave up waiting
                 };
                 tracing::debug!(peer = to, reason = %end, "peer connection ended");
                 closed.store(true, Ordering::Release);
@@ -374,33 +447,57 @@ where
             .await
             .map_err(|_| NetError::Connect(to, "connect timed out".into()))??;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let f = frame(KIND_REQUEST, id, &req);
+        if frame_len(&f) > self.frame_bytes_max {
+            return Err(NetError::RequestTooLarge(
+                to,
+                format!(
+                    "{} bytes, the frame limit is {}",
+                    frame_len(&f),
+                    self.frame_bytes_max
+                ),
+            ));
+        }
         let (tx, rx) = oneshot::channel();
         conn.pending
             .lock()
             .expect("pending lock poisoned")
             .insert(id, tx);
-        if conn.tx.send(frame(KIND_REQUEST, id, &req)).await.is_err() {
+        let forget = || {
             conn.pending
                 .lock()
                 .expect("pending lock poisoned")
                 .remove(&id);
-            return Err(NetError::Connect(
-                to,
-                "connection closed before sending".into(),
-            ));
+        };
+        // A full send queue waits, but never past the deadline; a frame that found no
+        // room was never queued, so it was certainly not delivered.
+        let left = timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, conn.tx.send(f)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                forget();
+                return Err(NetError::Connect(
+                    to,
+                    "connection closed before sending".into(),
+                ));
+            }
+            Err(_) => {
+                forget();
+                return Err(NetError::Connect(
+                    to,
+                    "the send queue stayed full until the deadline".into(),
+                ));
+            }
         }
         let left = timeout.saturating_sub(started.elapsed());
         match tokio::time::timeout(left, rx).await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(NetError::Lost(
                 to,
                 "connection closed while waiting for the reply".into(),
             )),
             Err(_) => {
-                conn.pending
-                    .lock()
-                    .expect("pending lock poisoned")
-                    .remove(&id);
+                forget();
                 Err(NetError::Timeout(to, timeout))
             }
         }
@@ -440,31 +537,43 @@ where
             match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut r, self.frame_bytes_max))
                 .await
             {
-                Ok(Ok(Some((KIND_HELLO, id, _)))) if self.peers.contains_key(&id) => id,
-                Ok(Ok(Some((KIND_HELLO, id, _)))) => {
+                Ok(Ok(Some(Frame::Whole(KIND_HELLO, id, _)))) if self.peers.contains_key(&id) => id,
+                Ok(Ok(Some(Frame::Whole(KIND_HELLO, id, _)))) => {
                     return Err(std::io::Error::other(format!(
                         "hello from unknown node {id}"
                     )));
                 }
                 _ => return Err(std::io::Error::other("peer did not say hello")),
             };
-        let (tx, rx) = mpsc::channel(SEND_QUEUE_FRAMES);
+        let (tx, rx) = mpsc::channel(self.send_queue_frames);
         let faults = self.faults.clone();
         tokio::spawn(async move {
             let _ = write_loop(rx, w, from, faults).await;
         });
         let in_flight = Arc::new(Semaphore::new(INBOUND_IN_FLIGHT_MAX));
-        while let Some((kind, id, body)) = read_frame(&mut r, self.frame_bytes_max).await? {
-            if kind != KIND_REQUEST {
-                return Err(std::io::Error::other(format!(
-                    "unexpected frame kind {kind}"
-                )));
-            }
+        let max = self.frame_bytes_max;
+        while let Some(f) = read_frame(&mut r, max).await? {
+            let (id, body) = match f {
+                Frame::Whole(KIND_REQUEST, id, body) => (id, Some(body)),
+                Frame::Oversized(KIND_REQUEST, id) => (id, None),
+                Frame::Whole(kind, _, _) | Frame::Oversized(kind, _) => {
+                    return Err(std::io::Error::other(format!(
+                        "unexpected frame kind {kind}"
+                    )));
+                }
+            };
             // Isolated: dropped unread. drop_to alone does not stop receiving.
             if self.faults.blocks(from) {
                 continue;
             }
             self.contacts.touch(from);
+            let Some(body) = body else {
+                // Over the limit: refused unhandled, and the connection goes on.
+                if self.faults.sends_to(from) {
+                    reply(&tx, frame(KIND_REFUSED, id, &())).await;
+                }
+                continue;
+            };
             let req: Req = bincode::deserialize(&body).map_err(std::io::Error::other)?;
             let permit = in_flight
                 .clone()
@@ -478,11 +587,31 @@ where
                 // Isolated or drop_to: the request took effect, the reply is lost, and
                 // the caller times out (maybe delivered), as with a real lost reply.
                 if this.faults.sends_to(from) {
-                    let _ = tx.send(frame(KIND_RESPONSE, id, &resp)).await;
+                    let mut f = frame(KIND_RESPONSE, id, &resp);
+                    if frame_len(&f) > this.frame_bytes_max {
+                        tracing::warn!(
+                            peer = from,
+                            bytes = frame_len(&f),
+                            "a response over the frame limit was not sent"
+                        );
+                        f = frame(KIND_TOO_LARGE, id, &());
+                    }
+                    reply(&tx, f).await;
                 }
             });
         }
         Ok(())
+    }
+}
+
+/// Queues a reply frame, waiting at most [`RESPONSE_QUEUE_WAIT`] for room; a reply that
+/// finds none is dropped, and its caller times out (outcome unknown, which is true).
+async fn reply(tx: &mpsc::Sender<Vec<u8>>, f: Vec<u8>) {
+    if tokio::time::timeout(RESPONSE_QUEUE_WAIT, tx.send(f))
+        .await
+        .is_err()
+    {
+        tracing::warn!("a reply found the send queue full and was dropped");
     }
 }
 
@@ -708,5 +837,98 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, NetError::Connect(2, _)), "{e}");
         assert!(!e.maybe_delivered());
+    }
+
+    /// Two transports with their own frame limits; each answers `big:N` with N bytes.
+    async fn pair_limited(max1: usize, max2: usize) -> (Arc<T>, Arc<T>, [Arc<AtomicU64>; 2]) {
+        let handled: [Arc<AtomicU64>; 2] = Default::default();
+        let l1 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a1 = l1.local_addr().unwrap().to_string();
+        let a2 = l2.local_addr().unwrap().to_string();
+        let t1 = Arc::new(T::new(1, BTreeMap::from([(2, a2)]), Arc::default(), max1));
+        let t2 = Arc::new(T::new(2, BTreeMap::from([(1, a1)]), Arc::default(), max2));
+        for (t, l, n) in [(&t1, l1, handled[0].clone()), (&t2, l2, handled[1].clone())] {
+            let handler: Handler<String, String> = Arc::new(move |_, req| {
+                n.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move {
+                    match req.strip_prefix("big:") {
+                        Some(len) => "x".repeat(len.parse().unwrap()),
+                        None => format!("got {}", req.len()),
+                    }
+                })
+            });
+            tokio::spawn(t.clone().serve(l, handler));
+        }
+        (t1, t2, handled)
+    }
+
+    /// #8 item 4: a frame over the limit fails its own request, on either side, and the
+    /// connection serves the next request.
+    #[tokio::test]
+    async fn an_oversized_frame_fails_one_request_never_the_connection() {
+        let d = Duration::from_secs(5);
+        let (t1, _t2, handled) = pair_limited(4096, 4096).await;
+        assert_eq!(t1.call(2, "hi".into(), d).await.unwrap(), "got 2");
+
+        // A request over the sender's own limit is never sent.
+        let e = t1.call(2, "y".repeat(10_000), d).await.unwrap_err();
+        assert!(matches!(e, NetError::RequestTooLarge(2, _)), "{e}");
+        assert!(!e.maybe_delivered());
+        assert_eq!(handled[1].load(Ordering::SeqCst), 1);
+
+        // A response over the limit: handled, reported too large (outcome unknown).
+        let e = t1.call(2, "big:10000".into(), d).await.unwrap_err();
+        assert!(matches!(e, NetError::ReplyTooLarge(2)), "{e}");
+        assert!(e.maybe_delivered());
+        assert_eq!(t1.call(2, "after".into(), d).await.unwrap(), "got 5");
+
+        // A peer with a larger limit (or one that ignores it): its oversized request is
+        // skipped unread and refused; its oversized reply is skipped and fails the call.
+        let (wide, _narrow, handled) = pair_limited(1 << 20, 4096).await;
+        let e = wide.call(2, "z".repeat(10_000), d).await.unwrap_err();
+        assert!(matches!(e, NetError::RequestTooLarge(2, _)), "{e}");
+        assert!(!e.maybe_delivered());
+        assert_eq!(handled[1].load(Ordering::SeqCst), 0, "never handled");
+        assert_eq!(wide.call(2, "ok".into(), d).await.unwrap(), "got 2");
+        let (narrow, _wide, _) = pair_limited(4096, 1 << 20).await;
+        let e = narrow.call(2, "big:10000".into(), d).await.unwrap_err();
+        assert!(matches!(e, NetError::ReplyTooLarge(2)), "{e}");
+        assert_eq!(narrow.call(2, "ok".into(), d).await.unwrap(), "got 2");
+    }
+
+    /// #8 item 8: a peer that stops reading fills the socket and then the send queue;
+    /// every call still ends by its deadline, as not delivered when its frame never
+    /// found room.
+    #[tokio::test]
+    async fn a_full_send_queue_does_not_outlive_the_deadline() {
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = silent.accept().await {
+                conns.push(c); // accepted, never read
+            }
+        });
+        let t = Arc::new(
+            T::new(1, BTreeMap::from([(2, addr)]), Arc::default(), 1 << 22).with_send_queue(2),
+        );
+        let payload = "p".repeat(1 << 20);
+        let mut not_sent = 0;
+        for _ in 0..64 {
+            let started = Instant::now();
+            let call = t.call(2, payload.clone(), Duration::from_millis(100));
+            let e = tokio::time::timeout(Duration::from_secs(2), call)
+                .await
+                .expect("a call outlived its deadline")
+                .unwrap_err();
+            assert!(started.elapsed() < Duration::from_secs(1), "{e}");
+            if !e.maybe_delivered() {
+                assert!(matches!(e, NetError::Connect(2, _)), "{e}");
+                not_sent += 1;
+            }
+        }
+        assert!(not_sent > 0, "the send queue never filled");
+        held.abort();
     }
 }
