@@ -590,11 +590,12 @@ fn condition(params: &Params, max_value_bytes: usize) -> Result<Option<Condition
     }
 }
 
-fn command(node: &Node, op: Op, headers: &HeaderMap) -> Result<Command, ApiError> {
+fn command(op: Op, headers: &HeaderMap) -> Result<Command, ApiError> {
     Ok(Command {
         op,
         idempotency_key: idempotency_key(headers)?,
-        proposed_at_ms: node.clock.now_ms(),
+        // Stamped by the leader's proposer (cluster time), not here.
+        proposed_at_ms: 0,
     })
 }
 
@@ -647,7 +648,7 @@ async fn put_key(
     };
     match st
         .node
-        .write(command(&st.node, op, &headers)?, params.deadline()?)
+        .write(command(op, &headers)?, params.deadline()?)
         .await?
     {
         Written::Put { version } => Ok(Json(PutResponse { version }).into_response()),
@@ -729,7 +730,7 @@ async fn delete_key(
     };
     match st
         .node
-        .write(command(&st.node, op, &headers)?, params.deadline()?)
+        .write(command(op, &headers)?, params.deadline()?)
         .await?
     {
         Written::Delete { deleted, version } => {
@@ -806,7 +807,7 @@ async fn create_keyspace(
     let spec = spec.normalized()?;
     let op = Op::CreateKeyspace { spec: spec.clone() };
     st.node
-        .write(command(&st.node, op, &headers)?, params.deadline()?)
+        .write(command(op, &headers)?, params.deadline()?)
         .await?;
     Ok((StatusCode::CREATED, Json(spec)))
 }

@@ -1,9 +1,10 @@
 //! The node's wall clock: the one place a node reads the time of day.
 //!
 //! Nodes share no clock. Wall time enters decisions in only a few places, each of which
-//! reads it through the node's [`WallClock`]: the `proposed_at_ms` of a cp command (it
-//! dates idempotency records), the hybrid-logical-clock stamps of `lww` writes and the
-//! `written_at_ms` of register siblings (`ap::coordinator`). Everything that measures an
+//! reads it through the node's [`WallClock`]: the hybrid-logical-clock stamps of `lww`
+//! writes and the `written_at_ms` of register siblings (`ap::coordinator`), and once in a
+//! cluster's life the start of its cluster time (`cp::proposer::ClusterClock`, which
+//! dates idempotency records and from then on follows the leaders' monotonic clocks). Everything that measures an
 //! interval (deadlines, timeouts, reachability, grace periods) uses the monotonic clock
 //! (`Instant`, tokio timers) instead and is not affected by anything here.
 //!

@@ -179,7 +179,12 @@ impl Node {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
-        let proposer = Proposer::start(raft.clone(), config.election_timeout_min_ms);
+        let proposer = Proposer::start(
+            raft.clone(),
+            config.election_timeout_min_ms,
+            reader.clone(),
+            clock.clone(),
+        );
         let replica = Arc::new(
             Replica::new(engine.clone(), group_commit.clone())
                 .map_err(|e| StartError::Storage(e.to_string()))?

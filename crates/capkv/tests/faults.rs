@@ -397,3 +397,59 @@ async fn a_node_whose_storage_stalls_keeps_answering_and_says_why() {
     )
     .await;
 }
+
+/// #8 item 6: idempotency records are dated by the cluster's time, not by the clock of
+/// whichever node a request arrived at. Every node's clock jumping two hours ahead (more
+/// than the one-hour record TTL) must not expire a record: a retry is still answered
+/// from it, applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_records_outlive_skewed_clocks() {
+    let c = Cluster::start(3, &[]).await;
+    let opts = |key: &str| capkv_client::WriteOptions {
+        idempotency_key: Some(key.into()),
+        ..capkv_client::WriteOptions::default()
+    };
+    let first = c
+        .client(0)
+        .put("cp", b"acct", b"debit".to_vec(), &opts("pay-1"))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        c.client(0)
+            .set_fault_request(
+                &c.url(i),
+                &FaultRequest {
+                    clock_skew_ms: Some(2 * HOUR_MS),
+                    ..FaultRequest::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    // Writes through every node, with keys of their own: under the old stamping each
+    // would have swept every record older than its node's (skewed) now.
+    for i in 0..3 {
+        c.client(i)
+            .put(
+                "cp",
+                format!("other{i}").as_bytes(),
+                b"x".to_vec(),
+                &opts(&format!("o{i}")),
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..3 {
+        let retry = c
+            .client(i)
+            .put("cp", b"acct", b"debit".to_vec(), &opts("pay-1"))
+            .await
+            .unwrap();
+        assert_eq!(
+            retry.version,
+            first.version,
+            "the retry through n{} was applied again",
+            i + 1
+        );
+    }
+}

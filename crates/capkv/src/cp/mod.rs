@@ -102,9 +102,11 @@ pub struct Command {
     /// The client's `Idempotency-Key`: a second command with the same key gets the
     /// first one's reply and changes nothing.
     pub idempotency_key: Option<String>,
-    /// Wall-clock time at the proposer ([`crate::clock::WallClock`], skew included), in ms
-    /// since the Unix epoch. Used only to expire idempotency records; carried in the entry
-    /// so every replica expires the same ones.
+    /// Cluster time in ms, stamped by the leader's proposer ([`proposer::ClusterClock`]:
+    /// the applied cluster time advanced by the leader's monotonic clock; no node's wall
+    /// clock once the cluster has a time). Used only to date idempotency records; carried
+    /// in the entry so every replica dates and expires the same ones (the state machine
+    /// applies each command at the larger of this and the cluster time so far).
     pub proposed_at_ms: u64,
 }
 

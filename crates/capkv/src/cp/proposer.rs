@@ -16,6 +16,9 @@
 //! (a graceful shutdown); neither tells whether the entry commits elsewhere. So the
 //! proposer checks leadership *before* it claims (not the leader: nothing proposed, the
 //! caller may try the new leader) and never reports "not proposed" after.
+//!
+//! The proposer also stamps each batch with the cluster time ([`ClusterClock`]), which
+//! dates idempotency records: the leader stamps, not the node a client happened to call.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -25,7 +28,45 @@ use capkv_core::ApiError;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::state_machine::Reader;
 use super::{Batch, Command, Raft, Reply};
+use crate::clock::WallClock;
+
+/// The leader's clock for stamping commands with cluster time (see the `state_machine`
+/// docs): the cluster time applied here, advanced by this process's monotonic clock.
+/// Re-anchored at the applied cluster time when the term changes or the applied time
+/// is ahead; only a cluster that has no time yet (nothing applied) takes one from the
+/// wall clock, once. So a node's wall clock, however skewed, moves no record's expiry,
+/// and stamps from one leader never go back.
+#[derive(Default)]
+pub struct ClusterClock {
+    /// (term, cluster time, when it was taken).
+    anchor: Option<(u64, u64, Instant)>,
+    last: u64,
+}
+
+impl ClusterClock {
+    /// The stamp for a batch proposed now in `term`; `applied` is the cluster time of
+    /// the last command applied on this node (0: none).
+    pub fn stamp(&mut self, term: u64, applied: u64, wall_ms: impl FnOnce() -> u64) -> u64 {
+        let ahead = |a: &(u64, u64, Instant)| a.1 + a.2.elapsed().as_millis() as u64;
+        let anchor = match self.anchor {
+            Some(a) if a.0 == term && ahead(&a) >= applied => a,
+            _ => {
+                let base = if applied > 0 || self.last > 0 {
+                    applied
+                } else {
+                    wall_ms()
+                };
+                let a = (term, base, Instant::now());
+                self.anchor = Some(a);
+                a
+            }
+        };
+        self.last = self.last.max(ahead(&anchor));
+        self.last
+    }
+}
 
 /// Most commands in one log entry.
 pub const BATCH_COMMANDS_MAX: usize = 256;
@@ -110,7 +151,14 @@ impl Proposer {
     /// Starts the proposer. `fresh_quorum_ms`: a leader proposes only if a quorum
     /// acknowledged it this recently (a restarted old leader still believes it leads
     /// until it hears otherwise; its proposals could never commit).
-    pub fn start(raft: Raft, fresh_quorum_ms: u64) -> Proposer {
+    /// `reader` gives the applied cluster time and `wall` the one-time start of it (see
+    /// [`ClusterClock`]).
+    pub fn start(
+        raft: Raft,
+        fresh_quorum_ms: u64,
+        reader: Reader,
+        wall: Arc<WallClock>,
+    ) -> Proposer {
         let (tx, rx) = mpsc::channel(QUEUE_MAX);
         let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES_MAX));
         let stopping = Arc::new(AtomicBool::new(false));
@@ -120,6 +168,7 @@ impl Proposer {
             in_flight.clone(),
             stopping.clone(),
             fresh_quorum_ms,
+            (reader, wall),
         ));
         Proposer {
             tx,
@@ -183,9 +232,11 @@ async fn run(
     in_flight: Arc<Semaphore>,
     stopping: Arc<AtomicBool>,
     fresh_quorum_ms: u64,
+    (reader, wall): (Reader, Arc<WallClock>),
 ) {
     // A command that did not fit the last batch starts the next one.
     let mut carry: Option<Pending> = None;
+    let mut clock = ClusterClock::default();
     loop {
         let first = match carry.take() {
             Some(p) => p,
@@ -233,12 +284,21 @@ async fn run(
             }
             continue;
         }
+        // The cluster time applied here; unreadable (a storage failure): the last stamp
+        // stands (the clock never goes back), and Raft reports the storage failure.
+        let applied = reader.cluster_time().unwrap_or(0);
+        let term = raft.metrics().borrow().current_term;
+        let stamp = clock.stamp(term, applied, || wall.now_ms());
         let claimed: Vec<Pending> = queued
             .into_iter()
             .filter(|p| {
                 p.state
                     .compare_exchange(QUEUED, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
+            })
+            .map(|mut p| {
+                p.cmd.proposed_at_ms = stamp;
+                p
             })
             .collect();
         if claimed.is_empty() {
@@ -326,6 +386,34 @@ impl From<ApiError> for ProposeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// #8 item 6: the leader's stamps follow the applied cluster time and the monotonic
+    /// clock; the wall clock is read only when the cluster has no time yet.
+    #[test]
+    fn cluster_clock_stamps_ignore_the_wall_clock_and_never_go_back() {
+        let hour = 3_600_000;
+        let mut c = ClusterClock::default();
+        // A fresh cluster takes its start from the wall clock, once.
+        let first = c.stamp(1, 0, || 5 * hour);
+        assert!((5 * hour..5 * hour + 1000).contains(&first), "{first}");
+        // Later stamps never read it again, however far off it is.
+        let s = c.stamp(1, first, || panic!("the wall clock was read"));
+        assert!(s >= first && s < first + 1000);
+        // A new term re-anchors at the applied time, wall clock unread.
+        let s2 = c.stamp(2, first + 10, || panic!("the wall clock was read"));
+        assert!(s2 >= first + 10);
+        // Applied time ahead of our stamps (another leader's entries): we move up to it.
+        let s3 = c.stamp(2, first + hour, || 0);
+        assert!(s3 >= first + hour);
+        // Applied time behind (a lagging state machine): our stamps do not go back.
+        let s4 = c.stamp(3, first, || 0);
+        assert!(s4 >= s3, "{s4} < {s3}");
+        // A node joining with an empty state machine but a clock already running does
+        // not consult the wall clock either.
+        let mut fresh = ClusterClock::default();
+        fresh.stamp(1, 0, || 7);
+        assert!(fresh.stamp(2, 0, || panic!("read twice")) >= 7);
+    }
     use crate::cp::{Condition, Op};
 
     fn put(value: usize, if_value: usize) -> Command {

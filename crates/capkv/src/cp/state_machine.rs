@@ -8,6 +8,7 @@
 //! | `s` keyspace                      | JSON [`KeyspaceSpec`]                  |
 //! | `i` idempotency-key               | bincode [`IdempotencyRecord`]          |
 //! | `j` expiry-ms (u64 BE) idem-key   | empty: the expiry index of `i` records |
+//! | `t`                               | cluster time (u64 BE ms), see below    |
 //!
 //! Keyspace names never contain `\0`, so a keyspace's keys are one contiguous range.
 //! [`Tree::Meta`] holds the applied log id, the membership and the revision counter,
@@ -16,6 +17,16 @@
 //! The revision is the number of successful writes ever applied (puts and deletes
 //! that deleted something); a key's version is the revision of its last write, so
 //! versions only grow, like etcd's `mod_revision`.
+//!
+//! Cluster time dates idempotency records. A command carries the time the leader's
+//! proposer stamped it with (a monotonic clock anchored at the cluster time, never a
+//! node's wall clock once the cluster has a time: see `proposer::ClusterClock`); applying
+//! it moves the cluster time to the larger of the two, so the time entries are applied
+//! at never goes back, whatever leader or clock stamped them, and every replica
+//! computes the same one (it lives in `Tree::Data`, so snapshots carry it). Records are
+//! made, matched and expired at that time (#8 item 6: when each receiving node stamped
+//! its own wall clock, one node an hour fast expired everyone's records early, and one
+//! an hour slow wrote records already expired).
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -56,6 +67,7 @@ const TAG_KEY: u8 = b'k';
 const TAG_SPEC: u8 = b's';
 const TAG_IDEM: u8 = b'i';
 const TAG_IDEM_EXPIRY: u8 = b'j';
+const CLUSTER_TIME_KEY: &[u8] = b"t";
 
 pub fn data_key(keyspace: &str, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + keyspace.len() + key.len());
@@ -151,6 +163,11 @@ pub struct Reader {
 impl Reader {
     pub fn new(engine: Arc<dyn Engine>) -> Reader {
         Reader { engine }
+    }
+
+    /// The cluster time of the last command applied on this node (0: none yet).
+    pub fn cluster_time(&self) -> Result<u64, ApiError> {
+        read_cluster_time(self.engine.as_ref()).map_err(|e| internal(e.to_string()))
     }
 
     /// The value and version of a key, as applied on this node.
@@ -286,7 +303,22 @@ pub struct StateMachine {
     last_applied: Option<LogId>,
     membership: StoredMembership<NodeId, PeerNode>,
     revision: u64,
+    /// The cluster time of the last applied command (see the module docs).
+    cluster_ms: u64,
     snapshot_seq: u64,
+}
+
+fn read_cluster_time(engine: &dyn Engine) -> StorageResult<u64> {
+    engine
+        .get(Tree::Data, CLUSTER_TIME_KEY)
+        .map_err(read_err)?
+        .map(|r| {
+            r.try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| read_err("cluster time record"))
+        })
+        .transpose()
+        .map(|t| t.unwrap_or(0))
 }
 
 impl StateMachine {
@@ -311,11 +343,13 @@ impl StateMachine {
             })
             .transpose()?
             .unwrap_or(0);
+        let cluster_ms = read_cluster_time(engine.as_ref())?;
         Ok(StateMachine {
             engine,
             last_applied,
             membership,
             revision,
+            cluster_ms,
             snapshot_seq: 0,
         })
     }
@@ -411,15 +445,16 @@ impl StateMachine {
         Ok(Ok(()))
     }
 
-    /// Applies a command, or answers it from its idempotency record.
-    fn apply_command(&mut self, txn: &mut Txn, cmd: &Command) -> StorageResult<Reply> {
+    /// Applies a command at cluster time `now_ms`, or answers it from its idempotency
+    /// record.
+    fn apply_command(&mut self, txn: &mut Txn, cmd: &Command, now_ms: u64) -> StorageResult<Reply> {
         let Some(ikey) = &cmd.idempotency_key else {
             return self.apply_op(txn, &cmd.op);
         };
         let fp = fingerprint(&cmd.op);
         if let Some(raw) = txn.get(&idem_key(ikey))? {
             let rec: IdempotencyRecord = decode(&raw).map_err(read_err)?;
-            if rec.expires_at_ms > cmd.proposed_at_ms {
+            if rec.expires_at_ms > now_ms {
                 if rec.fingerprint != fp {
                     return Ok(Err(ApiError::conflict(format!(
                         "Idempotency-Key '{ikey}' was already used for a different request"
@@ -430,7 +465,7 @@ impl StateMachine {
             txn.delete(idem_expiry_key(rec.expires_at_ms, ikey));
         }
         let reply = self.apply_op(txn, &cmd.op)?;
-        let expires_at_ms = cmd.proposed_at_ms.saturating_add(IDEMPOTENCY_TTL_MS);
+        let expires_at_ms = now_ms.saturating_add(IDEMPOTENCY_TTL_MS);
         let rec = IdempotencyRecord {
             fingerprint: fp,
             expires_at_ms,
@@ -571,7 +606,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let engine = self.engine.clone();
         let mut txn = Txn::new(engine.as_ref());
         let mut replies = Vec::new();
-        let mut latest_ms = 0;
+        let started_ms = self.cluster_ms;
         for entry in entries {
             self.last_applied = Some(entry.log_id);
             let mut entry_replies = Vec::new();
@@ -579,8 +614,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => {}
                 EntryPayload::Normal(batch) => {
                     for cmd in &batch.0 {
-                        latest_ms = latest_ms.max(cmd.proposed_at_ms);
-                        entry_replies.push(self.apply_command(&mut txn, cmd)?);
+                        self.cluster_ms = self.cluster_ms.max(cmd.proposed_at_ms);
+                        let now_ms = self.cluster_ms;
+                        entry_replies.push(self.apply_command(&mut txn, cmd, now_ms)?);
                     }
                 }
                 EntryPayload::Membership(m) => {
@@ -589,8 +625,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             replies.push(entry_replies);
         }
-        if latest_ms > 0 {
-            self.expire_idempotency(&mut txn, latest_ms)?;
+        if self.cluster_ms > started_ms {
+            txn.put(
+                CLUSTER_TIME_KEY.to_vec(),
+                self.cluster_ms.to_be_bytes().to_vec(),
+            );
+            self.expire_idempotency(&mut txn, self.cluster_ms)?;
         }
         let mut batch = txn.batch;
         self.meta_writes(&mut batch);
@@ -637,6 +677,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.revision = payload.revision;
         self.meta_writes(&mut batch);
         self.engine.write(batch).map_err(write_err)?;
+        self.cluster_ms = read_cluster_time(self.engine.as_ref())?;
         // Durable before openraft is told: store_snapshot fsyncs the whole journal.
         self.store_snapshot(meta, &data)?;
         metrics::counter!("capkv_raft_snapshots_installed_total").increment(1);
@@ -860,6 +901,63 @@ mod tests {
         }
         apply(&mut sm, vec![late]).await;
         assert_eq!(sm.engine.get(Tree::Data, &idem_key("req-1")).unwrap(), None);
+    }
+
+    fn stamped(mut e: Entry<TypeConfig>, at_ms: u64) -> Entry<TypeConfig> {
+        if let EntryPayload::Normal(b) = &mut e.payload {
+            for c in &mut b.0 {
+                c.proposed_at_ms = at_ms;
+            }
+        }
+        e
+    }
+
+    /// #8 item 6: a command stamped earlier than the cluster time so far (a slow clock, a
+    /// leader that has not applied everything yet) is applied at the cluster time, so its
+    /// record lives its full TTL from then: a retry within the TTL is answered from it.
+    /// The cluster time is replicated state: it survives a reopen and a snapshot.
+    #[tokio::test]
+    async fn records_are_dated_by_a_cluster_time_that_never_goes_back() {
+        let (mut sm, reader) = sm();
+        let t = 10 * IDEMPOTENCY_TTL_MS;
+        apply(
+            &mut sm,
+            vec![
+                stamped(entry(1, cp_keyspace(), None), t),
+                // Stamped two hours behind the cluster time.
+                stamped(
+                    entry(2, put("a", "1", None), Some("slow")),
+                    t - 2 * 3_600_000,
+                ),
+            ],
+        )
+        .await;
+        assert_eq!(reader.cluster_time().unwrap(), t);
+        // A retry half a TTL later is still answered from the record.
+        let r = apply(
+            &mut sm,
+            vec![stamped(
+                entry(3, put("a", "1", None), Some("slow")),
+                t + IDEMPOTENCY_TTL_MS / 2,
+            )],
+        )
+        .await;
+        assert_eq!(r[0], Ok(Written::Put { version: 1 }), "applied twice");
+        assert_eq!(reader.revision().unwrap(), 1);
+        // Replicated: a reopened state machine and a snapshot's receiver have it.
+        let reopened = StateMachine::open(sm.engine.clone()).unwrap();
+        assert_eq!(reopened.cluster_ms, t + IDEMPOTENCY_TTL_MS / 2);
+        let snap = sm.build().unwrap();
+        let (mut other, other_reader) = super::tests::sm();
+        other
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(other.cluster_ms, t + IDEMPOTENCY_TTL_MS / 2);
+        assert_eq!(
+            other_reader.cluster_time().unwrap(),
+            t + IDEMPOTENCY_TTL_MS / 2
+        );
     }
 
     #[tokio::test]
