@@ -803,7 +803,24 @@ async fn create_keyspace(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<KeyspaceSpec>)> {
     let params = Params::parse(q, &["timeout_ms"])?;
-    let spec: KeyspaceSpec = json_body(body)?;
+    let mut spec: KeyspaceSpec = json_body(body)?;
+    // An ap keyspace has as many replicas as asked, at most one per node: the default
+    // (3) shrinks to a smaller cluster; an explicit n larger than the cluster is refused
+    // (a key cannot have more replicas than nodes, and w=n writes could never succeed).
+    let nodes = st.node.config.cluster.len() as u32;
+    if spec.mode == capkv_core::Mode::Ap {
+        match spec.n {
+            Some(n) if n > nodes => {
+                return Err(ApiError::bad_request(format!(
+                    "n={n} replicas, but the cluster has {nodes} nodes: a key cannot have \
+                     more replicas than there are nodes"
+                ))
+                .into())
+            }
+            Some(_) => {}
+            None => spec.n = Some(nodes.min(capkv_core::validate::DEFAULT_REPLICAS)),
+        }
+    }
     let spec = spec.normalized()?;
     let op = Op::CreateKeyspace { spec: spec.clone() };
     st.node

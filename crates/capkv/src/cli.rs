@@ -314,7 +314,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub election_timeout_ms: Option<u64>,
     /// ap: a delete's tombstone is collected once every node has confirmed holding it
-    /// (or nothing) twice, this many ms apart (default 120000; at most 86400000).
+    /// (or nothing) twice, this many ms apart (default 120000; at least 65000, longer than
+    /// any request deadline, unless --enable-faults; at most 86400000).
     #[arg(long)]
     pub tombstone_grace_ms: Option<u64>,
 }
@@ -368,6 +369,17 @@ impl ServeArgs {
                     "--tombstone-grace-ms must be at most 86400000 (one day)".into(),
                 ));
             }
+            // Safety needs the grace to outlast any request still carrying an old
+            // version; only test clusters (faults enabled) may trade that for speed.
+            if v < MIN_SAFE_GRACE_MS && !cfg.enable_faults {
+                return Err(ConfigError::Invalid(format!(
+                    "--tombstone-grace-ms must be at least {MIN_SAFE_GRACE_MS} (longer than \
+                     the longest request deadline, {} ms), or a write still in flight could \
+                     bring a deleted value back; shorter is allowed only on test clusters \
+                     started with --enable-faults",
+                    capkv_core::validate::MAX_TIMEOUT_MS
+                )));
+            }
             cfg.tombstone_grace = std::time::Duration::from_millis(v);
         }
         if let Some(v) = self.snapshot_every.or(file.snapshot_every) {
@@ -381,6 +393,10 @@ impl ServeArgs {
         Ok(cfg)
     }
 }
+
+/// The shortest tombstone grace a production cluster accepts: the longest request
+/// deadline plus a margin.
+const MIN_SAFE_GRACE_MS: u64 = capkv_core::validate::MAX_TIMEOUT_MS + 5_000;
 
 fn print_value(bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
@@ -747,5 +763,42 @@ async fn heal(client: Client) -> Result<(), String> {
         Ok(())
     } else {
         Err(failed.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn serve(extra: &[&str]) -> Result<NodeConfig, ConfigError> {
+        let mut args = vec![
+            "capkv",
+            "serve",
+            "--id",
+            "n1",
+            "--cluster",
+            "n1=127.0.0.1:7101@127.0.0.1:7001",
+            "--data-dir",
+            "/tmp/unused",
+        ];
+        args.extend_from_slice(extra);
+        match Cli::try_parse_from(args).unwrap().command {
+            Cmd::Serve(a) => a.into_config(),
+            _ => unreachable!("parsed a serve command"),
+        }
+    }
+
+    /// #8 item 16: a tombstone grace shorter than the longest request deadline is unsafe
+    /// (a write still in flight could bring a deleted value back): refused, except on a
+    /// test cluster.
+    #[test]
+    fn a_tombstone_grace_below_the_longest_deadline_is_refused() {
+        let e = serve(&["--tombstone-grace-ms", "300"]).unwrap_err();
+        assert!(e.to_string().contains("at least 65000"), "{e}");
+        assert!(serve(&["--tombstone-grace-ms", "65000"]).is_ok());
+        let test = serve(&["--tombstone-grace-ms", "300", "--enable-faults"]).unwrap();
+        assert_eq!(test.tombstone_grace.as_millis(), 300);
+        assert!(serve(&["--tombstone-grace-ms", "86400001"]).is_err());
     }
 }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use capkv_core::{ApiError, ClusterInfo, ClusterNode, ErrorCode};
 use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::raft::{AppendEntriesResponse, InstallSnapshotResponse};
 use openraft::{ServerState, SnapshotPolicy};
 
 use crate::ap::coordinator::Coordinator;
@@ -33,6 +34,7 @@ use crate::ap::{anti_entropy, tombstones};
 use crate::clock::WallClock;
 use crate::config::NodeConfig;
 use crate::cp::log_store::LogStore;
+use crate::cp::lost_state::{self, LostState, Refusal, Report};
 use crate::cp::network::NetworkFactory;
 use crate::cp::proposer::{ProposeError, Proposer, BATCH_BYTES_MAX};
 use crate::cp::state_machine::{Reader, StateMachine};
@@ -93,6 +95,10 @@ pub struct Node {
     group_commit: GroupCommit,
     /// The store, for its health, gauges and injected stalls.
     pub engine: Arc<Watched>,
+    /// What a node that started without Raft state may have lost (see `cp::lost_state`).
+    lost: LostState,
+    /// The Raft log, read for the state this node reports to peers that rebuild theirs.
+    log_state: LogStore,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +140,7 @@ impl Node {
         let engine: Arc<dyn Engine> = watched.clone();
         let group_commit = GroupCommit::start(engine.clone());
         let log_store = LogStore::new(engine.clone(), group_commit.clone());
+        let log_state = log_store.clone();
         let sm =
             StateMachine::open(engine.clone()).map_err(|e| StartError::Storage(e.to_string()))?;
         let reader = Reader::new(engine.clone());
@@ -198,7 +205,13 @@ impl Node {
             replica,
             clock: clock.clone(),
         });
+        let had_state = raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
         let node = Arc::new(Node {
+            lost: LostState::new(had_state),
+            log_state,
             config,
             raft,
             reader,
@@ -220,6 +233,9 @@ impl Node {
         });
         tokio::spawn(node.transport.clone().serve(peer_listener, handler));
 
+        if !had_state {
+            tokio::spawn(node.clone().rebuild_lost_state());
+        }
         node.bootstrap().await?;
         tokio::spawn(node.clone().ping_loop());
         tokio::spawn(node.clone().metrics_loop());
@@ -505,13 +521,39 @@ impl Node {
     async fn handle_peer(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
         match req {
             PeerRequest::Ping => PeerResponse::Pong,
+            PeerRequest::RaftProbe => PeerResponse::RaftProbe(match self.raft_report().await {
+                Some(own) => self.lost.report(own),
+                None => None,
+            }),
             PeerRequest::AppendEntries(r) => {
-                PeerResponse::AppendEntries(self.raft.append_entries(r).await)
+                PeerResponse::AppendEntries(match self.lost.check_leader(r.vote.leader_id().term) {
+                    Ok(()) => self.raft.append_entries(r).await,
+                    Err(Refusal::StaleTerm(term)) => Ok(AppendEntriesResponse::HigherVote(
+                        openraft::Vote::new(term, self.id()),
+                    )),
+                    Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
+                })
             }
-            PeerRequest::Vote(r) => PeerResponse::Vote(self.raft.vote(r).await),
-            PeerRequest::InstallSnapshot(r) => {
-                PeerResponse::InstallSnapshot(self.raft.install_snapshot(r).await)
-            }
+            PeerRequest::Vote(r) => PeerResponse::Vote(match self.lost.check_vote(&r) {
+                Ok(()) => self.raft.vote(r).await,
+                Err(why) => {
+                    tracing::debug!(?why, candidate = ?r.vote, "vote refused: rebuilding lost state");
+                    Ok(openraft::raft::VoteResponse {
+                        vote: self.raft.metrics().borrow().vote,
+                        vote_granted: false,
+                        last_log_id: None,
+                    })
+                }
+            }),
+            PeerRequest::InstallSnapshot(r) => PeerResponse::InstallSnapshot(
+                match self.lost.check_leader(r.vote.leader_id().term) {
+                    Ok(()) => self.raft.install_snapshot(r).await,
+                    Err(Refusal::StaleTerm(term)) => Ok(InstallSnapshotResponse {
+                        vote: openraft::Vote::new(term, self.id()),
+                    }),
+                    Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
+                },
+            ),
             PeerRequest::ApUpdate {
                 keyspace,
                 key,
@@ -664,6 +706,58 @@ impl Node {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(tombstones = n, "collected tombstones"),
                 Err(e) => tracing::warn!(error = %e, "tombstone collection round failed"),
+            }
+        }
+    }
+
+    /// This node's term and the id of its last log entry (read from storage, beside the
+    /// Raft core, so a busy core does not delay it).
+    async fn raft_report(&self) -> Option<Report> {
+        use openraft::storage::RaftLogStorage;
+        let term = self.raft.metrics().borrow().current_term;
+        let state = self.log_state.clone().get_log_state().await.ok()?;
+        Some((term, state.last_log_id))
+    }
+
+    /// A node that started without Raft state asks its peers what it may have lost
+    /// until enough have answered (see `cp::lost_state`).
+    async fn rebuild_lost_state(self: Arc<Self>) {
+        let needed = lost_state::probes_needed(self.config.cluster.len());
+        let peers: Vec<NodeId> = self
+            .config
+            .cluster
+            .iter()
+            .map(|m| m.id)
+            .filter(|id| *id != self.id())
+            .collect();
+        let mut answers: BTreeMap<NodeId, Option<Report>> = BTreeMap::new();
+        let mut tick = tokio::time::interval(PING_INTERVAL);
+        loop {
+            tick.tick().await;
+            let mut asks = tokio::task::JoinSet::new();
+            // A peer that could not vouch is asked again: it may vouch later.
+            for p in peers
+                .iter()
+                .filter(|p| !matches!(answers.get(p), Some(Some(_))))
+            {
+                let (t, p) = (self.transport.clone(), *p);
+                asks.spawn(async move {
+                    (p, t.call(p, PeerRequest::RaftProbe, REACHABLE_WINDOW).await)
+                });
+            }
+            while let Some(done) = asks.join_next().await {
+                if let Ok((p, Ok(PeerResponse::RaftProbe(r)))) = done {
+                    answers.insert(p, r);
+                }
+            }
+            let known: Vec<Option<Report>> = answers.values().copied().collect();
+            if self.lost.learn(&known, peers.len(), needed) {
+                tracing::info!(
+                    vouched = known.iter().flatten().count(),
+                    term = known.iter().flatten().map(|r| r.0).max().unwrap_or(0),
+                    "started without Raft state: learned from peers what it may have lost; taking part in Raft"
+                );
+                return;
             }
         }
     }

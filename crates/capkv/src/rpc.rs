@@ -23,6 +23,9 @@ pub const PAGE_BYTES_MAX: usize = 4 << 20;
 pub enum PeerRequest {
     /// Liveness probe; keeps reachability fresh whatever Raft is doing.
     Ping,
+    /// Asked by a node that started without Raft state: the receiver's term and last log
+    /// id (see `cp::lost_state`).
+    RaftProbe,
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
@@ -85,6 +88,8 @@ pub enum PeerRequest {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
     Pong,
+    /// `None`: the receiver cannot vouch for its state (it is rebuilding its own).
+    RaftProbe(Option<crate::cp::lost_state::Report>),
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     InstallSnapshot(

@@ -82,6 +82,12 @@ async fn bad_input_gets_clear_errors() {
             "/v1/keyspaces",
             br#"{"name":"x","mode":"cp","n":3}"#.to_vec(),
         ),
+        // More replicas than the (one-node) cluster has nodes (#8 item 16).
+        (
+            Method::POST,
+            "/v1/keyspaces",
+            br#"{"name":"x","mode":"ap","n":2}"#.to_vec(),
+        ),
     ] {
         let (s, b) = call(method.clone(), format!("{u}{path}"), body).await;
         assert_eq!((s, code(&b)), (400, "bad_request"), "{method} {path}: {b}");
@@ -89,6 +95,15 @@ async fn bad_input_gets_clear_errors() {
             .as_str()
             .is_some_and(|m| !m.is_empty()));
     }
+
+    // The default n (3) shrinks to the cluster.
+    let (s, b) = call(
+        Method::POST,
+        format!("{u}/v1/keyspaces"),
+        br#"{"name":"small","mode":"ap"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!((s, b["n"].as_u64()), (201, Some(1)), "{b}");
 
     let (s, b) = call(Method::GET, format!("{u}/v1/kv/nosuch/k"), vec![]).await;
     assert_eq!((s, code(&b)), (404, "not_found"));

@@ -539,3 +539,65 @@ async fn a_deposed_leader_that_catches_up_by_snapshot_still_takes_writes() {
     )
     .await;
 }
+
+/// A node that lost its disk must not help a leader that lacks committed entries: x=2
+/// is committed on n1 and n2 only (n3 is down); n1 loses its disk and n2 goes down. n3
+/// (without x=2) and the wiped n1 are a majority, but n1 no longer knows what it held or
+/// whom it voted for, so it takes part in nothing until enough peers vouch for what it
+/// may have lost (`cp::lost_state`). Before, n1 followed n3 (a stale leader of term 1)
+/// or voted for it, and x=2 was overwritten (or, in a race, two leaders were elected in
+/// one term and openraft panicked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_disk_cannot_elect_a_leader_missing_committed_writes() {
+    let mut c = Cluster::start(3, &[]).await;
+    let opts = WriteOptions::default();
+    c.client(0)
+        .put("cp", b"x", b"1".to_vec(), &opts)
+        .await
+        .unwrap();
+    c.kill9(2);
+    eventually_some(
+        Duration::from_secs(20),
+        "x=2 committed on n1 and n2",
+        || async { c.client(0).put("cp", b"x", b"2".to_vec(), &opts).await.ok() },
+    )
+    .await;
+    c.kill9(0);
+    c.wipe(0);
+    c.kill9(1);
+    c.restart(0).await;
+    c.restart(2).await;
+    // n3 (which may still believe it leads term 1) and the wiped n1 are a majority, but
+    // n1 takes part in nothing until enough peers vouch for what it lost: it follows no
+    // leader and nothing can commit (watched for 5 s, several election timeouts).
+    let watch_until = Instant::now() + Duration::from_secs(5);
+    let short = WriteOptions {
+        timeout_ms: Some(500),
+        ..WriteOptions::default()
+    };
+    while Instant::now() < watch_until {
+        if let Ok(info) = c.client(0).cluster_of(&c.url(0)).await {
+            assert!(
+                info.leader.is_none(),
+                "the wiped n1 follows leader {:?} before anyone vouched for what it lost",
+                info.leader
+            );
+        }
+        assert!(
+            c.client(2)
+                .put("cp", b"x", b"3".to_vec(), &short)
+                .await
+                .is_err(),
+            "a write committed without n2, overwriting x=2"
+        );
+    }
+    // n2 comes back with x=2: a leader is elected and x=2 survives everywhere.
+    c.restart(1).await;
+    for i in 0..3 {
+        let got = eventually_some(Duration::from_secs(30), "x readable", || async {
+            c.client(i).get("cp", b"x", LIN).await.ok().flatten()
+        })
+        .await;
+        assert_eq!(got.value, b"2", "n{} lost the committed write", i + 1);
+    }
+}

@@ -109,7 +109,7 @@ impl KeyspaceSpec {
                 }
             }
             Mode::Ap => {
-                let n = self.n.unwrap_or(3);
+                let n = self.n.unwrap_or(validate::DEFAULT_REPLICAS);
                 let r = self.r.unwrap_or(1);
                 let w = self.w.unwrap_or(1);
                 if !(1..=validate::MAX_REPLICAS).contains(&n) {

@@ -25,6 +25,9 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 /// Longest deadline a request may ask for with `timeout_ms`.
 pub const MAX_TIMEOUT_MS: u64 = 60_000;
 
+/// Replicas of an ap key when the keyspace does not say (fewer on a smaller cluster).
+pub const DEFAULT_REPLICAS: u32 = 3;
+
 /// Largest clock skew `/v1/faults` accepts, either way: one day, far beyond any skew a
 /// real cluster survives unnoticed, yet small enough that no arithmetic on it overflows.
 pub const MAX_CLOCK_SKEW_MS: i64 = 86_400_000;

@@ -108,6 +108,13 @@ fn replica_err(e: ApiError) -> CallError {
     }
 }
 
+/// A copy of a write (to a home, or as a hint for it) that failed: neither the home nor
+/// a fallback holds it from this write; anti-entropy repairs the home later.
+fn copy_failed(e: &CallError) {
+    metrics::counter!("capkv_ap_copies_failed_total").increment(1);
+    tracing::warn!(error = %e, "a replica copy and its hint both failed; anti-entropy will repair the home");
+}
+
 impl Coordinator {
     /// Whether `id` is this node or a peer heard from recently.
     pub(super) fn up(&self, id: NodeId) -> bool {
@@ -339,7 +346,7 @@ impl Coordinator {
                 }
                 Ok(Some(Ok(Err(e)))) => {
                     uncertain |= matches!(e, CallError::Unknown(_));
-                    tracing::debug!(error = %e, "a replica or hint write failed")
+                    copy_failed(&e);
                 }
                 Ok(Some(Err(e))) => {
                     uncertain = true;
@@ -352,8 +359,15 @@ impl Coordinator {
                 }
             }
         }
-        // The rest finish in the background; their outcome no longer changes the answer.
-        tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
+        // The rest finish in the background; their outcome no longer changes the answer,
+        // but a copy that failed is counted (anti-entropy brings that home up to date).
+        tokio::spawn(async move {
+            while let Some(done) = tasks.join_next().await {
+                if let Ok(Err(e)) = done {
+                    copy_failed(&e);
+                }
+            }
+        });
         if holders.len() >= w {
             metrics::counter!("capkv_ap_writes_total").increment(1);
             Ok(object)

@@ -23,9 +23,11 @@ use crate::storage::{prefix_end, prefix_range_after, Engine, GroupCommit, Tree, 
 
 /// Lock stripes for read-merge-write of keys.
 const STRIPES: usize = 64;
-/// Most hints a node holds; beyond it, it refuses to hold more (the coordinator tries
-/// another fallback), so an outage cannot fill the disk.
+/// Most hints a node holds, by count and by encoded bytes; beyond either it refuses to
+/// hold more (the coordinator tries another fallback; anti-entropy repairs the home
+/// later), so an outage cannot fill the disk.
 pub const HINTS_MAX: u64 = 100_000;
+pub const HINT_BYTES_MAX: u64 = 256 << 20;
 const FLOOR_KEY: &[u8] = b"ap_reap_floor";
 
 pub fn obj_key(keyspace: &str, key: &[u8]) -> Vec<u8> {
@@ -78,7 +80,11 @@ pub struct Replica {
     /// pass the bound only by merging writes made concurrently elsewhere.
     object_bytes_max: usize,
     stripes: Vec<Mutex<()>>,
+    /// Hints held, and their encoded bytes: reserved before a hint is stored, so
+    /// concurrent holds can never pass the bounds together.
     hints: AtomicU64,
+    hint_bytes: AtomicU64,
+    hint_bytes_max: u64,
     objects: AtomicU64,
     /// Objects that are tombstones (the collector skips its scan while there are none).
     tombstones: AtomicU64,
@@ -89,10 +95,12 @@ pub struct Replica {
 
 impl Replica {
     pub fn new(engine: Arc<dyn Engine>, group_commit: GroupCommit) -> Result<Replica, ApiError> {
-        let held = engine
+        let hint_rows = engine
             .range(Tree::Hints, b"", None, usize::MAX)
-            .map_err(internal)?
-            .len() as u64;
+            .map_err(internal)?;
+        let held = hint_rows.len() as u64;
+        let held_bytes: u64 = hint_rows.iter().map(|(_, v)| v.len() as u64).sum();
+        drop(hint_rows);
         // Counted once at start, then kept up to date on every change.
         let rows = engine
             .range(Tree::Ap, b"", None, usize::MAX)
@@ -115,10 +123,25 @@ impl Replica {
             object_bytes_max: OBJECT_BYTES_MAX,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hints: AtomicU64::new(held),
+            hint_bytes: AtomicU64::new(held_bytes),
+            hint_bytes_max: HINT_BYTES_MAX,
             objects: AtomicU64::new(objects),
             tombstones: AtomicU64::new(tombstones),
             floor: std::sync::Mutex::new(floor),
         })
+    }
+
+    /// Sets the bound on hint bytes (default [`HINT_BYTES_MAX`]).
+    pub fn with_hint_bytes_max(mut self, bytes: u64) -> Replica {
+        self.hint_bytes_max = bytes;
+        self
+    }
+
+    /// Forgets a hint of `bytes` encoded bytes (dropped, or its reservation undone).
+    fn release_hint(&self, bytes: u64) {
+        let n = self.hints.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        self.hint_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        metrics::gauge!("capkv_ap_hints_queued").set(n as f64);
     }
 
     /// Sets the object size bound (default [`OBJECT_BYTES_MAX`]).
@@ -243,7 +266,8 @@ impl Replica {
         Ok((next, changed))
     }
 
-    /// Holds an object for `home` until it is reachable again.
+    /// Holds an object for `home` until it is reachable again. Refused (503, nothing
+    /// stored) when the hints held would pass [`HINTS_MAX`] or the byte bound.
     pub async fn hold_hint(
         &self,
         home: NodeId,
@@ -254,20 +278,51 @@ impl Replica {
         let k = hint_key(home, keyspace, key);
         let _guard = self.stripe(&k).lock().await;
         let current = self.load(Tree::Hints, &k)?;
-        if current.is_none() && self.hints.load(Ordering::Relaxed) >= HINTS_MAX {
-            return Err(ApiError::unavailable(format!(
-                "this node already holds {HINTS_MAX} hints"
-            )));
-        }
         let next = current
             .as_ref()
             .map_or_else(|| incoming.clone(), |c| c.merge(incoming));
-        self.store(Tree::Hints, k, &next).await?;
-        if current.is_none() {
-            let n = self.hints.fetch_add(1, Ordering::Relaxed) + 1;
-            metrics::gauge!("capkv_ap_hints_queued").set(n as f64);
+        let raw = encode(&next);
+        let (old_bytes, new_bytes) = (
+            current.as_ref().map_or(0, |c| encode(c).len() as u64),
+            raw.len() as u64,
+        );
+        // Reserve first (count and bytes), then check: two holds can never both fit
+        // into the last free place.
+        let grow = new_bytes.saturating_sub(old_bytes);
+        let count_before = if current.is_none() {
+            self.hints.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
+        let bytes_before = self.hint_bytes.fetch_add(grow, Ordering::Relaxed);
+        let undo = || {
+            self.hint_bytes.fetch_sub(grow, Ordering::Relaxed);
+            if current.is_none() {
+                self.hints.fetch_sub(1, Ordering::Relaxed);
+            }
+        };
+        if count_before >= HINTS_MAX || bytes_before + grow > self.hint_bytes_max {
+            undo();
+            return Err(ApiError::unavailable(format!(
+                "this node already holds as many hints as it may ({HINTS_MAX} hints, {} bytes)",
+                self.hint_bytes_max
+            )));
         }
-        Ok(())
+        let mut b = WriteBatch::new();
+        b.put(Tree::Hints, k, raw);
+        let stored = match self.engine.write(b) {
+            Ok(()) => self.group_commit.sync().await.map_err(internal),
+            Err(e) => {
+                undo(); // certainly not written
+                return Err(internal(e));
+            }
+        };
+        if new_bytes < old_bytes {
+            self.hint_bytes
+                .fetch_sub(old_bytes - new_bytes, Ordering::Relaxed);
+        }
+        metrics::gauge!("capkv_ap_hints_queued").set(self.hints.load(Ordering::Relaxed) as f64);
+        stored
     }
 
     /// Up to `limit` hints held for `home`.
@@ -305,8 +360,7 @@ impl Replica {
         let mut b = WriteBatch::new();
         b.delete(Tree::Hints, k);
         self.engine.write(b).map_err(internal)?;
-        let n = self.hints.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
-        metrics::gauge!("capkv_ap_hints_queued").set(n as f64);
+        self.release_hint(encode(&hint.object).len() as u64);
         Ok(true)
     }
 
@@ -449,8 +503,7 @@ impl Replica {
                 let mut b = WriteBatch::new();
                 b.delete(Tree::Hints, hk);
                 self.engine.write(b).map_err(internal)?;
-                let n = self.hints.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
-                metrics::gauge!("capkv_ap_hints_queued").set(n as f64);
+                self.release_hint(encode(tombstone).len() as u64);
                 dropped += 1;
             }
         }
@@ -525,6 +578,52 @@ mod tests {
         grown = grown.merge(&r.read("s", b"k", &[]).unwrap().unwrap());
         let (merged, changed) = r.merge("s", b"k", &grown).await.unwrap();
         assert!(changed && encode(&merged).len() > 4096);
+    }
+
+    /// #8 item 16: hints are bounded in bytes, and concurrent holds reserve before they
+    /// store, so together they never pass the bound; a dropped hint frees its room.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hints_are_bounded_in_bytes_even_when_held_concurrently() {
+        let object = |i: usize| {
+            let mut s = ApState::empty(ValueType::Set);
+            s = s
+                .apply(
+                    &Mutation::Insert {
+                        members: vec![format!("{i:04}{}", "m".repeat(1000))],
+                    },
+                    "n1.x",
+                    1,
+                )
+                .unwrap();
+            s
+        };
+        let size = encode(&object(0)).len() as u64;
+        let r = Arc::new(replica().with_hint_bytes_max(10 * size));
+        let holds: Vec<_> = (0..50)
+            .map(|i| {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    r.hold_hint(3, "s", format!("k{i}").as_bytes(), &object(i))
+                        .await
+                        .is_ok()
+                })
+            })
+            .collect();
+        let mut held = 0;
+        for h in holds {
+            held += u64::from(h.await.unwrap());
+        }
+        assert_eq!(held, 10, "exactly as many hints as fit");
+        assert_eq!(r.hints_held(), 10);
+        let stored = r.hints_for(3, 100).unwrap();
+        assert_eq!(stored.len(), 10);
+        let bytes: u64 = stored.iter().map(|h| encode(&h.object).len() as u64).sum();
+        assert!(bytes <= 10 * size);
+        let e = r.hold_hint(3, "s", b"more", &object(99)).await.unwrap_err();
+        assert_eq!(e.code, capkv_core::ErrorCode::Unavailable, "{e:?}");
+        // Dropping one makes room for one.
+        assert!(r.drop_hint_if_unchanged(3, &stored[0]).await.unwrap());
+        r.hold_hint(3, "s", b"more", &object(99)).await.unwrap();
     }
 
     #[tokio::test]

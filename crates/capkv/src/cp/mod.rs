@@ -23,6 +23,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod log_store;
+pub mod lost_state;
 pub mod network;
 pub mod proposer;
 pub mod state_machine;

@@ -1,0 +1,239 @@
+//! A node that starts without Raft state may have lost it (a wiped or replaced disk), and
+//! Raft's safety rests on that state: the vote (one vote per term) and the log (entries
+//! that counted toward a commit). A node that forgot both and then acts on them can vote
+//! twice in a term (two leaders in one term) or help elect a leader that lacks committed
+//! entries, which then overwrites them. Both happened: a wiped node that rejoined voted
+//! for a stale candidate, committed writes were lost, and openraft caught the two
+//! leaders in a debug assertion.
+//!
+//! So a node that starts with no Raft state rebuilds, conservatively, what it could have
+//! known, before it takes part: it asks its peers for their term and last log id until
+//! enough of them have answered that every majority of the cluster includes one of them
+//! ([`probes_needed`]: any majority that elected a leader or committed an entry, even one
+//! that counted this node's lost state, then has a member in the answers). From then on it
+//! acts as if its lost vote were in the highest term reported and its lost log ended at the
+//! highest last log id reported:
+//!
+//! - it grants no vote for a term at or below that term, nor to a candidate whose log is
+//!   behind that log id (the candidate could lack a committed entry);
+//! - it takes no entries or snapshot from a leader of a lower term (a stale leader), and
+//!   tells it of the higher term.
+//!
+//! A peer that is itself rebuilding cannot vouch for anything and does not count toward
+//! that number. But once *every* peer has answered, the answers are complete: an entry
+//! committed on a majority whose other members all lost their state too is gone from
+//! every disk anyway. That is also how a cluster's first start works: every node starts
+//! without state, all of them answer "nothing to vouch for", and after one round of
+//! probes the floor is term 0 and an empty log.
+//!
+//! Until then the node takes part in nothing (votes refused, replication failed so the
+//! leader retries). The price: a node that lost its disk can help the cluster again only
+//! once enough others are up to vouch for what it lost.
+
+use std::sync::Mutex;
+
+use openraft::raft::VoteRequest;
+
+use super::{LogId, NodeId};
+
+/// What a peer reports: its current term and the id of the last entry in its log.
+pub type Report = (u64, Option<LogId>);
+
+/// How many peers (other than this node) must report before a node without state knows
+/// an upper bound of what it lost: enough that every majority includes one of them.
+pub fn probes_needed(cluster_size: usize) -> usize {
+    if cluster_size <= 1 {
+        return 0;
+    }
+    let majority = cluster_size / 2 + 1;
+    cluster_size - majority + 1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Floor {
+    /// The node started with Raft state: nothing was lost.
+    Unneeded,
+    /// It started without, and not enough peers have answered yet.
+    Unknown,
+    /// The highest term and last log id enough peers reported.
+    Known { term: u64, last_log: Option<LogId> },
+}
+
+/// Why a message is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not enough peers have answered yet: take part in nothing.
+    NotReady,
+    /// A term below what this node may have seen: answer with that term.
+    StaleTerm(u64),
+    /// A vote for a term this node may already have voted in, or for a candidate whose
+    /// log is behind what this node may have held.
+    Vote,
+}
+
+pub struct LostState {
+    floor: Mutex<Floor>,
+}
+
+impl LostState {
+    /// `had_state`: whether the node started with Raft state.
+    pub fn new(had_state: bool) -> LostState {
+        LostState {
+            floor: Mutex::new(if had_state {
+                Floor::Unneeded
+            } else {
+                Floor::Unknown
+            }),
+        }
+    }
+
+    fn get(&self) -> Floor {
+        *self.floor.lock().expect("lost state lock poisoned")
+    }
+
+    /// Whether the node still waits for its peers' reports.
+    pub fn waiting(&self) -> bool {
+        self.get() == Floor::Unknown
+    }
+
+    /// Takes the answers of peers (`None`: a peer that cannot vouch). The floor is known
+    /// once `needed` peers vouched, or all `peers` answered; it is the highest term and
+    /// log id vouched for. Returns whether the floor is now known.
+    pub fn learn(&self, answers: &[Option<Report>], peers: usize, needed: usize) -> bool {
+        let mut floor = self.floor.lock().expect("lost state lock poisoned");
+        if *floor != Floor::Unknown {
+            return true;
+        }
+        let reports: Vec<Report> = answers.iter().flatten().copied().collect();
+        if reports.len() < needed && answers.len() < peers {
+            return false;
+        }
+        let term = reports.iter().map(|r| r.0).max().unwrap_or(0);
+        let last_log = reports.iter().map(|r| r.1).max().flatten();
+        *floor = Floor::Known { term, last_log };
+        true
+    }
+
+    /// What this node reports to a peer that probes it: its own state, raised to its
+    /// floor; nothing while its own floor is unknown (it cannot vouch for anything).
+    pub fn report(&self, own: Report) -> Option<Report> {
+        match self.get() {
+            Floor::Unneeded => Some(own),
+            Floor::Unknown => None,
+            Floor::Known { term, last_log } => Some((own.0.max(term), own.1.max(last_log))),
+        }
+    }
+
+    /// Whether a vote request may go to Raft.
+    pub fn check_vote(&self, req: &VoteRequest<NodeId>) -> Result<(), Refusal> {
+        match self.get() {
+            Floor::Unneeded => Ok(()),
+            Floor::Unknown => Err(Refusal::NotReady),
+            Floor::Known { term, last_log } => {
+                if req.vote.leader_id().term <= term || req.last_log_id < last_log {
+                    Err(Refusal::Vote)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Whether entries or a snapshot from a leader of `term` may go to Raft.
+    pub fn check_leader(&self, term: u64) -> Result<(), Refusal> {
+        match self.get() {
+            Floor::Unneeded => Ok(()),
+            Floor::Unknown => Err(Refusal::NotReady),
+            Floor::Known { term: floor, .. } if term < floor => Err(Refusal::StaleTerm(floor)),
+            Floor::Known { .. } => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, Vote};
+
+    fn id(term: u64, index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn vote(term: u64, last: Option<LogId>) -> VoteRequest<NodeId> {
+        VoteRequest {
+            vote: Vote::new(term, 3),
+            last_log_id: last,
+        }
+    }
+
+    #[test]
+    fn enough_peers_that_every_majority_has_one() {
+        assert_eq!(probes_needed(1), 0);
+        assert_eq!(probes_needed(2), 1);
+        assert_eq!(probes_needed(3), 2);
+        assert_eq!(probes_needed(4), 2);
+        assert_eq!(probes_needed(5), 3);
+        // Brute force: for every cluster size and every set of `needed` peers, every
+        // majority (which may include this node, 0) meets the set.
+        for n in 2..=7usize {
+            let needed = probes_needed(n);
+            let majority = n / 2 + 1;
+            for peers in 0u32..(1 << n) {
+                if peers & 1 != 0 || peers.count_ones() as usize != needed {
+                    continue;
+                }
+                for m in 0u32..(1 << n) {
+                    if m.count_ones() as usize >= majority {
+                        assert!(m & peers != 0, "n={n}: majority {m:b} misses {peers:b}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_that_had_state_is_never_restricted() {
+        let s = LostState::new(true);
+        assert_eq!(s.check_vote(&vote(1, None)), Ok(()));
+        assert_eq!(s.check_leader(0), Ok(()));
+        assert_eq!(s.report((4, Some(id(4, 9)))), Some((4, Some(id(4, 9)))));
+    }
+
+    #[test]
+    fn a_node_without_state_waits_then_acts_on_the_highest_report() {
+        let s = LostState::new(false);
+        assert_eq!(
+            s.check_vote(&vote(9, Some(id(9, 99)))),
+            Err(Refusal::NotReady)
+        );
+        assert_eq!(s.check_leader(9), Err(Refusal::NotReady));
+        assert_eq!(s.report((0, None)), None, "it vouches for nothing yet");
+        assert!(!s.learn(&[Some((2, Some(id(2, 7))))], 2, 2));
+        // A peer that is rebuilding too vouches for nothing and does not count...
+        assert!(!s.learn(&[Some((2, Some(id(2, 7)))), None], 4, 2));
+        assert!(s.waiting());
+        assert!(s.learn(
+            &[Some((2, Some(id(2, 7)))), Some((1, Some(id(1, 3))))],
+            4,
+            2
+        ));
+        // Its lost vote may have been in term 2: no vote at or below it.
+        assert_eq!(s.check_vote(&vote(2, Some(id(2, 7)))), Err(Refusal::Vote));
+        // Its lost log may have held 2-7: no vote for a candidate behind it.
+        assert_eq!(s.check_vote(&vote(3, Some(id(1, 3)))), Err(Refusal::Vote));
+        assert_eq!(s.check_vote(&vote(3, Some(id(2, 7)))), Ok(()));
+        // A leader of term 1 is stale; term 2 and later are taken.
+        assert_eq!(s.check_leader(1), Err(Refusal::StaleTerm(2)));
+        assert_eq!(s.check_leader(2), Ok(()));
+        assert_eq!(s.report((0, None)), Some((2, Some(id(2, 7)))));
+    }
+
+    #[test]
+    fn a_fresh_cluster_elects_after_one_round_of_reports() {
+        let s = LostState::new(false);
+        // ...unless every peer answered: then the answers are complete.
+        assert!(s.learn(&[None, None], 2, 2));
+        assert_eq!(s.check_vote(&vote(1, None)), Ok(()));
+        assert_eq!(s.check_leader(1), Ok(()));
+    }
+}
