@@ -23,9 +23,11 @@
 //! object context.
 //!
 //! ```text
-//!   home n1 holds (n1,1)="two"           client 1 (saw nothing) writes "one"
-//!   object context  {n1:2}               -> dot (n1,2); client 1 gets {} + (n1,2)
-//!   client 1 writes "one again" with it  -> replaces (n1,2) only; "two" stays a sibling
+//!   client 2 writes "two"            home n1: (n1,1)="two"                    {n1:1}
+//!   client 1 (saw nothing) writes    home n1: (n1,1)="two", (n1,2)="one"      {n1:2}
+//!     "one"; it gets {} + (n1,2),    (not {n1:2}: that covers (n1,1) as well)
+//!   client 1 writes "one again"      home n1: (n1,1)="two", (n1,3)="one again"
+//!     with that context: it replaces (n1,2) only
 //! ```
 //!
 //! Invariant the rest of the system keeps: an actor issues dot `(a, c)` for a key only
