@@ -3,7 +3,7 @@
 //! error leaves as `{"error":{"code","message"}}` with the status of its code; no input
 //! reaches a panic (bad paths, bodies and parameters are 400, sizes 413).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,10 @@ use capkv_core::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use utoipa::OpenApi;
 
-use crate::ap::dvv::{Object, VersionVector};
+use crate::ap::dvv::{
+    Context, Dot, Object, VersionVector, CONTEXT_ACTORS_MAX, CONTEXT_ACTOR_BYTES_MAX,
+    CONTEXT_COUNTER_MAX, CONTEXT_DOTS_MAX,
+};
 use crate::ap::value::{ApState, LwwValue, Mutation};
 use crate::cp::{Command, Condition, Op, Written};
 use crate::net::PeerFaults;
@@ -32,6 +35,7 @@ use crate::node::Node;
 use crate::rpc::{ForwardOp, ForwardReply};
 use crate::storage::Engine as _;
 use base64::Engine as _;
+use serde::{Deserialize, Serialize};
 
 /// Requests without `timeout_ms` get this deadline.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -169,39 +173,74 @@ fn check_target(node: &Node, keyspace: &str, key: &str) -> Result<Option<Keyspac
     node.reader.keyspace(keyspace)
 }
 
-/// The opaque causal context of an ap read, as sent in `X-Capkv-Context`.
-fn encode_context(vv: &VersionVector) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(serde_json::to_vec(vv).expect("contexts serialize"))
+/// A context as a client holds it: JSON, then URL-safe base64 (docs/api.md, "Contexts").
+/// A context with no exact dots is a plain map of actor to counter (the only form before
+/// contexts named single dots, so contexts clients hold from then keep working); one with
+/// exact dots adds them as `[actor, counter]` pairs.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum WireContext {
+    Exact(ExactWire),
+    Plain(BTreeMap<String, u64>),
 }
 
-fn context_from(headers: &HeaderMap) -> Result<VersionVector, ApiError> {
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExactWire {
+    vv: BTreeMap<String, u64>,
+    dots: Vec<(String, u64)>,
+}
+
+/// The opaque causal context of an ap read or write, as sent in `X-Capkv-Context`.
+fn encode_context(c: &Context) -> String {
+    let vv = c.vv().0.clone();
+    let wire = if c.dots().next().is_none() {
+        WireContext::Plain(vv)
+    } else {
+        WireContext::Exact(ExactWire {
+            vv,
+            dots: c.dots().map(|d| (d.actor.clone(), d.counter)).collect(),
+        })
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&wire).expect("contexts serialize"))
+}
+
+fn context_from(headers: &HeaderMap) -> Result<Context, ApiError> {
     let Some(v) = headers.get("x-capkv-context") else {
-        return Ok(VersionVector::default());
+        return Ok(Context::default());
     };
     let bad = || ApiError::bad_request("X-Capkv-Context is not a context returned by capkv");
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(v.as_bytes())
         .map_err(|_| bad())?;
-    let vv: VersionVector = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    let (vv, dots) = match serde_json::from_slice(&raw).map_err(|_| bad())? {
+        WireContext::Plain(vv) => (vv, Vec::new()),
+        WireContext::Exact(ExactWire { vv, dots }) => (vv, dots),
+    };
     // A context names dots capkv issued: one per write, so a counter near 2^64 (which would
-    // make the next dot of that actor wrap) or an absurd number of actors is forged.
-    if vv.0.len() > CONTEXT_ACTORS_MAX
-        || vv
-            .0
-            .iter()
-            .any(|(actor, &n)| n > CONTEXT_COUNTER_MAX || actor.is_empty() || actor.len() > 256)
+    // make the next dot of that actor wrap), a dot 0, or an absurd number of actors or
+    // dots is forged.
+    let actor_ok = |a: &str| !a.is_empty() && a.len() <= CONTEXT_ACTOR_BYTES_MAX;
+    let actors: BTreeSet<&str> = vv
+        .keys()
+        .chain(dots.iter().map(|(a, _)| a))
+        .map(String::as_str)
+        .collect();
+    if actors.len() > CONTEXT_ACTORS_MAX
+        || dots.len() > CONTEXT_DOTS_MAX
+        || !actors.iter().all(|a| actor_ok(a))
+        || vv.values().any(|&n| n > CONTEXT_COUNTER_MAX)
+        || dots.iter().any(|&(_, n)| n == 0 || n > CONTEXT_COUNTER_MAX)
     {
         return Err(bad());
     }
-    Ok(vv)
+    Ok(Context::new(
+        VersionVector(vv),
+        dots.into_iter()
+            .map(|(actor, counter)| Dot { actor, counter }),
+    ))
 }
-
-/// Most actors a client context may name (every node's incarnations and one-time actors).
-const CONTEXT_ACTORS_MAX: usize = 4096;
-/// Largest dot counter a client context may carry: 2^62, far above any count of writes, far
-/// below the wrap of the u64 the next dot is computed in.
-const CONTEXT_COUNTER_MAX: u64 = 1 << 62;
 
 /// `r` or `w` from the query (1..=n), or the keyspace's default.
 fn quorum(params: &Params, name: &str, default: Option<u32>, n: u32) -> Result<usize, ApiError> {
@@ -248,7 +287,7 @@ async fn ap_mutate(
     }
     let n = spec.n.unwrap_or(3);
     let w = quorum(params, "w", spec.w, n)?;
-    let state = node
+    let applied = node
         .ap
         .write(
             &spec.name,
@@ -260,9 +299,18 @@ async fn ap_mutate(
             params.deadline()?,
         )
         .await?;
+    let state = applied.state;
     Ok(match state {
-        ApState::Register(obj) => {
-            let ctx = encode_context(&obj.context);
+        ApState::Register(_) => {
+            // What the client's context covered plus this write, never the home's whole
+            // object context: that also covers concurrent siblings the client was never
+            // shown, which its next write would silently replace (issue #8 item 12).
+            let (Mutation::Write { context, .. }, Some(dot)) = (&mutation, &applied.dot) else {
+                return Err(
+                    ApiError::internal("a register write came back without its dot").into(),
+                );
+            };
+            let ctx = encode_context(&context.after_write(dot));
             let mut resp = Json(ApWriteResponse {
                 context: ctx.clone(),
             })
@@ -275,7 +323,7 @@ async fn ap_mutate(
         }
         // lww writes need no context: the latest stamp wins.
         ApState::Lww(_) => Json(ApWriteResponse {
-            context: encode_context(&VersionVector::default()),
+            context: encode_context(&Context::default()),
         })
         .into_response(),
         // The state of the replica that applied it: other replicas' changes may be missing.
@@ -1116,4 +1164,89 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(record_metrics))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> Result<Context, ApiError> {
+        let mut h = HeaderMap::new();
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        h.insert("x-capkv-context", HeaderValue::from_str(&token).unwrap());
+        context_from(&h)
+    }
+
+    fn dot(actor: &str, counter: u64) -> Dot {
+        Dot {
+            actor: actor.into(),
+            counter,
+        }
+    }
+
+    #[test]
+    fn contexts_round_trip_and_plain_ones_from_before_exact_dots_still_parse() {
+        let plain = parse(r#"{"n1.a":3,"n2.b":1}"#).unwrap();
+        assert_eq!(plain.vv().get("n1.a"), 3);
+        assert_eq!(plain.dots().count(), 0);
+        let exact = parse(r#"{"vv":{"n1.a":3},"dots":[["n2.b",4],["n1.a",9]]}"#).unwrap();
+        assert!(exact.covers(&dot("n2.b", 4)) && !exact.covers(&dot("n2.b", 3)));
+        assert!(exact.covers(&dot("n1.a", 9)) && !exact.covers(&dot("n1.a", 8)));
+        for c in [plain, exact, Context::default()] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "x-capkv-context",
+                HeaderValue::from_str(&encode_context(&c)).unwrap(),
+            );
+            assert_eq!(context_from(&h).unwrap(), c);
+        }
+        // A context without exact dots is encoded as before they existed.
+        let c = Context::from(VersionVector([("n1.a".to_string(), 2)].into()));
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(encode_context(&c))
+            .unwrap();
+        assert_eq!(raw, br#"{"n1.a":2}"#);
+    }
+
+    #[test]
+    fn forged_contexts_are_refused() {
+        let too_many_dots: Vec<(String, u64)> = (1..=CONTEXT_DOTS_MAX as u64 + 1)
+            .map(|i| ("n1.a".to_string(), 2 * i + 1))
+            .collect();
+        let too_many_actors: BTreeMap<String, u64> = (0..=CONTEXT_ACTORS_MAX)
+            .map(|i| (format!("n{i}"), 1))
+            .collect();
+        // Actors counted across the vector and the exact dots.
+        let split_actors: Vec<(String, u64)> = (0..=CONTEXT_ACTORS_MAX / 2)
+            .map(|i| (format!("m{i}"), 5))
+            .collect();
+        let half: BTreeMap<String, u64> = (0..CONTEXT_ACTORS_MAX / 2)
+            .map(|i| (format!("n{i}"), 1))
+            .collect();
+        for raw in [
+            "not json".to_string(),
+            r#"{"n1.a":-1}"#.into(),
+            format!(r#"{{"n1.a":{}}}"#, CONTEXT_COUNTER_MAX + 1),
+            r#"{"":1}"#.into(),
+            format!(r#"{{"{}":1}}"#, "a".repeat(CONTEXT_ACTOR_BYTES_MAX + 1)),
+            r#"{"vv":{},"dots":[["n1.a",0]]}"#.into(),
+            format!(
+                r#"{{"vv":{{}},"dots":[["n1.a",{}]]}}"#,
+                CONTEXT_COUNTER_MAX + 1
+            ),
+            r#"{"vv":{},"dots":[["",3]]}"#.into(),
+            r#"{"vv":{},"dots":[["n1.a"]]}"#.into(),
+            r#"{"vv":{},"dots":[],"extra":1}"#.into(),
+            r#"{"vv":{"n1.a":1}}"#.into(),
+            serde_json::json!({"vv": {}, "dots": too_many_dots}).to_string(),
+            serde_json::to_string(&too_many_actors).unwrap(),
+            serde_json::json!({"vv": half, "dots": split_actors}).to_string(),
+        ] {
+            let e = parse(&raw).unwrap_err();
+            assert_eq!(e.code, capkv_core::ErrorCode::BadRequest, "{raw}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("x-capkv-context", HeaderValue::from_static("***"));
+        assert!(context_from(&h).is_err(), "not base64");
+    }
 }

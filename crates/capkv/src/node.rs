@@ -560,7 +560,7 @@ impl Node {
                 value_type,
                 mutation,
                 now_ms,
-            } => PeerResponse::ApObject(
+            } => PeerResponse::ApApplied(
                 self.ap
                     .replica
                     .update(
@@ -571,8 +571,7 @@ impl Node {
                         &self.ap.actor,
                         now_ms,
                     )
-                    .await
-                    .map(Some),
+                    .await,
             ),
             PeerRequest::ApStore {
                 keyspace,

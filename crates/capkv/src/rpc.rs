@@ -9,7 +9,7 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use crate::ap::replica::StoredObject;
-use crate::ap::value::{ApState, Mutation};
+use crate::ap::value::{ApState, Applied, Mutation};
 use crate::cp::state_machine::ScanRow;
 use crate::cp::{Command, NodeId, TypeConfig, Written};
 
@@ -97,6 +97,8 @@ pub enum PeerResponse {
     ),
     Forward(Result<ForwardReply, ApiError>),
     ApObject(Result<Option<ApState>, ApiError>),
+    /// The answer to `ApUpdate`: the new state and a register write's dot.
+    ApApplied(Result<Applied, ApiError>),
     ApAck(Result<(), ApiError>),
     /// Per differing interior node: its index and the receiver's leaf hashes under it.
     AeDiffer(Result<Vec<(u16, Vec<u64>)>, ApiError>),

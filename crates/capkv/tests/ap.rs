@@ -96,6 +96,74 @@ async fn concurrent_writes_on_both_sides_become_siblings_and_resolve() {
     }
 }
 
+/// The live values a register read shows.
+fn shown(v: ApValue) -> Vec<String> {
+    let mut values: Vec<String> = match v {
+        ApValue::Absent { .. } => Vec::new(),
+        ApValue::Value { value, .. } => vec![String::from_utf8(value).unwrap()],
+        ApValue::Siblings { values, .. } => values
+            .into_iter()
+            .map(|v| String::from_utf8(v).unwrap())
+            .collect(),
+    };
+    values.sort();
+    values
+}
+
+/// Regression (issue #8 item 12): the context a write returned was the home's whole
+/// object context, covering a concurrent write the client had never seen; writing again
+/// with it (as docs/api.md invites) silently replaced that write. Now it covers the
+/// client's own context plus its write, for PUT and DELETE alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_with_the_context_a_write_returned_keeps_concurrent_writes() {
+    let c = Cluster::start(3, &[]).await;
+    create_ap(&c, "chain").await;
+    let (one, two) = (c.client(0), c.client(1));
+    let read_all = || async { shown(c.client(2).ap_get("chain", b"k", Some(3)).await.unwrap()) };
+    // Client 2 writes; client 1, which has read nothing, writes concurrently.
+    two.ap_put("chain", b"k", b"two".to_vec(), None, None)
+        .await
+        .unwrap();
+    let ctx = one
+        .ap_put("chain", b"k", b"one".to_vec(), None, None)
+        .await
+        .unwrap();
+    assert_eq!(read_all().await, ["one", "two"]);
+    // Client 1 writes again with the context its first write returned: that replaces its
+    // own first write, never client 2's.
+    let ctx = one
+        .ap_put("chain", b"k", b"one again".to_vec(), Some(&ctx), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        read_all().await,
+        ["one again", "two"],
+        "client 2's acknowledged write must survive as a sibling"
+    );
+    // A delete with that context removes client 1's value only, and its own returned
+    // context lets client 1 write over its delete.
+    let ctx = one.ap_delete("chain", b"k", Some(&ctx)).await.unwrap();
+    assert_eq!(read_all().await, ["two"]);
+    one.ap_put("chain", b"k", b"one more".to_vec(), Some(&ctx), None)
+        .await
+        .unwrap();
+    assert_eq!(read_all().await, ["one more", "two"]);
+    // A read shows everything, so its context resolves the siblings, on every node.
+    let read = c.client(2).ap_get("chain", b"k", Some(3)).await.unwrap();
+    one.ap_put("chain", b"k", b"merged".to_vec(), read.context(), None)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let client = c.client(i);
+        eventually(
+            Duration::from_secs(10),
+            "every node reads the resolved value",
+            || async { shown(client.ap_get("chain", b"k", None).await.unwrap()) == ["merged"] },
+        )
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ap_keeps_serving_while_cp_has_no_majority() {
     let c = Cluster::start(3, &[]).await;
@@ -862,6 +930,16 @@ async fn forged_contexts_and_counter_overflow_are_refused() {
     }
     let forged =
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&ctx).unwrap());
+    let e = client
+        .ap_put("forge", b"k", b"evil".to_vec(), Some(&forged), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{e}");
+    // The same counter as an exact dot (the form of a context a write returns).
+    let actor = ctx.keys().next().unwrap().clone();
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+        serde_json::to_vec(&serde_json::json!({"vv": {}, "dots": [[actor, u64::MAX]]})).unwrap(),
+    );
     let e = client
         .ap_put("forge", b"k", b"evil".to_vec(), Some(&forged), None)
         .await

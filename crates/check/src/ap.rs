@@ -11,8 +11,11 @@
 //! - `counter`: increments (positive). Every node's final total is the same, at least the
 //!   acknowledged increments and at most those plus the unknown ones; no read during the run
 //!   shows more than was attempted before it completed.
-//! - `siblings`: read-then-write with the context of the read. An acknowledged value may be
-//!   missing at the end only if a later write's context saw it (and so replaced it).
+//! - `siblings`: read-then-write with the context of the read, or with the context the
+//!   client's previous write returned (which covers what that write's context covered plus
+//!   that write, and nothing else). Each write records the values its context covers
+//!   (`seen`). An acknowledged value may be missing at the end only if a write that took
+//!   effect had it in `seen` (and so replaced it).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 

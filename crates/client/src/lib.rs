@@ -392,8 +392,10 @@ impl Client {
         Ok((entries, more))
     }
 
-    /// Writes to an ap keyspace. `context` is the one returned by the read this write
-    /// follows (None: the write is concurrent with whatever is there). Returns the new context.
+    /// Writes to an ap keyspace. `context` is the one returned by the read (or the write)
+    /// this write follows (None: the write is concurrent with whatever is there). Returns
+    /// the write's context: what `context` covered plus this write, never a concurrent
+    /// sibling this client was not shown.
     pub async fn ap_put(
         &self,
         keyspace: &str,
@@ -420,7 +422,8 @@ impl Client {
         Ok(r.context)
     }
 
-    /// Deletes from an ap keyspace (a tombstone that replaces what `context` saw).
+    /// Deletes from an ap keyspace (a tombstone that replaces what `context` saw). Returns
+    /// the delete's context: what `context` covered plus the delete.
     pub async fn ap_delete(
         &self,
         keyspace: &str,

@@ -264,7 +264,9 @@ impl ScanEntry {
 /// Answer to a successful write or delete in an ap keyspace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApWriteResponse {
-    /// The causal context after the write (also in the `X-Capkv-Context` header).
+    /// The write's causal context (also in the `X-Capkv-Context` header): exactly what the
+    /// context sent with the write covered, plus this write. It never covers a concurrent
+    /// sibling the write kept, so a next write with it replaces only what this client saw.
     pub context: String,
 }
 

@@ -36,7 +36,7 @@ use capkv_core::ValueType;
 use super::dvv::Actor;
 use super::replica::Replica;
 use super::ring::{key_hash, Ring};
-use super::value::{ApState, Mutation};
+use super::value::{ApState, Applied, Mutation, ReapFloor};
 use crate::clock::WallClock;
 use crate::cp::NodeId;
 use crate::node::REACHABLE_WINDOW;
@@ -156,7 +156,7 @@ impl Coordinator {
         value_type: ValueType,
         mutation: &Mutation,
         deadline: Instant,
-    ) -> Result<ApState, CallError> {
+    ) -> Result<Applied, CallError> {
         if home == self.me {
             return self
                 .replica
@@ -179,8 +179,8 @@ impl Coordinator {
             now_ms: self.clock.now_ms(),
         };
         match self.call_for_effect(home, req, deadline).await? {
-            PeerResponse::ApObject(Ok(Some(obj))) => Ok(obj),
-            PeerResponse::ApObject(Err(e)) => Err(replica_err(e)),
+            PeerResponse::ApApplied(Ok(applied)) => Ok(applied),
+            PeerResponse::ApApplied(Err(e)) => Err(replica_err(e)),
             _ => Err(CallError::Unknown(ApiError::internal(
                 "wrong reply to ApUpdate",
             ))),
@@ -229,7 +229,8 @@ impl Coordinator {
         }
     }
 
-    /// Coordinates a mutation. Returns the state as stored by the replica that applied it.
+    /// Coordinates a mutation. Returns the state as stored by the replica that applied it,
+    /// and a register write's dot.
     #[allow(clippy::too_many_arguments)]
     pub async fn write(
         self: &Arc<Self>,
@@ -240,7 +241,7 @@ impl Coordinator {
         n: usize,
         w: usize,
         deadline: Instant,
-    ) -> Result<ApState, ApiError> {
+    ) -> Result<Applied, ApiError> {
         let walk = self.ring.walk(key_hash(keyspace, key));
         let homes: Vec<NodeId> = walk.iter().copied().take(n).collect();
         let mut holders: BTreeSet<NodeId> = BTreeSet::new();
@@ -272,16 +273,22 @@ impl Coordinator {
                 }
             }
         }
-        let object = match issued {
-            Some((h, obj)) => {
+        let applied = match issued {
+            Some((h, applied)) => {
                 holders.insert(h);
-                obj
+                applied
             }
             None => {
                 let one_time = format!("{}~{:016x}", self.actor, rand::random::<u64>());
-                ApState::empty(value_type).apply(mutation, &one_time, self.clock.now_ms())?
+                ApState::empty(value_type).apply_above(
+                    mutation,
+                    &one_time,
+                    self.clock.now_ms(),
+                    &ReapFloor::default(),
+                )?
             }
         };
+        let object = applied.state.clone();
 
         // 2. Every other home gets the object, or a fallback holds it as a hint.
         let fallbacks: Vec<NodeId> = walk
@@ -370,7 +377,7 @@ impl Coordinator {
         });
         if holders.len() >= w {
             metrics::counter!("capkv_ap_writes_total").increment(1);
-            Ok(object)
+            Ok(applied)
         } else if holders.is_empty() && !issued_by_home && !uncertain {
             Err(ApiError::unavailable(format!(
                 "no replica could store the write (w={w}); it was not applied"

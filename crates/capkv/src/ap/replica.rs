@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 use capkv_core::ValueType;
 
 use super::scan::{merge_pages, Page};
-use super::value::{ApState, Mutation, ReapFloor};
+use super::value::{ApState, Applied, Mutation, ReapFloor};
 use crate::cp::{decode, encode, NodeId};
 use crate::storage::{prefix_end, prefix_range_after, Engine, GroupCommit, Tree, WriteBatch};
 
@@ -212,7 +212,8 @@ impl Replica {
     }
 
     /// A client mutation coordinated here as `actor`: applied to the local replica (an
-    /// empty state of `value_type` if the key is new) and stored durably.
+    /// empty state of `value_type` if the key is new) and stored durably. Returns the new
+    /// state and, for a register write, its dot.
     pub async fn update(
         &self,
         keyspace: &str,
@@ -221,7 +222,7 @@ impl Replica {
         mutation: &Mutation,
         actor: &str,
         now_ms: u64,
-    ) -> Result<ApState, ApiError> {
+    ) -> Result<Applied, ApiError> {
         let k = obj_key(keyspace, key);
         let _guard = self.stripe(&k).lock().await;
         let existing = self.load(Tree::Ap, &k)?;
@@ -229,8 +230,8 @@ impl Replica {
             .clone()
             .unwrap_or_else(|| ApState::empty(value_type));
         let floor = *self.floor.lock().expect("floor lock");
-        let next = current.apply_above(mutation, actor, now_ms, &floor)?;
-        let size = encode(&next).len();
+        let applied = current.apply_above(mutation, actor, now_ms, &floor)?;
+        let size = encode(&applied.state).len();
         if size > self.object_bytes_max && size > encode(&current).len() {
             return Err(ApiError::too_large(format!(
                 "this write would make the object {size} bytes; an ap object (all of a key's \
@@ -239,9 +240,9 @@ impl Replica {
                 self.object_bytes_max
             )));
         }
-        self.store(Tree::Ap, k, &next).await?;
-        self.account(existing.as_ref(), Some(&next));
-        Ok(next)
+        self.store(Tree::Ap, k, &applied.state).await?;
+        self.account(existing.as_ref(), Some(&applied.state));
+        Ok(applied)
     }
 
     /// Merges an object from elsewhere into the local replica; returns the result and
@@ -571,11 +572,12 @@ mod tests {
             .unwrap();
         // A replica's merge is never refused, whatever the size.
         let big = replica();
-        let mut grown = big
+        let grown = big
             .update("s", b"k", ValueType::Set, &add("y".repeat(8000)), "n2.y", 1)
             .await
-            .unwrap();
-        grown = grown.merge(&r.read("s", b"k", &[]).unwrap().unwrap());
+            .unwrap()
+            .state
+            .merge(&r.read("s", b"k", &[]).unwrap().unwrap());
         let (merged, changed) = r.merge("s", b"k", &grown).await.unwrap();
         assert!(changed && encode(&merged).len() > 4096);
     }
@@ -628,19 +630,21 @@ mod tests {
 
     #[tokio::test]
     async fn updates_merges_and_hints() {
-        use crate::ap::dvv::{Object, VersionVector};
+        use crate::ap::dvv::{Context, Object};
         let r = replica();
         let write = |v: &str| Mutation::Write {
-            context: VersionVector::default(),
+            context: Context::default(),
             value: Some(v.as_bytes().to_vec()),
         };
         let a = r
             .update("cart", b"k", ValueType::Register, &write("a"), "n1.x", 1)
             .await
-            .unwrap();
+            .unwrap()
+            .state;
         let b = ApState::Register(
             Object::default()
-                .update(&VersionVector::default(), "n2.y", Some(b"b".to_vec()), 2)
+                .update(&Context::default(), "n2.y", Some(b"b".to_vec()), 2)
+                .unwrap()
                 .0,
         );
         let (merged, changed) = r.merge("cart", b"k", &b).await.unwrap();
@@ -669,6 +673,69 @@ mod tests {
         let hints = r.hints_for(3, 10).unwrap();
         assert!(r.drop_hint_if_unchanged(3, &hints[0]).await.unwrap());
         assert_eq!(r.hints_held(), 0);
+    }
+
+    /// Regression (issue #8 item 12), at a home replica and a second replica: a client
+    /// that writes again with the context its first write returned replaces its own first
+    /// write only; a concurrent write it never saw survives as a sibling, on every replica.
+    #[tokio::test]
+    async fn a_write_with_the_context_a_write_returned_keeps_what_the_client_never_saw() {
+        use crate::ap::dvv::Context;
+        let (home, other) = (replica(), replica());
+        let write = |context: &Context, v: &str| Mutation::Write {
+            context: context.clone(),
+            value: Some(v.as_bytes().to_vec()),
+        };
+        let none = Context::default();
+        // Client 2 writes; client 1, which never saw it, writes concurrently at the home.
+        home.update(
+            "cart",
+            b"k",
+            ValueType::Register,
+            &write(&none, "two"),
+            "n1.x",
+            1,
+        )
+        .await
+        .unwrap();
+        let first = home
+            .update(
+                "cart",
+                b"k",
+                ValueType::Register,
+                &write(&none, "one"),
+                "n1.x",
+                2,
+            )
+            .await
+            .unwrap();
+        let returned = none.after_write(first.dot.as_ref().unwrap());
+        // The other replica got client 1's write before client 2's.
+        other.merge("cart", b"k", &first.state).await.unwrap();
+        // Client 1 writes again with the context its first write returned.
+        let again = home
+            .update(
+                "cart",
+                b"k",
+                ValueType::Register,
+                &write(&returned, "one again"),
+                "n1.x",
+                3,
+            )
+            .await
+            .unwrap();
+        let values = |s: &ApState| match s {
+            ApState::Register(o) => o.values().iter().map(|v| v.to_vec()).collect::<Vec<_>>(),
+            _ => panic!("register expected"),
+        };
+        let want = vec![b"two".to_vec(), b"one again".to_vec()];
+        assert_eq!(values(&again.state), want);
+        let (at_other, _) = other.merge("cart", b"k", &again.state).await.unwrap();
+        assert_eq!(
+            values(&at_other),
+            want,
+            "client 2's value survives elsewhere too"
+        );
     }
 
     #[tokio::test]

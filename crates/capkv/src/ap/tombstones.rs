@@ -227,7 +227,7 @@ async fn ask(c: &Coordinator, node: NodeId, req: PeerRequest) -> Result<PeerResp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ap::dvv::VersionVector;
+    use crate::ap::dvv::Context;
     use crate::ap::replica::Replica;
     use crate::ap::ring::Ring;
     use crate::ap::value::{ApState, Mutation};
@@ -261,14 +261,14 @@ mod tests {
         [("cart".to_string(), spec)].into()
     }
 
-    fn write(context: VersionVector, v: Option<&str>) -> Mutation {
+    fn write(context: Context, v: Option<&str>) -> Mutation {
         Mutation::Write {
             context,
             value: v.map(|v| v.as_bytes().to_vec()),
         }
     }
 
-    async fn put(c: &Coordinator, ctx: VersionVector, v: Option<&str>) -> ApState {
+    async fn put(c: &Coordinator, ctx: Context, v: Option<&str>) -> ApState {
         c.replica
             .update(
                 "cart",
@@ -280,9 +280,10 @@ mod tests {
             )
             .await
             .unwrap()
+            .state
     }
 
-    fn context(s: &ApState) -> VersionVector {
+    fn context(s: &ApState) -> Context {
         match s {
             ApState::Register(o) => o.context.clone(),
             _ => panic!("register expected"),
@@ -293,7 +294,7 @@ mod tests {
     async fn a_tombstone_is_collected_after_two_checks_and_later_dots_stay_above_it() {
         let c = single_node();
         let mut collector = Collector::new(Duration::ZERO);
-        let v = put(&c, VersionVector::default(), Some("v")).await;
+        let v = put(&c, Context::default(), Some("v")).await;
         let stale = context(&v);
         // A live value is never a candidate.
         assert_eq!(collector.round(&c, &specs()).await.unwrap(), 0);
@@ -317,9 +318,9 @@ mod tests {
 
         // A new write after collection, then a write with the context read before the
         // delete: the new write is not covered by that old context, so both stay.
-        let x = put(&c, VersionVector::default(), Some("x")).await;
+        let x = put(&c, Context::default(), Some("x")).await;
         assert_eq!(c.replica.tombstones_held(), 0);
-        assert!(context(&x).get("n1.test") > context(&t).get("n1.test"));
+        assert!(context(&x).max_counter("n1.test") > context(&t).max_counter("n1.test"));
         let both = put(&c, stale, Some("y")).await;
         let ApState::Register(o) = both else {
             panic!("register expected")
@@ -331,7 +332,7 @@ mod tests {
     async fn a_tombstone_that_changes_between_checks_starts_over_and_other_copies_block() {
         let c = single_node();
         let mut collector = Collector::new(Duration::ZERO);
-        let v = put(&c, VersionVector::default(), Some("v")).await;
+        let v = put(&c, Context::default(), Some("v")).await;
         let t = put(&c, context(&v), None).await;
         assert_eq!(collector.round(&c, &specs()).await.unwrap(), 0);
         // A second delete changes the tombstone: the next check is a first check again.
@@ -357,12 +358,13 @@ mod tests {
                         "cart",
                         b"l",
                         ValueType::Lww,
-                        &write(VersionVector::default(), v),
+                        &write(Context::default(), v),
                         &c.actor,
                         now,
                     )
                     .await
                     .unwrap()
+                    .state
             }
         };
         lww(Some("a"), 5_000).await;

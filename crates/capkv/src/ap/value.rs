@@ -15,7 +15,7 @@ use capkv_core::{ApiError, ValueType};
 use crdts::{CmRDT, CvRDT, Orswot, PNCounter};
 use serde::{Deserialize, Serialize};
 
-use super::dvv::{Actor, Object, VersionVector};
+use super::dvv::{Actor, Context, Dot, Object};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApState {
@@ -75,11 +75,21 @@ impl ReapFloor {
     /// Raises the floor to cover a collected tombstone as seen by `actor`.
     pub fn cover(&mut self, tombstone: &ApState, actor: &str) {
         match tombstone {
-            ApState::Register(o) => self.dot = self.dot.max(o.context.get(actor)),
+            ApState::Register(o) => self.dot = self.dot.max(o.context.max_counter(actor)),
             ApState::Lww(Some(v)) => self.stamp = self.stamp.max(Some(v.stamp)),
             _ => {}
         }
     }
+}
+
+/// What applying a client's mutation at a replica produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The key's new state at that replica.
+    pub state: ApState,
+    /// A register write's new dot: the context the client gets back is its own context
+    /// plus this dot ([`Context::after_write`]). `None` for the other types.
+    pub dot: Option<Dot>,
 }
 
 /// A client's change to an ap key.
@@ -87,7 +97,7 @@ impl ReapFloor {
 pub enum Mutation {
     /// Register write (`None`: delete) replacing what `context` saw.
     Write {
-        context: VersionVector,
+        context: Context,
         value: Option<Vec<u8>>,
     },
     /// Counter change, positive or negative.
@@ -136,6 +146,7 @@ impl ApState {
     /// Applies a client's mutation as `actor` (a node that never collected a tombstone).
     pub fn apply(&self, m: &Mutation, actor: &str, now_ms: u64) -> Result<ApState, ApiError> {
         self.apply_above(m, actor, now_ms, &ReapFloor::default())
+            .map(|a| a.state)
     }
 
     /// Applies a client's mutation as `actor`, issuing its dot or stamp above `floor`.
@@ -145,16 +156,26 @@ impl ApState {
         actor: &str,
         now_ms: u64,
         floor: &ReapFloor,
-    ) -> Result<ApState, ApiError> {
+    ) -> Result<Applied, ApiError> {
         let actor = actor.to_owned();
-        Ok(match (self, m) {
+        let state = match (self, m) {
             (ApState::Register(o), Mutation::Write { context, value }) => {
                 // The actor's dots up to the floor were all collected with their keys:
                 // this object has, in effect, seen them.
                 let mut o = o.clone();
-                let seen = o.context.get(&actor).max(floor.dot);
-                o.context.0.insert(actor.clone(), seen);
-                ApState::Register(o.update(context, &actor, value.clone(), now_ms).0)
+                o.context.raise(&actor, floor.dot);
+                let (next, dot) = o
+                    .update(context, &actor, value.clone(), now_ms)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "the context names the largest possible dot counter of this \
+                             replica: it was not issued by capkv",
+                        )
+                    })?;
+                return Ok(Applied {
+                    state: ApState::Register(next),
+                    dot: Some(dot),
+                });
             }
             (ApState::Lww(cur), Mutation::Write { value, .. }) => ApState::Lww(Some(LwwValue {
                 stamp: Hlc::after(cur.as_ref().map(|c| c.stamp).max(floor.stamp), now_ms),
@@ -198,7 +219,8 @@ impl ApState {
                     state.value_type()
                 )))
             }
-        })
+        };
+        Ok(Applied { state, dot: None })
     }
 
     /// Merges two replicas' states. States of different types never meet (a keyspace's
@@ -293,6 +315,45 @@ impl ApState {
                 m
             }
             _ => Vec::new(),
+        }
+    }
+}
+
+/// ap states as storage format 1 wrote them (see `cp::FORMAT`): a register's context was
+/// a plain version vector. Read only, and converted at once.
+pub(crate) mod format_1 {
+    use crdts::{Orswot, PNCounter};
+    use serde::Deserialize;
+
+    use super::LwwValue;
+    use crate::ap::dvv::{Actor, Sibling, VersionVector};
+
+    #[derive(Deserialize)]
+    pub struct Object {
+        siblings: Vec<Sibling>,
+        context: VersionVector,
+    }
+
+    /// The variants in format 1's order, which format 2 keeps.
+    #[derive(Deserialize)]
+    pub enum ApState {
+        Register(Object),
+        Lww(Option<LwwValue>),
+        Counter(PNCounter<Actor>),
+        Set(Orswot<String, Actor>),
+    }
+
+    impl From<ApState> for super::ApState {
+        fn from(s: ApState) -> super::ApState {
+            match s {
+                ApState::Register(o) => super::ApState::Register(crate::ap::dvv::Object {
+                    siblings: o.siblings,
+                    context: o.context.into(),
+                }),
+                ApState::Lww(v) => super::ApState::Lww(v),
+                ApState::Counter(c) => super::ApState::Counter(c),
+                ApState::Set(s) => super::ApState::Set(s),
+            }
         }
     }
 }
@@ -431,7 +492,7 @@ mod tests {
     #[test]
     fn lww_keeps_the_latest_stamp_and_a_read_then_write_always_wins() {
         let write = |v: &str| Mutation::Write {
-            context: VersionVector::default(),
+            context: Context::default(),
             value: Some(v.as_bytes().to_vec()),
         };
         let empty = ApState::empty(ValueType::Lww);
@@ -456,7 +517,7 @@ mod tests {
                 if *sync {
                     r[at] = r[at].merge(&r[from]);
                 } else {
-                    let m = Mutation::Write { context: VersionVector::default(), value: Some(vec![*x as u8]) };
+                    let m = Mutation::Write { context: Context::default(), value: Some(vec![*x as u8]) };
                     r[at] = r[at].apply(&m, &format!("n{at}"), (i % 5) as u64).unwrap();
                 }
             }

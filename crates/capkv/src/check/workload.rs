@@ -178,8 +178,9 @@ pub struct ClientState {
     n: u64,
     /// The last value and version this client saw per key (for CAS).
     last: HashMap<String, (String, u64)>,
-    /// siblings: the context and value of this client's last write per key.
-    chained: HashMap<String, (String, String)>,
+    /// siblings: the context this client's last write of a key returned, and the values it
+    /// covers (what that write's context covered, and the write itself).
+    chained: HashMap<String, (String, Vec<String>)>,
 }
 
 impl ClientState {
@@ -515,11 +516,12 @@ async fn read_register(p: Pending<'_>) -> (Outcome, Option<ApValue>) {
 }
 
 /// siblings: read a register, then write a new value with the read's context (it replaces
-/// what the read showed); sometimes write again with the context the last write returned.
+/// what the read showed); sometimes write again with the context the last write returned
+/// (it replaces what that write's context covered, and that write: docs/api.md).
 async fn siblings_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
     let key = ctx.key("a", st.rng.gen_range(0..ctx.keys));
     let (context, seen) = match st.chained.remove(&key) {
-        Some((context, value)) if st.rng.gen::<f64>() < 0.3 => (Some(context), vec![value]),
+        Some((context, covered)) if st.rng.gen::<f64>() < 0.3 => (Some(context), covered),
         _ => {
             let (outcome, got) = read_register(ctx.begin(st, &key, Call::ApRead)).await;
             let Some(got) = got else {
@@ -529,6 +531,8 @@ async fn siblings_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
         }
     };
     let value = st.unique();
+    let mut covered = seen.clone();
+    covered.push(value.clone());
     let call = Call::ApWrite {
         value: value.clone(),
         seen,
@@ -545,7 +549,7 @@ async fn siblings_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
         )
         .await;
     if let Ok(new_context) = &r {
-        st.chained.insert(key, (new_context.clone(), value));
+        st.chained.insert(key, (new_context.clone(), covered));
     }
     p.end(&r, |_| None)
 }

@@ -63,7 +63,10 @@ impl LogStore {
         }
     }
 
-    fn meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
+    fn meta<T: serde::de::DeserializeOwned + 'static>(
+        &self,
+        key: &[u8],
+    ) -> StorageResult<Option<T>> {
         match self.engine.get(Tree::Meta, key).map_err(read_err)? {
             None => Ok(None),
             Some(raw) => decode(&raw).map(Some).map_err(read_err),

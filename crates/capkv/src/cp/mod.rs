@@ -34,6 +34,8 @@ use std::io::Cursor;
 use capkv_core::{ApiError, KeyspaceSpec};
 use serde::{Deserialize, Serialize};
 
+use crate::ap::value::ApState;
+
 /// Raft's node id: the number in a node name such as `n3`.
 pub type NodeId = u64;
 
@@ -141,7 +143,12 @@ pub type Reply = Result<Written, ApiError>;
 /// [`MAGIC`] and this byte instead, and a binary meeting a format it does not know
 /// refuses it by name. Raise it whenever a stored type changes shape (and decode the
 /// older format alongside).
-pub const FORMAT: u8 = 1;
+///
+/// - 1: the first.
+/// - 2: an ap register's context names exact dots beside its version vector
+///   (`ap::dvv::Context`). Format-1 records are still read: only [`ApState`] changed shape,
+///   and it is read through its format-1 layout; every other type is unchanged.
+pub const FORMAT: u8 = 2;
 /// First byte of every record, so records from before formats existed are told apart.
 pub const MAGIC: u8 = 0xCA;
 
@@ -154,20 +161,39 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
-/// Reads a record written by [`encode`].
-pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::Error> {
+/// Reads a record written by [`encode`], in this format or format 1.
+pub fn decode<T: serde::de::DeserializeOwned + 'static>(bytes: &[u8]) -> Result<T, bincode::Error> {
     let refuse = |why: String| Err(Box::new(bincode::ErrorKind::Custom(why)));
     match bytes {
         [MAGIC, FORMAT, body @ ..] => bincode::deserialize(body),
+        [MAGIC, 1, body @ ..] => decode_format_1(body),
         [MAGIC, other, ..] => refuse(format!(
-            "record in storage format {other}, but this capkv reads format {FORMAT} \
+            "record in storage format {other}, but this capkv reads formats 1 to {FORMAT} \
              (a data directory from a newer capkv?)"
         )),
-        _ => refuse(format!(
+        _ => refuse(
             "record without a storage format header (a data directory from a capkv before \
-             format {FORMAT}?)"
-        )),
+             format 1?)"
+                .to_owned(),
+        ),
     }
+}
+
+/// A format-1 record: the same bytes as format 2 for every type but [`ApState`] (and no
+/// stored type holds an `ApState` inside another), which is read through its format-1
+/// layout and converted.
+fn decode_format_1<T: serde::de::DeserializeOwned + 'static>(
+    body: &[u8],
+) -> Result<T, bincode::Error> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<ApState>() {
+        let state: ApState =
+            bincode::deserialize::<crate::ap::value::format_1::ApState>(body)?.into();
+        let state: Box<dyn std::any::Any> = Box::new(state);
+        return Ok(*state
+            .downcast::<T>()
+            .expect("T is ApState: their type ids are equal"));
+    }
+    bincode::deserialize(body)
 }
 
 #[cfg(test)]
@@ -183,7 +209,7 @@ mod tests {
         let mut other = raw.clone();
         other[1] = FORMAT + 1;
         let e = decode::<(u64, String)>(&other).unwrap_err().to_string();
-        assert!(e.contains("storage format 2"), "{e}");
+        assert!(e.contains(&format!("storage format {}", FORMAT + 1)), "{e}");
         // A record from before formats (plain bincode) is refused, not misread.
         let old = bincode::serialize(&(7u64, "x".to_owned())).unwrap();
         let e = decode::<(u64, String)>(&old).unwrap_err().to_string();
