@@ -4,12 +4,28 @@
 //! batch that spans trees is atomic, and one `persist(SyncAll)` makes every tree durable
 //! up to that point. We never let fjall fsync on its own schedule: durability points are
 //! chosen by the layer above (see `GroupCommit`).
+//!
+//! **The recovery stall (#8 item 14).** After a kill -9 with several memtables waiting
+//! to be flushed, fjall 2.11 recovers them all but wakes its flusher once per partition
+//! with work, and each flush run takes at most "flush workers" memtables (by default the
+//! machine's cores, at most 4). The rest are never flushed: the write buffer stays over
+//! its 64 MiB limit and every write sleeps in fjall's write halt for ever ("write halt
+//! because of write buffer saturation"). We let a run take [`FLUSH_TASKS_PER_RUN`]
+//! memtables, more than recovery can queue per partition (one per sealed journal), so the
+//! first runs flush everything. `tests/storage.rs` kills a writer mid-flood and reopens;
+//! it froze in the first round before. (The same upstream shape as fjall issue #257.)
 
 use std::path::Path;
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 
 use super::{Engine, Entry, Result, StorageError, Tree, WriteBatch};
+
+/// Memtables one flush run may take (fjall calls it flush "workers"; it is the task
+/// limit of a run, not a thread count). See the module docs on the recovery stall: it
+/// must exceed the memtables recovery can queue for one partition (one per sealed
+/// journal; fjall keeps at most 512 MiB of journals in files of about 16 MiB).
+const FLUSH_TASKS_PER_RUN: usize = 64;
 
 pub struct FjallEngine {
     keyspace: Keyspace,
@@ -28,7 +44,10 @@ impl FjallEngine {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<FjallEngine> {
         std::fs::create_dir_all(dir)?;
-        let keyspace = Config::new(dir).open().map_err(engine_err)?;
+        let keyspace = Config::new(dir)
+            .flush_workers(FLUSH_TASKS_PER_RUN)
+            .open()
+            .map_err(engine_err)?;
         let open = |tree: Tree| {
             keyspace
                 .open_partition(tree.name(), PartitionCreateOptions::default())
