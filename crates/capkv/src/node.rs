@@ -560,16 +560,24 @@ impl Node {
                 value_type,
                 mutation,
                 now_ms,
+                timeout_ms,
             } => PeerResponse::ApApplied(
                 self.ap
                     .replica
-                    .update(
+                    .update_until(
                         &keyspace,
                         &key,
                         value_type,
                         &mutation,
                         &self.ap.actor,
                         now_ms,
+                        // Counted from now: the peer's clock is not ours to compare with.
+                        Some(
+                            Instant::now()
+                                + Duration::from_millis(
+                                    timeout_ms.min(capkv_core::validate::MAX_TIMEOUT_MS),
+                                ),
+                        ),
                     )
                     .await,
             ),

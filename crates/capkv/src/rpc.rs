@@ -38,6 +38,10 @@ pub enum PeerRequest {
         value_type: ValueType,
         mutation: Mutation,
         now_ms: u64,
+        /// What was left of the coordinator's deadline when it sent this: a home that
+        /// cannot apply the write before that long after receiving it refuses it (not
+        /// applied), so a write that waited out its deadline never lands late.
+        timeout_ms: u64,
     },
     /// ap: merge this object into the local replica.
     ApStore {

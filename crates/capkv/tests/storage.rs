@@ -51,13 +51,16 @@ fn writer_child() {
     }
 }
 
-/// Runs the writer until it has written about `bytes`, then kills it with SIGKILL.
+/// Runs the writer on the store in `dir/store` until it has written about `bytes`, then
+/// kills it with SIGKILL.
 fn write_then_kill(dir: &Path, bytes: u64) {
+    let err_path = dir.join("writer.stderr");
+    let err = std::fs::File::create(&err_path).unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "writer_child", "--nocapture"])
-        .env(WRITER_DIR, dir)
+        .env(WRITER_DIR, dir.join("store"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(err)
         .spawn()
         .unwrap();
     let out = child.stdout.take().unwrap();
@@ -78,7 +81,11 @@ fn write_then_kill(dir: &Path, bytes: u64) {
             Ok(_) => {}
             Err(e) => {
                 let _ = child.kill();
-                panic!("the writer stopped writing before the kill: {e}");
+                let _ = child.wait();
+                panic!(
+                    "the writer stopped writing before the kill ({e}): {}",
+                    std::fs::read_to_string(&err_path).unwrap_or_default()
+                );
             }
         }
     }
@@ -92,10 +99,10 @@ fn kill_9_during_heavy_writes_never_leaves_a_store_that_stops_writing() {
     for round in 0..4 {
         // Well past fjall's 64 MiB write buffer, so memtables wait for flushing at the kill.
         write_then_kill(dir.path(), 150 << 20);
-        let e = std::sync::Arc::new(FjallEngine::open(dir.path()).unwrap());
+        let e = std::sync::Arc::new(FjallEngine::open(&dir.path().join("store")).unwrap());
         let (tx, rx) = mpsc::channel();
         let writer = e.clone();
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let started = Instant::now();
             for i in 0..2000u64 {
                 let mut b = WriteBatch::new();
@@ -106,7 +113,9 @@ fn kill_9_during_heavy_writes_never_leaves_a_store_that_stops_writing() {
                 );
                 writer.write(b).unwrap();
             }
-            let _ = tx.send(started.elapsed());
+            let took = started.elapsed();
+            drop(writer);
+            let _ = tx.send(took);
         });
         // fjall may halt writers for some seconds while compaction catches up; a store
         // that recovered wrongly halts them for ever.
@@ -114,5 +123,8 @@ fn kill_9_during_heavy_writes_never_leaves_a_store_that_stops_writing() {
             .recv_timeout(Duration::from_secs(120))
             .unwrap_or_else(|_| panic!("round {round}: writes after recovery never finished"));
         eprintln!("round {round}: 80 MB written after recovery in {took:?}");
+        // Closed before the next writer opens the store.
+        thread.join().unwrap();
+        drop(e);
     }
 }

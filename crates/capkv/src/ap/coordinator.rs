@@ -100,8 +100,11 @@ fn is_refusal(e: &ApiError) -> bool {
     )
 }
 
+/// A replica's error: refusals and "unavailable" (it refused before changing anything:
+/// its hint store is full, the write's deadline passed) were not applied; anything else
+/// (storage failed part way) may have been.
 fn replica_err(e: ApiError) -> CallError {
-    if is_refusal(&e) {
+    if is_refusal(&e) || e.code == capkv_core::ErrorCode::Unavailable {
         CallError::NotApplied(e)
     } else {
         CallError::Unknown(e)
@@ -160,13 +163,14 @@ impl Coordinator {
         if home == self.me {
             return self
                 .replica
-                .update(
+                .update_until(
                     keyspace,
                     key,
                     value_type,
                     mutation,
                     &self.actor,
                     self.clock.now_ms(),
+                    Some(deadline),
                 )
                 .await
                 .map_err(replica_err);
@@ -177,6 +181,9 @@ impl Coordinator {
             value_type,
             mutation: mutation.clone(),
             now_ms: self.clock.now_ms(),
+            timeout_ms: deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as u64,
         };
         match self.call_for_effect(home, req, deadline).await? {
             PeerResponse::ApApplied(Ok(applied)) => Ok(applied),

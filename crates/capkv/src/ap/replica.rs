@@ -223,8 +223,41 @@ impl Replica {
         actor: &str,
         now_ms: u64,
     ) -> Result<Applied, ApiError> {
+        self.update_until(keyspace, key, value_type, mutation, actor, now_ms, None)
+            .await
+    }
+
+    /// [`Replica::update`], refused (503, nothing applied) if it cannot begin before
+    /// `deadline`: a write whose coordinator has given up is never applied late (it
+    /// may already be answered 504, or tried at another home).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn update_until(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        value_type: ValueType,
+        mutation: &Mutation,
+        actor: &str,
+        now_ms: u64,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Applied, ApiError> {
+        let late = || {
+            metrics::counter!("capkv_ap_late_writes_refused_total").increment(1);
+            ApiError::unavailable(
+                "the write's deadline passed before this replica could apply it; not applied",
+            )
+        };
         let k = obj_key(keyspace, key);
-        let _guard = self.stripe(&k).lock().await;
+        let lock = self.stripe(&k).lock();
+        let _guard = match deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), lock)
+                .await
+                .map_err(|_| late())?,
+            None => lock.await,
+        };
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Err(late());
+        }
         let existing = self.load(Tree::Ap, &k)?;
         let current = existing
             .clone()
@@ -626,6 +659,51 @@ mod tests {
         // Dropping one makes room for one.
         assert!(r.drop_hint_if_unchanged(3, &stored[0]).await.unwrap());
         r.hold_hint(3, "s", b"more", &object(99)).await.unwrap();
+    }
+
+    /// #8 item 10: a write that cannot begin before its deadline (its key busy, or the
+    /// deadline already gone when it arrives) is refused and leaves no trace: its
+    /// coordinator has answered or moved on, so applying it late could count it twice.
+    #[tokio::test]
+    async fn a_write_past_its_deadline_is_refused_unapplied() {
+        let r = Arc::new(replica());
+        let add = Mutation::Add { by: 1 };
+        let gone = std::time::Instant::now();
+        let e = r
+            .update_until("c", b"k", ValueType::Counter, &add, "n1.x", 1, Some(gone))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, capkv_core::ErrorCode::Unavailable, "{e:?}");
+        assert_eq!(r.read("c", b"k", &[]).unwrap(), None, "nothing stored");
+        // The key's stripe is held (a slow write before it) until after the deadline.
+        let held = r.stripe(&obj_key("c", b"k")).lock().await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
+        let waiter = {
+            let r = r.clone();
+            let add = add.clone();
+            tokio::spawn(async move {
+                r.update_until(
+                    "c",
+                    b"k",
+                    ValueType::Counter,
+                    &add,
+                    "n1.x",
+                    2,
+                    Some(deadline),
+                )
+                .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        drop(held);
+        assert!(waiter.await.unwrap().is_err());
+        assert_eq!(r.read("c", b"k", &[]).unwrap(), None, "nothing stored");
+        // In time, it applies.
+        let soon = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        r.update_until("c", b"k", ValueType::Counter, &add, "n1.x", 3, Some(soon))
+            .await
+            .unwrap();
+        assert!(r.read("c", b"k", &[]).unwrap().is_some());
     }
 
     #[tokio::test]
