@@ -140,13 +140,41 @@ pub enum Cmd {
     },
 }
 
+/// A `--nemesis` value: a fault, or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NemesisArg {
+    None,
+    Partition,
+    Kill,
+    Restart,
+    Pause,
+    Clock,
+    Snapshot,
+}
+
+impl NemesisArg {
+    fn kind(self) -> Option<crate::check::NemesisKind> {
+        use crate::check::NemesisKind as K;
+        Some(match self {
+            NemesisArg::None => return None,
+            NemesisArg::Partition => K::Partition,
+            NemesisArg::Kill => K::Kill,
+            NemesisArg::Restart => K::Restart,
+            NemesisArg::Pause => K::Pause,
+            NemesisArg::Clock => K::Clock,
+            NemesisArg::Snapshot => K::Snapshot,
+        })
+    }
+}
+
 #[derive(Args)]
 pub struct CheckArgs {
     #[arg(long, value_enum, default_value = "register")]
     pub workload: crate::check::Workload,
-    /// Faults, comma-separated: partition, kill, restart, pause, clock, snapshot (none: no faults).
+    /// Faults, comma-separated: partition, kill, restart, pause, clock, snapshot; `none`
+    /// (or leaving it out): no faults.
     #[arg(long, value_enum, value_delimiter = ',')]
-    pub nemesis: Vec<crate::check::NemesisKind>,
+    pub nemesis: Vec<NemesisArg>,
     /// Seconds of the fault phase.
     #[arg(long, default_value_t = 60)]
     pub duration: u64,
@@ -191,7 +219,7 @@ impl CheckArgs {
         });
         crate::check::CheckOptions {
             workload: self.workload,
-            nemesis: self.nemesis,
+            nemesis: self.nemesis.iter().filter_map(|n| n.kind()).collect(),
             duration: std::time::Duration::from_secs(self.duration),
             seed,
             out,
@@ -787,6 +815,25 @@ mod tests {
             Cmd::Serve(a) => a.into_config(),
             _ => unreachable!("parsed a serve command"),
         }
+    }
+
+    #[test]
+    fn nemesis_none_means_no_faults() {
+        let parse = |n: &str| match Cli::try_parse_from(["capkv", "check", "--nemesis", n])
+            .unwrap()
+            .command
+        {
+            Cmd::Check(a) => a.into_options().nemesis,
+            _ => unreachable!("parsed a check command"),
+        };
+        assert!(parse("none").is_empty());
+        assert_eq!(
+            parse("partition,kill"),
+            vec![
+                crate::check::NemesisKind::Partition,
+                crate::check::NemesisKind::Kill
+            ]
+        );
     }
 
     /// #8 item 16: a tombstone grace shorter than the longest request deadline is unsafe
