@@ -295,8 +295,22 @@ impl Node {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+        // No ap write after this one: each holds its key until it is fsynced, so once
+        // every key has been free once, all are durable and the incarnation may be kept.
+        self.ap.replica.stop().await;
         if let Err(e) = self.group_commit.sync().await {
             tracing::warn!(error = %e, "final sync");
+            return;
+        }
+        let incarnation = self.ap.actor.rsplit('.').next().unwrap_or_default();
+        let mut b = WriteBatch::new();
+        b.put(
+            Tree::Meta,
+            CLEAN_STOP_KEY.to_vec(),
+            incarnation.as_bytes().to_vec(),
+        );
+        if let Err(e) = self.engine.write(b).and_then(|()| self.engine.sync()) {
+            tracing::warn!(error = %e, "recording the clean stop");
         }
     }
 
@@ -897,19 +911,41 @@ impl Node {
 /// This node's incarnation: a random id made when its data dir is created. Its ap actor
 /// id is `name.incarnation`, so a node whose data was wiped is a new actor and never
 /// reissues a dot it issued before (see `ap::dvv`).
+///
+/// A node that stopped without a clean shutdown (a crash, kill -9) takes a new
+/// incarnation: an ap write it applied but had not yet fsynced is lost with the crash,
+/// while a read may already have copied it elsewhere; reusing the actor would issue that
+/// write's dot again for another value, and replicas would drop one of the two. Only a
+/// clean shutdown ([`Node::shutdown`], which records [`CLEAN_STOP_KEY`]) keeps it.
 fn incarnation(engine: &dyn Engine) -> Result<String, StartError> {
-    const KEY: &[u8] = b"node_incarnation";
     let storage = |e: crate::storage::StorageError| StartError::Storage(e.to_string());
-    if let Some(v) = engine.get(Tree::Meta, KEY).map_err(storage)? {
-        return Ok(String::from_utf8_lossy(&v).into_owned());
-    }
-    let id = format!("{:08x}", rand::random::<u32>());
+    let kept = engine.get(Tree::Meta, INCARNATION_KEY).map_err(storage)?;
+    let clean = engine.get(Tree::Meta, CLEAN_STOP_KEY).map_err(storage)?;
     let mut b = WriteBatch::new();
-    b.put(Tree::Meta, KEY.to_vec(), id.clone().into_bytes());
+    b.delete(Tree::Meta, CLEAN_STOP_KEY.to_vec());
+    let id = match kept {
+        Some(v) if clean.as_ref() == Some(&v) => String::from_utf8_lossy(&v).into_owned(),
+        previous => {
+            let id = format!("{:08x}", rand::random::<u32>());
+            if previous.is_some() {
+                tracing::info!(incarnation = %id, "not stopped cleanly: a new ap actor, so no dot is issued twice");
+            }
+            b.put(
+                Tree::Meta,
+                INCARNATION_KEY.to_vec(),
+                id.clone().into_bytes(),
+            );
+            id
+        }
+    };
     engine.write(b).map_err(storage)?;
     engine.sync().map_err(storage)?;
     Ok(id)
 }
+
+const INCARNATION_KEY: &[u8] = b"node_incarnation";
+/// Written (holding the incarnation) as the last act of a clean shutdown; removed at start.
+const CLEAN_STOP_KEY: &[u8] = b"node_clean_stop";
 
 /// Background rounds (anti-entropy, tombstone collection) read every local object, so
 /// their cost grows with the store: after a round that took `work`, pause at least nine

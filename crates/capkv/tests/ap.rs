@@ -1003,3 +1003,59 @@ async fn an_ap_object_past_its_size_bound_is_refused_with_413() {
     let stored = client.set_members("bags", b"b", Some(3)).await.unwrap();
     assert_eq!(stored.len(), 4);
 }
+
+/// The ap actors a context names (either form: a plain version vector, or one with exact
+/// dots).
+fn actors_of(context: &str) -> std::collections::BTreeSet<String> {
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(context)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    let vv = v.get("vv").unwrap_or(&v);
+    let mut actors: std::collections::BTreeSet<String> =
+        vv.as_object().unwrap().keys().cloned().collect();
+    for dot in v
+        .get("dots")
+        .and_then(|d| d.as_array())
+        .into_iter()
+        .flatten()
+    {
+        actors.insert(dot[0].as_str().unwrap().to_owned());
+    }
+    actors
+}
+
+/// A node that crashed may have applied an ap write it had not yet fsynced (lost with
+/// the crash) after a read copied it elsewhere; issuing that write's dot again for
+/// another value would make replicas drop one of the two. So a node restarted after a
+/// kill -9 writes as a new actor; one stopped cleanly (SIGTERM) keeps its actor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_after_a_crash_writes_as_a_new_actor() {
+    let mut c = Cluster::start(1, &[]).await;
+    c.client(0)
+        .create_keyspace(&KeyspaceSpec::new("acts", Mode::Ap))
+        .await
+        .unwrap();
+    knows_keyspace(&c, 0, "acts").await;
+    let write = |c: &Cluster, v: &'static str| {
+        let client = c.client(0);
+        async move {
+            let ctx = client
+                .ap_put("acts", v.as_bytes(), v.as_bytes().to_vec(), None, None)
+                .await
+                .unwrap();
+            actors_of(&ctx)
+        }
+    };
+    let first = write(&c, "a").await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    c.stop(0);
+    c.restart(0).await;
+    assert_eq!(write(&c, "b").await, first, "a clean stop keeps the actor");
+    c.kill9(0);
+    c.restart(0).await;
+    let after_crash = write(&c, "c").await;
+    assert_eq!(after_crash.len(), 1);
+    assert_ne!(after_crash, first, "a crash must not keep the actor");
+}

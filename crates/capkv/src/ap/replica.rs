@@ -79,6 +79,8 @@ pub struct Replica {
     /// replicas are never refused (convergence must not depend on it), so an object can
     /// pass the bound only by merging writes made concurrently elsewhere.
     object_bytes_max: usize,
+    /// Set when the node stops: client writes are refused from then on.
+    stopped: std::sync::atomic::AtomicBool,
     stripes: Vec<Mutex<()>>,
     /// Hints held, and their encoded bytes: reserved before a hint is stored, so
     /// concurrent holds can never pass the bounds together.
@@ -121,6 +123,7 @@ impl Replica {
             engine,
             group_commit,
             object_bytes_max: OBJECT_BYTES_MAX,
+            stopped: std::sync::atomic::AtomicBool::new(false),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hints: AtomicU64::new(held),
             hint_bytes: AtomicU64::new(held_bytes),
@@ -129,6 +132,15 @@ impl Replica {
             tombstones: AtomicU64::new(tombstones),
             floor: std::sync::Mutex::new(floor),
         })
+    }
+
+    /// Refuses client writes from now on and waits until none is in progress (each holds
+    /// its key's stripe until it is stored and fsynced).
+    pub async fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        for stripe in &self.stripes {
+            drop(stripe.lock().await);
+        }
     }
 
     /// Sets the bound on hint bytes (default [`HINT_BYTES_MAX`]).
@@ -257,6 +269,11 @@ impl Replica {
         };
         if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             return Err(late());
+        }
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(ApiError::unavailable(
+                "this node is shutting down; the write was not applied",
+            ));
         }
         let existing = self.load(Tree::Ap, &k)?;
         let current = existing

@@ -163,6 +163,24 @@ impl Cluster {
         }
     }
 
+    /// Stops node i gracefully (SIGTERM) and waits for it to exit.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("n{} did not stop within 20 s of SIGTERM", i + 1);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     pub fn wipe(&mut self, i: usize) {
         assert!(self.children[i].is_none(), "wipe a stopped node only");
         let _ = std::fs::remove_dir_all(self.data_dir(i));
