@@ -34,7 +34,7 @@ use crate::ap::{anti_entropy, tombstones};
 use crate::clock::WallClock;
 use crate::config::NodeConfig;
 use crate::cp::log_store::LogStore;
-use crate::cp::lost_state::{self, LostState, Refusal, Report};
+use crate::cp::lost_state::{LostState, Refusal, Report};
 use crate::cp::network::NetworkFactory;
 use crate::cp::proposer::{ProposeError, Proposer, BATCH_BYTES_MAX};
 use crate::cp::state_machine::{Reader, StateMachine};
@@ -205,12 +205,27 @@ impl Node {
             replica,
             clock: clock.clone(),
         });
+        // Whether this node's Raft state can be trusted: it had some, and it is not a
+        // state begun without any whose rebuilding never finished (the marker is written
+        // before a stateless node initializes, and removed only once peers vouched).
+        let storage = |e: crate::storage::StorageError| StartError::Storage(e.to_string());
         let had_state = raft
             .is_initialized()
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
+        let unverified = engine
+            .get(Tree::Meta, RAFT_UNVERIFIED_KEY)
+            .map_err(storage)?
+            .is_some();
+        if !had_state && !unverified {
+            let mut b = WriteBatch::new();
+            b.put(Tree::Meta, RAFT_UNVERIFIED_KEY.to_vec(), Vec::new());
+            engine.write(b).map_err(storage)?;
+            engine.sync().map_err(storage)?;
+        }
+        let trusted = had_state && !unverified;
         let node = Arc::new(Node {
-            lost: LostState::new(had_state),
+            lost: LostState::new(trusted),
             log_state,
             config,
             raft,
@@ -233,7 +248,7 @@ impl Node {
         });
         tokio::spawn(node.transport.clone().serve(peer_listener, handler));
 
-        if !had_state {
+        if !trusted {
             tokio::spawn(node.clone().rebuild_lost_state());
         }
         node.bootstrap().await?;
@@ -743,7 +758,6 @@ impl Node {
     /// A node that started without Raft state asks its peers what it may have lost
     /// until enough have answered (see `cp::lost_state`).
     async fn rebuild_lost_state(self: Arc<Self>) {
-        let needed = lost_state::probes_needed(self.config.cluster.len());
         let peers: Vec<NodeId> = self
             .config
             .cluster
@@ -772,7 +786,13 @@ impl Node {
                 }
             }
             let known: Vec<Option<Report>> = answers.values().copied().collect();
-            if self.lost.learn(&known, peers.len(), needed) {
+            if self.lost.learn(&known, self.config.cluster.len()) {
+                let mut b = WriteBatch::new();
+                b.delete(Tree::Meta, RAFT_UNVERIFIED_KEY.to_vec());
+                if let Err(e) = self.engine.write(b).and_then(|()| self.engine.sync()) {
+                    // The marker stays: the next start rebuilds again, which is safe.
+                    tracing::warn!(error = %e, "could not record that the Raft state was rebuilt");
+                }
                 tracing::info!(
                     vouched = known.iter().flatten().count(),
                     term = known.iter().flatten().map(|r| r.0).max().unwrap_or(0),
@@ -944,6 +964,10 @@ fn incarnation(engine: &dyn Engine) -> Result<String, StartError> {
 }
 
 const INCARNATION_KEY: &[u8] = b"node_incarnation";
+/// Present while a node that started without Raft state has not yet learned what it may
+/// have lost (see `cp::lost_state`): a restart in the meantime must not trust the state
+/// it began since.
+const RAFT_UNVERIFIED_KEY: &[u8] = b"raft_state_unverified";
 /// Written (holding the incarnation) as the last act of a clean shutdown; removed at start.
 const CLEAN_STOP_KEY: &[u8] = b"node_clean_stop";
 

@@ -349,6 +349,18 @@ async fn a_node_whose_storage_stalls_keeps_answering_and_says_why() {
         },
     )
     .await;
+    // No request outlives its deadline (2 s by default), stall or not: every ap write
+    // the stalled node coordinates gets its answer (a 504 where the write waits on this
+    // node's disk) while storage is still stalled.
+    for w in ap_held {
+        let answer = tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("an ap write outlived its deadline while storage was stalled")
+            .unwrap();
+        if let Err(e) = answer {
+            assert!(e.to_string().starts_with("504"), "{e}");
+        }
+    }
     for _ in 0..5 {
         let (status, body) = health(&url).await.expect("/healthz answers while stalled");
         assert_eq!(status, 503, "{body}");
@@ -378,9 +390,6 @@ async fn a_node_whose_storage_stalls_keeps_answering_and_says_why() {
     )
     .await;
     let _ = held.await.unwrap();
-    for w in ap_held {
-        let _ = w.await.unwrap();
-    }
     client
         .put("cp", b"k", b"after".to_vec(), &opts)
         .await
@@ -452,4 +461,63 @@ async fn idempotency_records_outlive_skewed_clocks() {
             i + 1
         );
     }
+}
+
+/// A storage stall that begins while tombstones are being collected must not freeze the
+/// node (found by review: collection held a blocking lock across its stalled write, and
+/// every task wanting that lock blocked an async worker, until `/healthz`, `/v1/cluster`
+/// and even `DELETE /v1/faults` went unanswered for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_stall_during_tombstone_collection_does_not_freeze_the_node() {
+    let c = Cluster::start(3, &["--tombstone-grace-ms", "300"]).await;
+    let client = c.client(1);
+    client
+        .create_keyspace(&KeyspaceSpec::new("gone", Mode::Ap))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "n2 knows keyspace gone",
+        || async { client.ap_get("gone", b"probe", None).await.is_ok() },
+    )
+    .await;
+    for i in 0..300 {
+        let key = format!("k{i}");
+        let ctx = client
+            .ap_put("gone", key.as_bytes(), b"v".to_vec(), None, None)
+            .await
+            .unwrap();
+        client
+            .ap_delete("gone", key.as_bytes(), Some(&ctx))
+            .await
+            .unwrap();
+    }
+    let url = c.url(0);
+    client
+        .set_fault_request(
+            &url,
+            &FaultRequest {
+                storage_stall: true,
+                ..FaultRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    // Collection rounds run every 2 s; watch several.
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < until {
+        assert!(
+            health(&url).await.is_some(),
+            "n1 stopped answering /healthz during the stall"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(5), client.clear_faults(&url))
+        .await
+        .expect("DELETE /v1/faults went unanswered")
+        .unwrap();
+    eventually(Duration::from_secs(20), "n1 is healthy again", || async {
+        matches!(health(&url).await, Some((200, _)))
+    })
+    .await;
 }

@@ -161,19 +161,31 @@ impl Coordinator {
         deadline: Instant,
     ) -> Result<Applied, CallError> {
         if home == self.me {
-            return self
-                .replica
-                .update_until(
-                    keyspace,
-                    key,
-                    value_type,
-                    mutation,
-                    &self.actor,
-                    self.clock.now_ms(),
-                    Some(deadline),
-                )
-                .await
-                .map_err(replica_err);
+            // In its own task: a write waiting on stalled storage blocks the thread it
+            // runs on, and the answer must still come at the deadline (504: it may yet
+            // be applied, once, when storage moves).
+            let (replica, ks, k, m, actor) = (
+                self.replica.clone(),
+                keyspace.to_owned(),
+                key.to_vec(),
+                mutation.clone(),
+                self.actor.clone(),
+            );
+            let now_ms = self.clock.now_ms();
+            let write = tokio::spawn(async move {
+                replica
+                    .update_until(&ks, &k, value_type, &m, &actor, now_ms, Some(deadline))
+                    .await
+            });
+            return match tokio::time::timeout_at(deadline.into(), write).await {
+                Ok(Ok(r)) => r.map_err(replica_err),
+                Ok(Err(e)) => Err(CallError::Unknown(ApiError::internal(format!(
+                    "the local write task failed: {e}"
+                )))),
+                Err(_) => Err(CallError::Unknown(ApiError::timeout(
+                    "the local replica did not finish the write before the deadline",
+                ))),
+            };
         }
         let req = PeerRequest::ApUpdate {
             keyspace: keyspace.to_owned(),

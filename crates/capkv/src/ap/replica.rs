@@ -92,7 +92,9 @@ pub struct Replica {
     tombstones: AtomicU64,
     /// Raised under a key's stripe lock when the key is collected, read under it by
     /// `update`, so a write to a key always sees the floor its collection left.
-    floor: std::sync::Mutex<ReapFloor>,
+    /// An async lock: a collection holds it across its (possibly stalled) write, and a
+    /// waiter must yield its worker, never block it.
+    floor: Mutex<ReapFloor>,
 }
 
 impl Replica {
@@ -130,7 +132,7 @@ impl Replica {
             hint_bytes_max: HINT_BYTES_MAX,
             objects: AtomicU64::new(objects),
             tombstones: AtomicU64::new(tombstones),
-            floor: std::sync::Mutex::new(floor),
+            floor: Mutex::new(floor),
         })
     }
 
@@ -279,7 +281,7 @@ impl Replica {
         let current = existing
             .clone()
             .unwrap_or_else(|| ApState::empty(value_type));
-        let floor = *self.floor.lock().expect("floor lock");
+        let floor = *self.floor.lock().await;
         let applied = current.apply_above(mutation, actor, now_ms, &floor)?;
         let size = encode(&applied.state).len();
         if size > self.object_bytes_max && size > encode(&current).len() {
@@ -533,7 +535,7 @@ impl Replica {
                 b.delete(Tree::Ap, k);
             }
             // Held across the write so concurrent collections of other keys each raise it.
-            let mut floor = self.floor.lock().expect("floor lock");
+            let mut floor = self.floor.lock().await;
             let mut next = *floor;
             next.cover(tombstone, actor);
             b.put(Tree::Meta, FLOOR_KEY.to_vec(), encode(&next));

@@ -171,8 +171,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(read_err)?
         {
             Some((_, v)) => {
+                // By index: a leftover entry can carry a higher term than the purged id.
                 let id = decode::<Entry>(&v).map_err(read_err)?.log_id;
-                Some(id).max(last_purged)
+                match last_purged {
+                    Some(p) if p.index >= id.index => Some(p),
+                    _ => Some(id),
+                }
             }
             None => last_purged,
         };
@@ -408,7 +412,8 @@ mod tests {
     }
 
     /// A purge past the end of the log (a snapshot install) reports the purged id as the
-    /// last one even when a crash left older entries behind.
+    /// last one even when a crash left older entries behind, even entries of a higher
+    /// term than the purged id's (compared by index, not by log id order).
     #[tokio::test]
     async fn a_purge_past_the_end_cut_short_reports_the_purged_id_as_last() {
         let inner = full_log().await;
@@ -418,6 +423,16 @@ mod tests {
         });
         let mut store = LogStore::new(crashing.clone(), GroupCommit::start(crashing));
         assert!(store.purge(log_id(ENTRIES + 100)).await.is_err());
+        assert_eq!(reopened(inner).await, (ENTRIES + 100, ENTRIES + 100));
+        // The snapshot's id is of an older term than the entries left behind.
+        let inner = full_log().await;
+        let crashing: Arc<dyn Engine> = Arc::new(CrashAfter {
+            inner: inner.clone(),
+            writes_left: 2.into(),
+        });
+        let mut store = LogStore::new(crashing.clone(), GroupCommit::start(crashing));
+        let older = LogId::new(openraft::CommittedLeaderId::new(0, 1), ENTRIES + 100);
+        assert!(store.purge(older).await.is_err());
         assert_eq!(reopened(inner).await, (ENTRIES + 100, ENTRIES + 100));
     }
 

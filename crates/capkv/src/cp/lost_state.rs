@@ -20,11 +20,12 @@
 //!   tells it of the higher term.
 //!
 //! A peer that is itself rebuilding cannot vouch for anything and does not count toward
-//! that number. But once *every* peer has answered, the answers are complete: an entry
-//! committed on a majority whose other members all lost their state too is gone from
-//! every disk anyway. That is also how a cluster's first start works: every node starts
-//! without state, all of them answer "nothing to vouch for", and after one round of
-//! probes the floor is term 0 and an empty log.
+//! that number. But if this node and the peers that answered "nothing to vouch for" are
+//! a majority, then a majority of the cluster has no state: either the cluster is new
+//! (its first start: every node begins without state) or more disks were lost than Raft
+//! can survive (a majority's data is gone whatever we do). Either way there is nothing
+//! to protect, and the floor is what the vouching peers said, if any, else term 0 and an
+//! empty log. So a new cluster elects as soon as a majority of it has started.
 //!
 //! Until then the node takes part in nothing (votes refused, replication failed so the
 //! leader retries). The price: a node that lost its disk can help the cluster again only
@@ -96,16 +97,23 @@ impl LostState {
         self.get() == Floor::Unknown
     }
 
-    /// Takes the answers of peers (`None`: a peer that cannot vouch). The floor is known
-    /// once `needed` peers vouched, or all `peers` answered; it is the highest term and
-    /// log id vouched for. Returns whether the floor is now known.
-    pub fn learn(&self, answers: &[Option<Report>], peers: usize, needed: usize) -> bool {
+    /// Takes the answers of peers in a cluster of `cluster_size` (`None`: a peer that
+    /// cannot vouch). The floor is known once enough peers vouched ([`probes_needed`]),
+    /// or this node and the peers that cannot vouch are a majority, or every peer
+    /// answered; it is the highest term and log id vouched for. Returns whether the floor
+    /// is now known.
+    pub fn learn(&self, answers: &[Option<Report>], cluster_size: usize) -> bool {
         let mut floor = self.floor.lock().expect("lost state lock poisoned");
         if *floor != Floor::Unknown {
             return true;
         }
         let reports: Vec<Report> = answers.iter().flatten().copied().collect();
-        if reports.len() < needed && answers.len() < peers {
+        let stateless = answers.len() - reports.len() + 1;
+        let majority = cluster_size / 2 + 1;
+        let enough = reports.len() >= probes_needed(cluster_size)
+            || stateless >= majority
+            || answers.len() + 1 >= cluster_size;
+        if !enough {
             return false;
         }
         let term = reports.iter().map(|r| r.0).max().unwrap_or(0);
@@ -208,15 +216,12 @@ mod tests {
         );
         assert_eq!(s.check_leader(9), Err(Refusal::NotReady));
         assert_eq!(s.report((0, None)), None, "it vouches for nothing yet");
-        assert!(!s.learn(&[Some((2, Some(id(2, 7))))], 2, 2));
-        // A peer that is rebuilding too vouches for nothing and does not count...
-        assert!(!s.learn(&[Some((2, Some(id(2, 7)))), None], 4, 2));
+        // Three nodes: both others must vouch.
+        assert!(!s.learn(&[Some((2, Some(id(2, 7))))], 3));
+        // Seven: a peer that is rebuilding too vouches for nothing and does not count.
+        assert!(!s.learn(&[Some((2, Some(id(2, 7)))), None], 7));
         assert!(s.waiting());
-        assert!(s.learn(
-            &[Some((2, Some(id(2, 7)))), Some((1, Some(id(1, 3))))],
-            4,
-            2
-        ));
+        assert!(s.learn(&[Some((2, Some(id(2, 7)))), Some((1, Some(id(1, 3))))], 3));
         // Its lost vote may have been in term 2: no vote at or below it.
         assert_eq!(s.check_vote(&vote(2, Some(id(2, 7)))), Err(Refusal::Vote));
         // Its lost log may have held 2-7: no vote for a candidate behind it.
@@ -229,10 +234,20 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_cluster_elects_after_one_round_of_reports() {
+    fn a_fresh_cluster_elects_once_a_majority_has_started() {
+        // This node and stateless peers that make a majority have nothing to protect: a
+        // new cluster (or one that lost more disks than Raft survives).
+        let three = LostState::new(false);
+        assert!(three.learn(&[None], 3), "2 of 3 fresh nodes elect");
+        let five = LostState::new(false);
+        assert!(!five.learn(&[None], 5));
+        assert!(five.learn(&[None, None], 5), "3 of 5 fresh nodes elect");
+        // With a vouching peer among them, its report is the floor.
+        let mixed = LostState::new(false);
+        assert!(mixed.learn(&[None, Some((4, Some(id(4, 2)))), None], 5));
+        assert_eq!(mixed.check_leader(3), Err(Refusal::StaleTerm(4)));
         let s = LostState::new(false);
-        // ...unless every peer answered: then the answers are complete.
-        assert!(s.learn(&[None, None], 2, 2));
+        assert!(s.learn(&[None, None], 3));
         assert_eq!(s.check_vote(&vote(1, None)), Ok(()));
         assert_eq!(s.check_leader(1), Ok(()));
     }

@@ -46,6 +46,12 @@ pub struct ClusterClock {
 }
 
 impl ClusterClock {
+    /// Whether the next stamp would read the wall clock (nothing applied here carries a
+    /// time, and this proposer has stamped nothing).
+    pub fn needs_wall(&self, applied: u64) -> bool {
+        applied == 0 && self.last == 0
+    }
+
     /// The stamp for a batch proposed now in `term`; `applied` is the cluster time of
     /// the last command applied on this node (0: none).
     pub fn stamp(&mut self, term: u64, applied: u64, wall_ms: impl FnOnce() -> u64) -> u64 {
@@ -287,7 +293,24 @@ async fn run(
         // The cluster time applied here; unreadable (a storage failure): the last stamp
         // stands (the clock never goes back), and Raft reports the storage failure.
         let applied = reader.cluster_time().unwrap_or(0);
-        let term = raft.metrics().borrow().current_term;
+        let (term, applied_own_term) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let own = m
+                .last_applied
+                .is_some_and(|l| l.leader_id.term == m.current_term);
+            (m.current_term, own)
+        };
+        // A leader that would start the cluster's time from its own wall clock must first
+        // have applied everything before its term (its first entry of the term applied):
+        // else an earlier leader's time may exist in entries not applied here yet, and a
+        // skewed clock would move it. Until then: not proposed, retry (503).
+        if clock.needs_wall(applied) && !applied_own_term {
+            for p in queued {
+                let _ = p.reply.send(Err(ProposeError::NotLeader));
+            }
+            continue;
+        }
         let stamp = clock.stamp(term, applied, || wall.now_ms());
         let claimed: Vec<Pending> = queued
             .into_iter()
@@ -393,10 +416,15 @@ mod tests {
     fn cluster_clock_stamps_ignore_the_wall_clock_and_never_go_back() {
         let hour = 3_600_000;
         let mut c = ClusterClock::default();
+        assert!(c.needs_wall(0) && !c.needs_wall(5));
         // A fresh cluster takes its start from the wall clock, once.
         let first = c.stamp(1, 0, || 5 * hour);
         assert!((5 * hour..5 * hour + 1000).contains(&first), "{first}");
         // Later stamps never read it again, however far off it is.
+        assert!(
+            !c.needs_wall(0),
+            "a proposer that stamped never reads it again"
+        );
         let s = c.stamp(1, first, || panic!("the wall clock was read"));
         assert!(s >= first && s < first + 1000);
         // A new term re-anchors at the applied time, wall clock unread.

@@ -583,7 +583,6 @@ where
             let (this, handler, tx) = (self.clone(), handler.clone(), tx.clone());
             tokio::spawn(async move {
                 let resp = handler(from, req).await;
-                drop(permit);
                 // Isolated or drop_to: the request took effect, the reply is lost, and
                 // the caller times out (maybe delivered), as with a real lost reply.
                 if this.faults.sends_to(from) {
@@ -598,6 +597,9 @@ where
                     }
                     reply(&tx, f).await;
                 }
+                // Held until the reply is queued: a peer that never reads its replies
+                // stops getting requests read, instead of piling replies up here.
+                drop(permit);
             });
         }
         Ok(())
@@ -930,5 +932,45 @@ mod tests {
         }
         assert!(not_sent > 0, "the send queue never filled");
         held.abort();
+    }
+
+    /// A peer that sends requests and never reads the replies must not make this node
+    /// handle (and hold replies for) an unbounded number of them: a request's in-flight
+    /// place is held until its reply is queued.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_never_reads_replies_gets_backpressure() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = Arc::new(T::new(
+            2,
+            BTreeMap::from([(1, "127.0.0.1:9".to_string())]),
+            Arc::default(),
+            1 << 20,
+        ));
+        let handled = Arc::new(AtomicU64::new(0));
+        let counter = handled.clone();
+        let handler: Handler<String, String> = Arc::new(move |_, _req| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { "r".repeat(64 << 10) })
+        });
+        tokio::spawn(server.serve(listener, handler));
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        let mut out = frame(KIND_HELLO, 1, &());
+        for id in 0..5000u64 {
+            out.extend(frame(KIND_REQUEST, id, &"ping".to_string()));
+        }
+        raw.write_all(&out).await.unwrap(); // and never read
+        let bound = (INBOUND_IN_FLIGHT_MAX + SEND_QUEUE_FRAMES + 200) as u64;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            assert!(
+                handled.load(Ordering::SeqCst) <= bound,
+                "{} requests handled for a peer that reads nothing",
+                handled.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(handled.load(Ordering::SeqCst) > 0);
     }
 }

@@ -37,6 +37,9 @@ pub struct Watched {
     finished: AtomicU64,
     /// When one last finished, or one started while none was running (ms since `base`).
     since_ms: AtomicU64,
+    /// When the fsync in progress started (ms since `base`), or `u64::MAX`: fsyncs come one
+    /// at a time from the group commit, and a hung one must show even while writes go on.
+    sync_since_ms: AtomicU64,
     stalled: AtomicBool,
 }
 
@@ -48,6 +51,7 @@ impl Watched {
             started: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             since_ms: AtomicU64::new(0),
+            sync_since_ms: AtomicU64::new(u64::MAX),
             stalled: AtomicBool::new(false),
         }
     }
@@ -107,16 +111,22 @@ impl Engine for Watched {
     }
 
     fn sync(&self) -> Result<()> {
-        self.watch(|| self.inner.sync())
+        self.sync_since_ms.store(self.now_ms(), Ordering::SeqCst);
+        let result = self.watch(|| self.inner.sync());
+        self.sync_since_ms.store(u64::MAX, Ordering::SeqCst);
+        result
     }
 
     fn write_stall(&self) -> Option<Duration> {
+        let now = self.now_ms();
         let finished = self.finished.load(Ordering::SeqCst);
-        if self.started.load(Ordering::SeqCst) <= finished {
-            return None;
-        }
-        let since = self.since_ms.load(Ordering::SeqCst);
-        Some(Duration::from_millis(self.now_ms().saturating_sub(since)))
+        let writes = (self.started.load(Ordering::SeqCst) > finished)
+            .then(|| now.saturating_sub(self.since_ms.load(Ordering::SeqCst)));
+        let sync = match self.sync_since_ms.load(Ordering::SeqCst) {
+            u64::MAX => None,
+            since => Some(now.saturating_sub(since)),
+        };
+        writes.max(sync).map(Duration::from_millis)
     }
 
     fn report_gauges(&self) {
@@ -163,6 +173,50 @@ mod tests {
             blocked.await.unwrap()
         });
         assert_eq!(got, Ok(()));
+    }
+
+    /// A hung fsync is reported even while writes keep finishing (found by review: the
+    /// writes reset the one timer).
+    #[test]
+    fn a_hung_fsync_is_reported_while_writes_finish() {
+        struct SlowSync(MemoryEngine, Arc<std::sync::Mutex<()>>);
+        impl Engine for SlowSync {
+            fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>> {
+                self.0.get(t, k)
+            }
+            fn range(&self, t: Tree, s: &[u8], e: Option<&[u8]>, l: usize) -> Result<Vec<Entry>> {
+                self.0.range(t, s, e, l)
+            }
+            fn last_in_range(&self, t: Tree, s: &[u8], e: Option<&[u8]>) -> Result<Option<Entry>> {
+                self.0.last_in_range(t, s, e)
+            }
+            fn write(&self, b: WriteBatch) -> Result<()> {
+                self.0.write(b)
+            }
+            fn sync(&self) -> Result<()> {
+                drop(self.1.lock().unwrap()); // held by the test: a hung fsync
+                self.0.sync()
+            }
+        }
+        let lock = Arc::new(std::sync::Mutex::new(()));
+        let held = lock.lock().unwrap();
+        let engine = Arc::new(Watched::new(SlowSync(MemoryEngine::new(), lock.clone())));
+        let syncer = engine.clone();
+        let sync = std::thread::spawn(move || syncer.sync());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while engine.write_stall().unwrap_or_default() < Duration::from_millis(100) {
+            assert!(
+                Instant::now() < deadline,
+                "the hung fsync is never reported"
+            );
+            let mut b = WriteBatch::new();
+            b.put(Tree::Data, b"k".to_vec(), b"v".to_vec());
+            engine.write(b).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(held);
+        sync.join().unwrap().unwrap();
+        assert_eq!(engine.write_stall(), None);
     }
 
     /// An injected stall holds writes, is reported while it lasts, and lifting it lets

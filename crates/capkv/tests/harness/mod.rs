@@ -81,6 +81,12 @@ impl Cluster {
     }
 
     pub async fn start_with(n: usize, extra: &[&str], faults: bool) -> Cluster {
+        Cluster::start_only(n, &(0..n).collect::<Vec<_>>(), extra, faults).await
+    }
+
+    /// A cluster of `n` nodes of which only `up` (indexes) are started; the first of
+    /// them creates keyspace cp once a leader is elected.
+    pub async fn start_only(n: usize, up: &[usize], extra: &[&str], faults: bool) -> Cluster {
         let ports = free_ports(2 * n);
         let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         if faults {
@@ -99,12 +105,12 @@ impl Cluster {
             children: (0..n).map(|_| None).collect(),
             extra,
         };
-        for i in 0..n {
+        for &i in up {
             c.spawn(i);
         }
         c.wait_healthy().await;
         let spec = KeyspaceSpec::new("cp", Mode::Cp);
-        let client = c.client(0);
+        let client = c.client(up[0]);
         eventually(
             Duration::from_secs(20),
             "the cluster elects a leader and creates keyspace cp",
