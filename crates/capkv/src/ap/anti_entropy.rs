@@ -96,8 +96,8 @@ pub fn build(
     let mut leaves = vec![0u64; LEAVES];
     let mut after: Option<Vec<u8>> = None;
     loop {
-        let chunk = c.replica.objects(after.as_deref(), SCAN_CHUNK)?;
-        let done = chunk.len() < SCAN_CHUNK;
+        let (chunk, more) = c.replica.objects(after.as_deref(), SCAN_CHUNK)?;
+        let done = !more;
         for (ks, key, state) in chunk {
             after = Some(obj_key(&ks, &key));
             let Some(h) = shared(c, specs, peer, &ks, &key) else {
@@ -127,8 +127,8 @@ pub fn collect(
     let mut bytes = 0;
     let mut after: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
     loop {
-        let chunk = c.replica.objects(after.as_deref(), SCAN_CHUNK)?;
-        let done = chunk.len() < SCAN_CHUNK;
+        let (chunk, more) = c.replica.objects(after.as_deref(), SCAN_CHUNK)?;
+        let done = !more;
         for (ks, key, state) in chunk {
             after = Some(obj_key(&ks, &key));
             let Some(h) = shared(c, specs, peer, &ks, &key) else {

@@ -417,13 +417,54 @@ impl Replica {
         Ok(true)
     }
 
-    /// Every object this replica holds, in key order, starting after `after` (exclusive),
-    /// at most `limit`: (keyspace, key, state).
+    /// Entries of `tree` with `start <= key < end`, in key order: at most `limit`, and
+    /// no more once they pass [`PAGE_BYTES_MAX`](super::scan::PAGE_BYTES_MAX) bytes (read
+    /// in small chunks, so large objects never load by the thousand). Also returns
+    /// whether more may follow.
+    fn range_bounded(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<crate::storage::Entry>, bool), ApiError> {
+        const CHUNK: usize = 16;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let mut from = start.to_vec();
+        loop {
+            let want = (limit - out.len()).min(CHUNK);
+            if want == 0 {
+                return Ok((out, true));
+            }
+            let rows = self
+                .engine
+                .range(tree, &from, end, want)
+                .map_err(internal)?;
+            let got = rows.len();
+            for (k, v) in rows {
+                bytes += k.len() + v.len();
+                from = k.clone();
+                from.push(0);
+                out.push((k, v));
+            }
+            if got < want {
+                return Ok((out, false));
+            }
+            if bytes > super::scan::PAGE_BYTES_MAX {
+                return Ok((out, true));
+            }
+        }
+    }
+
+    /// Objects this replica holds, in key order, starting after `after` (exclusive): at
+    /// most `limit`, and about [`PAGE_BYTES_MAX`](super::scan::PAGE_BYTES_MAX) bytes;
+    /// and whether more may follow.
     pub fn objects(
         &self,
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<StoredObject>, ApiError> {
+    ) -> Result<(Vec<StoredObject>, bool), ApiError> {
         let start = match after {
             Some(a) => {
                 let mut s = a.to_vec();
@@ -432,16 +473,15 @@ impl Replica {
             }
             None => Vec::new(),
         };
-        let rows = self
-            .engine
-            .range(Tree::Ap, &start, None, limit)
-            .map_err(internal)?;
-        rows.into_iter()
+        let (rows, more) = self.range_bounded(Tree::Ap, &start, None, limit)?;
+        let objects = rows
+            .into_iter()
             .map(|(k, v)| {
                 let (ks, key) = split_obj_key(&k).ok_or_else(|| internal("bad object key"))?;
                 Ok((ks, key, decode(&v).map_err(internal)?))
             })
-            .collect()
+            .collect::<Result<_, ApiError>>()?;
+        Ok((objects, more))
     }
 
     /// This node's copies (replica merged with hints for any of `homes`) of the keys of
@@ -464,16 +504,12 @@ impl Replica {
         // home first). A source that filled `limit` may hold more.
         let page = |tree: Tree, head: &[u8]| -> Result<(Page, bool), ApiError> {
             let with_head = |k: &[u8]| [head, k].concat();
-            let rows = self
-                .engine
-                .range(
-                    tree,
-                    &with_head(&start),
-                    end.as_deref().map(with_head).as_deref(),
-                    limit,
-                )
-                .map_err(internal)?;
-            let truncated = rows.len() == limit;
+            let (rows, truncated) = self.range_bounded(
+                tree,
+                &with_head(&start),
+                end.as_deref().map(with_head).as_deref(),
+                limit,
+            )?;
             let page = rows
                 .into_iter()
                 .map(|(k, v)| {
@@ -723,6 +759,52 @@ mod tests {
             .await
             .unwrap();
         assert!(r.read("c", b"k", &[]).unwrap().is_some());
+    }
+
+    /// Found by review: a scan page read `limit` whole objects per source before cutting
+    /// to 4 MiB (hundreds of MB for one page of large objects). Reads are now byte-bounded
+    /// as they go, and paging still sees every object once.
+    #[tokio::test]
+    async fn object_reads_stop_at_the_page_bytes() {
+        let r = replica();
+        let write = |i: usize| Mutation::Write {
+            context: Default::default(),
+            value: Some(vec![i as u8; 1 << 20]),
+        };
+        for i in 0..20 {
+            r.update(
+                "big",
+                format!("k{i:02}").as_bytes(),
+                ValueType::Register,
+                &write(i),
+                "n1.x",
+                1,
+            )
+            .await
+            .unwrap();
+        }
+        let (first, more) = r.objects(None, 1000).unwrap();
+        assert!(
+            more && first.len() < 20,
+            "{} objects in one read",
+            first.len()
+        );
+        let (mut seen, mut after) = (0, None::<Vec<u8>>);
+        loop {
+            let (chunk, more) = r.objects(after.as_deref(), 1000).unwrap();
+            seen += chunk.len();
+            after = chunk.last().map(|(ks, k, _)| obj_key(ks, k)).or(after);
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(seen, 20);
+        let (page, more) = r.scan("big", b"", None, 1000, &[]).unwrap();
+        assert!(
+            more && page.len() < 20,
+            "{} objects in one scan page",
+            page.len()
+        );
     }
 
     #[tokio::test]

@@ -97,8 +97,8 @@ impl Collector {
     ) -> Result<Vec<StoredObject>, ApiError> {
         let mut found = Vec::new();
         loop {
-            let chunk = c.replica.objects(self.cursor.as_deref(), SCAN_CHUNK)?;
-            let at_end = chunk.len() < SCAN_CHUNK;
+            let (chunk, more) = c.replica.objects(self.cursor.as_deref(), SCAN_CHUNK)?;
+            let at_end = !more;
             for (ks, key, state) in chunk {
                 let k = obj_key(&ks, &key);
                 self.cursor = Some(k.clone());
