@@ -89,8 +89,6 @@ fn net_err(e: crate::net::NetError) -> CallError {
     }
 }
 
-/// A replica's refusal: a bad request changes nothing; any other failure (storage) may
-/// have happened after the change.
 /// Whether a replica's refusal would be the same everywhere: the client's answer, not a
 /// reason to try another home.
 fn is_refusal(e: &ApiError) -> bool {

@@ -154,8 +154,18 @@ impl Replica {
     /// Forgets a hint of `bytes` encoded bytes (dropped, or its reservation undone).
     fn release_hint(&self, bytes: u64) {
         let n = self.hints.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
-        self.hint_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.shrink_hint_bytes(bytes);
         metrics::gauge!("capkv_ap_hints_queued").set(n as f64);
+    }
+
+    /// Saturating: the sizes counted at start are of the bytes stored, which an older
+    /// storage format may have made a little different from today's encoding.
+    fn shrink_hint_bytes(&self, bytes: u64) {
+        let _ = self
+            .hint_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(bytes))
+            });
     }
 
     /// Sets the object size bound (default [`OBJECT_BYTES_MAX`]).
@@ -371,8 +381,7 @@ impl Replica {
             }
         };
         if new_bytes < old_bytes {
-            self.hint_bytes
-                .fetch_sub(old_bytes - new_bytes, Ordering::Relaxed);
+            self.shrink_hint_bytes(old_bytes - new_bytes);
         }
         metrics::gauge!("capkv_ap_hints_queued").set(self.hints.load(Ordering::Relaxed) as f64);
         stored
