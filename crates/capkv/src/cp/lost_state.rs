@@ -56,8 +56,13 @@ enum Floor {
     Unneeded,
     /// It started without, and not enough peers have answered yet.
     Unknown,
-    /// The highest term and last log id enough peers reported.
-    Known { term: u64, last_log: Option<LogId> },
+    /// The highest term and last log id the peers reported; `vouched`: enough of them
+    /// vouched (else a stateless majority, or every peer, answered).
+    Known {
+        term: u64,
+        last_log: Option<LogId>,
+        vouched: bool,
+    },
 }
 
 /// Why a message is refused.
@@ -118,17 +123,27 @@ impl LostState {
         }
         let term = reports.iter().map(|r| r.0).max().unwrap_or(0);
         let last_log = reports.iter().map(|r| r.1).max().flatten();
-        *floor = Floor::Known { term, last_log };
+        let vouched = reports.len() >= probes_needed(cluster_size);
+        *floor = Floor::Known {
+            term,
+            last_log,
+            vouched,
+        };
         true
     }
 
     /// What this node reports to a peer that probes it: its own state, raised to its
-    /// floor; nothing while its own floor is unknown (it cannot vouch for anything).
+    /// floor. Nothing while its own floor is unknown (it cannot vouch for anything), nor
+    /// while it learned its floor without enough vouchers and still holds no entry past
+    /// the initial one: it is as stateless as the peer asking, and must count as such
+    /// (else, of two new nodes, the one that learned first would stop counting as
+    /// stateless for the other, which would wait for ever for the third: found in CI).
     pub fn report(&self, own: Report) -> Option<Report> {
         match self.get() {
             Floor::Unneeded => Some(own),
             Floor::Unknown => None,
-            Floor::Known { term, last_log } => Some((own.0.max(term), own.1.max(last_log))),
+            Floor::Known { vouched: false, .. } if own.1.is_none_or(|l| l.index == 0) => None,
+            Floor::Known { term, last_log, .. } => Some((own.0.max(term), own.1.max(last_log))),
         }
     }
 
@@ -137,7 +152,7 @@ impl LostState {
         match self.get() {
             Floor::Unneeded => Ok(()),
             Floor::Unknown => Err(Refusal::NotReady),
-            Floor::Known { term, last_log } => {
+            Floor::Known { term, last_log, .. } => {
                 if req.vote.leader_id().term <= term || req.last_log_id < last_log {
                     Err(Refusal::Vote)
                 } else {
@@ -246,6 +261,17 @@ mod tests {
         let mixed = LostState::new(false);
         assert!(mixed.learn(&[None, Some((4, Some(id(4, 2)))), None], 5));
         assert_eq!(mixed.check_leader(3), Err(Refusal::StaleTerm(4)));
+        // A new node that learned from a stateless majority still reports nothing while
+        // its log is empty, so its new peer counts it as stateless too (found in CI: the
+        // second of two new nodes waited for ever for the third)...
+        assert_eq!(three.report((1, Some(id(0, 0)))), None);
+        assert!(LostState::new(false).learn(&[three.report((1, Some(id(0, 0))))], 3));
+        // ...and reports its state once it holds entries.
+        assert_eq!(three.report((2, Some(id(2, 5)))), Some((2, Some(id(2, 5)))));
+        // A node that learned from enough vouchers reports what it learned.
+        let vouched = LostState::new(false);
+        assert!(vouched.learn(&[Some((3, Some(id(3, 4)))), Some((2, None))], 3));
+        assert_eq!(vouched.report((0, None)), Some((3, Some(id(3, 4)))));
         let s = LostState::new(false);
         assert!(s.learn(&[None, None], 3));
         assert_eq!(s.check_vote(&vote(1, None)), Ok(()));
