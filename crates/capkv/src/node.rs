@@ -333,6 +333,16 @@ impl Node {
         self.config.id
     }
 
+    /// Every other node of the cluster.
+    fn peer_ids(&self) -> Vec<NodeId> {
+        self.config
+            .cluster
+            .iter()
+            .map(|m| m.id)
+            .filter(|id| *id != self.id())
+            .collect()
+    }
+
     pub fn name_of(&self, id: NodeId) -> String {
         self.config
             .member(id)
@@ -689,13 +699,7 @@ impl Node {
 
     /// Anti-entropy with one reachable peer after another, one exchange per interval.
     async fn anti_entropy_loop(self: Arc<Self>) {
-        let peers: Vec<NodeId> = self
-            .config
-            .cluster
-            .iter()
-            .map(|m| m.id)
-            .filter(|id| *id != self.id())
-            .collect();
+        let peers = self.peer_ids();
         let mut turn = 0usize;
         let mut pause = anti_entropy::AE_INTERVAL;
         loop {
@@ -758,13 +762,7 @@ impl Node {
     /// A node that started without Raft state asks its peers what it may have lost
     /// until enough have answered (see `cp::lost_state`).
     async fn rebuild_lost_state(self: Arc<Self>) {
-        let peers: Vec<NodeId> = self
-            .config
-            .cluster
-            .iter()
-            .map(|m| m.id)
-            .filter(|id| *id != self.id())
-            .collect();
+        let peers = self.peer_ids();
         let mut answers: BTreeMap<NodeId, Option<Report>> = BTreeMap::new();
         let mut tick = tokio::time::interval(PING_INTERVAL);
         loop {
@@ -806,8 +804,8 @@ impl Node {
     /// One pinger per peer, each waiting for its last ping (at most the reachability
     /// window) before the next: a slow or silent peer never piles up pings.
     async fn ping_loop(self: Arc<Self>) {
-        for m in self.config.cluster.iter().filter(|m| m.id != self.id()) {
-            let (t, id) = (self.transport.clone(), m.id);
+        for id in self.peer_ids() {
+            let t = self.transport.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(PING_INTERVAL);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -87,6 +87,32 @@ fn shared(
     (pl.contains(&c.me) && pl.contains(&peer)).then_some(h)
 }
 
+/// Walks this node's objects shared with `peer`, in storage-key order after `after` (a
+/// storage key, exclusive), calling `visit` with each and its ring hash until it returns
+/// false. Returns whether the walk stopped early (more may follow).
+fn walk_shared(
+    c: &Coordinator,
+    specs: &BTreeMap<String, KeyspaceSpec>,
+    peer: NodeId,
+    mut after: Option<Vec<u8>>,
+    mut visit: impl FnMut(StoredObject, u64) -> bool,
+) -> Result<bool, ApiError> {
+    loop {
+        let (chunk, more) = c.replica.objects(after.as_deref(), SCAN_CHUNK)?;
+        for (ks, key, state) in chunk {
+            after = Some(obj_key(&ks, &key));
+            if let Some(h) = shared(c, specs, peer, &ks, &key) {
+                if !visit((ks, key, state), h) {
+                    return Ok(true);
+                }
+            }
+        }
+        if !more {
+            return Ok(false);
+        }
+    }
+}
+
 /// Builds this node's tree for `peer`.
 pub fn build(
     c: &Coordinator,
@@ -94,23 +120,13 @@ pub fn build(
     peer: NodeId,
 ) -> Result<Tree, ApiError> {
     let mut leaves = vec![0u64; LEAVES];
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let (chunk, more) = c.replica.objects(after.as_deref(), SCAN_CHUNK)?;
-        let done = !more;
-        for (ks, key, state) in chunk {
-            after = Some(obj_key(&ks, &key));
-            let Some(h) = shared(c, specs, peer, &ks, &key) else {
-                continue;
-            };
-            let mut entry = obj_key(&ks, &key);
-            entry.extend_from_slice(&state.digest().to_be_bytes());
-            leaves[leaf_of(h)] ^= hash64(&entry);
-        }
-        if done {
-            return Ok(Tree { leaves });
-        }
-    }
+    walk_shared(c, specs, peer, None, |(ks, key, state), h| {
+        let mut entry = obj_key(&ks, &key);
+        entry.extend_from_slice(&state.digest().to_be_bytes());
+        leaves[leaf_of(h)] ^= hash64(&entry);
+        true
+    })?;
+    Ok(Tree { leaves })
 }
 
 /// A page of this node's objects (shared with `peer`) in `leaves`, in storage-key order
@@ -125,28 +141,18 @@ pub fn collect(
 ) -> Result<(Vec<StoredObject>, bool), ApiError> {
     let mut objects = Vec::new();
     let mut bytes = 0;
-    let mut after: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
-    loop {
-        let (chunk, more) = c.replica.objects(after.as_deref(), SCAN_CHUNK)?;
-        let done = !more;
-        for (ks, key, state) in chunk {
-            after = Some(obj_key(&ks, &key));
-            let Some(h) = shared(c, specs, peer, &ks, &key) else {
-                continue;
-            };
-            if !leaves.contains(&(leaf_of(h) as u16)) {
-                continue;
-            }
-            if objects.len() == AE_KEYS_MAX || bytes > PAGE_BYTES_MAX {
-                return Ok((objects, true));
-            }
-            bytes += ks.len() + key.len() + crate::cp::encode(&state).len();
-            objects.push((ks, key, state));
+    let more = walk_shared(c, specs, peer, after.map(<[u8]>::to_vec), |object, h| {
+        if !leaves.contains(&(leaf_of(h) as u16)) {
+            return true;
         }
-        if done {
-            return Ok((objects, false));
+        if objects.len() == AE_KEYS_MAX || bytes > PAGE_BYTES_MAX {
+            return false;
         }
-    }
+        bytes += object.0.len() + object.1.len() + crate::cp::encode(&object.2).len();
+        objects.push(object);
+        true
+    })?;
+    Ok((objects, more))
 }
 
 /// B's side of step 1: the leaves under each interior node whose hash differs from A's.
