@@ -631,6 +631,9 @@ impl Node {
                     .await
                     .map(|_| ()),
             ),
+            PeerRequest::ApStoreMany { objects } => {
+                PeerResponse::ApMerged(self.ap.replica.merge_many(objects).await)
+            }
             PeerRequest::ApHint {
                 home,
                 keyspace,

@@ -87,6 +87,11 @@ pub enum PeerRequest {
         keyspace: String,
         key: Vec<u8>,
     },
+    /// ap anti-entropy: merge these objects into the local replica (one storage batch,
+    /// one fsync); a page of at most [`PAGE_BYTES_MAX`]-ish bytes.
+    ApStoreMany {
+        objects: Vec<StoredObject>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -113,6 +118,8 @@ pub enum PeerResponse {
     ApReapChecked(Result<Vec<bool>, ApiError>),
     /// How many copies the receiver dropped.
     ApReaped(Result<u64, ApiError>),
+    /// How many keys an `ApStoreMany` changed.
+    ApMerged(Result<u64, ApiError>),
 }
 
 /// A forwarded client request, with what is left of its deadline.

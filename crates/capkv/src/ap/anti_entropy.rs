@@ -10,7 +10,8 @@
 //!   A ◀── leaf hashes of the interior nodes that differ ────── B
 //!   A ── AeFetch {differing leaves, after} ──────────────────▶ B    ┐ page by page
 //!   A ◀── a page of B's objects in those leaves, more? ─────── B    ┘
-//!   A merges them; A ── ApStore (its objects B lacks) ───────▶ B
+//!   A merges each page in one batch                                 (one fsync a page)
+//!   A ── ApStoreMany (a page of its objects B lacks) ───────▶ B    (one fsync a page)
 //! ```
 //!
 //! Rate-limited: one exchange per [`AE_INTERVAL`], peers in turn, each within a 5 s
@@ -208,12 +209,13 @@ pub async fn exchange(
     if leaves.is_empty() {
         return Ok(0);
     }
-    // Their objects, page by page: merged here; their digests kept to tell what they lack.
-    // Counted as they happen: an exchange its deadline cuts short has still repaired them.
+    // Their objects, page by page, each merged here in one batch; their digests kept to
+    // tell what they lack. Counted as they happen: an exchange its deadline cuts short
+    // has still repaired them.
     let mut repaired = 0u64;
-    let mut count_repair = || {
-        repaired += 1;
-        metrics::counter!("capkv_ap_ae_keys_repaired_total").increment(1);
+    let mut count_repairs = |n: u64| {
+        repaired += n;
+        metrics::counter!("capkv_ap_ae_keys_repaired_total").increment(n);
     };
     let mut their_digests: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
     let mut after: Option<Vec<u8>> = None;
@@ -228,44 +230,39 @@ pub async fn exchange(
             _ => return Err(ApiError::internal("wrong reply to AeFetch")),
         };
         let empty = theirs.is_empty();
-        for (ks, key, state) in theirs {
-            let k = obj_key(&ks, &key);
+        for (ks, key, state) in &theirs {
+            let k = obj_key(ks, key);
             if after.as_ref().is_some_and(|a| &k <= a) {
                 return Err(ApiError::internal("AeFetch page out of order"));
-            }
-            if c.replica.merge(&ks, &key, &state).await?.1 {
-                count_repair();
             }
             their_digests.insert(k.clone(), state.digest());
             after = Some(k);
         }
+        count_repairs(c.replica.merge_many(theirs).await?);
         if !more || empty {
             break;
         }
     }
     // Ours, merged with theirs, so ours covers theirs: where the two differ, they lack
-    // something.
+    // something. Sent a page at a time (one message, one batch on their side).
     let mut after: Option<Vec<u8>> = None;
     loop {
         let (ours, more) = collect(c, specs, peer, &leaves, after.as_deref())?;
         let empty = ours.is_empty();
-        for (ks, key, state) in ours {
-            let k = obj_key(&ks, &key);
-            after = Some(k.clone());
-            if their_digests.get(&k) == Some(&state.digest()) {
-                continue;
-            }
-            match call(PeerRequest::ApStore {
-                keyspace: ks,
-                key,
-                object: state,
+        if let Some((ks, key, _)) = ours.last() {
+            after = Some(obj_key(ks, key));
+        }
+        let lacking: Vec<StoredObject> = ours
+            .into_iter()
+            .filter(|(ks, key, state)| {
+                their_digests.get(&obj_key(ks, key)) != Some(&state.digest())
             })
-            .await?
-            {
-                PeerResponse::ApAck(r) => r?,
-                _ => return Err(ApiError::internal("wrong reply to ApStore")),
+            .collect();
+        if !lacking.is_empty() {
+            match call(PeerRequest::ApStoreMany { objects: lacking }).await? {
+                PeerResponse::ApMerged(r) => count_repairs(r?),
+                _ => return Err(ApiError::internal("wrong reply to ApStoreMany")),
             }
-            count_repair();
         }
         if !more || empty {
             break;
