@@ -141,9 +141,9 @@ impl Node {
         let group_commit = GroupCommit::start(engine.clone());
         let log_store = LogStore::new(engine.clone(), group_commit.clone());
         let log_state = log_store.clone();
-        let sm =
-            StateMachine::open(engine.clone()).map_err(|e| StartError::Storage(e.to_string()))?;
-        let reader = Reader::new(engine.clone());
+        let sm = StateMachine::open(engine.clone(), &config.data_dir.join("snapshots"))
+            .map_err(|e| StartError::Storage(e.to_string()))?;
+        let reader = sm.reader();
 
         let faults = Arc::new(FaultFilter::default());
         let clock = Arc::new(WallClock::system());
@@ -171,6 +171,7 @@ impl Node {
             election_timeout_min: config.election_timeout_min_ms,
             election_timeout_max: config.election_timeout_max_ms,
             install_snapshot_timeout: 10_000,
+            snapshot_max_chunk_size: crate::cp::snapshot::CHUNK_BYTES,
             max_payload_entries: MAX_PAYLOAD_ENTRIES,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             max_in_snapshot_log_to_keep: config.snapshot_every.min(1000),

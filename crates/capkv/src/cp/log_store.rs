@@ -259,15 +259,15 @@ mod tests {
 
     struct Builder;
 
-    impl StoreBuilder<TypeConfig, LogStore, StateMachine, ()> for Builder {
-        async fn build(&self) -> Result<((), LogStore, StateMachine), StorageError<NodeId>> {
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
             let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
             let gc = GroupCommit::start(engine.clone());
-            Ok((
-                (),
-                LogStore::new(engine.clone(), gc),
-                StateMachine::open(engine)?,
-            ))
+            let snapshots = tempfile::tempdir().unwrap();
+            let sm = StateMachine::open(engine.clone(), snapshots.path())?;
+            Ok((snapshots, LogStore::new(engine, gc), sm))
         }
     }
 
@@ -285,11 +285,8 @@ mod tests {
             let engine: Arc<dyn Engine> =
                 Arc::new(crate::storage::FjallEngine::open(&dir).unwrap());
             let gc = GroupCommit::start(engine.clone());
-            Ok((
-                (),
-                LogStore::new(engine.clone(), gc),
-                StateMachine::open(engine)?,
-            ))
+            let sm = StateMachine::open(engine.clone(), &dir.join("snapshots"))?;
+            Ok(((), LogStore::new(engine, gc), sm))
         }
     }
 
@@ -297,48 +294,6 @@ mod tests {
     #[test]
     fn openraft_storage_suite_on_fjall() {
         Suite::test_all(FjallBuilder(tempfile::tempdir().unwrap())).unwrap();
-    }
-
-    /// An engine that stops taking writes after `writes_left` batches: a crash between
-    /// two batches. The inner engine then holds exactly what survived.
-    struct CrashAfter {
-        inner: Arc<MemoryEngine>,
-        writes_left: std::sync::atomic::AtomicUsize,
-    }
-
-    impl Engine for CrashAfter {
-        fn get(&self, tree: Tree, key: &[u8]) -> crate::storage::Result<Option<Vec<u8>>> {
-            self.inner.get(tree, key)
-        }
-        fn range(
-            &self,
-            tree: Tree,
-            start: &[u8],
-            end: Option<&[u8]>,
-            limit: usize,
-        ) -> crate::storage::Result<Vec<crate::storage::Entry>> {
-            self.inner.range(tree, start, end, limit)
-        }
-        fn last_in_range(
-            &self,
-            tree: Tree,
-            start: &[u8],
-            end: Option<&[u8]>,
-        ) -> crate::storage::Result<Option<crate::storage::Entry>> {
-            self.inner.last_in_range(tree, start, end)
-        }
-        fn write(&self, batch: WriteBatch) -> crate::storage::Result<()> {
-            use std::sync::atomic::Ordering;
-            let left = self.writes_left.load(Ordering::SeqCst);
-            if left == 0 {
-                return Err(crate::storage::StorageError::Engine("crashed".into()));
-            }
-            self.writes_left.store(left - 1, Ordering::SeqCst);
-            self.inner.write(batch)
-        }
-        fn sync(&self) -> crate::storage::Result<()> {
-            self.inner.sync()
-        }
     }
 
     const ENTRIES: u64 = 3000;
@@ -388,7 +343,7 @@ mod tests {
         let purge_to = 2500;
         for cut in 0..=5 {
             let inner = full_log().await;
-            let crashing: Arc<dyn Engine> = Arc::new(CrashAfter {
+            let crashing: Arc<dyn Engine> = Arc::new(crate::storage::CrashAfter {
                 inner: inner.clone(),
                 writes_left: cut.into(),
             });
@@ -417,7 +372,7 @@ mod tests {
     #[tokio::test]
     async fn a_purge_past_the_end_cut_short_reports_the_purged_id_as_last() {
         let inner = full_log().await;
-        let crashing: Arc<dyn Engine> = Arc::new(CrashAfter {
+        let crashing: Arc<dyn Engine> = Arc::new(crate::storage::CrashAfter {
             inner: inner.clone(),
             writes_left: 2.into(),
         });
@@ -426,7 +381,7 @@ mod tests {
         assert_eq!(reopened(inner).await, (ENTRIES + 100, ENTRIES + 100));
         // The snapshot's id is of an older term than the entries left behind.
         let inner = full_log().await;
-        let crashing: Arc<dyn Engine> = Arc::new(CrashAfter {
+        let crashing: Arc<dyn Engine> = Arc::new(crate::storage::CrashAfter {
             inner: inner.clone(),
             writes_left: 2.into(),
         });
@@ -443,7 +398,7 @@ mod tests {
         let truncate_at = 500;
         for cut in 0..=4 {
             let inner = full_log().await;
-            let crashing: Arc<dyn Engine> = Arc::new(CrashAfter {
+            let crashing: Arc<dyn Engine> = Arc::new(crate::storage::CrashAfter {
                 inner: inner.clone(),
                 writes_left: cut.into(),
             });

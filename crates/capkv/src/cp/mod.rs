@@ -26,10 +26,10 @@ pub mod log_store;
 pub mod lost_state;
 pub mod network;
 pub mod proposer;
+pub mod snapshot;
 pub mod state_machine;
 
 use std::fmt;
-use std::io::Cursor;
 
 use capkv_core::{ApiError, KeyspaceSpec};
 use serde::{Deserialize, Serialize};
@@ -61,7 +61,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = PeerNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = snapshot::SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -29,10 +29,13 @@
 //! an hour slow wrote records already expired).
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use capkv_core::{ApiError, KeyspaceSpec, Mode};
+use std::fs::File;
+
 use openraft::storage::RaftStateMachine;
 use openraft::{
     EntryPayload, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError,
@@ -40,12 +43,13 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::snapshot::{self, SnapshotDir, SnapshotFile};
 use super::{
     decode, encode, Command, Condition, LogId, NodeId, Op, PeerNode, Reply, StorageResult,
     TypeConfig, Written,
 };
 use crate::rpc::PAGE_BYTES_MAX;
-use crate::storage::{prefix_range_after, Engine, Tree, WriteBatch};
+use crate::storage::{prefix_range_after, Engine, ReadView, Tree, WriteBatch};
 
 /// Rows a scan reads from storage at a time.
 const SCAN_CHUNK: usize = 256;
@@ -61,7 +65,13 @@ const IDEMPOTENCY_EXPIRE_PER_BATCH: usize = 256;
 const META_APPLIED: &[u8] = b"sm_applied";
 const META_MEMBERSHIP: &[u8] = b"sm_membership";
 const META_REVISION: &[u8] = b"sm_revision";
-const META_SNAPSHOT: &[u8] = b"sm_snapshot";
+/// Before #9: the last snapshot inline, `StoredSnapshot`. Converted to a file at open.
+const META_SNAPSHOT_INLINE: &[u8] = b"sm_snapshot";
+/// The current snapshot: a [`CurrentSnapshot`] naming its file.
+const META_SNAPSHOT: &[u8] = b"sm_snapshot_file";
+/// Set (fsynced) before an install's first batch, cleared by its last: a
+/// [`CurrentSnapshot`] to install again at open if the node stopped in between.
+const META_INSTALLING: &[u8] = b"sm_installing";
 
 const TAG_KEY: u8 = b'k';
 const TAG_SPEC: u8 = b's';
@@ -129,18 +139,49 @@ fn fingerprint(op: &Op) -> u64 {
     h
 }
 
-/// What a snapshot carries: the whole data tree and the revision counter.
+/// Before #9, a snapshot's data: the whole data tree and the revision counter.
 #[derive(Serialize, Deserialize)]
 struct SnapshotPayload {
     revision: u64,
     entries: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
-/// A snapshot as stored in [`Tree::Meta`] so it can be sent to lagging followers.
+/// Before #9, a snapshot as stored inline in [`Tree::Meta`].
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, PeerNode>,
     data: Vec<u8>,
+}
+
+/// The current snapshot, as recorded in [`Tree::Meta`]: its metadata and the name of
+/// its file in the node's snapshot directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CurrentSnapshot {
+    meta: SnapshotMeta<NodeId, PeerNode>,
+    file: String,
+}
+
+/// Counts snapshot installs begun and finished, so a multi-key read can tell that one
+/// overlapped it (an install changes the data tree in several batches).
+#[derive(Debug, Default)]
+pub struct InstallGate {
+    begun: AtomicU64,
+    finished: AtomicU64,
+}
+
+impl InstallGate {
+    /// The number of installs begun, if none is under way.
+    fn quiet(&self) -> Option<u64> {
+        let begun = self.begun.load(Ordering::SeqCst);
+        (self.finished.load(Ordering::SeqCst) == begun).then_some(begun)
+    }
+}
+
+/// A read that spans keys is refused while a snapshot install changes the tree under it.
+fn installing() -> ApiError {
+    ApiError::unavailable(
+        "this node is installing a snapshot from the leader; retry (nothing was changed)",
+    )
 }
 
 fn read_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
@@ -158,13 +199,10 @@ pub type ScanRow = (Vec<u8>, u64, Vec<u8>);
 #[derive(Clone)]
 pub struct Reader {
     engine: Arc<dyn Engine>,
+    gate: Arc<InstallGate>,
 }
 
 impl Reader {
-    pub fn new(engine: Arc<dyn Engine>) -> Reader {
-        Reader { engine }
-    }
-
     /// The cluster time of the last command applied on this node (0: none yet).
     pub fn cluster_time(&self) -> Result<u64, ApiError> {
         read_cluster_time(self.engine.as_ref()).map_err(|e| internal(e.to_string()))
@@ -210,6 +248,23 @@ impl Reader {
     /// Keys of a keyspace starting with `prefix`, after `after` (exclusive) if given, in
     /// key order: at most `limit` of them, and whether more remain.
     pub fn scan(
+        &self,
+        keyspace: &str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<ScanRow>, bool), ApiError> {
+        // One key is its old or its new value during an install, which either way is a
+        // value committed before the read ended; a page of keys could mix the two.
+        let before = self.gate.quiet().ok_or_else(installing)?;
+        let page = self.scan_rows(keyspace, prefix, after, limit)?;
+        if self.gate.quiet() != Some(before) {
+            return Err(installing());
+        }
+        Ok(page)
+    }
+
+    fn scan_rows(
         &self,
         keyspace: &str,
         prefix: &[u8],
@@ -305,7 +360,110 @@ pub struct StateMachine {
     revision: u64,
     /// The cluster time of the last applied command (see the module docs).
     cluster_ms: u64,
-    snapshot_seq: u64,
+    snapshots: Arc<Snapshots>,
+    gate: Arc<InstallGate>,
+    /// The file being received from the leader, until it is installed.
+    receiving: Option<PathBuf>,
+}
+
+/// The snapshot directory and the record of which file in it is current, shared by
+/// the state machine and the builders it hands out.
+struct Snapshots {
+    engine: Arc<dyn Engine>,
+    dir: SnapshotDir,
+    /// Serializes changes of the current snapshot (a build finishing in its own task
+    /// against an install).
+    current: std::sync::Mutex<()>,
+}
+
+impl Snapshots {
+    fn current(&self) -> StorageResult<Option<CurrentSnapshot>> {
+        self.engine
+            .get(Tree::Meta, META_SNAPSHOT)
+            .map_err(read_err)?
+            .map(|raw| decode(&raw).map_err(read_err))
+            .transpose()
+    }
+
+    /// Records `next` as the current snapshot unless the current one is newer (a build
+    /// that finished after an install), fsynced, and removes the file it replaces (or
+    /// `next`'s own, when it is not kept). Returns whether `next` is current. `extra`
+    /// goes into the same batch.
+    fn replace(&self, next: &CurrentSnapshot, extra: WriteBatch) -> StorageResult<bool> {
+        let _guard = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.current()?;
+        if current
+            .as_ref()
+            .is_some_and(|c| c.meta.last_log_id > next.meta.last_log_id)
+        {
+            remove_file(&self.dir.path(&next.file));
+            return Ok(false);
+        }
+        let mut b = extra;
+        b.put(Tree::Meta, META_SNAPSHOT.to_vec(), encode(next));
+        self.engine.write(b).map_err(write_err)?;
+        self.engine.sync().map_err(write_err)?;
+        if let Some(old) = current.filter(|c| c.file != next.file) {
+            remove_file(&self.dir.path(&old.file));
+        }
+        Ok(true)
+    }
+}
+
+fn remove_file(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(file = %path.display(), error = %e, "removing a snapshot file");
+        }
+    }
+}
+
+fn snap_err(e: std::io::Error) -> StorageError<NodeId> {
+    StorageIOError::read_snapshot(None, openraft::AnyError::error(e.to_string())).into()
+}
+
+/// Runs blocking storage work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StorageResult<T> + Send + 'static,
+) -> StorageResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(read_err(format!("snapshot task failed: {e}"))))
+}
+
+/// The Meta records that describe the applied state, written in the batch that makes
+/// the data they describe.
+fn applied_meta(
+    batch: &mut WriteBatch,
+    last_applied: &Option<LogId>,
+    membership: &StoredMembership<NodeId, PeerNode>,
+    revision: u64,
+) {
+    batch.put(Tree::Meta, META_APPLIED.to_vec(), encode(last_applied));
+    batch.put(Tree::Meta, META_MEMBERSHIP.to_vec(), encode(membership));
+    batch.put(
+        Tree::Meta,
+        META_REVISION.to_vec(),
+        revision.to_be_bytes().to_vec(),
+    );
+}
+
+/// Streams a snapshot file into the data tree and records the state it describes;
+/// clears the install record in the same last batch, then fsyncs. Blocking. Safe to
+/// run again after a crash at any point (the file is merged again).
+fn finish_install(
+    engine: &dyn Engine,
+    path: &Path,
+    meta: &SnapshotMeta<NodeId, PeerNode>,
+) -> StorageResult<u64> {
+    let revision = snapshot::Rows::open(path).map_err(snap_err)?.revision();
+    snapshot::merge_into(engine, Tree::Data, path).map_err(snap_err)?;
+    let mut b = WriteBatch::new();
+    applied_meta(&mut b, &meta.last_log_id, &meta.last_membership, revision);
+    b.delete(Tree::Meta, META_INSTALLING.to_vec());
+    engine.write(b).map_err(write_err)?;
+    engine.sync().map_err(write_err)?;
+    Ok(revision)
 }
 
 fn read_cluster_time(engine: &dyn Engine) -> StorageResult<u64> {
@@ -322,8 +480,32 @@ fn read_cluster_time(engine: &dyn Engine) -> StorageResult<u64> {
 }
 
 impl StateMachine {
-    /// Loads the applied state from the engine.
-    pub fn open(engine: Arc<dyn Engine>) -> StorageResult<StateMachine> {
+    /// Loads the applied state from the engine, with snapshot files in `snapshot_dir`.
+    /// Finishes an install a crash interrupted; converts a snapshot stored inline by an
+    /// older capkv to a file. Blocking (it runs once, at start).
+    pub fn open(engine: Arc<dyn Engine>, snapshot_dir: &Path) -> StorageResult<StateMachine> {
+        let snapshots = Arc::new(Snapshots {
+            engine: engine.clone(),
+            dir: SnapshotDir::open(snapshot_dir).map_err(snap_err)?,
+            current: std::sync::Mutex::new(()),
+        });
+        if let Some(raw) = engine.get(Tree::Meta, META_INSTALLING).map_err(read_err)? {
+            let pending: CurrentSnapshot = decode(&raw).map_err(read_err)?;
+            tracing::info!(snapshot = %pending.meta.snapshot_id, "finishing a snapshot install a stop interrupted");
+            finish_install(
+                engine.as_ref(),
+                &snapshots.dir.path(&pending.file),
+                &pending.meta,
+            )?;
+        }
+        if let Some(raw) = engine
+            .get(Tree::Meta, META_SNAPSHOT_INLINE)
+            .map_err(read_err)?
+        {
+            convert_inline_snapshot(&snapshots, &raw)?;
+        }
+        let keep = snapshots.current()?.map(|c| c.file);
+        snapshots.dir.remove_all_but(keep.as_deref());
         let get = |k: &[u8]| engine.get(Tree::Meta, k).map_err(read_err);
         let last_applied: Option<LogId> = get(META_APPLIED)?
             .map(|r| decode::<Option<LogId>>(&r))
@@ -350,8 +532,18 @@ impl StateMachine {
             membership,
             revision,
             cluster_ms,
-            snapshot_seq: 0,
+            snapshots,
+            gate: Arc::new(InstallGate::default()),
+            receiving: None,
         })
+    }
+
+    /// Read access to the applied state, for request handlers.
+    pub fn reader(&self) -> Reader {
+        Reader {
+            engine: self.engine.clone(),
+            gate: self.gate.clone(),
+        }
     }
 
     fn apply_op(&mut self, txn: &mut Txn, op: &Op) -> StorageResult<Reply> {
@@ -500,66 +692,38 @@ impl StateMachine {
     }
 
     fn meta_writes(&self, batch: &mut WriteBatch) {
-        batch.put(
-            Tree::Meta,
-            META_APPLIED.to_vec(),
-            encode(&self.last_applied),
-        );
-        batch.put(
-            Tree::Meta,
-            META_MEMBERSHIP.to_vec(),
-            encode(&self.membership),
-        );
-        batch.put(
-            Tree::Meta,
-            META_REVISION.to_vec(),
-            self.revision.to_be_bytes().to_vec(),
-        );
+        applied_meta(batch, &self.last_applied, &self.membership, self.revision);
     }
+}
 
-    fn build(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let entries = self
-            .engine
-            .range(Tree::Data, b"", None, usize::MAX)
-            .map_err(read_err)?;
-        let data = encode(&SnapshotPayload {
-            revision: self.revision,
-            entries,
-        });
-        self.snapshot_seq += 1;
-        let snapshot_id = match &self.last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.snapshot_seq),
-            None => format!("0-0-{}", self.snapshot_seq),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: self.last_applied,
-            last_membership: self.membership.clone(),
-            snapshot_id,
-        };
-        self.store_snapshot(&meta, &data)?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+/// Writes a snapshot stored inline by a capkv before #9 to a file and makes it current.
+fn convert_inline_snapshot(snapshots: &Snapshots, raw: &[u8]) -> StorageResult<()> {
+    let stored: StoredSnapshot = decode(raw).map_err(read_err)?;
+    let payload: SnapshotPayload = decode(&stored.data).map_err(read_err)?;
+    let view = crate::storage::MemoryEngine::new();
+    let mut b = WriteBatch::new();
+    for (k, v) in payload.entries {
+        b.put(Tree::Data, k, v);
     }
-
-    fn store_snapshot(
-        &self,
-        meta: &SnapshotMeta<NodeId, PeerNode>,
-        data: &[u8],
-    ) -> StorageResult<()> {
-        let mut b = WriteBatch::new();
-        b.put(
-            Tree::Meta,
-            META_SNAPSHOT.to_vec(),
-            encode(&StoredSnapshot {
-                meta: meta.clone(),
-                data: data.to_vec(),
-            }),
-        );
-        self.engine.write(b).map_err(write_err)?;
-        self.engine.sync().map_err(write_err)
-    }
+    view.write(b).map_err(write_err)?;
+    let file = snapshots.dir.new_name("snap", "snap");
+    snapshot::write(
+        view.read_view(Tree::Data).map_err(read_err)?.as_ref(),
+        payload.revision,
+        &snapshots.dir.path(&file),
+    )
+    .map_err(snap_err)?;
+    snapshots.dir.sync().map_err(snap_err)?;
+    let mut drop_inline = WriteBatch::new();
+    drop_inline.delete(Tree::Meta, META_SNAPSHOT_INLINE.to_vec());
+    snapshots.replace(
+        &CurrentSnapshot {
+            meta: stored.meta,
+            file,
+        },
+        drop_inline,
+    )?;
+    Ok(())
 }
 
 fn check_condition(
@@ -642,78 +806,159 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> PreparedSnapshot {
-        // The snapshot is taken here, while openraft holds the state machine, so it is
-        // a consistent cut at `last_applied`; building it later in the builder task
-        // would race with applies. The cost is that applies wait while it is read.
+        // A frozen view of the data at `last_applied`, taken while openraft holds the
+        // state machine (so no apply is half-way); the file is written from it in the
+        // builder's own task while applies go on.
         PreparedSnapshot {
-            snapshot: Some(self.build()),
+            view: Some(self.engine.read_view(Tree::Data).map_err(read_err)),
+            meta: SnapshotMeta {
+                last_log_id: self.last_applied,
+                last_membership: self.membership.clone(),
+                snapshot_id: self.snapshots.dir.new_name(
+                    &self.last_applied.map_or("0-0".to_string(), |l| {
+                        format!("{}-{}", l.leader_id.term, l.index)
+                    }),
+                    "id",
+                ),
+            },
+            revision: self.revision,
+            snapshots: self.snapshots.clone(),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<SnapshotFile>> {
+        // openraft receives one snapshot at a time: one it started before and dropped
+        // for this one is abandoned.
+        if let Some(abandoned) = self.receiving.take() {
+            remove_file(&abandoned);
+        }
+        let path = self
+            .snapshots
+            .dir
+            .path(&self.snapshots.dir.new_name("incoming", "part"));
+        let file = SnapshotFile::create(path.clone()).map_err(snap_err)?;
+        self.receiving = Some(path);
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, PeerNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotFile>,
     ) -> StorageResult<()> {
-        let data = snapshot.into_inner();
-        let payload: SnapshotPayload = decode(&data).map_err(read_err)?;
-        let mut batch = WriteBatch::new();
-        for (k, _) in self
-            .engine
-            .range(Tree::Data, b"", None, usize::MAX)
-            .map_err(read_err)?
-        {
-            batch.delete(Tree::Data, k);
+        let received = snapshot.path.clone();
+        if self.receiving.as_ref() == Some(&received) {
+            self.receiving = None;
         }
-        for (k, v) in payload.entries {
-            batch.put(Tree::Data, k, v);
-        }
+        drop(snapshot);
+        let (engine, snapshots, gate, meta_owned) = (
+            self.engine.clone(),
+            self.snapshots.clone(),
+            self.gate.clone(),
+            meta.clone(),
+        );
+        let revision = blocking(move || {
+            // Checked whole before anything changes: a damaged or cut file is refused.
+            File::open(&received)
+                .and_then(|f| f.sync_all())
+                .map_err(snap_err)?;
+            snapshot::Rows::open(&received)
+                .and_then(snapshot::Rows::verify)
+                .map_err(snap_err)?;
+            let file = snapshots.dir.new_name("snap", "snap");
+            std::fs::rename(&received, snapshots.dir.path(&file)).map_err(snap_err)?;
+            snapshots.dir.sync().map_err(snap_err)?;
+            let current = CurrentSnapshot {
+                meta: meta_owned.clone(),
+                file: file.clone(),
+            };
+            let mut installing = WriteBatch::new();
+            installing.put(Tree::Meta, META_INSTALLING.to_vec(), encode(&current));
+            // The install record is durable before the first batch of the merge.
+            snapshots.replace(&current, installing)?;
+            gate.begun.fetch_add(1, Ordering::SeqCst);
+            let result = finish_install(engine.as_ref(), &snapshots.dir.path(&file), &meta_owned);
+            gate.finished.fetch_add(1, Ordering::SeqCst);
+            result
+        })
+        .await?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        self.revision = payload.revision;
-        self.meta_writes(&mut batch);
-        self.engine.write(batch).map_err(write_err)?;
+        self.revision = revision;
         self.cluster_ms = read_cluster_time(self.engine.as_ref())?;
-        // Durable before openraft is told: store_snapshot fsyncs the whole journal.
-        self.store_snapshot(meta, &data)?;
         metrics::counter!("capkv_raft_snapshots_installed_total").increment(1);
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let Some(raw) = self
-            .engine
-            .get(Tree::Meta, META_SNAPSHOT)
-            .map_err(read_err)?
-        else {
+        let Some(current) = self.snapshots.current()? else {
             return Ok(None);
         };
-        let stored: StoredSnapshot = decode(&raw).map_err(read_err)?;
+        let file = SnapshotFile::open(self.snapshots.dir.path(&current.file)).map_err(snap_err)?;
         Ok(Some(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            meta: current.meta,
+            snapshot: Box::new(file),
         }))
     }
 }
 
-/// A snapshot already cut by [`StateMachine::get_snapshot_builder`].
+/// A snapshot cut by [`StateMachine::get_snapshot_builder`]: a frozen view of the data,
+/// written to a file when openraft asks.
 pub struct PreparedSnapshot {
-    snapshot: Option<StorageResult<Snapshot<TypeConfig>>>,
+    view: Option<StorageResult<Box<dyn ReadView>>>,
+    meta: SnapshotMeta<NodeId, PeerNode>,
+    revision: u64,
+    snapshots: Arc<Snapshots>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for PreparedSnapshot {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let built = self
-            .snapshot
+        let view = self
+            .view
             .take()
             .unwrap_or_else(|| Err(read_err("snapshot builder used twice")))?;
+        let (meta, revision, snapshots) =
+            (self.meta.clone(), self.revision, self.snapshots.clone());
+        let started = std::time::Instant::now();
+        let (file, summary) = blocking(move || {
+            let building = snapshots
+                .dir
+                .path(&snapshots.dir.new_name("building", "part"));
+            let summary = snapshot::write(view.as_ref(), revision, &building).map_err(|e| {
+                remove_file(&building);
+                snap_err(e)
+            })?;
+            drop(view);
+            let file = snapshots.dir.new_name("snap", "snap");
+            std::fs::rename(&building, snapshots.dir.path(&file)).map_err(snap_err)?;
+            snapshots.dir.sync().map_err(snap_err)?;
+            snapshots.replace(
+                &CurrentSnapshot {
+                    meta: meta.clone(),
+                    file: file.clone(),
+                },
+                WriteBatch::new(),
+            )?;
+            Ok((file, summary))
+        })
+        .await?;
         metrics::counter!("capkv_raft_snapshots_built_total").increment(1);
-        Ok(built)
+        metrics::gauge!("capkv_raft_snapshot_bytes").set(summary.bytes as f64);
+        tracing::info!(
+            snapshot = %self.meta.snapshot_id,
+            rows = summary.rows,
+            bytes = summary.bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "built snapshot"
+        );
+        // Opened even if a newer snapshot replaced it meanwhile (then it is gone from
+        // the directory: the error tells openraft this build is void).
+        let file = SnapshotFile::open(self.snapshots.dir.path(&file)).map_err(snap_err)?;
+        Ok(Snapshot {
+            meta: self.meta.clone(),
+            snapshot: Box::new(file),
+        })
     }
 }
 
@@ -725,12 +970,14 @@ mod tests {
     use openraft::{CommittedLeaderId, Entry};
     use proptest::prelude::*;
 
-    fn sm() -> (StateMachine, Reader) {
+    /// A state machine on a memory engine, its reader, and its snapshot directory
+    /// (removed when dropped).
+    fn sm() -> (StateMachine, Reader, tempfile::TempDir) {
         let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
-        (
-            StateMachine::open(engine.clone()).unwrap(),
-            Reader::new(engine),
-        )
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(engine, dir.path()).unwrap();
+        let reader = sm.reader();
+        (sm, reader, dir)
     }
 
     fn entry(index: u64, op: Op, idem: Option<&str>) -> Entry<TypeConfig> {
@@ -771,7 +1018,7 @@ mod tests {
 
     #[tokio::test]
     async fn versions_are_global_revisions() {
-        let (mut sm, reader) = sm();
+        let (mut sm, reader, _dir) = sm();
         let r = apply(
             &mut sm,
             vec![
@@ -790,7 +1037,8 @@ mod tests {
     #[tokio::test]
     async fn reopening_restores_the_applied_state() {
         let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
-        let mut sm = StateMachine::open(engine.clone()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(engine.clone(), dir.path()).unwrap();
         apply(
             &mut sm,
             vec![
@@ -800,14 +1048,14 @@ mod tests {
         )
         .await;
         let before = sm.applied_state().await.unwrap();
-        let mut reopened = StateMachine::open(engine).unwrap();
+        let mut reopened = StateMachine::open(engine, dir.path()).unwrap();
         assert_eq!(reopened.applied_state().await.unwrap(), before);
         assert_eq!(reopened.revision, 1);
     }
 
     #[tokio::test]
     async fn cas_conditions() {
-        let (mut sm, reader) = sm();
+        let (mut sm, reader, _dir) = sm();
         let r = apply(
             &mut sm,
             vec![
@@ -843,7 +1091,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_keyspace_is_not_found_and_changes_nothing() {
-        let (mut sm, reader) = sm();
+        let (mut sm, reader, _dir) = sm();
         let r = apply(&mut sm, vec![entry(1, put("a", "1", None), None)]).await;
         assert_eq!(
             r[0].as_ref().unwrap_err().code,
@@ -859,7 +1107,7 @@ mod tests {
 
     #[tokio::test]
     async fn idempotent_commands_apply_once() {
-        let (mut sm, reader) = sm();
+        let (mut sm, reader, _dir) = sm();
         let r = apply(
             &mut sm,
             vec![
@@ -886,7 +1134,7 @@ mod tests {
 
     #[tokio::test]
     async fn idempotency_records_expire() {
-        let (mut sm, _reader) = sm();
+        let (mut sm, _reader, _dir) = sm();
         apply(
             &mut sm,
             vec![
@@ -918,7 +1166,7 @@ mod tests {
     /// The cluster time is replicated state: it survives a reopen and a snapshot.
     #[tokio::test]
     async fn records_are_dated_by_a_cluster_time_that_never_goes_back() {
-        let (mut sm, reader) = sm();
+        let (mut sm, reader, _dir_sm) = sm();
         let t = 10 * IDEMPOTENCY_TTL_MS;
         apply(
             &mut sm,
@@ -945,10 +1193,15 @@ mod tests {
         assert_eq!(r[0], Ok(Written::Put { version: 1 }), "applied twice");
         assert_eq!(reader.revision().unwrap(), 1);
         // Replicated: a reopened state machine and a snapshot's receiver have it.
-        let reopened = StateMachine::open(sm.engine.clone()).unwrap();
+        let reopened = StateMachine::open(sm.engine.clone(), _dir_sm.path()).unwrap();
         assert_eq!(reopened.cluster_ms, t + IDEMPOTENCY_TTL_MS / 2);
-        let snap = sm.build().unwrap();
-        let (mut other, other_reader) = super::tests::sm();
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let (mut other, other_reader, _dir) = super::tests::sm();
         other
             .install_snapshot(&snap.meta, snap.snapshot)
             .await
@@ -962,7 +1215,7 @@ mod tests {
 
     #[tokio::test]
     async fn snapshot_round_trip_restores_state() {
-        let (mut sm, _) = sm();
+        let (mut sm, _, _dir) = sm();
         apply(
             &mut sm,
             vec![
@@ -977,7 +1230,7 @@ mod tests {
             .build_snapshot()
             .await
             .unwrap();
-        let (mut other, reader) = self::sm();
+        let (mut other, reader, _dir) = self::sm();
         apply(
             &mut other,
             vec![
@@ -1000,11 +1253,120 @@ mod tests {
         assert!(other.get_current_snapshot().await.unwrap().is_some());
     }
 
+    /// #9 item 1: the snapshot is cut when openraft asks for a builder; applies go on
+    /// before the file is written, and the file holds the state at the cut.
+    #[tokio::test]
+    async fn applies_go_on_while_a_snapshot_is_built() {
+        let (mut sm, _, _dir) = sm();
+        apply(
+            &mut sm,
+            vec![
+                entry(1, cp_keyspace(), None),
+                entry(2, put("a", "1", None), None),
+            ],
+        )
+        .await;
+        let mut builder = sm.get_snapshot_builder().await;
+        apply(
+            &mut sm,
+            vec![
+                entry(3, put("a", "2", None), None),
+                entry(4, put("b", "x", None), None),
+            ],
+        )
+        .await;
+        let snap = builder.build_snapshot().await.unwrap();
+        assert_eq!(snap.meta.last_log_id.unwrap().index, 2);
+        let (mut other, reader, _other_dir) = self::sm();
+        other
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(reader.get("cp", b"a").unwrap(), Some((1, b"1".to_vec())));
+        assert_eq!(reader.get("cp", b"b").unwrap(), None);
+        assert_eq!(reader.revision().unwrap(), 1);
+    }
+
+    /// #9 item 1: an install takes several batches; a node that stops after any of
+    /// them has, once it opens again, either its old state or the snapshot's, whole,
+    /// with the applied id that goes with it.
+    #[tokio::test]
+    async fn an_install_cut_after_any_batch_is_whole_after_reopen() {
+        use tokio::io::AsyncWriteExt;
+        let (mut leader, _, _leader_dir) = sm();
+        let mut entries = vec![entry(1, cp_keyspace(), None)];
+        for i in 0..9000u64 {
+            entries.push(entry(2 + i, put(&format!("k{i:05}"), "new", None), None));
+        }
+        apply(&mut leader, entries).await;
+        let snap = leader
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let bytes = std::fs::read(&snap.snapshot.path).unwrap();
+        let all = |e: &dyn Engine| e.range(Tree::Data, b"", None, usize::MAX).unwrap();
+        let want = all(leader.engine.as_ref());
+        let mut finished = false;
+        for writes_left in 0.. {
+            // A follower with 6000 keys of its own (old values, and keys the snapshot
+            // lacks): the merge deletes and rewrites over several batches.
+            let inner = Arc::new(MemoryEngine::new());
+            let dir = tempfile::tempdir().unwrap();
+            let mut entries = vec![entry(1, cp_keyspace(), None)];
+            for i in 0..6000u64 {
+                entries.push(entry(
+                    2 + i,
+                    put(&format!("k{:05}", i * 2), "old", None),
+                    None,
+                ));
+            }
+            let mut follower = StateMachine::open(inner.clone(), dir.path()).unwrap();
+            apply(&mut follower, entries).await;
+            let old = (
+                all(inner.as_ref()),
+                follower.applied_state().await.unwrap().0,
+            );
+            let crashing: Arc<dyn Engine> = Arc::new(crate::storage::CrashAfter {
+                inner: inner.clone(),
+                writes_left: writes_left.into(),
+            });
+            let mut follower = StateMachine::open(crashing, dir.path()).unwrap();
+            let mut file = follower.begin_receiving_snapshot().await.unwrap();
+            file.write_all(&bytes).await.unwrap();
+            file.shutdown().await.unwrap();
+            let result = follower.install_snapshot(&snap.meta, file).await;
+            drop(follower);
+            let mut reopened = StateMachine::open(inner.clone(), dir.path()).unwrap();
+            let now = (
+                all(inner.as_ref()),
+                reopened.applied_state().await.unwrap().0,
+            );
+            if now.1 == snap.meta.last_log_id {
+                assert_eq!(now.0, want, "cut after {writes_left} writes");
+                assert_eq!(reopened.revision, leader.revision);
+            } else {
+                assert_eq!(now, old, "cut after {writes_left} writes");
+            }
+            assert!(
+                reopened.get_current_snapshot().await.unwrap().is_some() || now == old,
+                "an installed snapshot can be sent on"
+            );
+            if result.is_ok() {
+                finished = true;
+                assert!(writes_left > 3, "the install took several batches");
+                break;
+            }
+        }
+        assert!(finished);
+    }
+
     /// #8 item 4: a page of large values ends on bytes (a page forwarded from the
     /// leader always fits in a peer frame); paging on with `after` sees every key once.
     #[tokio::test]
     async fn scan_pages_are_byte_bounded_and_page_through_everything() {
-        let (mut sm, reader) = sm();
+        let (mut sm, reader, _dir) = sm();
         let big = "v".repeat(1 << 20);
         let mut entries = vec![entry(1, cp_keyspace(), None)];
         for i in 0..12 {
@@ -1043,7 +1405,7 @@ mod tests {
 
     #[tokio::test]
     async fn scan_pages_through_a_prefix() {
-        let (mut sm, reader) = sm();
+        let (mut sm, reader, _dir) = sm();
         let mut entries = vec![entry(1, cp_keyspace(), None)];
         for (i, k) in ["a1", "a2", "a3", "b1"].iter().enumerate() {
             entries.push(entry(i as u64 + 2, put(k, "v", None), None));
@@ -1067,7 +1429,7 @@ mod tests {
         fn matches_a_map_model(ops in proptest::collection::vec((0u8..4, 0u8..3, 0u8..4), 1..40)) {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             rt.block_on(async {
-                let (mut sm, reader) = sm();
+                let (mut sm, reader, _dir) = sm();
                 apply(&mut sm, vec![entry(1, cp_keyspace(), None)]).await;
                 let mut model: BTreeMap<Vec<u8>, (u64, Vec<u8>)> = BTreeMap::new();
                 let mut revision = 0u64;

@@ -19,7 +19,7 @@ use std::path::Path;
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 
-use super::{Engine, Entry, Result, StorageError, Tree, WriteBatch};
+use super::{Engine, Entry, ReadView, Result, StorageError, Tree, WriteBatch};
 
 /// Memtables one flush run may take (fjall calls it flush "workers"; it is the task
 /// limit of a run, not a thread count). See the module docs on the recovery stall: it
@@ -135,6 +135,15 @@ impl Engine for FjallEngine {
             .map_err(engine_err)
     }
 
+    /// An LSM snapshot at the keyspace's visible sequence number: it pins the segments
+    /// and memtables it reads (no copy); fjall keeps versions it needs from being
+    /// compacted away until it is dropped.
+    fn read_view(&self, tree: Tree) -> Result<Box<dyn ReadView>> {
+        Ok(Box::new(FjallView(
+            self.partition(tree).snapshot_at(self.keyspace.instant()),
+        )))
+    }
+
     fn report_gauges(&self) {
         metrics::gauge!("capkv_storage_write_buffer_bytes")
             .set(self.keyspace.write_buffer_size() as f64);
@@ -142,6 +151,23 @@ impl Engine for FjallEngine {
         metrics::gauge!("capkv_storage_journal_bytes")
             .set(self.keyspace.journal_disk_space() as f64);
         metrics::gauge!("capkv_storage_disk_bytes").set(self.keyspace.disk_space() as f64);
+    }
+}
+
+struct FjallView(fjall::Snapshot);
+
+impl ReadView for FjallView {
+    fn range(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>> {
+        let iter: Box<dyn Iterator<Item = _>> = match end {
+            Some(end) => Box::new(self.0.range(start..end)),
+            None => Box::new(self.0.range(start..)),
+        };
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item.map_err(engine_err)?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
     }
 }
 

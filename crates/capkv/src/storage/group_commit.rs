@@ -107,6 +107,9 @@ mod tests {
         fn write(&self, batch: WriteBatch) -> Result<()> {
             self.inner.write(batch)
         }
+        fn read_view(&self, tree: Tree) -> Result<Box<dyn crate::storage::ReadView>> {
+            self.inner.read_view(tree)
+        }
         fn sync(&self) -> Result<()> {
             if self.syncs.fetch_add(1, Ordering::SeqCst) == 0 {
                 self.entered.lock().unwrap().send(()).unwrap();

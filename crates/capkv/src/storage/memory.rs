@@ -6,7 +6,9 @@ use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
-use super::{Engine, Entry, Result, Tree, WriteBatch};
+use std::sync::Arc;
+
+use super::{Engine, Entry, ReadView, Result, Tree, WriteBatch};
 
 type OrderedMap = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -86,6 +88,28 @@ impl Engine for MemoryEngine {
     fn sync(&self) -> Result<()> {
         self.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// A copy of the tree: the data is in memory already, so a copy is what a frozen
+    /// view costs here.
+    fn read_view(&self, tree: Tree) -> Result<Box<dyn ReadView>> {
+        let trees = self.trees.read().expect("memory engine lock poisoned");
+        Ok(Box::new(MemoryView(Arc::new(
+            trees.get(&tree).cloned().unwrap_or_default(),
+        ))))
+    }
+}
+
+struct MemoryView(Arc<OrderedMap>);
+
+impl ReadView for MemoryView {
+    fn range(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>> {
+        Ok(self
+            .0
+            .range::<[u8], _>(bounds(start, end))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 }
 

@@ -27,6 +27,9 @@ pub use group_commit::GroupCommit;
 pub use memory::MemoryEngine;
 pub use watched::{off_the_workers, Watched};
 
+#[cfg(test)]
+pub use crash::CrashAfter;
+
 /// The separate ordered key spaces of a node's store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Tree {
@@ -125,6 +128,11 @@ pub trait Engine: Send + Sync + 'static {
     /// Makes every batch written so far durable (fsync).
     fn sync(&self) -> Result<()>;
 
+    /// A frozen view of `tree` as of now: writes after this call are not seen through
+    /// it, and it costs no copy of the data (an LSM snapshot). cp snapshots are built
+    /// from one while applies go on (#9 item 1).
+    fn read_view(&self, tree: Tree) -> Result<Box<dyn ReadView>>;
+
     /// How long writes or fsyncs have been waiting with none finishing, if one is
     /// waiting now.
     fn write_stall(&self) -> Option<std::time::Duration> {
@@ -133,6 +141,64 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Sets the engine's own gauges (buffer and journal sizes) for `/metrics`.
     fn report_gauges(&self) {}
+}
+
+#[cfg(test)]
+mod crash {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// An engine that stops taking writes after `writes_left` batches: a crash between
+    /// two batches. The inner engine then holds exactly what survived.
+    pub struct CrashAfter {
+        pub inner: Arc<MemoryEngine>,
+        pub writes_left: AtomicUsize,
+    }
+
+    impl Engine for CrashAfter {
+        fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+            self.inner.get(tree, key)
+        }
+        fn range(
+            &self,
+            tree: Tree,
+            start: &[u8],
+            end: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<Vec<Entry>> {
+            self.inner.range(tree, start, end, limit)
+        }
+        fn last_in_range(
+            &self,
+            tree: Tree,
+            start: &[u8],
+            end: Option<&[u8]>,
+        ) -> Result<Option<Entry>> {
+            self.inner.last_in_range(tree, start, end)
+        }
+        fn write(&self, batch: WriteBatch) -> Result<()> {
+            let left = self.writes_left.load(Ordering::SeqCst);
+            if left == 0 {
+                return Err(StorageError::Engine("crashed".into()));
+            }
+            self.writes_left.store(left - 1, Ordering::SeqCst);
+            self.inner.write(batch)
+        }
+        fn sync(&self) -> Result<()> {
+            self.inner.sync()
+        }
+        fn read_view(&self, tree: Tree) -> Result<Box<dyn ReadView>> {
+            self.inner.read_view(tree)
+        }
+    }
+}
+
+/// A frozen, ordered view of one tree (see [`Engine::read_view`]).
+pub trait ReadView: Send + Sync + 'static {
+    /// Entries with `start <= key < end`, in key order, at most `limit` of them.
+    fn range(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>>;
 }
 
 /// The smallest key greater than every key with this prefix, or `None` if there is

@@ -15,7 +15,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Engine, Entry, Result, Tree, WriteBatch};
+use super::{Engine, Entry, ReadView, Result, Tree, WriteBatch};
 
 /// Runs a call that may block for long without blocking an async worker (see the module
 /// docs). Off a multi-thread runtime (a plain thread, a current-thread test runtime) it
@@ -117,6 +117,10 @@ impl Engine for Watched {
         result
     }
 
+    fn read_view(&self, tree: Tree) -> Result<Box<dyn ReadView>> {
+        self.inner.read_view(tree)
+    }
+
     fn write_stall(&self) -> Option<Duration> {
         let now = self.now_ms();
         let finished = self.finished.load(Ordering::SeqCst);
@@ -189,6 +193,9 @@ mod tests {
             }
             fn last_in_range(&self, t: Tree, s: &[u8], e: Option<&[u8]>) -> Result<Option<Entry>> {
                 self.0.last_in_range(t, s, e)
+            }
+            fn read_view(&self, t: Tree) -> Result<Box<dyn ReadView>> {
+                self.0.read_view(t)
             }
             fn write(&self, b: WriteBatch) -> Result<()> {
                 self.0.write(b)
