@@ -243,6 +243,7 @@ impl Context {
 pub struct Sibling {
     pub dot: Dot,
     /// `None` is a tombstone: a delete that must still be replicated.
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     /// Wall-clock time of the write at its coordinator, in ms (for tombstone GC and
     /// display only; never for ordering).

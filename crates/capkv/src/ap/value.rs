@@ -57,6 +57,7 @@ pub struct LwwValue {
     pub stamp: Hlc,
     /// Breaks ties between equal stamps, so every replica picks the same winner.
     pub actor: Actor,
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
 }
 

@@ -53,6 +53,9 @@ fn write_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
 pub struct LogStore {
     engine: Arc<dyn Engine>,
     group_commit: GroupCommit,
+    /// Encoded bytes of every entry appended since start (snapshots are also taken by
+    /// log bytes, not only by entry count: see `Node::snapshot_by_bytes_loop`).
+    appended_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LogStore {
@@ -60,7 +63,14 @@ impl LogStore {
         LogStore {
             engine,
             group_commit,
+            appended_bytes: Default::default(),
         }
+    }
+
+    /// Encoded bytes of the entries appended since this store was made.
+    pub fn appended_bytes(&self) -> u64 {
+        self.appended_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn meta<T: serde::de::DeserializeOwned + 'static>(
@@ -221,10 +231,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let mut batch = WriteBatch::new();
+        let mut bytes = 0u64;
         for e in entries {
-            batch.put(Tree::Log, log_key(e.log_id.index).to_vec(), encode(&e));
+            let encoded = encode(&e);
+            bytes += encoded.len() as u64;
+            batch.put(Tree::Log, log_key(e.log_id.index).to_vec(), encoded);
         }
+        self.appended_bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("capkv_raft_log_entries_appended_total").increment(batch.len() as u64);
+        metrics::counter!("capkv_raft_log_bytes_appended_total").increment(bytes);
         self.engine.write(batch).map_err(write_err)?;
         self.group_commit
             .after_sync(move |r| callback.log_io_completed(r.map_err(io::Error::other)));

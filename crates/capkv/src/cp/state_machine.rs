@@ -1287,6 +1287,47 @@ mod tests {
         assert_eq!(reader.revision().unwrap(), 1);
     }
 
+    /// A snapshot stored inline by a capkv before #9 becomes a file at open, and can
+    /// still be sent to a follower.
+    #[tokio::test]
+    async fn an_inline_snapshot_from_before_is_converted_at_open() {
+        let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 9)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "3-9-1".into(),
+        };
+        let data = encode(&SnapshotPayload {
+            revision: 5,
+            entries: vec![(data_key("cp", b"a"), encode_value(5, b"old"))],
+        });
+        let mut b = WriteBatch::new();
+        b.put(
+            Tree::Meta,
+            META_SNAPSHOT_INLINE.to_vec(),
+            encode(&StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            }),
+        );
+        engine.write(b).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(engine.clone(), dir.path()).unwrap();
+        assert!(engine
+            .get(Tree::Meta, META_SNAPSHOT_INLINE)
+            .unwrap()
+            .is_none());
+        let snap = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(snap.meta, meta);
+        let (mut other, reader, _other_dir) = self::sm();
+        other
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(reader.get("cp", b"a").unwrap(), Some((5, b"old".to_vec())));
+        assert_eq!(reader.revision().unwrap(), 5);
+    }
+
     /// #9 item 1: an install takes several batches; a node that stops after any of
     /// them has, once it opens again, either its old state or the snapshot's, whole,
     /// with the applied id that goes with it.

@@ -161,6 +161,11 @@ impl Cluster {
         self.children[i] = Some(child);
     }
 
+    /// The process id of node i (running).
+    pub fn pid(&self, i: usize) -> u32 {
+        self.children[i].as_ref().expect("node is running").id()
+    }
+
     /// `kill -9` node i and reap it.
     pub fn kill9(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
