@@ -157,17 +157,11 @@ impl Engine for FjallEngine {
 struct FjallView(fjall::Snapshot);
 
 impl ReadView for FjallView {
-    fn range(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>> {
-        let iter: Box<dyn Iterator<Item = _>> = match end {
-            Some(end) => Box::new(self.0.range(start..end)),
-            None => Box::new(self.0.range(start..)),
-        };
-        let mut out = Vec::new();
-        for item in iter.take(limit) {
-            let (k, v) = item.map_err(engine_err)?;
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
+    fn iter_from<'a>(&'a self, start: &[u8]) -> Box<dyn Iterator<Item = Result<Entry>> + 'a> {
+        Box::new(self.0.range(start.to_vec()..).map(|item| {
+            item.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(engine_err)
+        }))
     }
 }
 

@@ -103,13 +103,12 @@ impl Engine for MemoryEngine {
 struct MemoryView(Arc<OrderedMap>);
 
 impl ReadView for MemoryView {
-    fn range(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>> {
-        Ok(self
-            .0
-            .range::<[u8], _>(bounds(start, end))
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+    fn iter_from<'a>(&'a self, start: &[u8]) -> Box<dyn Iterator<Item = Result<Entry>> + 'a> {
+        Box::new(
+            self.0
+                .range::<[u8], _>((Bound::Included(start), Bound::Unbounded))
+                .map(|(k, v)| Ok((k.clone(), v.clone()))),
+        )
     }
 }
 

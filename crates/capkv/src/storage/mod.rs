@@ -197,8 +197,9 @@ mod crash {
 
 /// A frozen, ordered view of one tree (see [`Engine::read_view`]).
 pub trait ReadView: Send + Sync + 'static {
-    /// Entries with `start <= key < end`, in key order, at most `limit` of them.
-    fn range(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>>;
+    /// The entries with `key >= start`, in key order, read as the iterator goes (one
+    /// entry in memory at a time, whatever their sizes).
+    fn iter_from<'a>(&'a self, start: &[u8]) -> Box<dyn Iterator<Item = Result<Entry>> + 'a>;
 }
 
 /// The smallest key greater than every key with this prefix, or `None` if there is
