@@ -327,10 +327,12 @@ impl SnapshotDir {
         self.dir.join(name)
     }
 
-    /// A file name no other snapshot of this process has (`stem` for humans).
+    /// A file name no other snapshot has, in this process or any before it (`stem` for
+    /// humans): a random part, since a restarted process may get the same pid (found by
+    /// review: a rename then replaced the current snapshot's file under its old record).
     pub fn new_name(&self, stem: &str, ext: &str) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        format!("{stem}-{}-{n}.{ext}", std::process::id())
+        format!("{stem}-{:016x}-{n}.{ext}", rand::random::<u64>())
     }
 
     /// Makes renames and new files in the directory durable.
@@ -363,8 +365,15 @@ pub struct SnapshotFile {
 
 impl SnapshotFile {
     pub fn open(path: PathBuf) -> std::io::Result<SnapshotFile> {
-        let file = tokio::fs::File::from_std(File::open(&path)?);
-        Ok(SnapshotFile { path, file })
+        Ok(SnapshotFile::from_std(path.clone(), File::open(&path)?))
+    }
+
+    /// A file already open (it may since have been removed from the directory).
+    pub fn from_std(path: PathBuf, file: File) -> SnapshotFile {
+        SnapshotFile {
+            path,
+            file: tokio::fs::File::from_std(file),
+        }
     }
 
     pub fn create(path: PathBuf) -> std::io::Result<SnapshotFile> {

@@ -362,8 +362,8 @@ pub struct StateMachine {
     cluster_ms: u64,
     snapshots: Arc<Snapshots>,
     gate: Arc<InstallGate>,
-    /// The file being received from the leader, until it is installed.
-    receiving: Option<PathBuf>,
+    /// Files being received from the leader (or received, install queued), oldest first.
+    receiving: Vec<PathBuf>,
 }
 
 /// The snapshot directory and the record of which file in it is current, shared by
@@ -387,17 +387,25 @@ impl Snapshots {
 
     /// Records `next` as the current snapshot unless the current one is newer (a build
     /// that finished after an install), fsynced, and removes the file it replaces (or
-    /// `next`'s own, when it is not kept). Returns whether `next` is current. `extra`
-    /// goes into the same batch.
-    fn replace(&self, next: &CurrentSnapshot, extra: WriteBatch) -> StorageResult<bool> {
+    /// `next`'s own, when it is not kept). `extra` goes into the same batch. Returns
+    /// whether `next` is current, and `next`'s file opened before anything could remove
+    /// it (a build hands it to openraft either way: an error would stop the Raft core,
+    /// and openraft ignores a build older than what it has).
+    fn replace(
+        &self,
+        next: &CurrentSnapshot,
+        extra: WriteBatch,
+    ) -> StorageResult<(bool, SnapshotFile)> {
         let _guard = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.dir.path(&next.file);
+        let file = SnapshotFile::from_std(path.clone(), File::open(&path).map_err(snap_err)?);
         let current = self.current()?;
         if current
             .as_ref()
             .is_some_and(|c| c.meta.last_log_id > next.meta.last_log_id)
         {
-            remove_file(&self.dir.path(&next.file));
-            return Ok(false);
+            remove_file(&path);
+            return Ok((false, file));
         }
         let mut b = extra;
         b.put(Tree::Meta, META_SNAPSHOT.to_vec(), encode(next));
@@ -406,7 +414,7 @@ impl Snapshots {
         if let Some(old) = current.filter(|c| c.file != next.file) {
             remove_file(&self.dir.path(&old.file));
         }
-        Ok(true)
+        Ok((true, file))
     }
 }
 
@@ -534,7 +542,7 @@ impl StateMachine {
             cluster_ms,
             snapshots,
             gate: Arc::new(InstallGate::default()),
-            receiving: None,
+            receiving: Vec::new(),
         })
     }
 
@@ -827,9 +835,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<SnapshotFile>> {
-        // openraft receives one snapshot at a time: one it started before and dropped
-        // for this one is abandoned.
-        if let Some(abandoned) = self.receiving.take() {
+        // openraft receives one snapshot at a time, but the one before this may be
+        // received whole with its install still queued behind this call (found by
+        // review): it is kept. Any older one was abandoned.
+        let keep = self.receiving.len().saturating_sub(1);
+        for abandoned in self.receiving.drain(..keep) {
             remove_file(&abandoned);
         }
         let path = self
@@ -837,7 +847,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .dir
             .path(&self.snapshots.dir.new_name("incoming", "part"));
         let file = SnapshotFile::create(path.clone()).map_err(snap_err)?;
-        self.receiving = Some(path);
+        self.receiving.push(path);
         Ok(Box::new(file))
     }
 
@@ -847,9 +857,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<SnapshotFile>,
     ) -> StorageResult<()> {
         let received = snapshot.path.clone();
-        if self.receiving.as_ref() == Some(&received) {
-            self.receiving = None;
-        }
+        self.receiving.retain(|p| *p != received);
         drop(snapshot);
         let (engine, snapshots, gate, meta_owned) = (
             self.engine.clone(),
@@ -875,7 +883,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut installing = WriteBatch::new();
             installing.put(Tree::Meta, META_INSTALLING.to_vec(), encode(&current));
             // The install record is durable before the first batch of the merge.
-            snapshots.replace(&current, installing)?;
+            if !snapshots.replace(&current, installing)?.0 {
+                // openraft installs only snapshots past what is applied here, and a node
+                // builds none past that: never, but refused rather than half-done.
+                return Err(write_err("an install older than the current snapshot"));
+            }
             gate.begun.fetch_add(1, Ordering::SeqCst);
             let result = finish_install(engine.as_ref(), &snapshots.dir.path(&file), &meta_owned);
             gate.finished.fetch_add(1, Ordering::SeqCst);
@@ -892,6 +904,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        // Under the lock that `replace` takes: a build finishing in its own task cannot
+        // remove the file between reading the record and opening it (an error here
+        // stops the Raft core).
+        let _guard = self
+            .snapshots
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let Some(current) = self.snapshots.current()? else {
             return Ok(None);
         };
@@ -933,10 +953,10 @@ impl RaftSnapshotBuilder<TypeConfig> for PreparedSnapshot {
             let file = snapshots.dir.new_name("snap", "snap");
             std::fs::rename(&building, snapshots.dir.path(&file)).map_err(snap_err)?;
             snapshots.dir.sync().map_err(snap_err)?;
-            snapshots.replace(
+            let (_, file) = snapshots.replace(
                 &CurrentSnapshot {
                     meta: meta.clone(),
-                    file: file.clone(),
+                    file,
                 },
                 WriteBatch::new(),
             )?;
@@ -952,9 +972,8 @@ impl RaftSnapshotBuilder<TypeConfig> for PreparedSnapshot {
             ms = started.elapsed().as_millis() as u64,
             "built snapshot"
         );
-        // Opened even if a newer snapshot replaced it meanwhile (then it is gone from
-        // the directory: the error tells openraft this build is void).
-        let file = SnapshotFile::open(self.snapshots.dir.path(&file)).map_err(snap_err)?;
+        // Opened by `replace` before anything could remove it: if an install overtook
+        // this build, openraft ignores it (an error would stop the Raft core).
         Ok(Snapshot {
             meta: self.meta.clone(),
             snapshot: Box::new(file),
@@ -1215,15 +1234,7 @@ mod tests {
 
     #[tokio::test]
     async fn snapshot_round_trip_restores_state() {
-        let (mut sm, _, _dir) = sm();
-        apply(
-            &mut sm,
-            vec![
-                entry(1, cp_keyspace(), None),
-                entry(2, put("a", "1", None), None),
-            ],
-        )
-        .await;
+        let (mut sm, _, _dir) = sm_with_a().await;
         let snap = sm
             .get_snapshot_builder()
             .await
@@ -1257,15 +1268,7 @@ mod tests {
     /// before the file is written, and the file holds the state at the cut.
     #[tokio::test]
     async fn applies_go_on_while_a_snapshot_is_built() {
-        let (mut sm, _, _dir) = sm();
-        apply(
-            &mut sm,
-            vec![
-                entry(1, cp_keyspace(), None),
-                entry(2, put("a", "1", None), None),
-            ],
-        )
-        .await;
+        let (mut sm, _, _dir) = sm_with_a().await;
         let mut builder = sm.get_snapshot_builder().await;
         apply(
             &mut sm,
@@ -1326,6 +1329,106 @@ mod tests {
             .unwrap();
         assert_eq!(reader.get("cp", b"a").unwrap(), Some((5, b"old".to_vec())));
         assert_eq!(reader.revision().unwrap(), 5);
+    }
+
+    /// [`sm`] with a cp keyspace and `a = 1` applied at index 2.
+    async fn sm_with_a() -> (StateMachine, Reader, tempfile::TempDir) {
+        let (mut sm, reader, dir) = sm();
+        apply(
+            &mut sm,
+            vec![
+                entry(1, cp_keyspace(), None),
+                entry(2, put("a", "1", None), None),
+            ],
+        )
+        .await;
+        (sm, reader, dir)
+    }
+
+    async fn build(sm: &mut StateMachine) -> Snapshot<TypeConfig> {
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap()
+    }
+
+    /// Found by review: names repeated across processes (same pid, counter from 0), so a
+    /// build after a restart renamed over the current file; a crash before its record
+    /// left the old record naming the new data.
+    #[tokio::test]
+    async fn a_build_after_a_restart_never_overwrites_the_current_file() {
+        let inner = Arc::new(MemoryEngine::new());
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(inner.clone(), dir.path()).unwrap();
+        apply(
+            &mut sm,
+            vec![
+                entry(1, cp_keyspace(), None),
+                entry(2, put("a", "1", None), None),
+            ],
+        )
+        .await;
+        build(&mut sm).await;
+        drop(sm);
+        // Reopened; one apply, then the build's record write fails (a crash).
+        let crashing: Arc<dyn Engine> = Arc::new(crate::storage::CrashAfter {
+            inner: inner.clone(),
+            writes_left: 1.into(),
+        });
+        let mut sm = StateMachine::open(crashing, dir.path()).unwrap();
+        apply(&mut sm, vec![entry(3, put("b", "2", None), None)]).await;
+        let built = sm.get_snapshot_builder().await.build_snapshot().await;
+        assert!(built.is_err(), "the record write crashed");
+        drop(sm);
+        let mut sm = StateMachine::open(inner, dir.path()).unwrap();
+        let snap = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(snap.meta.last_log_id.unwrap().index, 2);
+        let (mut other, reader, _other_dir) = self::sm();
+        other
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(reader.get("cp", b"b").unwrap(), None, "data of index 3");
+    }
+
+    /// Found by review: a build that an install overtook failed (its file removed), and
+    /// openraft stops the Raft core on a failed build.
+    #[tokio::test]
+    async fn a_build_overtaken_by_an_install_still_answers() {
+        let (mut sm, _, _dir) = sm_with_a().await;
+        let mut builder = sm.get_snapshot_builder().await;
+        let (mut leader, _, _leader_dir) = self::sm();
+        let mut entries = vec![entry(1, cp_keyspace(), None)];
+        for i in 2..=11 {
+            entries.push(entry(i, put("k", "v", None), None));
+        }
+        apply(&mut leader, entries).await;
+        let newer = build(&mut leader).await;
+        sm.install_snapshot(&newer.meta, newer.snapshot)
+            .await
+            .unwrap();
+        let old = builder.build_snapshot().await.unwrap();
+        assert_eq!(old.meta.last_log_id.unwrap().index, 2);
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id.unwrap().index, 11);
+    }
+
+    /// Found by review: a second transfer beginning while the first, received whole,
+    /// waits to be installed removed the first's file.
+    #[tokio::test]
+    async fn a_received_snapshot_survives_the_next_transfer_beginning() {
+        use tokio::io::AsyncWriteExt;
+        let (mut leader, _, _leader_dir) = sm_with_a().await;
+        let snap = build(&mut leader).await;
+        let bytes = std::fs::read(&snap.snapshot.path).unwrap();
+        let (mut sm, reader, _dir) = self::sm();
+        let mut first = sm.begin_receiving_snapshot().await.unwrap();
+        first.write_all(&bytes).await.unwrap();
+        first.shutdown().await.unwrap();
+        let _second = sm.begin_receiving_snapshot().await.unwrap();
+        sm.install_snapshot(&snap.meta, first).await.unwrap();
+        assert_eq!(reader.get("cp", b"a").unwrap(), Some((1, b"1".to_vec())));
     }
 
     /// #9 item 1: an install takes several batches; a node that stops after any of
