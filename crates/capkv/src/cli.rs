@@ -119,6 +119,10 @@ pub enum Cmd {
     /// Verify a cluster the way Jepsen does: concurrent clients, a nemesis, a recorded
     /// history and a checker. Exit 0 valid, 1 invalid, 2 unknown, 3 the harness failed.
     Check(CheckArgs),
+    /// Load a cluster and record what it does: throughput, latency percentiles, errors,
+    /// leader changes, memory and disk per node (`--grow-gib`: write until every node
+    /// holds that much, then read it all back).
+    Bench(crate::bench::BenchArgs),
     /// Check a recorded history (capkv's JSON lines or a Jepsen register log); exit codes
     /// as for `check`.
     CheckHistory {
@@ -452,7 +456,11 @@ fn exit_quietly_on_closed_stdout() {
 pub async fn run_client(cmd: Cmd) -> Result<(), String> {
     exit_quietly_on_closed_stdout();
     match cmd {
-        Cmd::Serve(_) | Cmd::Dev { .. } | Cmd::Check(_) | Cmd::CheckHistory { .. } => {
+        Cmd::Serve(_)
+        | Cmd::Dev { .. }
+        | Cmd::Check(_)
+        | Cmd::CheckHistory { .. }
+        | Cmd::Bench(_) => {
             unreachable!("handled by main")
         }
         Cmd::Put {

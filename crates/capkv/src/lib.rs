@@ -14,6 +14,7 @@
 
 pub mod ap;
 pub mod api;
+pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod clock;

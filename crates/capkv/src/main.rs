@@ -55,6 +55,7 @@ fn main() {
                 let code = capkv::check::run(args.into_options()).await;
                 std::process::exit(code);
             }
+            Cmd::Bench(args) => capkv::bench::run(args).await,
             Cmd::CheckHistory {
                 format,
                 file,

@@ -887,6 +887,9 @@ impl Node {
             }
             if probed.is_none_or(|t| t.elapsed() >= METRICS_PROBE_EVERY) {
                 probed = Some(Instant::now());
+                if let Some(rss) = resident_bytes() {
+                    metrics::gauge!("capkv_process_resident_bytes").set(rss as f64);
+                }
                 if let Some(c) = self.commit_index().await {
                     metrics::gauge!("capkv_raft_commit_index").set(c as f64);
                 }
@@ -1013,6 +1016,15 @@ fn background_pause(work: Duration, interval: Duration) -> Duration {
 }
 
 /// How often the metrics loop asks RaftCore for the commit index.
+/// This process's resident memory (Linux: `/proc/self/statm`), for `/metrics`.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
 /// Log bytes appended since the last snapshot that make a node take one (besides
 /// `--snapshot-every` entries). 64 MiB: a follower that lags more than this catches up
 /// by snapshot, and the log on disk stays within a few times this.
