@@ -34,7 +34,7 @@ use crate::ap::{anti_entropy, tombstones};
 use crate::clock::WallClock;
 use crate::config::NodeConfig;
 use crate::cp::log_store::LogStore;
-use crate::cp::lost_state::{LostState, Refusal, Report};
+use crate::cp::lost_state::{LostState, PersistedFloor, Refusal, Report};
 use crate::cp::network::NetworkFactory;
 use crate::cp::proposer::{ProposeError, Proposer, BATCH_BYTES_MAX};
 use crate::cp::state_machine::{Reader, StateMachine};
@@ -218,15 +218,33 @@ impl Node {
             .get(Tree::Meta, RAFT_UNVERIFIED_KEY)
             .map_err(storage)?
             .is_some();
-        if !had_state && !unverified {
+        let floor: Option<PersistedFloor> = engine
+            .get(Tree::Meta, RAFT_FLOOR_KEY)
+            .map_err(storage)?
+            .map(|raw| crate::cp::decode(&raw))
+            .transpose()
+            .map_err(|e| StartError::Storage(format!("raft floor record: {e}")))?;
+        if !had_state && !unverified && floor.is_none() {
             let mut b = WriteBatch::new();
             b.put(Tree::Meta, RAFT_UNVERIFIED_KEY.to_vec(), Vec::new());
             engine.write(b).map_err(storage)?;
             engine.sync().map_err(storage)?;
         }
-        let trusted = had_state && !unverified;
+        let trusted = had_state && !unverified && floor.is_none();
+        if !trusted {
+            // Nor may it run for leader: a candidate that lost its log can be elected by
+            // voters that never had the committed entries it lost (found in CI: a wiped
+            // node and a peer that had not yet received any entry elected the wiped node,
+            // which then overwrote a write committed on the third). Allowed again once its
+            // log reaches what its peers vouched for (`join_after_rebuild`).
+            raft.runtime_config().elect(false);
+        }
+        let lost = match floor {
+            Some(f) if !unverified => LostState::with_floor(f),
+            _ => LostState::new(trusted),
+        };
         let node = Arc::new(Node {
-            lost: LostState::new(trusted),
+            lost,
             log_state,
             config,
             raft,
@@ -249,10 +267,15 @@ impl Node {
         });
         tokio::spawn(node.transport.clone().serve(peer_listener, handler));
 
-        if !trusted {
+        if trusted {
+            node.bootstrap().await?;
+        } else if node.lost.waiting() {
+            // Initialized (which starts an election at once) only if no peer holds a log.
             tokio::spawn(node.clone().rebuild_lost_state());
+        } else {
+            let n = node.clone();
+            tokio::spawn(async move { n.join_after_rebuild().await });
         }
-        node.bootstrap().await?;
         tokio::spawn(node.clone().ping_loop());
         tokio::spawn(node.clone().metrics_loop());
         tokio::spawn(node.clone().snapshot_by_bytes_loop());
@@ -790,7 +813,16 @@ impl Node {
             }
             let known: Vec<Option<Report>> = answers.values().copied().collect();
             if self.lost.learn(&known, self.config.cluster.len()) {
+                // The floor is kept: until this node's log reaches it, a restart must not
+                // make it look stateless again.
                 let mut b = WriteBatch::new();
+                if let Some(floor) = self.lost.known_floor() {
+                    b.put(
+                        Tree::Meta,
+                        RAFT_FLOOR_KEY.to_vec(),
+                        crate::cp::encode(&floor),
+                    );
+                }
                 b.delete(Tree::Meta, RAFT_UNVERIFIED_KEY.to_vec());
                 if let Err(e) = self.engine.write(b).and_then(|()| self.engine.sync()) {
                     // The marker stays: the next start rebuilds again, which is safe.
@@ -801,9 +833,40 @@ impl Node {
                     term = known.iter().flatten().map(|r| r.0).max().unwrap_or(0),
                     "started without Raft state: learned from peers what it may have lost; taking part in Raft"
                 );
+                self.join_after_rebuild().await;
                 return;
             }
         }
+    }
+
+    /// After `rebuild_lost_state` learned the floor: a node in a cluster where nobody
+    /// holds a log (a new cluster) initializes it; otherwise it waits for the leader to
+    /// send it the log, and runs for leader only once its log reaches the floor.
+    async fn join_after_rebuild(&self) {
+        match self.lost.floor_log() {
+            None => {
+                if let Err(e) = self.bootstrap().await {
+                    tracing::error!(error = %e, "initializing the cluster");
+                }
+            }
+            Some(floor) => {
+                let mut rx = self.raft.metrics();
+                while rx
+                    .borrow_and_update()
+                    .last_log_index
+                    .is_none_or(|i| i < floor.index)
+                {
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+                tracing::info!(
+                    floor = floor.index,
+                    "the log reached what peers vouched for: may run for leader"
+                );
+            }
+        }
+        self.raft.runtime_config().elect(true);
     }
 
     /// One pinger per peer, each waiting for its last ping (at most the reachability
@@ -1005,6 +1068,9 @@ const INCARNATION_KEY: &[u8] = b"node_incarnation";
 /// have lost (see `cp::lost_state`): a restart in the meantime must not trust the state
 /// it began since.
 const RAFT_UNVERIFIED_KEY: &[u8] = b"raft_state_unverified";
+/// The floor a node that started without Raft state learned from its peers
+/// ([`PersistedFloor`]), kept so it survives restarts.
+const RAFT_FLOOR_KEY: &[u8] = b"raft_lost_state_floor";
 /// Written (holding the incarnation) as the last act of a clean shutdown; removed at start.
 const CLEAN_STOP_KEY: &[u8] = b"node_clean_stop";
 

@@ -40,6 +40,9 @@ use super::{LogId, NodeId};
 /// What a peer reports: its current term and the id of the last entry in its log.
 pub type Report = (u64, Option<LogId>);
 
+/// A learned floor as stored: term, last log id, and whether enough peers vouched.
+pub type PersistedFloor = (u64, Option<LogId>, bool);
+
 /// How many peers (other than this node) must report before a node without state knows
 /// an upper bound of what it lost: enough that every majority includes one of them.
 pub fn probes_needed(cluster_size: usize) -> usize {
@@ -90,6 +93,34 @@ impl LostState {
             } else {
                 Floor::Unknown
             }),
+        }
+    }
+
+    /// A node that learned its floor in an earlier run (persisted by the caller, see
+    /// [`LostState::known_floor`]): it keeps it across restarts, so it goes on vouching
+    /// for what it may hold even before any entry reached it (found in CI: a node that
+    /// learned its floor, then restarted with no entry yet, counted as stateless and
+    /// helped a wiped node form a "new cluster" without a committed write).
+    pub fn with_floor(floor: PersistedFloor) -> LostState {
+        let (term, last_log, vouched) = floor;
+        LostState {
+            floor: Mutex::new(Floor::Known {
+                term,
+                last_log,
+                vouched,
+            }),
+        }
+    }
+
+    /// The floor learned, to persist: (term, last log id, vouched).
+    pub fn known_floor(&self) -> Option<PersistedFloor> {
+        match self.get() {
+            Floor::Known {
+                term,
+                last_log,
+                vouched,
+            } => Some((term, last_log, vouched)),
+            Floor::Unneeded | Floor::Unknown => None,
         }
     }
 
@@ -147,6 +178,15 @@ impl LostState {
         }
     }
 
+    /// The highest last log id peers reported, once the floor is known (`None`: none
+    /// reported a log, or the node never lost its state).
+    pub fn floor_log(&self) -> Option<LogId> {
+        match self.get() {
+            Floor::Known { last_log, .. } => last_log,
+            Floor::Unneeded | Floor::Unknown => None,
+        }
+    }
+
     /// Whether a vote request may go to Raft.
     pub fn check_vote(&self, req: &VoteRequest<NodeId>) -> Result<(), Refusal> {
         match self.get() {
@@ -187,6 +227,24 @@ mod tests {
             vote: Vote::new(term, 3),
             last_log_id: last,
         }
+    }
+
+    /// A floor learned in an earlier run is kept: the node vouches for it with no entry
+    /// of its own, and still refuses candidates behind it.
+    #[test]
+    fn a_persisted_floor_vouches_before_any_entry_arrives() {
+        let learned = LostState::new(false);
+        assert!(learned.learn(&[Some((2, Some(id(2, 9)))), Some((2, Some(id(2, 7))))], 3));
+        let floor = learned.known_floor().unwrap();
+        let restarted = LostState::with_floor(floor);
+        assert!(!restarted.waiting());
+        assert_eq!(restarted.report((0, None)), Some((2, Some(id(2, 9)))));
+        assert_eq!(restarted.floor_log(), Some(id(2, 9)));
+        assert_eq!(
+            restarted.check_vote(&vote(3, Some(id(2, 8)))),
+            Err(Refusal::Vote)
+        );
+        assert_eq!(restarted.check_vote(&vote(3, Some(id(2, 9)))), Ok(()));
     }
 
     #[test]
