@@ -198,14 +198,14 @@ impl Node {
                 .map_err(|e| StartError::Storage(e.to_string()))?
                 .with_object_bytes_max(OBJECT_BYTES_MAX.max(2 * config.max_value_bytes)),
         );
-        let ap = Arc::new(Coordinator {
-            me: config.id,
-            actor: format!("{}.{}", config.name, incarnation(engine.as_ref())?),
-            ring: Ring::new(config.cluster.iter().map(|m| m.id), DEFAULT_VNODES),
-            transport: transport.clone(),
+        let ap = Arc::new(Coordinator::new(
+            config.id,
+            format!("{}.{}", config.name, incarnation(engine.as_ref())?),
+            Ring::new(config.cluster.iter().map(|m| m.id), DEFAULT_VNODES),
+            transport.clone(),
             replica,
-            clock: clock.clone(),
-        });
+            clock.clone(),
+        ));
         // Whether this node's Raft state can be trusted: it had some, and it is not a
         // state begun without any whose rebuilding never finished (the marker is written
         // before a stateless node initializes, and removed only once peers vouched).
@@ -678,11 +678,11 @@ impl Node {
                     .and_then(|specs| anti_entropy::build(&self.ap, &specs, from))
                     .map(|tree| anti_entropy::compare(&tree, root, &interior)),
             ),
-            PeerRequest::AeFetch { leaves, after } => {
-                PeerResponse::AeObjects(self.ap_specs().and_then(|specs| {
-                    anti_entropy::collect(&self.ap, &specs, from, &leaves, after.as_deref())
-                }))
-            }
+            PeerRequest::AeFetch { leaves, after } => PeerResponse::AeObjects(
+                self.ap_specs()
+                    .and_then(|specs| anti_entropy::build(&self.ap, &specs, from))
+                    .and_then(|_| anti_entropy::collect(&self.ap, from, &leaves, after.as_deref())),
+            ),
             PeerRequest::ApScan {
                 keyspace,
                 prefix,

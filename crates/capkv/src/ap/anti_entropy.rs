@@ -18,29 +18,31 @@
 //! deadline (what it did not finish, the next one does). Every answer is a page of at
 //! most [`AE_KEYS_MAX`] objects and about [`PAGE_BYTES_MAX`] bytes, so one large object or
 //! a large range never makes a reply the transport cannot carry (#8 item 15). Equal
-//! trees cost one round trip of 17 hashes. Caveat: trees are rebuilt by scanning the
-//! local replica each exchange (fine at the sizes we test; large stores want trees
-//! maintained on write).
+//! trees cost one round trip of 17 hashes.
+//!
+//! Nothing scans the store per exchange (#9 item 4): the leaves are kept up to date on
+//! every write ([`super::merkle`]), and a differing leaf is read from the index by ring
+//! hash ([`Tree::ApIndex`](crate::storage::Tree)), so an exchange costs the differing
+//! leaves (each 1/256 of the shared keys), not the store.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capkv_core::{ApiError, KeyspaceSpec, Mode};
+use capkv_core::{ApiError, KeyspaceSpec};
 use serde::{Deserialize, Serialize};
 
 use super::coordinator::Coordinator;
-use super::replica::{obj_key, StoredObject};
+use super::replica::{index_key, leaf_of, obj_key, StoredObject, LEAVES};
 use super::ring::{hash64, key_hash};
 use crate::cp::NodeId;
 use crate::rpc::{PeerRequest, PeerResponse, PAGE_BYTES_MAX};
 
-pub const LEAVES: usize = 256;
 const FANOUT: usize = 16;
 pub const AE_INTERVAL: Duration = Duration::from_secs(2);
 pub const AE_KEYS_MAX: usize = 1000;
-/// Objects scanned per storage read while building a tree.
-const SCAN_CHUNK: usize = 1024;
+/// Index entries read from storage at a time while collecting a page.
+const INDEX_CHUNK: usize = 256;
 
 /// The Merkle tree of what one node holds in common with one peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,90 +72,83 @@ impl Tree {
     }
 }
 
-fn leaf_of(hash: u64) -> usize {
-    (hash >> 56) as usize % LEAVES
-}
-
-/// Which keys `me` and `peer` share, per the keyspace specs (ap keyspaces only).
-fn shared(
-    c: &Coordinator,
-    specs: &BTreeMap<String, KeyspaceSpec>,
-    peer: NodeId,
-    ks: &str,
-    key: &[u8],
-) -> Option<u64> {
-    let spec = specs.get(ks).filter(|s| s.mode == Mode::Ap)?;
-    let h = key_hash(ks, key);
-    let pl = c.ring.preference_list(h, spec.n.unwrap_or(3) as usize);
-    (pl.contains(&c.me) && pl.contains(&peer)).then_some(h)
-}
-
-/// Walks this node's objects shared with `peer`, in storage-key order after `after` (a
-/// storage key, exclusive), calling `visit` with each and its ring hash until it returns
-/// false. Returns whether the walk stopped early (more may follow).
-fn walk_shared(
-    c: &Coordinator,
-    specs: &BTreeMap<String, KeyspaceSpec>,
-    peer: NodeId,
-    mut after: Option<Vec<u8>>,
-    mut visit: impl FnMut(StoredObject, u64) -> bool,
-) -> Result<bool, ApiError> {
-    loop {
-        let (chunk, more) = c.replica.objects(after.as_deref(), SCAN_CHUNK)?;
-        for (ks, key, state) in chunk {
-            after = Some(obj_key(&ks, &key));
-            if let Some(h) = shared(c, specs, peer, &ks, &key) {
-                if !visit((ks, key, state), h) {
-                    return Ok(true);
-                }
-            }
-        }
-        if !more {
-            return Ok(false);
-        }
-    }
-}
-
-/// Builds this node's tree for `peer`.
+/// This node's tree for `peer`: the leaves kept on every write ([`super::merkle`]),
+/// rebuilt from the index only when the ap keyspaces changed.
 pub fn build(
     c: &Coordinator,
     specs: &BTreeMap<String, KeyspaceSpec>,
     peer: NodeId,
 ) -> Result<Tree, ApiError> {
-    let mut leaves = vec![0u64; LEAVES];
-    walk_shared(c, specs, peer, None, |(ks, key, state), h| {
-        let mut entry = obj_key(&ks, &key);
-        entry.extend_from_slice(&state.digest().to_be_bytes());
-        leaves[leaf_of(h)] ^= hash64(&entry);
-        true
-    })?;
-    Ok(Tree { leaves })
+    Ok(Tree {
+        leaves: c.leaves.tree(&c.replica, specs, peer)?,
+    })
 }
 
-/// A page of this node's objects (shared with `peer`) in `leaves`, in storage-key order
-/// after `after` (a storage key, exclusive): at most [`AE_KEYS_MAX`] objects and about
-/// [`PAGE_BYTES_MAX`] bytes; and whether more may follow.
+/// A page of this node's objects (shared with `peer`) in `leaves`, in index order (ring
+/// hash, then storage key) after the index key `after` (exclusive): at most
+/// [`AE_KEYS_MAX`] objects and about [`PAGE_BYTES_MAX`] bytes; and whether more may
+/// follow. Reads only the index ranges of those leaves (and their objects).
 pub fn collect(
     c: &Coordinator,
-    specs: &BTreeMap<String, KeyspaceSpec>,
     peer: NodeId,
     leaves: &[u16],
     after: Option<&[u8]>,
 ) -> Result<(Vec<StoredObject>, bool), ApiError> {
+    let mut wanted: Vec<usize> = leaves
+        .iter()
+        .map(|l| *l as usize)
+        .filter(|l| *l < LEAVES)
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let after_leaf = after
+        .and_then(|a| a.get(..8))
+        .and_then(|h| h.try_into().ok())
+        .map(|h| leaf_of(u64::from_be_bytes(h)));
     let mut objects = Vec::new();
     let mut bytes = 0;
-    let more = walk_shared(c, specs, peer, after.map(<[u8]>::to_vec), |object, h| {
-        if !leaves.contains(&(leaf_of(h) as u16)) {
-            return true;
+    for leaf in wanted {
+        let mut cursor = match after_leaf {
+            Some(al) if al > leaf => continue,
+            Some(al) if al == leaf => after.map(<[u8]>::to_vec),
+            _ => None,
+        };
+        loop {
+            let page = c
+                .replica
+                .leaf_entries(leaf, cursor.as_deref(), INDEX_CHUNK)?;
+            let full = page.len() == INDEX_CHUNK;
+            for (ik, hash, k) in page {
+                cursor = Some(ik);
+                let Some(zero) = k.iter().position(|b| *b == 0) else {
+                    continue;
+                };
+                let Ok(ks) = std::str::from_utf8(&k[..zero]) else {
+                    continue;
+                };
+                if !c.leaves.shares(peer, ks, hash) {
+                    continue;
+                }
+                if objects.len() == AE_KEYS_MAX || bytes > PAGE_BYTES_MAX {
+                    return Ok((objects, true));
+                }
+                let Some(state) = c.replica.object(&k)? else {
+                    continue;
+                };
+                bytes += k.len() + crate::cp::encode(&state).len();
+                objects.push((ks.to_owned(), k[zero + 1..].to_vec(), state));
+            }
+            if !full {
+                break;
+            }
         }
-        if objects.len() == AE_KEYS_MAX || bytes > PAGE_BYTES_MAX {
-            return false;
-        }
-        bytes += object.0.len() + object.1.len() + crate::cp::encode(&object.2).len();
-        objects.push(object);
-        true
-    })?;
-    Ok((objects, more))
+    }
+    Ok((objects, false))
+}
+
+/// The index key of an object (the order pages come in).
+fn position(ks: &str, key: &[u8]) -> Vec<u8> {
+    index_key(key_hash(ks, key), &obj_key(ks, key))
 }
 
 /// B's side of step 1: the leaves under each interior node whose hash differs from A's.
@@ -231,12 +226,12 @@ pub async fn exchange(
         };
         let empty = theirs.is_empty();
         for (ks, key, state) in &theirs {
-            let k = obj_key(ks, key);
-            if after.as_ref().is_some_and(|a| &k <= a) {
+            let at = position(ks, key);
+            if after.as_ref().is_some_and(|a| &at <= a) {
                 return Err(ApiError::internal("AeFetch page out of order"));
             }
-            their_digests.insert(k.clone(), state.digest());
-            after = Some(k);
+            their_digests.insert(obj_key(ks, key), state.digest());
+            after = Some(at);
         }
         count_repairs(c.replica.merge_many(theirs).await?);
         if !more || empty {
@@ -247,10 +242,10 @@ pub async fn exchange(
     // something. Sent a page at a time (one message, one batch on their side).
     let mut after: Option<Vec<u8>> = None;
     loop {
-        let (ours, more) = collect(c, specs, peer, &leaves, after.as_deref())?;
+        let (ours, more) = collect(c, peer, &leaves, after.as_deref())?;
         let empty = ours.is_empty();
         if let Some((ks, key, _)) = ours.last() {
-            after = Some(obj_key(ks, key));
+            after = Some(position(ks, key));
         }
         let lacking: Vec<StoredObject> = ours
             .into_iter()
@@ -267,6 +262,13 @@ pub async fn exchange(
         if !more || empty {
             break;
         }
+    }
+    if repaired == 0 {
+        // The leaves differed, yet neither side lacked anything: a leaf drifted (a tree
+        // rebuilt while keys changed, a peer's spec view behind ours). Recomputed from
+        // the index, so the next exchange does not fetch them again.
+        let leaves: Vec<usize> = leaves.iter().map(|l| *l as usize).collect();
+        c.leaves.recompute(&c.replica, &leaves)?;
     }
     Ok(repaired)
 }

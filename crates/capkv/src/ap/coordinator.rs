@@ -34,6 +34,7 @@ use tokio::task::JoinSet;
 use capkv_core::ValueType;
 
 use super::dvv::Actor;
+use super::merkle::Leaves;
 use super::replica::Replica;
 use super::ring::{key_hash, Ring};
 use super::value::{ApState, Applied, Mutation, ReapFloor};
@@ -56,6 +57,34 @@ pub struct Coordinator {
     pub replica: Arc<Replica>,
     /// The node's wall clock: HLC stamps of `lww` writes, `written_at_ms` of siblings.
     pub clock: Arc<WallClock>,
+    /// The anti-entropy leaves, kept up to date by the replica on every change.
+    pub leaves: Arc<Leaves>,
+}
+
+impl Coordinator {
+    pub fn new(
+        me: NodeId,
+        actor: Actor,
+        ring: Ring,
+        transport: Arc<PeerTransport>,
+        replica: Arc<Replica>,
+        clock: Arc<WallClock>,
+    ) -> Coordinator {
+        let leaves = Arc::new(Leaves::new(me, ring.clone()));
+        let observer = leaves.clone();
+        replica.set_observer(Arc::new(move |ks, k, hash, before, after| {
+            observer.changed(ks, k, hash, before, after)
+        }));
+        Coordinator {
+            me,
+            actor,
+            ring,
+            transport,
+            replica,
+            clock,
+            leaves,
+        }
+    }
 }
 
 /// Why a request to a replica has no good answer, by whether it may have taken effect.

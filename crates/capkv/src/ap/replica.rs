@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 
 use capkv_core::ValueType;
 
+use super::ring::key_hash;
 use super::scan::{merge_pages, Page};
 use super::value::{ApState, Applied, Mutation, ReapFloor};
 use crate::cp::{decode, encode, NodeId};
@@ -29,6 +30,41 @@ const STRIPES: usize = 64;
 pub const HINTS_MAX: u64 = 100_000;
 pub const HINT_BYTES_MAX: u64 = 256 << 20;
 const FLOOR_KEY: &[u8] = b"ap_reap_floor";
+/// Set in [`Tree::Meta`] once [`Tree::ApIndex`] covers every object (a store from before
+/// the index has it built at start).
+const INDEX_BUILT_KEY: &[u8] = b"ap_index_built";
+
+/// Anti-entropy leaves: ranges of the ring hash (its top byte).
+pub const LEAVES: usize = 256;
+
+/// The leaf of a ring hash.
+pub fn leaf_of(hash: u64) -> usize {
+    (hash >> 56) as usize % LEAVES
+}
+
+/// The [`Tree::ApIndex`] key of an object: its ring hash, then its storage key.
+pub fn index_key(hash: u64, k: &[u8]) -> Vec<u8> {
+    let mut ik = Vec::with_capacity(8 + k.len());
+    ik.extend_from_slice(&hash.to_be_bytes());
+    ik.extend_from_slice(k);
+    ik
+}
+
+/// Told of every change of a replica object, in storage order, while the change's leaf
+/// is read-locked: (keyspace, storage key, ring hash, digest before, digest after).
+pub type Observer = Arc<dyn Fn(&str, &[u8], u64, Option<u64>, Option<u64>) + Send + Sync>;
+
+/// An index row as read: (index key, ring hash, storage key).
+pub type IndexEntry = (Vec<u8>, u64, Vec<u8>);
+
+/// One object changed by a write: its keyspace, storage key, ring hash, and digests.
+struct Change<'a> {
+    keyspace: &'a str,
+    k: &'a [u8],
+    hash: u64,
+    before: Option<u64>,
+    after: Option<u64>,
+}
 
 pub fn obj_key(keyspace: &str, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(keyspace.len() + 1 + key.len());
@@ -95,6 +131,11 @@ pub struct Replica {
     /// An async lock: a collection holds it across its (possibly stalled) write, and a
     /// waiter must yield its worker, never block it.
     floor: Mutex<ReapFloor>,
+    /// One per anti-entropy leaf: read-held around a change's storage write and its
+    /// observer call, write-held while a leaf is recomputed from the index, so a
+    /// recomputed leaf never counts a change twice or misses it.
+    leaf_locks: Vec<std::sync::RwLock<()>>,
+    observer: std::sync::OnceLock<Observer>,
 }
 
 impl Replica {
@@ -105,14 +146,37 @@ impl Replica {
         let held = hint_rows.len() as u64;
         let held_bytes: u64 = hint_rows.iter().map(|(_, v)| v.len() as u64).sum();
         drop(hint_rows);
-        // Counted once at start, then kept up to date on every change.
-        let rows = engine
-            .range(Tree::Ap, b"", None, usize::MAX)
-            .map_err(internal)?;
-        let objects = rows.len() as u64;
-        let mut tombstones = 0;
-        for (_, raw) in rows {
-            tombstones += u64::from(decode::<ApState>(&raw).map_err(internal)?.is_tombstone());
+        // Counted once at start (row by row, whatever the size), then kept up to date on
+        // every change; the index is built here if the store predates it.
+        let build_index = engine
+            .get(Tree::Meta, INDEX_BUILT_KEY)
+            .map_err(internal)?
+            .is_none();
+        let (mut objects, mut tombstones) = (0u64, 0u64);
+        let mut index = WriteBatch::new();
+        let view = engine.read_view(Tree::Ap).map_err(internal)?;
+        for row in view.iter_from(b"") {
+            let (k, raw) = row.map_err(internal)?;
+            let state: ApState = decode(&raw).map_err(internal)?;
+            objects += 1;
+            tombstones += u64::from(state.is_tombstone());
+            if build_index {
+                let (ks, key) = split_obj_key(&k).ok_or_else(|| internal("bad object key"))?;
+                index.put(
+                    Tree::ApIndex,
+                    index_key(key_hash(&ks, &key), &k),
+                    state.digest().to_be_bytes().to_vec(),
+                );
+                if index.len() >= 4096 {
+                    engine.write(std::mem::take(&mut index)).map_err(internal)?;
+                }
+            }
+        }
+        drop(view);
+        if build_index {
+            index.put(Tree::Meta, INDEX_BUILT_KEY.to_vec(), Vec::new());
+            engine.write(index).map_err(internal)?;
+            engine.sync().map_err(internal)?;
         }
         let floor = match engine.get(Tree::Meta, FLOOR_KEY).map_err(internal)? {
             Some(raw) => decode(&raw).map_err(internal)?,
@@ -133,6 +197,8 @@ impl Replica {
             objects: AtomicU64::new(objects),
             tombstones: AtomicU64::new(tombstones),
             floor: Mutex::new(floor),
+            leaf_locks: (0..LEAVES).map(|_| std::sync::RwLock::new(())).collect(),
+            observer: std::sync::OnceLock::new(),
         })
     }
 
@@ -215,11 +281,136 @@ impl Replica {
         );
     }
 
-    async fn store(&self, tree: Tree, k: Vec<u8>, obj: &ApState) -> Result<(), ApiError> {
-        let mut b = WriteBatch::new();
-        b.put(tree, k, encode(obj));
+    /// Tells `observer` of every object change from now on (set once, at start).
+    pub fn set_observer(&self, observer: Observer) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// Writes `b` (which puts or deletes the objects of `changes`) with their index
+    /// entries, under the read locks of their leaves, and tells the observer before the
+    /// locks go. Not durable until a group-commit sync.
+    fn write_changes(&self, mut b: WriteBatch, changes: &[Change]) -> Result<(), ApiError> {
+        for c in changes {
+            let ik = index_key(c.hash, c.k);
+            match c.after {
+                Some(d) => b.put(Tree::ApIndex, ik, d.to_be_bytes().to_vec()),
+                None => b.delete(Tree::ApIndex, ik),
+            }
+        }
+        let mut leaves: Vec<usize> = changes.iter().map(|c| leaf_of(c.hash)).collect();
+        leaves.sort_unstable();
+        leaves.dedup();
+        let guards: Vec<_> = leaves
+            .iter()
+            .map(|l| {
+                self.leaf_locks[*l]
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+            })
+            .collect();
         self.engine.write(b).map_err(internal)?;
+        if let Some(observe) = self.observer.get() {
+            for c in changes {
+                observe(c.keyspace, c.k, c.hash, c.before, c.after);
+            }
+        }
+        drop(guards);
+        Ok(())
+    }
+
+    /// Stores one object (durably: the group-commit fsync) that was `before`.
+    async fn store_object(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        k: &[u8],
+        before: Option<&ApState>,
+        obj: &ApState,
+    ) -> Result<(), ApiError> {
+        let mut b = WriteBatch::new();
+        b.put(Tree::Ap, k.to_vec(), encode(obj));
+        let change = Change {
+            keyspace,
+            k,
+            hash: key_hash(keyspace, key),
+            before: before.map(ApState::digest),
+            after: Some(obj.digest()),
+        };
+        self.write_changes(b, &[change])?;
         self.group_commit.sync().await.map_err(internal)
+    }
+
+    /// The index entries of `leaf`, (ring hash, storage key, digest), read while the
+    /// leaf is write-locked, and `f` of them before the lock goes (a leaf recomputed
+    /// this way agrees with the changes observed before and after).
+    pub fn with_leaf<T>(
+        &self,
+        leaf: usize,
+        f: impl FnOnce(Vec<(u64, Vec<u8>, u64)>) -> T,
+    ) -> Result<T, ApiError> {
+        let _guard = self.leaf_locks[leaf % LEAVES]
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut entries = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.leaf_entries(leaf, after.as_deref(), 4096)?;
+            let more = page.len() == 4096;
+            for (ik, hash, k) in page {
+                let digest = self
+                    .engine
+                    .get(Tree::ApIndex, &ik)
+                    .map_err(internal)?
+                    .and_then(|d| d.try_into().ok().map(u64::from_be_bytes))
+                    .unwrap_or(0);
+                entries.push((hash, k, digest));
+                after = Some(ik);
+            }
+            if !more {
+                break;
+            }
+        }
+        Ok(f(entries))
+    }
+
+    /// Index keys of `leaf` after `after` (an index key, exclusive), in index order: at
+    /// most `limit` of (index key, ring hash, storage key).
+    pub fn leaf_entries(
+        &self,
+        leaf: usize,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<IndexEntry>, ApiError> {
+        let leaf = leaf % LEAVES;
+        let start = match after {
+            Some(a) => {
+                let mut s = a.to_vec();
+                s.push(0);
+                s
+            }
+            None => ((leaf as u64) << 56).to_be_bytes().to_vec(),
+        };
+        let end = (leaf + 1 < LEAVES).then(|| (((leaf + 1) as u64) << 56).to_be_bytes().to_vec());
+        let rows = self
+            .engine
+            .range(Tree::ApIndex, &start, end.as_deref(), limit)
+            .map_err(internal)?;
+        rows.into_iter()
+            .map(|(ik, _)| {
+                let hash = u64::from_be_bytes(
+                    ik.get(..8)
+                        .and_then(|h| h.try_into().ok())
+                        .ok_or_else(|| internal("bad index key"))?,
+                );
+                let k = ik[8..].to_vec();
+                Ok((ik, hash, k))
+            })
+            .collect()
+    }
+
+    /// The object stored under a storage key.
+    pub fn object(&self, k: &[u8]) -> Result<Option<ApState>, ApiError> {
+        self.load(Tree::Ap, k)
     }
 
     /// This node's replica of a key merged with the hints it holds for that key for any
@@ -306,7 +497,8 @@ impl Replica {
                 self.object_bytes_max
             )));
         }
-        self.store(Tree::Ap, k, &applied.state).await?;
+        self.store_object(keyspace, key, &k, existing.as_ref(), &applied.state)
+            .await?;
         self.account(existing.as_ref(), Some(&applied.state));
         Ok(applied)
     }
@@ -327,7 +519,8 @@ impl Replica {
             .map_or_else(|| incoming.clone(), |c| c.merge(incoming));
         let changed = current.as_ref() != Some(&next);
         if changed {
-            self.store(Tree::Ap, k, &next).await?;
+            self.store_object(keyspace, key, &k, current.as_ref(), &next)
+                .await?;
             self.account(current.as_ref(), Some(&next));
         }
         Ok((next, changed))
@@ -348,35 +541,46 @@ impl Replica {
         for i in stripes {
             guards.push(self.stripes[i].lock().await);
         }
-        // Before and after of each key that changes (a key may come twice in a batch).
-        let mut changes: std::collections::BTreeMap<Vec<u8>, (Option<ApState>, ApState)> =
+        // Before and after of each key that changes (a key may come twice in a batch),
+        // with its keyspace and ring hash.
+        type Changed = (Option<ApState>, ApState, String, u64);
+        let mut changes: std::collections::BTreeMap<Vec<u8>, Changed> =
             std::collections::BTreeMap::new();
         for (ks, key, state) in incoming {
             let k = obj_key(&ks, &key);
-            let (before, current) = match changes.remove(&k) {
-                Some((before, current)) => (before, Some(current)),
+            let (before, current, hash) = match changes.remove(&k) {
+                Some((before, current, _, hash)) => (before, Some(current), hash),
                 None => {
                     let stored = self.load(Tree::Ap, &k)?;
-                    (stored.clone(), stored)
+                    (stored.clone(), stored, key_hash(&ks, &key))
                 }
             };
             let next = current
                 .as_ref()
                 .map_or_else(|| state.clone(), |c| c.merge(&state));
             if before.as_ref() != Some(&next) {
-                changes.insert(k, (before, next));
+                changes.insert(k, (before, next, ks, hash));
             }
         }
         if changes.is_empty() {
             return Ok(0);
         }
         let mut b = WriteBatch::new();
-        for (k, (_, next)) in &changes {
+        let mut observed = Vec::with_capacity(changes.len());
+        for (k, (before, next, ks, hash)) in &changes {
             b.put(Tree::Ap, k.clone(), encode(next));
+            observed.push(Change {
+                keyspace: ks,
+                k,
+                hash: *hash,
+                before: before.as_ref().map(ApState::digest),
+                after: Some(next.digest()),
+            });
         }
-        self.engine.write(b).map_err(internal)?;
+        self.write_changes(b, &observed)?;
+        drop(observed);
         self.group_commit.sync().await.map_err(internal)?;
-        for (before, next) in changes.values() {
+        for (before, next, _, _) in changes.values() {
             self.account(before.as_ref(), Some(next));
         }
         drop(guards);
@@ -638,7 +842,18 @@ impl Replica {
             let mut next = *floor;
             next.cover(tombstone, actor);
             b.put(Tree::Meta, FLOOR_KEY.to_vec(), encode(&next));
-            self.engine.write(b).map_err(internal)?;
+            let dropped_copy = Change {
+                keyspace,
+                k: &obj_key(keyspace, key),
+                hash: key_hash(keyspace, key),
+                before: Some(tombstone.digest()),
+                after: None,
+            };
+            if held {
+                self.write_changes(b, &[dropped_copy])?;
+            } else {
+                self.engine.write(b).map_err(internal)?;
+            }
             *floor = next;
             drop(floor);
             if held {

@@ -240,19 +240,19 @@ mod tests {
     fn single_node() -> Arc<Coordinator> {
         let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
         let replica = Arc::new(Replica::new(engine.clone(), GroupCommit::start(engine)).unwrap());
-        Arc::new(Coordinator {
-            me: 1,
-            actor: "n1.test".into(),
-            ring: Ring::new([1], 16),
-            transport: Arc::new(PeerTransport::new(
+        Arc::new(Coordinator::new(
+            1,
+            "n1.test".into(),
+            Ring::new([1], 16),
+            Arc::new(PeerTransport::new(
                 1,
                 BTreeMap::new(),
                 Arc::new(FaultFilter::default()),
                 1 << 20,
             )),
             replica,
-            clock: Arc::default(),
-        })
+            Arc::default(),
+        ))
     }
 
     fn specs() -> BTreeMap<String, KeyspaceSpec> {

@@ -34,6 +34,7 @@ pub struct FjallEngine {
     data: PartitionHandle,
     ap: PartitionHandle,
     hints: PartitionHandle,
+    ap_index: PartitionHandle,
 }
 
 fn engine_err(e: impl std::fmt::Display) -> StorageError {
@@ -59,6 +60,7 @@ impl FjallEngine {
             data: open(Tree::Data)?,
             ap: open(Tree::Ap)?,
             hints: open(Tree::Hints)?,
+            ap_index: open(Tree::ApIndex)?,
             keyspace,
         })
     }
@@ -70,6 +72,7 @@ impl FjallEngine {
             Tree::Data => &self.data,
             Tree::Ap => &self.ap,
             Tree::Hints => &self.hints,
+            Tree::ApIndex => &self.ap_index,
         }
     }
 }

@@ -45,10 +45,21 @@ pub enum Tree {
     Ap,
     /// ap hints: objects held for an unreachable home replica (hinted handoff).
     Hints,
+    /// ap replicas by ring position: `ring hash (u64 BE) ++ keyspace \0 key` → the
+    /// object's digest (u64 BE). Written in the batch of every `Ap` change, so an
+    /// anti-entropy leaf (a range of ring hashes) is one range read.
+    ApIndex,
 }
 
 impl Tree {
-    pub const ALL: [Tree; 5] = [Tree::Log, Tree::Meta, Tree::Data, Tree::Ap, Tree::Hints];
+    pub const ALL: [Tree; 6] = [
+        Tree::Log,
+        Tree::Meta,
+        Tree::Data,
+        Tree::Ap,
+        Tree::Hints,
+        Tree::ApIndex,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -57,6 +68,7 @@ impl Tree {
             Tree::Data => "data",
             Tree::Ap => "ap",
             Tree::Hints => "hints",
+            Tree::ApIndex => "ap_index",
         }
     }
 }
