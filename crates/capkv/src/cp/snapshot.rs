@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
@@ -39,6 +40,13 @@ use crate::storage::{Engine, ReadView, Tree, WriteBatch};
 pub const CHUNK_BYTES: u64 = 1 << 20;
 /// Buffer of the file writer and reader.
 const IO_BUFFER_BYTES: usize = 1 << 20;
+/// A snapshot being written is synced every this many bytes (like RocksDB's
+/// `bytes_per_sync`), so its writeback never comes as one burst.
+const SYNC_EVERY_BYTES: u64 = 8 << 20;
+/// The pace a snapshot is written at (a 4 GiB data set: about a minute). Snapshots are
+/// taken once the log written since the last one is as large as it, so this keeps up
+/// with any write rate below it.
+const WRITE_BYTES_PER_SEC: u64 = 64 << 20;
 /// An install writes a batch when it holds this many bytes or [`INSTALL_BATCH_OPS`] ops.
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
 const INSTALL_BATCH_OPS: usize = 4096;
@@ -97,6 +105,8 @@ pub fn write(view: &dyn ReadView, revision: u64, path: &Path) -> std::io::Result
     w.write_all(&[VERSION])?;
     w.write_all(&revision.to_be_bytes())?;
     let mut rows = 0u64;
+    let mut synced = 0u64;
+    let started = Instant::now();
     for row in view.iter_from(b"") {
         let (k, v) = row.map_err(std::io::Error::other)?;
         for field in [&k, &v] {
@@ -108,6 +118,20 @@ pub fn write(view: &dyn ReadView, revision: u64, path: &Path) -> std::io::Result
             w.write_all(field)?;
         }
         rows += 1;
+        if w.bytes - synced >= SYNC_EVERY_BYTES {
+            // Written back as it goes: a file of GiBs left dirty in the page cache is
+            // flushed in one burst that holds every other fsync behind it (measured:
+            // votes and log appends waited > 600 ms for 16 s, and the cluster had no
+            // leader while three nodes wrote 900 MB snapshots at once).
+            w.inner.flush()?;
+            w.inner.get_ref().sync_data()?;
+            synced = w.bytes;
+            // And paced: a build shares the disk and the cores with the node's work.
+            let due = Duration::from_secs_f64(w.bytes as f64 / WRITE_BYTES_PER_SEC as f64);
+            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
     }
     w.write_all(&END.to_be_bytes())?;
     w.write_all(&rows.to_be_bytes())?;

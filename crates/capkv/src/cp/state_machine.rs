@@ -374,6 +374,8 @@ struct Snapshots {
     /// Serializes changes of the current snapshot (a build finishing in its own task
     /// against an install).
     current: std::sync::Mutex<()>,
+    /// The size of the current snapshot's file (the node paces snapshots by it).
+    bytes: Arc<AtomicU64>,
 }
 
 impl Snapshots {
@@ -414,6 +416,8 @@ impl Snapshots {
         if let Some(old) = current.filter(|c| c.file != next.file) {
             remove_file(&self.dir.path(&old.file));
         }
+        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+        self.bytes.store(len, Ordering::Relaxed);
         Ok((true, file))
     }
 }
@@ -496,6 +500,7 @@ impl StateMachine {
             engine: engine.clone(),
             dir: SnapshotDir::open(snapshot_dir).map_err(snap_err)?,
             current: std::sync::Mutex::new(()),
+            bytes: Arc::default(),
         });
         if let Some(raw) = engine.get(Tree::Meta, META_INSTALLING).map_err(read_err)? {
             let pending: CurrentSnapshot = decode(&raw).map_err(read_err)?;
@@ -514,6 +519,10 @@ impl StateMachine {
         }
         let keep = snapshots.current()?.map(|c| c.file);
         snapshots.dir.remove_all_but(keep.as_deref());
+        if let Some(file) = &keep {
+            let len = std::fs::metadata(snapshots.dir.path(file)).map_or(0, |m| m.len());
+            snapshots.bytes.store(len, Ordering::Relaxed);
+        }
         let get = |k: &[u8]| engine.get(Tree::Meta, k).map_err(read_err);
         let last_applied: Option<LogId> = get(META_APPLIED)?
             .map(|r| decode::<Option<LogId>>(&r))
@@ -544,6 +553,11 @@ impl StateMachine {
             gate: Arc::new(InstallGate::default()),
             receiving: Vec::new(),
         })
+    }
+
+    /// The size of the current snapshot's file, kept up to date.
+    pub fn snapshot_bytes(&self) -> Arc<AtomicU64> {
+        self.snapshots.bytes.clone()
     }
 
     /// Read access to the applied state, for request handlers.
