@@ -863,18 +863,34 @@ impl Node {
                 }
             }
             Some(floor) => {
+                use openraft::storage::RaftLogStorage;
+                // Compared as log ids (term first): entries past the floor's index that a
+                // later leader truncated must not keep this node out of elections for ever
+                // (found by review).
                 let mut rx = self.raft.metrics();
-                while rx
-                    .borrow_and_update()
-                    .last_log_index
-                    .is_none_or(|i| i < floor.index)
-                {
+                loop {
+                    let last = self
+                        .log_state
+                        .clone()
+                        .get_log_state()
+                        .await
+                        .ok()
+                        .and_then(|s| s.last_log_id);
+                    if last >= Some(floor) {
+                        break;
+                    }
                     if rx.changed().await.is_err() {
                         return;
                     }
                 }
+                // Its log now covers all it could have lost: trusted from the next start.
+                let mut b = WriteBatch::new();
+                b.delete(Tree::Meta, RAFT_FLOOR_KEY.to_vec());
+                if let Err(e) = self.engine.write(b).and_then(|()| self.engine.sync()) {
+                    tracing::warn!(error = %e, "could not drop the lost-state floor record");
+                }
                 tracing::info!(
-                    floor = floor.index,
+                    floor = %floor,
                     "the log reached what peers vouched for: may run for leader"
                 );
             }

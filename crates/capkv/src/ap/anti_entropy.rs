@@ -79,9 +79,9 @@ pub fn build(
     specs: &BTreeMap<String, KeyspaceSpec>,
     peer: NodeId,
 ) -> Result<Tree, ApiError> {
-    Ok(Tree {
-        leaves: c.leaves.tree(&c.replica, specs, peer)?,
-    })
+    // Off the async workers: a rebuild reads the whole index.
+    let leaves = crate::storage::off_the_workers(|| c.leaves.tree(&c.replica, specs, peer))?;
+    Ok(Tree { leaves })
 }
 
 /// A page of this node's objects (shared with `peer`) in `leaves`, in index order (ring
@@ -89,6 +89,15 @@ pub fn build(
 /// [`AE_KEYS_MAX`] objects and about [`PAGE_BYTES_MAX`] bytes; and whether more may
 /// follow. Reads only the index ranges of those leaves (and their objects).
 pub fn collect(
+    c: &Coordinator,
+    peer: NodeId,
+    leaves: &[u16],
+    after: Option<&[u8]>,
+) -> Result<(Vec<StoredObject>, bool), ApiError> {
+    crate::storage::off_the_workers(|| collect_page(c, peer, leaves, after))
+}
+
+fn collect_page(
     c: &Coordinator,
     peer: NodeId,
     leaves: &[u16],
@@ -118,7 +127,7 @@ pub fn collect(
                 .replica
                 .leaf_entries(leaf, cursor.as_deref(), INDEX_CHUNK)?;
             let full = page.len() == INDEX_CHUNK;
-            for (ik, hash, k) in page {
+            for (ik, hash, k, _) in page {
                 cursor = Some(ik);
                 let Some(zero) = k.iter().position(|b| *b == 0) else {
                     continue;
@@ -268,7 +277,7 @@ pub async fn exchange(
         // rebuilt while keys changed, a peer's spec view behind ours). Recomputed from
         // the index, so the next exchange does not fetch them again.
         let leaves: Vec<usize> = leaves.iter().map(|l| *l as usize).collect();
-        c.leaves.recompute(&c.replica, &leaves)?;
+        crate::storage::off_the_workers(|| c.leaves.recompute(&c.replica, &leaves))?;
     }
     Ok(repaired)
 }

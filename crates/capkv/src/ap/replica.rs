@@ -54,8 +54,8 @@ pub fn index_key(hash: u64, k: &[u8]) -> Vec<u8> {
 /// is read-locked: (keyspace, storage key, ring hash, digest before, digest after).
 pub type Observer = Arc<dyn Fn(&str, &[u8], u64, Option<u64>, Option<u64>) + Send + Sync>;
 
-/// An index row as read: (index key, ring hash, storage key).
-pub type IndexEntry = (Vec<u8>, u64, Vec<u8>);
+/// An index row as read: (index key, ring hash, storage key, object digest).
+pub type IndexEntry = (Vec<u8>, u64, Vec<u8>, u64);
 
 /// One object changed by a write: its keyspace, storage key, ring hash, and digests.
 struct Change<'a> {
@@ -356,13 +356,7 @@ impl Replica {
         loop {
             let page = self.leaf_entries(leaf, after.as_deref(), 4096)?;
             let more = page.len() == 4096;
-            for (ik, hash, k) in page {
-                let digest = self
-                    .engine
-                    .get(Tree::ApIndex, &ik)
-                    .map_err(internal)?
-                    .and_then(|d| d.try_into().ok().map(u64::from_be_bytes))
-                    .unwrap_or(0);
+            for (ik, hash, k, digest) in page {
                 entries.push((hash, k, digest));
                 after = Some(ik);
             }
@@ -373,8 +367,8 @@ impl Replica {
         Ok(f(entries))
     }
 
-    /// Index keys of `leaf` after `after` (an index key, exclusive), in index order: at
-    /// most `limit` of (index key, ring hash, storage key).
+    /// Index rows of `leaf` after `after` (an index key, exclusive), in index order: at
+    /// most `limit` of them.
     pub fn leaf_entries(
         &self,
         leaf: usize,
@@ -396,14 +390,20 @@ impl Replica {
             .range(Tree::ApIndex, &start, end.as_deref(), limit)
             .map_err(internal)?;
         rows.into_iter()
-            .map(|(ik, _)| {
+            .map(|(ik, digest)| {
                 let hash = u64::from_be_bytes(
                     ik.get(..8)
                         .and_then(|h| h.try_into().ok())
                         .ok_or_else(|| internal("bad index key"))?,
                 );
+                let digest = u64::from_be_bytes(
+                    digest
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| internal("bad index digest"))?,
+                );
                 let k = ik[8..].to_vec();
-                Ok((ik, hash, k))
+                Ok((ik, hash, k, digest))
             })
             .collect()
     }
