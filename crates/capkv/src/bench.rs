@@ -205,7 +205,10 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         );
         let (keyspace, args) = (keyspace.clone(), args.clone());
         clients.push(tokio::spawn(async move {
-            let value = vec![b'v'; args.value_bytes];
+            // Incompressible values (the store compresses): slices of random bytes.
+            let pool: Vec<u8> = (0..args.value_bytes + 4096)
+                .map(|_| rand::random::<u8>())
+                .collect();
             let opts = WriteOptions::default();
             while !stop.load(Ordering::Relaxed) {
                 let started = Instant::now();
@@ -229,13 +232,15 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                         Some(_) => next_key.fetch_add(1, Ordering::Relaxed),
                         None => rand::random::<u64>() % args.keys.max(1),
                     };
+                    let at = rand::random::<usize>() % 4096;
+                    let value = pool[at..at + args.value_bytes].to_vec();
                     let r = match args.mode {
                         BenchMode::Cp => client
-                            .put(&keyspace, &key_name(i), value.clone(), &opts)
+                            .put(&keyspace, &key_name(i), value, &opts)
                             .await
                             .map(|_| true),
                         BenchMode::Ap => client
-                            .ap_put(&keyspace, &key_name(i), value.clone(), None, args.w)
+                            .ap_put(&keyspace, &key_name(i), value, None, args.w)
                             .await
                             .map(|_| true),
                     };
