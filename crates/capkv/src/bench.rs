@@ -88,7 +88,8 @@ struct Sample {
     nodes: Vec<NodeSample>,
 }
 
-fn metric(text: &str, name: &str) -> f64 {
+/// The sum of a Prometheus metric's samples (over all label sets) in `/metrics` text.
+pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -262,7 +263,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
 
     let http = reqwest::Client::new();
     let start = Instant::now();
-    let base: Vec<NodeSample> = futures_join(urls.iter().map(|u| node_sample(&http, u))).await;
+    let base: Vec<NodeSample> = sample_nodes(&http, &urls).await;
     let mut samples: Vec<Sample> = Vec::new();
     let mut all_latencies: Vec<u32> = Vec::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
@@ -284,7 +285,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         last = Instant::now();
         let mut lat = taken.latencies_us;
         lat.sort_unstable();
-        let nodes = futures_join(urls.iter().map(|u| node_sample(&http, u))).await;
+        let nodes = sample_nodes(&http, &urls).await;
         let n_errors: u64 = taken.errors.values().sum();
         for (k, v) in taken.errors {
             *errors.entry(k).or_default() += v;
@@ -370,12 +371,11 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn futures_join<F: std::future::Future<Output = NodeSample>>(
-    futs: impl Iterator<Item = F>,
-) -> Vec<NodeSample> {
-    let mut out = Vec::new();
-    for f in futs {
-        out.push(f.await);
+/// Every node's sample, one node after the other.
+async fn sample_nodes(http: &reqwest::Client, urls: &[String]) -> Vec<NodeSample> {
+    let mut out = Vec::with_capacity(urls.len());
+    for url in urls {
+        out.push(node_sample(http, url).await);
     }
     out
 }

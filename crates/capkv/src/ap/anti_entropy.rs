@@ -33,7 +33,7 @@ use capkv_core::{ApiError, KeyspaceSpec};
 use serde::{Deserialize, Serialize};
 
 use super::coordinator::Coordinator;
-use super::replica::{index_key, leaf_of, obj_key, StoredObject, LEAVES};
+use super::replica::{index_key, leaf_of, obj_key, split_obj_key_ref, StoredObject, LEAVES};
 use super::ring::{hash64, key_hash};
 use crate::cp::NodeId;
 use crate::rpc::{PeerRequest, PeerResponse, PAGE_BYTES_MAX};
@@ -129,10 +129,7 @@ fn collect_page(
             let full = page.len() == INDEX_CHUNK;
             for (ik, hash, k, _) in page {
                 cursor = Some(ik);
-                let Some(zero) = k.iter().position(|b| *b == 0) else {
-                    continue;
-                };
-                let Ok(ks) = std::str::from_utf8(&k[..zero]) else {
+                let Some((ks, key)) = split_obj_key_ref(&k) else {
                     continue;
                 };
                 if !c.leaves.shares(peer, ks, hash) {
@@ -145,7 +142,7 @@ fn collect_page(
                     continue;
                 };
                 bytes += k.len() + crate::cp::encode(&state).len();
-                objects.push((ks.to_owned(), k[zero + 1..].to_vec(), state));
+                objects.push((ks.to_owned(), key.to_vec(), state));
             }
             if !full {
                 break;

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use capkv_core::{ApiError, KeyspaceSpec, Mode};
 
-use super::replica::{leaf_of, Replica, LEAVES};
+use super::replica::{leaf_of, split_obj_key_ref, Replica, LEAVES};
 use super::ring::{hash64, Ring};
 use crate::cp::NodeId;
 
@@ -29,12 +29,6 @@ pub fn entry_hash(k: &[u8], digest: u64) -> u64 {
     entry.extend_from_slice(k);
     entry.extend_from_slice(&digest.to_be_bytes());
     hash64(&entry)
-}
-
-/// The keyspace of a storage key (`keyspace \0 key`).
-fn keyspace_of(k: &[u8]) -> Option<&str> {
-    let zero = k.iter().position(|b| *b == 0)?;
-    std::str::from_utf8(&k[..zero]).ok()
 }
 
 #[derive(Default)]
@@ -106,8 +100,8 @@ impl Leaves {
             .filter(|s| s.mode == Mode::Ap)
             .map(|s| (s.name.clone(), s.n.unwrap_or(3) as usize))
             .collect();
-        let current = self.lock().specs.clone();
-        if current.as_ref() != Some(&wanted) {
+        let stale = self.lock().specs.as_ref() != Some(&wanted);
+        if stale {
             {
                 let mut state = self.lock();
                 state.specs = Some(wanted);
@@ -134,7 +128,9 @@ impl Leaves {
                     v[leaf % LEAVES] = 0;
                 }
                 for (hash, k, digest) in entries {
-                    let Some(ks) = keyspace_of(&k) else { continue };
+                    let Some((ks, _)) = split_obj_key_ref(&k) else {
+                        continue;
+                    };
                     for peer in self.sharing(specs, ks, hash) {
                         by_peer.entry(peer).or_insert_with(|| vec![0; LEAVES])[leaf % LEAVES] ^=
                             entry_hash(&k, digest);

@@ -80,13 +80,16 @@ fn hint_key(home: NodeId, keyspace: &str, key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// Splits `keyspace \0 key` (borrowed).
+pub fn split_obj_key_ref(k: &[u8]) -> Option<(&str, &[u8])> {
+    let zero = k.iter().position(|b| *b == 0)?;
+    Some((std::str::from_utf8(&k[..zero]).ok()?, &k[zero + 1..]))
+}
+
 /// Splits `keyspace \0 key`.
 fn split_obj_key(k: &[u8]) -> Option<(String, Vec<u8>)> {
-    let zero = k.iter().position(|b| *b == 0)?;
-    Some((
-        String::from_utf8(k[..zero].to_vec()).ok()?,
-        k[zero + 1..].to_vec(),
-    ))
+    let (ks, key) = split_obj_key_ref(k)?;
+    Some((ks.to_owned(), key.to_vec()))
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {

@@ -66,13 +66,9 @@ where
     }
 }
 
-/// The value of an unlabelled metric in Prometheus text, 0 if absent.
-pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+/// A metric's value in Prometheus text (summed over label sets), 0 if absent.
+#[allow(unused_imports)] // not every test binary reads metrics
+pub use capkv::bench::metric;
 
 impl Cluster {
     /// Starts `n` nodes (n1..), waits until they serve, and creates the cp keyspace `cp`.
