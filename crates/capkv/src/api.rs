@@ -916,6 +916,7 @@ fn fault_state(node: &Node) -> FaultState {
         clock_skew_ms: node.clock.skew_ms(),
         wall_clock_ms: node.clock.now_ms(),
         storage_stall: node.engine.is_stalled(),
+        storage_read_stall: node.engine.reads_stalled(),
     }
 }
 
@@ -962,7 +963,8 @@ fn fault_peers(node: &Node, field: &str, names: &[String]) -> Result<BTreeSet<u6
 /// while what they send is still received and handled, so their requests here take
 /// effect but time out at them (outcome unknown). `clock_skew_ms`: this node's wall
 /// clock reads that many ms off (±86400000 at most). `storage_stall`: every storage
-/// write and fsync of this node is held until the fault is lifted.
+/// write and fsync of this node is held until the fault is lifted. `storage_read_stall`:
+/// every read of user data (cp keys, ap objects) is held until the fault is lifted.
 #[utoipa::path(post, path = "/v1/faults", tag = "faults", request_body = FaultRequest,
     responses((status = 200, body = FaultState), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn set_faults(
@@ -986,15 +988,17 @@ async fn set_faults(
         drop_to = ?req.drop_to,
         clock_skew_ms = skew,
         storage_stall = req.storage_stall,
+        storage_read_stall = req.storage_read_stall,
         "fault injection: faults set"
     );
     st.node.faults.set(PeerFaults { isolate, drop_to });
     st.node.clock.set_skew_ms(skew);
     st.node.engine.set_stalled(req.storage_stall);
+    st.node.engine.set_reads_stalled(req.storage_read_stall);
     Ok(Json(fault_state(&st.node)))
 }
 
-/// Removes every fault on this node (isolation, one-way drops, clock skew, storage stall).
+/// Removes every fault on this node (isolation, one-way drops, clock skew, storage stalls).
 #[utoipa::path(delete, path = "/v1/faults", tag = "faults",
     responses((status = 200, body = FaultState), (status = 403, body = ErrorBody)))]
 async fn clear_faults(State(st): State<AppState>) -> ApiResult<Json<FaultState>> {
@@ -1003,6 +1007,7 @@ async fn clear_faults(State(st): State<AppState>) -> ApiResult<Json<FaultState>>
     st.node.faults.set(PeerFaults::default());
     st.node.clock.set_skew_ms(0);
     st.node.engine.set_stalled(false);
+    st.node.engine.set_reads_stalled(false);
     Ok(Json(fault_state(&st.node)))
 }
 
@@ -1015,7 +1020,8 @@ async fn get_faults(State(st): State<AppState>) -> Json<FaultState> {
 /// Health: 200 while the node serves; 503 with the reason when a part of it has stopped
 /// (today: the Raft core, after a fatal error), so a supervisor can tell a node that only
 /// answers HTTP from one that works.
-/// A storage write or fsync waiting this long with none finishing makes the node unhealthy.
+/// A storage read, write or fsync waiting this long with none of its kind finishing makes
+/// the node unhealthy.
 const STORAGE_STALL: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "healthy"), (status = 503, body = ErrorBody)))]
@@ -1027,10 +1033,10 @@ async fn healthz(State(st): State<AppState>) -> ApiResult<&'static str> {
     if metrics.state == openraft::ServerState::Shutdown {
         return Err(ApiError::unavailable("the raft core is shut down").into());
     }
-    if let Some(stall) = st.node.engine.write_stall() {
+    if let Some(stall) = st.node.engine.stall() {
         if stall >= STORAGE_STALL {
             return Err(ApiError::unavailable(format!(
-                "storage: a write or fsync has made no progress for {} ms",
+                "storage: a read, write or fsync has made no progress for {} ms",
                 stall.as_millis()
             ))
             .into());

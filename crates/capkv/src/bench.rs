@@ -73,6 +73,8 @@ struct NodeSample {
     leader_changes: f64,
     rss_bytes: f64,
     disk_bytes: f64,
+    /// CPU time the node's process has used since it started (user + system).
+    cpu_seconds: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +112,7 @@ async fn node_sample(http: &reqwest::Client, url: &str) -> NodeSample {
         leader_changes: metric(&text, "capkv_raft_leader_changes_total"),
         rss_bytes: metric(&text, "capkv_process_resident_bytes"),
         disk_bytes: metric(&text, "capkv_storage_disk_bytes"),
+        cpu_seconds: metric(&text, "capkv_process_cpu_seconds"),
     }
 }
 
@@ -264,6 +267,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let http = reqwest::Client::new();
     let start = Instant::now();
     let base: Vec<NodeSample> = sample_nodes(&http, &urls).await;
+    let own_cpu_at_start = crate::process::cpu_seconds().unwrap_or(0.0);
     let mut samples: Vec<Sample> = Vec::new();
     let mut all_latencies: Vec<u32> = Vec::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
@@ -351,6 +355,21 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let leader_changes = samples.last().map_or(0.0, |s| {
         s.nodes.iter().map(|n| n.leader_changes).fold(0.0, f64::max)
     });
+    // CPU per operation: the nodes' (all of them, from their gauges) and this process's.
+    let ops = all_latencies.len().max(1) as f64;
+    let nodes_cpu: f64 = samples.last().map_or(0.0, |s| {
+        s.nodes
+            .iter()
+            .zip(&base)
+            .map(|(n, b)| n.cpu_seconds - b.cpu_seconds)
+            .sum()
+    });
+    let own_cpu = crate::process::cpu_seconds().unwrap_or(0.0) - own_cpu_at_start;
+    println!(
+        "cpu per op: nodes {:.1} us, load generator {:.1} us",
+        nodes_cpu / ops * 1e6,
+        own_cpu / ops * 1e6
+    );
     println!(
         "total: {} ops in {:.0} s, p99 {:.2} ms, p99.9 {:.2} ms, max {:.0} ms, errors {} {:?}, leader changes seen by a node (most) {:.0}",
         all_latencies.len(),
@@ -384,7 +403,10 @@ fn csv(samples: &[Sample]) -> String {
     let nodes = samples.first().map_or(0, |s| s.nodes.len());
     let mut out = String::from("t_s,phase,ops_per_s,p50_ms,p99_ms,p999_ms,max_ms,errors");
     for i in 1..=nodes {
-        let _ = write!(out, ",n{i}_rss_bytes,n{i}_disk_bytes,n{i}_leader_changes");
+        let _ = write!(
+            out,
+            ",n{i}_rss_bytes,n{i}_disk_bytes,n{i}_leader_changes,n{i}_cpu_s"
+        );
     }
     out.push('\n');
     for s in samples {
@@ -396,8 +418,8 @@ fn csv(samples: &[Sample]) -> String {
         for n in &s.nodes {
             let _ = write!(
                 out,
-                ",{:.0},{:.0},{:.0}",
-                n.rss_bytes, n.disk_bytes, n.leader_changes
+                ",{:.0},{:.0},{:.0},{:.2}",
+                n.rss_bytes, n.disk_bytes, n.leader_changes, n.cpu_seconds
             );
         }
         out.push('\n');

@@ -9,7 +9,7 @@ use capkv_client::{
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{parse_cluster, ConfigError, ConfigFile, NodeConfig};
+use crate::config::{parse_cluster, ConfigError, ConfigFile, InitialClusterState, NodeConfig};
 
 #[derive(Parser)]
 #[command(
@@ -350,6 +350,13 @@ pub struct ServeArgs {
     /// any request deadline, unless --enable-faults; at most 86400000).
     #[arg(long)]
     pub tombstone_grace_ms: Option<u64>,
+    /// For a node that starts without Raft state (a first start or a lost disk): `auto`
+    /// forms a new cluster only once every member answers without state, `new` as soon
+    /// as a majority does (a new cluster with members missing), `existing` never (a
+    /// replaced disk joins the cluster whose members hold its data). Ignored by a node
+    /// with state. Default auto.
+    #[arg(long, value_enum)]
+    pub initial_cluster_state: Option<InitialClusterState>,
 }
 
 impl ServeArgs {
@@ -377,6 +384,10 @@ impl ServeArgs {
             self.peer.or(file.peer),
         )?;
         cfg.enable_faults = self.enable_faults || file.enable_faults.unwrap_or(false);
+        cfg.initial_cluster_state = self
+            .initial_cluster_state
+            .or(file.initial_cluster_state)
+            .unwrap_or_default();
         if let Some(v) = self.max_value_bytes.or(file.max_value_bytes) {
             if v == 0 || v > 64 * 1024 * 1024 {
                 return Err(ConfigError::Invalid(

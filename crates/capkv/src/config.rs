@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+pub use crate::cp::lost_state::InitialClusterState;
 use crate::cp::NodeId;
 
 /// One member of the initial cluster.
@@ -105,6 +106,8 @@ pub struct NodeConfig {
     /// ap: how long a tombstone must stay confirmed on every node before it is collected
     /// (longer than any request deadline; see `ap::tombstones`).
     pub tombstone_grace: std::time::Duration,
+    /// What a node that starts without Raft state may do (see [`InitialClusterState`]).
+    pub initial_cluster_state: InitialClusterState,
 }
 
 /// The settings a `--config` TOML file may hold (same names as the flags).
@@ -121,6 +124,7 @@ pub struct ConfigFile {
     pub snapshot_every: Option<u64>,
     pub election_timeout_ms: Option<u64>,
     pub tombstone_grace_ms: Option<u64>,
+    pub initial_cluster_state: Option<InitialClusterState>,
 }
 
 impl ConfigFile {
@@ -161,6 +165,7 @@ impl NodeConfig {
             election_timeout_min_ms: 600,
             election_timeout_max_ms: 1200,
             tombstone_grace: crate::ap::tombstones::DEFAULT_GRACE,
+            initial_cluster_state: InitialClusterState::Auto,
         })
     }
 

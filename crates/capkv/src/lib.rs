@@ -26,6 +26,7 @@ pub mod dev;
 mod format_tests;
 pub mod net;
 pub mod node;
+pub mod process;
 pub mod rpc;
 pub mod server;
 pub mod storage;

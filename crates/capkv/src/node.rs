@@ -32,7 +32,7 @@ use crate::ap::replica::{Replica, OBJECT_BYTES_MAX};
 use crate::ap::ring::{Ring, DEFAULT_VNODES};
 use crate::ap::{anti_entropy, tombstones};
 use crate::clock::WallClock;
-use crate::config::NodeConfig;
+use crate::config::{InitialClusterState, NodeConfig};
 use crate::cp::log_store::LogStore;
 use crate::cp::lost_state::{LostState, PersistedFloor, Refusal, Report};
 use crate::cp::network::NetworkFactory;
@@ -284,6 +284,7 @@ impl Node {
         }
         tokio::spawn(node.clone().ping_loop());
         tokio::spawn(node.clone().metrics_loop());
+        tokio::spawn(node.clone().core_delay_loop());
         tokio::spawn(node.clone().snapshot_loop());
         tokio::spawn(node.ap.clone().handoff_loop());
         tokio::spawn(node.clone().anti_entropy_loop());
@@ -604,7 +605,13 @@ impl Node {
             }),
             PeerRequest::AppendEntries(r) => {
                 PeerResponse::AppendEntries(match self.lost.check_leader(r.vote.leader_id().term) {
-                    Ok(()) => self.raft.append_entries(r).await,
+                    Ok(()) => {
+                        let began = Instant::now();
+                        let reply = self.raft.append_entries(r).await;
+                        metrics::histogram!("capkv_raft_append_handle_seconds")
+                            .record(began.elapsed().as_secs_f64());
+                        reply
+                    }
                     Err(Refusal::StaleTerm(term)) => Ok(AppendEntriesResponse::HigherVote(
                         openraft::Vote::new(term, self.id()),
                     )),
@@ -612,7 +619,15 @@ impl Node {
                 })
             }
             PeerRequest::Vote(r) => PeerResponse::Vote(match self.lost.check_vote(&r) {
-                Ok(()) => self.raft.vote(r).await,
+                Ok(()) => {
+                    let began = Instant::now();
+                    let reply = self.raft.vote(r).await;
+                    let took = began.elapsed();
+                    metrics::histogram!("capkv_raft_vote_handle_seconds")
+                        .record(took.as_secs_f64());
+                    tracing::info!(from = %self.name_of(from), ?took, granted = reply.as_ref().is_ok_and(|v| v.vote_granted), "vote asked");
+                    reply
+                }
                 Err(why) => {
                     tracing::debug!(?why, candidate = ?r.vote, "vote refused: rebuilding lost state");
                     Ok(openraft::raft::VoteResponse {
@@ -657,17 +672,6 @@ impl Node {
                         ),
                     )
                     .await,
-            ),
-            PeerRequest::ApStore {
-                keyspace,
-                key,
-                object,
-            } => PeerResponse::ApAck(
-                self.ap
-                    .replica
-                    .merge(&keyspace, &key, &object)
-                    .await
-                    .map(|_| ()),
             ),
             PeerRequest::ApStoreMany { objects } => {
                 PeerResponse::ApMerged(self.ap.replica.merge_many(objects).await)
@@ -806,6 +810,7 @@ impl Node {
         let peers = self.peer_ids();
         let mut answers: BTreeMap<NodeId, Option<Report>> = BTreeMap::new();
         let mut tick = tokio::time::interval(PING_INTERVAL);
+        let mut waited = Instant::now();
         loop {
             tick.tick().await;
             let mut asks = tokio::task::JoinSet::new();
@@ -825,7 +830,32 @@ impl Node {
                 }
             }
             let known: Vec<Option<Report>> = answers.values().copied().collect();
-            if self.lost.learn(&known, self.config.cluster.len()) {
+            if waited.elapsed() >= REBUILD_HINT_EVERY {
+                waited = Instant::now();
+                let missing: Vec<String> = peers
+                    .iter()
+                    .filter(|p| !answers.contains_key(p))
+                    .map(|p| self.name_of(*p))
+                    .collect();
+                let stateless: Vec<String> = answers
+                    .iter()
+                    .filter(|(_, r)| r.is_none())
+                    .map(|(p, _)| self.name_of(*p))
+                    .collect();
+                tracing::warn!(
+                    ?missing,
+                    ?stateless,
+                    mode = ?self.config.initial_cluster_state,
+                    "started without Raft state; waiting for the members that may hold it \
+                     (only if this is a new cluster whose missing members hold nothing: \
+                     --initial-cluster-state new)"
+                );
+            }
+            if self.lost.learn(
+                &known,
+                self.config.cluster.len(),
+                self.config.initial_cluster_state,
+            ) {
                 // The floor is kept: until this node's log reaches it, a restart must not
                 // make it look stateless again.
                 let mut b = WriteBatch::new();
@@ -857,6 +887,8 @@ impl Node {
     /// send it the log, and runs for leader only once its log reaches the floor.
     async fn join_after_rebuild(&self) {
         match self.lost.floor_log() {
+            // A replaced disk never initializes: the leader sends it what it needs.
+            None if self.config.initial_cluster_state == InitialClusterState::Existing => {}
             None => {
                 if let Err(e) = self.bootstrap().await {
                     tracing::error!(error = %e, "initializing the cluster");
@@ -971,6 +1003,27 @@ impl Node {
         }
     }
 
+    /// Measures how long the Raft core takes to answer a request that costs it nothing
+    /// (`capkv_raft_core_delay_seconds`): the time its loop is kept from heartbeats and
+    /// elections by storage calls it awaits, by CPU starvation, or by a burst of work.
+    /// A delay that approaches the election timeout is logged.
+    async fn core_delay_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(CORE_PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let began = Instant::now();
+            if self.raft.with_raft_state(|_| ()).await.is_err() {
+                return;
+            }
+            let took = began.elapsed();
+            metrics::histogram!("capkv_raft_core_delay_seconds").record(took.as_secs_f64());
+            if took.as_millis() as u64 >= self.config.election_timeout_min_ms / 2 {
+                tracing::warn!(?took, "the Raft core was slow to answer");
+            }
+        }
+    }
+
     async fn metrics_loop(self: Arc<Self>) {
         let mut rx = self.raft.metrics();
         let mut leader = None;
@@ -996,8 +1049,11 @@ impl Node {
             }
             if probed.is_none_or(|t| t.elapsed() >= METRICS_PROBE_EVERY) {
                 probed = Some(Instant::now());
-                if let Some(rss) = resident_bytes() {
+                if let Some(rss) = crate::process::resident_bytes() {
                     metrics::gauge!("capkv_process_resident_bytes").set(rss as f64);
+                }
+                if let Some(cpu) = crate::process::cpu_seconds() {
+                    metrics::gauge!("capkv_process_cpu_seconds").set(cpu);
                 }
                 if let Some(c) = self.commit_index().await {
                     metrics::gauge!("capkv_raft_commit_index").set(c as f64);
@@ -1127,22 +1183,18 @@ fn background_pause(work: Duration, interval: Duration) -> Duration {
     interval.max(work * 9)
 }
 
-/// How often the metrics loop asks RaftCore for the commit index.
-/// This process's resident memory (Linux: `/proc/self/statm`), for `/metrics`.
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions; it only reads a system constant.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok()?)
-}
-
 /// Log bytes appended since the last snapshot that make a node take one (besides
 /// `--snapshot-every` entries). 64 MiB: a follower that lags more than this catches up
 /// by snapshot, and the log on disk stays within a few times this.
 const SNAPSHOT_LOG_BYTES: u64 = 64 << 20;
 
 const METRICS_PROBE_EVERY: Duration = Duration::from_millis(500);
+
+/// How often a node rebuilding lost Raft state says what it waits for.
+const REBUILD_HINT_EVERY: Duration = Duration::from_secs(10);
+
+/// How often the Raft core's responsiveness is measured (`core_delay_loop`).
+const CORE_PROBE_EVERY: Duration = Duration::from_millis(100);
 
 /// Most log entries in one AppendEntries message (bounds a frame to this many values).
 pub const MAX_PAYLOAD_ENTRIES: u64 = 16;

@@ -43,12 +43,6 @@ pub enum PeerRequest {
         /// applied), so a write that waited out its deadline never lands late.
         timeout_ms: u64,
     },
-    /// ap: merge this object into the local replica.
-    ApStore {
-        keyspace: String,
-        key: Vec<u8>,
-        object: ApState,
-    },
     /// ap: hold this object for `home` until it is reachable (hinted handoff).
     ApHint {
         home: NodeId,
@@ -87,8 +81,9 @@ pub enum PeerRequest {
         keyspace: String,
         key: Vec<u8>,
     },
-    /// ap anti-entropy: merge these objects into the local replica (one storage batch,
-    /// one fsync); a page of at most [`PAGE_BYTES_MAX`]-ish bytes.
+    /// ap: merge these objects into the local replica (one storage batch, one fsync):
+    /// a write's copies to a home, batched per peer (`ap::batch`), or an anti-entropy
+    /// page; at most [`PAGE_BYTES_MAX`]-ish bytes.
     ApStoreMany {
         objects: Vec<StoredObject>,
     },

@@ -753,12 +753,11 @@ async fn a_node_that_lost_its_disk_cannot_elect_a_leader_missing_committed_write
     }
 }
 
-/// A brand-new cluster elects its first leader once a majority has started: every node
-/// starts without Raft state, and a majority of stateless nodes has nothing to protect
-/// (found by review: the lost-state guard first waited for every node).
+/// With `--initial-cluster-state new`, a brand-new cluster elects its first leader once
+/// a majority has started (by default it waits for every member: see the next test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_cluster_elects_with_a_majority_started() {
-    let mut c = Cluster::start_only(3, &[0, 1], &[], true).await;
+    let mut c = Cluster::start_only(3, &[0, 1], &["--initial-cluster-state", "new"], true).await;
     c.client(0)
         .put("cp", b"k", b"v".to_vec(), &WriteOptions::default())
         .await
@@ -770,4 +769,57 @@ async fn a_new_cluster_elects_with_a_majority_started() {
     })
     .await;
     assert_eq!(got.value, b"v");
+}
+
+/// A member that never started looks like one that lost its disk. x=1 is committed on n1
+/// and n3 (n2 never started); n3 goes down and n1 loses its disk. n1 and n2 are a majority
+/// without Raft state, but the data is on n3: by default they form no new cluster (found
+/// by review: they did, and x was gone), and once n3 is back x=1 is everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_node_and_a_never_started_one_wait_for_the_member_holding_the_data() {
+    let mut c = Cluster::start_only(3, &[0, 2], &["--initial-cluster-state", "new"], true).await;
+    let opts = WriteOptions::default();
+    c.client(0)
+        .put("cp", b"x", b"1".to_vec(), &opts)
+        .await
+        .unwrap();
+    c.kill9(2);
+    c.kill9(0);
+    c.wipe(0);
+    // Started again as an operator would after a disk swap: the default mode.
+    c.set_flags(&[], true);
+    c.restart(0).await;
+    c.restart(1).await;
+    let watch_until = Instant::now() + Duration::from_secs(5);
+    let short = WriteOptions {
+        timeout_ms: Some(500),
+        ..WriteOptions::default()
+    };
+    while Instant::now() < watch_until {
+        for i in [0, 1] {
+            if let Ok(info) = c.client(i).cluster_of(&c.url(i)).await {
+                assert!(
+                    info.leader.is_none(),
+                    "n{} follows leader {:?}: a new cluster formed without n3's data",
+                    i + 1,
+                    info.leader
+                );
+            }
+        }
+        assert!(
+            c.client(1)
+                .put("cp", b"y", b"1".to_vec(), &short)
+                .await
+                .is_err(),
+            "a write committed in a new cluster formed without n3"
+        );
+    }
+    c.restart(2).await;
+    for i in 0..3 {
+        let got = eventually_some(Duration::from_secs(30), "x readable", || async {
+            c.client(i).get("cp", b"x", LIN).await.ok().flatten()
+        })
+        .await;
+        assert_eq!(got.value, b"1", "n{} lost the committed write", i + 1);
+    }
 }

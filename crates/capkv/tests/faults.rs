@@ -180,6 +180,7 @@ async fn clock_skew_and_one_way_faults_are_set_shown_checked_and_healed() {
                 drop_to: vec!["n2".into(), "n3".into()],
                 clock_skew_ms: Some(-5_000),
                 storage_stall: false,
+                storage_read_stall: false,
             },
         )
         .await
@@ -520,4 +521,100 @@ async fn a_storage_stall_during_tombstone_collection_does_not_freeze_the_node() 
         matches!(health(&url).await, Some((200, _)))
     })
     .await;
+}
+
+/// #9 item 2: a storage call that blocks does not stop the node's heartbeats or its HTTP.
+/// The leader's reads of user data are held (a slow disk) while 16 reads and scans wait
+/// on them, many more than the node has async workers: Raft goes on (the leader and term
+/// do not change for several election timeouts), its cluster view answers, `/healthz`
+/// says storage is the trouble; once reads move again every held request is answered.
+/// (Before, reads ran on the async workers: two blocked reads stopped the node, and the
+/// others elected a new leader.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_reads_do_not_stop_heartbeats() {
+    let c = Cluster::start(3, &[]).await;
+    let leader = c.leader().await;
+    let url = c.url(leader);
+    let client = c.client(leader);
+    let opts = capkv_client::WriteOptions::default();
+    for i in 0..20 {
+        client
+            .put("cp", format!("k{i}").as_bytes(), b"v".to_vec(), &opts)
+            .await
+            .unwrap();
+    }
+    let before = client.cluster_of(&url).await.unwrap();
+    client
+        .set_fault_request(
+            &url,
+            &FaultRequest {
+                storage_read_stall: true,
+                ..FaultRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    let held: Vec<_> = (0..16)
+        .map(|i| {
+            let client = c.client(leader);
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    let key = format!("k{i}");
+                    client
+                        .get(
+                            "cp",
+                            key.as_bytes(),
+                            capkv_client::Consistency::Linearizable,
+                        )
+                        .await
+                        .map(|_| ())
+                } else {
+                    client.scan("cp", "k", None, None).await.map(|_| ())
+                }
+            })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(20),
+        "the leader's /healthz says storage is stalled",
+        || async {
+            match health(&url).await {
+                Some((503, body)) => body.contains("storage"),
+                _ => false,
+            }
+        },
+    )
+    .await;
+    // Several election timeouts (600-1200 ms, plus the leader lease) with reads held.
+    let watch_until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < watch_until {
+        for i in 0..3 {
+            let info =
+                tokio::time::timeout(Duration::from_secs(2), c.client(i).cluster_of(&c.url(i)))
+                    .await
+                    .unwrap_or_else(|_| panic!("n{} stopped answering /v1/cluster", i + 1))
+                    .unwrap();
+            assert_eq!(
+                info.term,
+                before.term,
+                "n{}: a new term while reads were held",
+                i + 1
+            );
+            assert_eq!(info.leader, before.leader, "n{}: the leader changed", i + 1);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    client.clear_faults(&url).await.unwrap();
+    for h in held {
+        let answer = tokio::time::timeout(Duration::from_secs(20), h)
+            .await
+            .expect("a held read was never answered")
+            .unwrap();
+        // Answered: with the value, or a 504 if its deadline passed while it was held.
+        if let Err(e) = answer {
+            assert!(e.to_string().starts_with("504"), "{e}");
+        }
+    }
+    let after = client.cluster_of(&url).await.unwrap();
+    assert_eq!(after.term, before.term);
 }

@@ -376,6 +376,10 @@ pub struct FaultRequest {
     /// out: false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub storage_stall: bool,
+    /// Hold every read of user data on this node (cp keys, ap objects and hints; not the
+    /// Raft log) until the fault is lifted: a slow read path. Left out: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub storage_read_stall: bool,
 }
 
 impl FaultRequest {
@@ -406,6 +410,9 @@ pub struct FaultState {
     /// Whether its storage writes are held.
     #[serde(default)]
     pub storage_stall: bool,
+    /// Whether its reads of user data are held.
+    #[serde(default)]
+    pub storage_read_stall: bool,
 }
 
 impl FaultState {
@@ -417,6 +424,7 @@ impl FaultState {
             drop_to: self.drop_to.clone(),
             clock_skew_ms: (self.clock_skew_ms != 0).then_some(self.clock_skew_ms),
             storage_stall: self.storage_stall,
+            storage_read_stall: self.storage_read_stall,
         }
     }
 }
@@ -438,6 +446,7 @@ mod tests {
                 drop_to: vec!["n3".into()],
                 clock_skew_ms: Some(-250),
                 storage_stall: false,
+                storage_read_stall: false,
             }
         );
         assert_eq!(
@@ -452,12 +461,14 @@ mod tests {
             clock_skew_ms: -250,
             wall_clock_ms: 1,
             storage_stall: true,
+            storage_read_stall: true,
         };
         assert_eq!(
             state.request(),
             FaultRequest {
                 isolate_from: vec!["n2".into()],
                 storage_stall: true,
+                storage_read_stall: true,
                 ..new
             }
         );

@@ -33,6 +33,7 @@ use tokio::task::JoinSet;
 
 use capkv_core::ValueType;
 
+use super::batch::{CopyError, StoreBatches};
 use super::dvv::Actor;
 use super::merkle::Leaves;
 use super::replica::Replica;
@@ -59,6 +60,8 @@ pub struct Coordinator {
     pub clock: Arc<WallClock>,
     /// The anti-entropy leaves, kept up to date by the replica on every change.
     pub leaves: Arc<Leaves>,
+    /// Replica copies to other nodes, batched per peer.
+    batches: Arc<StoreBatches>,
 }
 
 impl Coordinator {
@@ -79,6 +82,7 @@ impl Coordinator {
             me,
             actor,
             ring,
+            batches: StoreBatches::new(transport.clone()),
             transport,
             replica,
             clock,
@@ -254,23 +258,27 @@ impl Coordinator {
             }
             .map_err(replica_err);
         }
-        let req = match home {
-            None => PeerRequest::ApStore {
-                keyspace,
-                key,
-                object,
-            },
-            Some(home) => PeerRequest::ApHint {
-                home,
-                keyspace,
-                key,
-                object,
-            },
+        let Some(home) = home else {
+            return self
+                .batches
+                .store(node, (keyspace, key, object), deadline)
+                .await
+                .map_err(|e| match e {
+                    CopyError::NotApplied(e) => CallError::NotApplied(e),
+                    CopyError::Unknown(e) => CallError::Unknown(e),
+                    CopyError::Replica(e) => replica_err(e),
+                });
+        };
+        let req = PeerRequest::ApHint {
+            home,
+            keyspace,
+            key,
+            object,
         };
         match self.call_for_effect(node, req, deadline).await? {
             PeerResponse::ApAck(r) => r.map_err(replica_err),
             _ => Err(CallError::Unknown(ApiError::internal(
-                "wrong reply to ApStore",
+                "wrong reply to ApHint",
             ))),
         }
     }

@@ -6,6 +6,7 @@
 //! [`scan`] merges every reachable node's keys for scans, and [`tombstones`] collects deletes once every copy in the cluster has them.
 
 pub mod anti_entropy;
+pub mod batch;
 pub mod coordinator;
 pub mod dvv;
 pub mod merkle;

@@ -20,12 +20,15 @@
 //!   tells it of the higher term.
 //!
 //! A peer that is itself rebuilding cannot vouch for anything and does not count toward
-//! that number. But if this node and the peers that answered "nothing to vouch for" are
-//! a majority, then a majority of the cluster has no state: either the cluster is new
-//! (its first start: every node begins without state) or more disks were lost than Raft
-//! can survive (a majority's data is gone whatever we do). Either way there is nothing
-//! to protect, and the floor is what the vouching peers said, if any, else term 0 and an
-//! empty log. So a new cluster elects as soon as a majority of it has started.
+//! that number. But if every member answered and none vouched, no member holds state:
+//! the cluster is new (its first start: every node begins without state) or every disk
+//! was lost. Either way there is nothing to protect; the floor is term 0 and an empty
+//! log, and the nodes form a new cluster. A majority without state is not enough by
+//! default: a member that never started looks like one that lost its disk, so a wiped
+//! node and a never-started one would form a new cluster while the members holding the
+//! data are down (found by review). `--initial-cluster-state new` lets such a majority
+//! form one (a new cluster with members missing: the operator vouches that nothing is
+//! lost); `existing` never forms one (a replaced disk only joins).
 //!
 //! Until then the node takes part in nothing (votes refused, replication failed so the
 //! leader retries). The price: a node that lost its disk can help the cluster again only
@@ -33,9 +36,35 @@
 
 use std::sync::Mutex;
 
+use serde::Deserialize;
+
 use openraft::raft::VoteRequest;
 
 use super::{LogId, NodeId};
+
+/// What a node that starts without Raft state (first start, or a lost disk) may do; a
+/// node with Raft state ignores it. Named after etcd's `--initial-cluster-state`.
+///
+/// Only the operator knows whether a member with no state is new or lost its disk: a
+/// member that never started and a wiped one look the same to their peers. So forming a
+/// new cluster is safe by default only when no member anywhere holds state (see the
+/// module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitialClusterState {
+    /// Form a new cluster only once every member has answered and none holds Raft state;
+    /// join the cluster whose members hold state otherwise. A member that is down keeps
+    /// a fresh cluster from forming until it starts (or `new` is given).
+    #[default]
+    Auto,
+    /// Form a new cluster as soon as this node and members without state make a
+    /// majority: to start a new cluster with members missing. Wrong for a node that lost
+    /// its disk while the members holding the data are down: it would form a new cluster
+    /// without their data.
+    New,
+    /// Never form a cluster: only join one whose members hold state (a replaced disk).
+    Existing,
+}
 
 /// What a peer reports: its current term and the id of the last entry in its log.
 pub type Report = (u64, Option<LogId>);
@@ -135,20 +164,28 @@ impl LostState {
 
     /// Takes the answers of peers in a cluster of `cluster_size` (`None`: a peer that
     /// cannot vouch). The floor is known once enough peers vouched ([`probes_needed`]),
-    /// or this node and the peers that cannot vouch are a majority, or every peer
-    /// answered; it is the highest term and log id vouched for. Returns whether the floor
-    /// is now known.
-    pub fn learn(&self, answers: &[Option<Report>], cluster_size: usize) -> bool {
+    /// or every peer answered (under `existing`: and one of them vouched), or (under
+    /// `new` only) this node and the peers that cannot vouch are a majority; it is the
+    /// highest term and log id vouched for. Returns whether the floor is now known.
+    pub fn learn(
+        &self,
+        answers: &[Option<Report>],
+        cluster_size: usize,
+        mode: InitialClusterState,
+    ) -> bool {
         let mut floor = self.floor.lock().expect("lost state lock poisoned");
         if *floor != Floor::Unknown {
             return true;
         }
         let reports: Vec<Report> = answers.iter().flatten().copied().collect();
+        let every_peer = answers.len() + 1 >= cluster_size;
         let stateless = answers.len() - reports.len() + 1;
-        let majority = cluster_size / 2 + 1;
         let enough = reports.len() >= probes_needed(cluster_size)
-            || stateless >= majority
-            || answers.len() + 1 >= cluster_size;
+            || match mode {
+                InitialClusterState::Auto => every_peer,
+                InitialClusterState::New => every_peer || stateless > cluster_size / 2,
+                InitialClusterState::Existing => every_peer && !reports.is_empty(),
+            };
         if !enough {
             return false;
         }
@@ -217,6 +254,7 @@ impl LostState {
 mod tests {
     use super::*;
     use openraft::{CommittedLeaderId, Vote};
+    use InitialClusterState::{Auto, Existing, New};
 
     fn id(term: u64, index: u64) -> LogId {
         LogId::new(CommittedLeaderId::new(term, 1), index)
@@ -234,7 +272,11 @@ mod tests {
     #[test]
     fn a_persisted_floor_vouches_before_any_entry_arrives() {
         let learned = LostState::new(false);
-        assert!(learned.learn(&[Some((2, Some(id(2, 9)))), Some((2, Some(id(2, 7))))], 3));
+        assert!(learned.learn(
+            &[Some((2, Some(id(2, 9)))), Some((2, Some(id(2, 7))))],
+            3,
+            Auto
+        ));
         let floor = learned.known_floor().unwrap();
         let restarted = LostState::with_floor(floor);
         assert!(!restarted.waiting());
@@ -290,11 +332,15 @@ mod tests {
         assert_eq!(s.check_leader(9), Err(Refusal::NotReady));
         assert_eq!(s.report((0, None)), None, "it vouches for nothing yet");
         // Three nodes: both others must vouch.
-        assert!(!s.learn(&[Some((2, Some(id(2, 7))))], 3));
+        assert!(!s.learn(&[Some((2, Some(id(2, 7))))], 3, Auto));
         // Seven: a peer that is rebuilding too vouches for nothing and does not count.
-        assert!(!s.learn(&[Some((2, Some(id(2, 7)))), None], 7));
+        assert!(!s.learn(&[Some((2, Some(id(2, 7)))), None], 7, Auto));
         assert!(s.waiting());
-        assert!(s.learn(&[Some((2, Some(id(2, 7)))), Some((1, Some(id(1, 3))))], 3));
+        assert!(s.learn(
+            &[Some((2, Some(id(2, 7)))), Some((1, Some(id(1, 3))))],
+            3,
+            Auto
+        ));
         // Its lost vote may have been in term 2: no vote at or below it.
         assert_eq!(s.check_vote(&vote(2, Some(id(2, 7)))), Err(Refusal::Vote));
         // Its lost log may have held 2-7: no vote for a candidate behind it.
@@ -307,32 +353,73 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_cluster_elects_once_a_majority_has_started() {
-        // This node and stateless peers that make a majority have nothing to protect: a
-        // new cluster (or one that lost more disks than Raft survives).
+    fn a_fresh_cluster_forms_once_every_member_answers_without_state() {
         let three = LostState::new(false);
-        assert!(three.learn(&[None], 3), "2 of 3 fresh nodes elect");
-        let five = LostState::new(false);
-        assert!(!five.learn(&[None], 5));
-        assert!(five.learn(&[None, None], 5), "3 of 5 fresh nodes elect");
-        // With a vouching peer among them, its report is the floor.
-        let mixed = LostState::new(false);
-        assert!(mixed.learn(&[None, Some((4, Some(id(4, 2)))), None], 5));
-        assert_eq!(mixed.check_leader(3), Err(Refusal::StaleTerm(4)));
-        // A new node that learned from a stateless majority still reports nothing while
-        // its log is empty, so its new peer counts it as stateless too (found in CI: the
-        // second of two new nodes waited for ever for the third)...
+        assert!(
+            !three.learn(&[None], 3, Auto),
+            "the third may hold the data"
+        );
+        assert!(three.learn(&[None, None], 3, Auto), "nobody holds state");
+        assert_eq!(three.check_vote(&vote(1, None)), Ok(()));
+        assert_eq!(three.check_leader(1), Ok(()));
+        // A new node that learned without vouchers still reports nothing while its log
+        // is empty, so its new peers count it as stateless too (found in CI: the second
+        // of two new nodes waited for ever for the third)...
         assert_eq!(three.report((1, Some(id(0, 0)))), None);
-        assert!(LostState::new(false).learn(&[three.report((1, Some(id(0, 0))))], 3));
+        let peer = three.report((1, Some(id(0, 0))));
+        assert!(LostState::new(false).learn(&[peer, None], 3, Auto));
         // ...and reports its state once it holds entries.
         assert_eq!(three.report((2, Some(id(2, 5)))), Some((2, Some(id(2, 5)))));
+        // Every peer answering is enough even if fewer than `probes_needed` vouch: the
+        // floor is what the vouching ones hold.
+        let five = LostState::new(false);
+        let answers = [None, Some((4, Some(id(4, 2)))), None, None];
+        assert!(!five.learn(&answers[..3], 5, Auto));
+        assert!(five.learn(&answers, 5, Auto));
+        assert_eq!(five.check_leader(3), Err(Refusal::StaleTerm(4)));
         // A node that learned from enough vouchers reports what it learned.
         let vouched = LostState::new(false);
-        assert!(vouched.learn(&[Some((3, Some(id(3, 4)))), Some((2, None))], 3));
+        assert!(vouched.learn(&[Some((3, Some(id(3, 4)))), Some((2, None))], 3, Auto));
         assert_eq!(vouched.report((0, None)), Some((3, Some(id(3, 4)))));
+    }
+
+    /// The review's case: n1 lost its disk, n2 never started (or never got an entry), n3
+    /// holds the committed writes and is down. n1 and n2 are a majority without state,
+    /// but forming a cluster would lose n3's data; by default they wait for n3.
+    #[test]
+    fn a_wiped_node_and_a_never_started_one_wait_for_the_member_holding_the_data() {
+        let n1 = LostState::new(false);
+        assert!(!n1.learn(&[None], 3, Auto));
+        assert!(!n1.learn(&[None], 3, Existing));
+        assert!(n1.waiting());
+        // n3 comes back: its log is the floor, and n1 elects nobody behind it.
+        assert!(n1.learn(&[None, Some((3, Some(id(3, 40))))], 3, Auto));
+        assert_eq!(n1.check_vote(&vote(4, Some(id(2, 50)))), Err(Refusal::Vote));
+        assert_eq!(n1.check_vote(&vote(4, Some(id(3, 40)))), Ok(()));
+    }
+
+    #[test]
+    fn new_lets_a_stateless_majority_form_a_cluster() {
+        let three = LostState::new(false);
+        assert!(three.learn(&[None], 3, New), "2 of 3 fresh nodes form it");
+        let five = LostState::new(false);
+        assert!(!five.learn(&[None], 5, New));
+        assert!(
+            five.learn(&[None, None], 5, New),
+            "3 of 5 fresh nodes form it"
+        );
+        // With a vouching peer among them, its report is the floor.
+        let mixed = LostState::new(false);
+        assert!(mixed.learn(&[None, Some((4, Some(id(4, 2)))), None], 5, New));
+        assert_eq!(mixed.check_leader(3), Err(Refusal::StaleTerm(4)));
+    }
+
+    #[test]
+    fn existing_never_forms_a_cluster() {
         let s = LostState::new(false);
-        assert!(s.learn(&[None, None], 3));
-        assert_eq!(s.check_vote(&vote(1, None)), Ok(()));
-        assert_eq!(s.check_leader(1), Ok(()));
+        assert!(!s.learn(&[None, None], 3, Existing), "nobody to join");
+        assert!(s.waiting());
+        assert!(s.learn(&[None, Some((2, Some(id(2, 7))))], 3, Existing));
+        assert_eq!(s.floor_log(), Some(id(2, 7)));
     }
 }

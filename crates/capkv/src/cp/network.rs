@@ -90,7 +90,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let action = RPCTypes::AppendEntries;
-        match self.call(PeerRequest::AppendEntries(rpc), &option).await {
+        let began = std::time::Instant::now();
+        let reply = self.call(PeerRequest::AppendEntries(rpc), &option).await;
+        metrics::histogram!("capkv_raft_append_rpc_seconds").record(began.elapsed().as_secs_f64());
+        match reply {
             Ok(PeerResponse::AppendEntries(r)) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }

@@ -36,6 +36,11 @@ fn bounds<'a>(start: &'a [u8], end: Option<&'a [u8]>) -> (Bound<&'a [u8]>, Bound
     )
 }
 
+/// A range whose end is before its start is empty (as in fjall), not a panic.
+fn empty_range(start: &[u8], end: Option<&[u8]>) -> bool {
+    end.is_some_and(|e| e < start)
+}
+
 impl Engine for MemoryEngine {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let trees = self.trees.read().expect("memory engine lock poisoned");
@@ -50,7 +55,7 @@ impl Engine for MemoryEngine {
         limit: usize,
     ) -> Result<Vec<Entry>> {
         let trees = self.trees.read().expect("memory engine lock poisoned");
-        let Some(t) = trees.get(&tree) else {
+        let Some(t) = trees.get(&tree).filter(|_| !empty_range(start, end)) else {
             return Ok(Vec::new());
         };
         Ok(t.range::<[u8], _>(bounds(start, end))
@@ -61,7 +66,7 @@ impl Engine for MemoryEngine {
 
     fn last_in_range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>) -> Result<Option<Entry>> {
         let trees = self.trees.read().expect("memory engine lock poisoned");
-        let Some(t) = trees.get(&tree) else {
+        let Some(t) = trees.get(&tree).filter(|_| !empty_range(start, end)) else {
             return Ok(None);
         };
         Ok(t.range::<[u8], _>(bounds(start, end))

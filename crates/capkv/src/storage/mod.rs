@@ -145,9 +145,9 @@ pub trait Engine: Send + Sync + 'static {
     /// from one while applies go on (#9 item 1).
     fn read_view(&self, tree: Tree) -> Result<Box<dyn ReadView>>;
 
-    /// How long writes or fsyncs have been waiting with none finishing, if one is
-    /// waiting now.
-    fn write_stall(&self) -> Option<std::time::Duration> {
+    /// How long reads, writes or fsyncs (each kind on its own) have been waiting with
+    /// none of that kind finishing, if one is waiting now: the longest.
+    fn stall(&self) -> Option<std::time::Duration> {
         None
     }
 

@@ -1,16 +1,22 @@
-//! [`Watched`]: the engine as the node uses it — writes kept off the async workers,
-//! their progress watched, and a stall that can be injected.
+//! [`Watched`]: the engine as the node uses it — every call kept off the async workers,
+//! its progress watched, and stalls that can be injected.
 //!
-//! A write or an fsync may block for long: fjall halts a writer (a sleep loop inside
-//! `Batch::commit`) while its write buffer or journal is over its limit, and a disk can
-//! be slow. If that ran on an async worker it would stop HTTP, pings and Raft messages
-//! with it. So on a multi-thread runtime every write and fsync runs in
+//! A storage call may block for long: fjall halts a writer (a sleep loop inside
+//! `Batch::commit`) while its write buffer or journal is over its limit, a read of a
+//! cold key or a range waits for the disk, and a disk can be slow. If that ran on an
+//! async worker it would stop HTTP, pings and Raft messages with it. So on a
+//! multi-thread runtime every read, write and fsync runs in
 //! [`tokio::task::block_in_place`], which hands the worker's other tasks to another
-//! thread first: only the tasks that wait for storage wait. A write or fsync that makes
-//! no progress is reported by [`Engine::write_stall`] (and so by `/healthz`).
+//! thread first: only the tasks that wait for storage wait. The threads doing so are
+//! bounded by the runtime's blocking pool (tokio's default, 512 threads; each blocked
+//! call's worker is replaced from it, so a smaller pool would strand workers). A call that makes no progress is reported by
+//! [`Engine::stall`] (and so by `/healthz`), writes, fsyncs and reads each watched
+//! on their own so that one kind finishing does not hide another that hangs.
 //!
-//! The injected stall (`/v1/faults` `storage_stall`) makes every write and fsync wait
-//! the way fjall's write halt does, so tests can see what the node does meanwhile.
+//! The injected stalls (`/v1/faults`): `storage_stall` makes every write and fsync wait
+//! the way fjall's write halt does; `storage_read_stall` makes every read of user data
+//! (cp keys, ap objects and hints, not Raft's own log and records) wait the way a slow
+//! disk does. Tests use them to see what the node does meanwhile.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -29,18 +35,53 @@ pub fn off_the_workers<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-pub struct Watched {
-    inner: Box<dyn Engine>,
-    base: Instant,
-    /// Writes and fsyncs started and finished.
+/// Progress of one kind of call: how many started and finished, and since when none has
+/// finished while one was running.
+#[derive(Default)]
+struct Progress {
     started: AtomicU64,
     finished: AtomicU64,
     /// When one last finished, or one started while none was running (ms since `base`).
     since_ms: AtomicU64,
+}
+
+impl Progress {
+    fn start(&self, now_ms: u64) {
+        let was = self.started.fetch_add(1, Ordering::SeqCst);
+        if was == self.finished.load(Ordering::SeqCst) {
+            self.since_ms.store(now_ms, Ordering::SeqCst);
+        }
+    }
+
+    fn finish(&self, now_ms: u64) {
+        self.since_ms.store(now_ms, Ordering::SeqCst);
+        self.finished.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How long calls have waited with none finishing, if one is running.
+    fn stall(&self, now_ms: u64) -> Option<u64> {
+        (self.started.load(Ordering::SeqCst) > self.finished.load(Ordering::SeqCst))
+            .then(|| now_ms.saturating_sub(self.since_ms.load(Ordering::SeqCst)))
+    }
+}
+
+/// The kinds of call, each watched on its own.
+#[derive(Clone, Copy)]
+enum Kind {
+    Write,
+    Read,
+}
+
+pub struct Watched {
+    inner: Box<dyn Engine>,
+    base: Instant,
+    writes: Progress,
+    reads: Progress,
     /// When the fsync in progress started (ms since `base`), or `u64::MAX`: fsyncs come one
     /// at a time from the group commit, and a hung one must show even while writes go on.
     sync_since_ms: AtomicU64,
     stalled: AtomicBool,
+    reads_stalled: AtomicBool,
 }
 
 impl Watched {
@@ -48,11 +89,11 @@ impl Watched {
         Watched {
             inner: Box::new(inner),
             base: Instant::now(),
-            started: AtomicU64::new(0),
-            finished: AtomicU64::new(0),
-            since_ms: AtomicU64::new(0),
+            writes: Progress::default(),
+            reads: Progress::default(),
             sync_since_ms: AtomicU64::new(u64::MAX),
             stalled: AtomicBool::new(false),
+            reads_stalled: AtomicBool::new(false),
         }
     }
 
@@ -65,31 +106,56 @@ impl Watched {
         self.stalled.load(Ordering::SeqCst)
     }
 
+    /// Injects (or lifts) a stall of every read of user data (not of the Raft log or
+    /// `meta`).
+    pub fn set_reads_stalled(&self, stalled: bool) {
+        self.reads_stalled.store(stalled, Ordering::SeqCst);
+    }
+
+    pub fn reads_stalled(&self) -> bool {
+        self.reads_stalled.load(Ordering::SeqCst)
+    }
+
     fn now_ms(&self) -> u64 {
         self.base.elapsed().as_millis() as u64
     }
 
-    /// Runs a write or an fsync: off the workers, counted, held while a stall is injected.
-    fn watch<T>(&self, op: impl FnOnce() -> T) -> T {
-        let was = self.started.fetch_add(1, Ordering::SeqCst);
-        if was == self.finished.load(Ordering::SeqCst) {
-            self.since_ms.store(self.now_ms(), Ordering::SeqCst);
-        }
+    /// Runs a call: off the workers, counted, timed (`metric`, a histogram in seconds),
+    /// held while `hold` is set (an injected stall).
+    fn watch<T>(
+        &self,
+        kind: Kind,
+        hold: Option<&AtomicBool>,
+        metric: &'static str,
+        op: impl FnOnce() -> T,
+    ) -> T {
+        let progress = match kind {
+            Kind::Write => &self.writes,
+            Kind::Read => &self.reads,
+        };
+        let began = Instant::now();
+        progress.start(self.now_ms());
         let result = off_the_workers(|| {
-            while self.stalled.load(Ordering::SeqCst) {
+            while hold.is_some_and(|h| h.load(Ordering::SeqCst)) {
                 std::thread::sleep(Duration::from_millis(10));
             }
             op()
         });
-        self.since_ms.store(self.now_ms(), Ordering::SeqCst);
-        self.finished.fetch_add(1, Ordering::SeqCst);
+        progress.finish(self.now_ms());
+        metrics::histogram!(metric).record(began.elapsed().as_secs_f64());
         result
+    }
+
+    /// A read of `tree`: Raft's own trees are never held by the injected read stall.
+    fn read<T>(&self, tree: Tree, op: impl FnOnce() -> T) -> T {
+        let hold = (!matches!(tree, Tree::Log | Tree::Meta)).then_some(&self.reads_stalled);
+        self.watch(Kind::Read, hold, "capkv_storage_read_seconds", op)
     }
 }
 
 impl Engine for Watched {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.inner.get(tree, key)
+        self.read(tree, || self.inner.get(tree, key))
     }
 
     fn range(
@@ -99,43 +165,54 @@ impl Engine for Watched {
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Entry>> {
-        self.inner.range(tree, start, end, limit)
+        self.read(tree, || self.inner.range(tree, start, end, limit))
     }
 
     fn last_in_range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>) -> Result<Option<Entry>> {
-        self.inner.last_in_range(tree, start, end)
+        self.read(tree, || self.inner.last_in_range(tree, start, end))
     }
 
     fn write(&self, batch: WriteBatch) -> Result<()> {
-        self.watch(|| self.inner.write(batch))
+        self.watch(
+            Kind::Write,
+            Some(&self.stalled),
+            "capkv_storage_write_seconds",
+            || self.inner.write(batch),
+        )
     }
 
     fn sync(&self) -> Result<()> {
         self.sync_since_ms.store(self.now_ms(), Ordering::SeqCst);
-        let result = self.watch(|| self.inner.sync());
+        let result = self.watch(
+            Kind::Write,
+            Some(&self.stalled),
+            "capkv_storage_fsync_seconds",
+            || self.inner.sync(),
+        );
         self.sync_since_ms.store(u64::MAX, Ordering::SeqCst);
         result
     }
 
     fn read_view(&self, tree: Tree) -> Result<Box<dyn ReadView>> {
-        self.inner.read_view(tree)
+        self.read(tree, || self.inner.read_view(tree))
     }
 
-    fn write_stall(&self) -> Option<Duration> {
+    fn stall(&self) -> Option<Duration> {
         let now = self.now_ms();
-        let finished = self.finished.load(Ordering::SeqCst);
-        let writes = (self.started.load(Ordering::SeqCst) > finished)
-            .then(|| now.saturating_sub(self.since_ms.load(Ordering::SeqCst)));
         let sync = match self.sync_since_ms.load(Ordering::SeqCst) {
             u64::MAX => None,
             since => Some(now.saturating_sub(since)),
         };
-        writes.max(sync).map(Duration::from_millis)
+        [self.writes.stall(now), self.reads.stall(now), sync]
+            .into_iter()
+            .flatten()
+            .max()
+            .map(Duration::from_millis)
     }
 
     fn report_gauges(&self) {
         self.inner.report_gauges();
-        let stall = self.write_stall().unwrap_or_default();
+        let stall = self.stall().unwrap_or_default();
         metrics::gauge!("capkv_storage_stall_seconds").set(stall.as_secs_f64());
     }
 }
@@ -211,7 +288,7 @@ mod tests {
         let syncer = engine.clone();
         let sync = std::thread::spawn(move || syncer.sync());
         let deadline = Instant::now() + Duration::from_secs(10);
-        while engine.write_stall().unwrap_or_default() < Duration::from_millis(100) {
+        while engine.stall().unwrap_or_default() < Duration::from_millis(100) {
             assert!(
                 Instant::now() < deadline,
                 "the hung fsync is never reported"
@@ -223,7 +300,7 @@ mod tests {
         }
         drop(held);
         sync.join().unwrap().unwrap();
-        assert_eq!(engine.write_stall(), None);
+        assert_eq!(engine.stall(), None);
     }
 
     /// An injected stall holds writes, is reported while it lasts, and lifting it lets
@@ -237,7 +314,7 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let engine = Arc::new(Watched::new(MemoryEngine::new()));
-            assert_eq!(engine.write_stall(), None);
+            assert_eq!(engine.stall(), None);
             engine.set_stalled(true);
             let writer = engine.clone();
             let write = tokio::spawn(async move {
@@ -246,14 +323,14 @@ mod tests {
                 writer.write(b)
             });
             let deadline = Instant::now() + Duration::from_secs(10);
-            while engine.write_stall().unwrap_or_default() < Duration::from_millis(50) {
+            while engine.stall().unwrap_or_default() < Duration::from_millis(50) {
                 assert!(Instant::now() < deadline, "the stall is never reported");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             assert_eq!(engine.get(Tree::Data, b"k").unwrap(), None);
             engine.set_stalled(false);
             write.await.unwrap().unwrap();
-            assert_eq!(engine.write_stall(), None);
+            assert_eq!(engine.stall(), None);
             assert_eq!(engine.get(Tree::Data, b"k").unwrap(), Some(b"v".to_vec()));
         });
     }

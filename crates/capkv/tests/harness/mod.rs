@@ -122,6 +122,14 @@ impl Cluster {
         c
     }
 
+    /// Replaces the extra `serve` flags used by later starts.
+    pub fn set_flags(&mut self, extra: &[&str], faults: bool) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        if faults {
+            self.extra.push("--enable-faults".into());
+        }
+    }
+
     pub fn cluster_spec(&self) -> String {
         (0..self.http.len())
             .map(|i| format!("n{}={}@{}", i + 1, self.peer[i], self.http[i]))

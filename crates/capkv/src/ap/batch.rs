@@ -1,0 +1,247 @@
+//! Replica copies batched per peer (#9 item 4): the objects a coordinator sends to one
+//! peer while a message to it is already in flight travel together in the next one
+//! (`ApStoreMany`), which the peer merges in one storage batch and one fsync.
+//!
+//! With 64 clients writing, every ap write sent its own `ApStore` to each other home:
+//! one frame, one task and one fsync wait per copy on the receiver. Now a peer gets at
+//! most [`IN_FLIGHT`] messages at once from a node; what queues meanwhile goes in the
+//! next, up to [`BATCH_OBJECTS`] objects and about [`PAGE_BYTES_MAX`] bytes. Nothing waits
+//! for a batch to fill: an idle peer gets a copy at once, alone (as group commit does for
+//! fsyncs), so batching costs no latency and grows with the load.
+//!
+//! A copy is a state-based merge, so a copy that arrives twice, or late, changes nothing
+//! the second time. The answer each copy gets is its batch's: all of the batch was stored
+//! (one atomic storage batch), or none of it was, or it may have been (the message was
+//! delivered and no answer came back in time); a copy whose deadline passes while it
+//! waits in the queue is answered "not applied" and never sent.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use capkv_core::ApiError;
+use tokio::sync::oneshot;
+
+use super::replica::StoredObject;
+use crate::cp::NodeId;
+use crate::rpc::{PeerRequest, PeerResponse, PAGE_BYTES_MAX};
+use crate::PeerTransport;
+
+/// Messages in flight to one peer at once.
+pub const IN_FLIGHT: usize = 2;
+/// Most objects in one message.
+pub const BATCH_OBJECTS: usize = 256;
+
+/// Why a copy has no good answer, by whether it may have been stored.
+#[derive(Debug, Clone)]
+pub enum CopyError {
+    /// It certainly was not: never sent or never delivered, or refused before any change.
+    NotApplied(ApiError),
+    /// It may have been: delivered (or maybe) and no answer.
+    Unknown(ApiError),
+    /// The peer answered with an error (the coordinator decides what it means).
+    Replica(ApiError),
+}
+
+struct Copy {
+    object: StoredObject,
+    bytes: usize,
+    deadline: Instant,
+    done: oneshot::Sender<Result<(), CopyError>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Copy>,
+    /// Senders running for this peer (at most [`IN_FLIGHT`]).
+    senders: usize,
+}
+
+pub struct StoreBatches {
+    transport: Arc<PeerTransport>,
+    queues: Mutex<HashMap<NodeId, Queue>>,
+}
+
+impl StoreBatches {
+    pub fn new(transport: Arc<PeerTransport>) -> Arc<StoreBatches> {
+        Arc::new(StoreBatches {
+            transport,
+            queues: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn queues(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Queue>> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores `object` as `to`'s replica, in the next message to it; answers when that
+    /// message is answered, or at `deadline` (then it may yet be stored).
+    pub async fn store(
+        self: &Arc<Self>,
+        to: NodeId,
+        object: StoredObject,
+        deadline: Instant,
+    ) -> Result<(), CopyError> {
+        let bytes = object.0.len() + object.1.len() + crate::cp::encode(&object.2).len();
+        let (done, answer) = oneshot::channel();
+        let start_sender = {
+            let mut queues = self.queues();
+            let q = queues.entry(to).or_default();
+            q.waiting.push(Copy {
+                object,
+                bytes,
+                deadline,
+                done,
+            });
+            let start = q.senders < IN_FLIGHT;
+            if start {
+                q.senders += 1;
+            }
+            start
+        };
+        if start_sender {
+            tokio::spawn(self.clone().send_loop(to));
+        }
+        match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CopyError::Unknown(ApiError::internal(
+                "the copy's sender stopped before answering",
+            ))),
+            Err(_) => Err(CopyError::Unknown(ApiError::timeout(format!(
+                "node {to} did not confirm the copy before the deadline"
+            )))),
+        }
+    }
+
+    /// Sends what waits for `to`, a batch at a time, until nothing does.
+    async fn send_loop(self: Arc<Self>, to: NodeId) {
+        loop {
+            let batch = {
+                let mut queues = self.queues();
+                let Some(q) = queues.get_mut(&to) else { return };
+                let batch = take_batch(&mut q.waiting, Instant::now());
+                if batch.is_empty() {
+                    q.senders -= 1;
+                    if q.senders == 0 && q.waiting.is_empty() {
+                        queues.remove(&to);
+                    }
+                    return;
+                }
+                batch
+            };
+            let deadline = batch
+                .iter()
+                .map(|c| c.deadline)
+                .max()
+                .unwrap_or_else(Instant::now);
+            let (objects, answers): (Vec<StoredObject>, Vec<_>) =
+                batch.into_iter().map(|c| (c.object, c.done)).unzip();
+            metrics::histogram!("capkv_ap_copies_per_message").record(objects.len() as f64);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = match self
+                .transport
+                .call(to, PeerRequest::ApStoreMany { objects }, left)
+                .await
+            {
+                Ok(PeerResponse::ApMerged(Ok(_))) => Ok(()),
+                Ok(PeerResponse::ApMerged(Err(e))) => Err(CopyError::Replica(e)),
+                Ok(_) => Err(CopyError::Unknown(ApiError::internal(format!(
+                    "node {to} answered ApStoreMany with the wrong message"
+                )))),
+                Err(e) if e.maybe_delivered() => {
+                    Err(CopyError::Unknown(ApiError::timeout(e.to_string())))
+                }
+                Err(e) => Err(CopyError::NotApplied(ApiError::unavailable(e.to_string()))),
+            };
+            for done in answers {
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+}
+
+/// Takes the next batch off the front of `waiting`: copies whose deadline has passed are
+/// answered "not applied" (they were never sent), then as many as fit in one message.
+fn take_batch(waiting: &mut Vec<Copy>, now: Instant) -> Vec<Copy> {
+    let mut batch = Vec::new();
+    let mut bytes = 0usize;
+    let mut rest = Vec::new();
+    for copy in waiting.drain(..) {
+        if copy.deadline <= now {
+            let _ = copy.done.send(Err(CopyError::NotApplied(ApiError::timeout(
+                "the copy's deadline passed before it could be sent",
+            ))));
+        } else if batch.is_empty()
+            || (batch.len() < BATCH_OBJECTS && bytes + copy.bytes <= PAGE_BYTES_MAX)
+        {
+            bytes += copy.bytes;
+            batch.push(copy);
+        } else {
+            rest.push(copy);
+        }
+    }
+    *waiting = rest;
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ap::value::ApState;
+    use std::time::Duration;
+
+    fn copy(
+        i: usize,
+        bytes: usize,
+        deadline: Instant,
+    ) -> (Copy, oneshot::Receiver<Result<(), CopyError>>) {
+        let (done, rx) = oneshot::channel();
+        let object = (
+            "ks".to_string(),
+            format!("k{i}").into_bytes(),
+            ApState::empty(capkv_core::ValueType::Register),
+        );
+        (
+            Copy {
+                object,
+                bytes,
+                deadline,
+                done,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn a_batch_is_bounded_by_count_and_bytes_and_skips_what_expired() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(5);
+        let mut waiting = Vec::new();
+        let mut answers = Vec::new();
+        for i in 0..BATCH_OBJECTS + 10 {
+            let (c, rx) = copy(i, 10, if i == 3 { now } else { later });
+            waiting.push(c);
+            answers.push(rx);
+        }
+        let batch = take_batch(&mut waiting, now);
+        assert_eq!(batch.len(), BATCH_OBJECTS);
+        assert_eq!(waiting.len(), 9, "the rest waits, the expired one is gone");
+        assert!(matches!(
+            answers[3].try_recv(),
+            Ok(Err(CopyError::NotApplied(_)))
+        ));
+        // Order is kept: the first batch is the oldest copies.
+        assert_eq!(batch[0].object.1, b"k0");
+        assert_eq!(batch[3].object.1, b"k4");
+        // Bytes: a copy that would pass the bound waits for the next message, but a
+        // copy larger than the bound still goes, alone.
+        let mut waiting = Vec::new();
+        for i in 0..3 {
+            waiting.push(copy(i, PAGE_BYTES_MAX / 2, later).0);
+        }
+        assert_eq!(take_batch(&mut waiting, now).len(), 2);
+        let mut waiting = vec![copy(0, PAGE_BYTES_MAX * 2, later).0, copy(1, 1, later).0];
+        assert_eq!(take_batch(&mut waiting, now).len(), 1);
+        assert_eq!(waiting.len(), 1);
+    }
+}
