@@ -721,35 +721,55 @@ async fn a_node_that_lost_its_disk_cannot_elect_a_leader_missing_committed_write
     // n3 (which may still believe it leads term 1) and the wiped n1 are a majority, but
     // n1 takes part in nothing until enough peers vouch for what it lost: it follows no
     // leader and nothing can commit (watched for 5 s, several election timeouts).
+    assert_no_leader_and_no_commit(
+        &c,
+        &[0],
+        2,
+        "before anyone vouched for what the wiped n1 lost (x=2 would be overwritten)",
+    )
+    .await;
+    // n2 comes back with x=2: a leader is elected and x=2 survives everywhere.
+    c.restart(1).await;
+    assert_everywhere(&c, b"x", b"2").await;
+}
+
+/// For 5 s (several election timeouts), none of `nodes` follows a leader and a write
+/// through `writer` does not commit.
+async fn assert_no_leader_and_no_commit(c: &Cluster, nodes: &[usize], writer: usize, when: &str) {
     let watch_until = Instant::now() + Duration::from_secs(5);
     let short = WriteOptions {
         timeout_ms: Some(500),
         ..WriteOptions::default()
     };
     while Instant::now() < watch_until {
-        if let Ok(info) = c.client(0).cluster_of(&c.url(0)).await {
-            assert!(
-                info.leader.is_none(),
-                "the wiped n1 follows leader {:?} before anyone vouched for what it lost",
-                info.leader
-            );
+        for &i in nodes {
+            if let Ok(info) = c.client(i).cluster_of(&c.url(i)).await {
+                assert!(
+                    info.leader.is_none(),
+                    "n{} follows leader {:?} {when}",
+                    i + 1,
+                    info.leader
+                );
+            }
         }
         assert!(
-            c.client(2)
-                .put("cp", b"x", b"3".to_vec(), &short)
+            c.client(writer)
+                .put("cp", b"probe", b"1".to_vec(), &short)
                 .await
                 .is_err(),
-            "a write committed without n2, overwriting x=2"
+            "a write committed {when}"
         );
     }
-    // n2 comes back with x=2: a leader is elected and x=2 survives everywhere.
-    c.restart(1).await;
-    for i in 0..3 {
-        let got = eventually_some(Duration::from_secs(30), "x readable", || async {
-            c.client(i).get("cp", b"x", LIN).await.ok().flatten()
+}
+
+/// Every node reads `key` = `value` (linearizable), eventually.
+async fn assert_everywhere(c: &Cluster, key: &[u8], value: &[u8]) {
+    for i in 0..c.size() {
+        let got = eventually_some(Duration::from_secs(30), "the key readable", || async {
+            c.client(i).get("cp", key, LIN).await.ok().flatten()
         })
         .await;
-        assert_eq!(got.value, b"2", "n{} lost the committed write", i + 1);
+        assert_eq!(got.value, value, "n{} lost the committed write", i + 1);
     }
 }
 
@@ -790,36 +810,8 @@ async fn a_wiped_node_and_a_never_started_one_wait_for_the_member_holding_the_da
     c.set_flags(&[], true);
     c.restart(0).await;
     c.restart(1).await;
-    let watch_until = Instant::now() + Duration::from_secs(5);
-    let short = WriteOptions {
-        timeout_ms: Some(500),
-        ..WriteOptions::default()
-    };
-    while Instant::now() < watch_until {
-        for i in [0, 1] {
-            if let Ok(info) = c.client(i).cluster_of(&c.url(i)).await {
-                assert!(
-                    info.leader.is_none(),
-                    "n{} follows leader {:?}: a new cluster formed without n3's data",
-                    i + 1,
-                    info.leader
-                );
-            }
-        }
-        assert!(
-            c.client(1)
-                .put("cp", b"y", b"1".to_vec(), &short)
-                .await
-                .is_err(),
-            "a write committed in a new cluster formed without n3"
-        );
-    }
-    c.restart(2).await;
-    for i in 0..3 {
-        let got = eventually_some(Duration::from_secs(30), "x readable", || async {
-            c.client(i).get("cp", b"x", LIN).await.ok().flatten()
-        })
+    assert_no_leader_and_no_commit(&c, &[0, 1], 1, "in a new cluster formed without n3's data")
         .await;
-        assert_eq!(got.value, b"1", "n{} lost the committed write", i + 1);
-    }
+    c.restart(2).await;
+    assert_everywhere(&c, b"x", b"1").await;
 }

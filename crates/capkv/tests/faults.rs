@@ -288,6 +288,21 @@ async fn health(url: &str) -> Option<(u16, String)> {
     Some((status, r.text().await.ok()?))
 }
 
+/// Waits until the node at `url` answers `/healthz` with 503 naming storage.
+async fn wait_until_storage_reported(url: &str) {
+    eventually(
+        Duration::from_secs(20),
+        "the node's /healthz says storage is stalled",
+        || async {
+            match health(url).await {
+                Some((503, body)) => body.contains("storage"),
+                _ => false,
+            }
+        },
+    )
+    .await;
+}
+
 /// #8 item 14: a node whose storage writes stall (what fjall's write halt did after a
 /// kill -9 and restart) keeps answering — `/healthz` says storage is the trouble, its
 /// cluster view answers — and the cluster serves cp writes through the other nodes; once
@@ -339,17 +354,7 @@ async fn a_node_whose_storage_stalls_keeps_answering_and_says_why() {
             })
         })
         .collect();
-    eventually(
-        Duration::from_secs(20),
-        "the stalled node's /healthz says storage is stalled",
-        || async {
-            match health(&url).await {
-                Some((503, body)) => body.contains("storage"),
-                _ => false,
-            }
-        },
-    )
-    .await;
+    wait_until_storage_reported(&url).await;
     // No request outlives its deadline (2 s by default), stall or not: every ap write
     // the stalled node coordinates gets its answer (a 504 where the write waits on this
     // node's disk) while storage is still stalled.
@@ -574,17 +579,7 @@ async fn blocked_reads_do_not_stop_heartbeats() {
             })
         })
         .collect();
-    eventually(
-        Duration::from_secs(20),
-        "the leader's /healthz says storage is stalled",
-        || async {
-            match health(&url).await {
-                Some((503, body)) => body.contains("storage"),
-                _ => false,
-            }
-        },
-    )
-    .await;
+    wait_until_storage_reported(&url).await;
     // Several election timeouts (600-1200 ms, plus the leader lease) with reads held.
     let watch_until = std::time::Instant::now() + Duration::from_secs(6);
     while std::time::Instant::now() < watch_until {

@@ -122,6 +122,11 @@ impl Cluster {
         c
     }
 
+    /// How many nodes the cluster has (running or not).
+    pub fn size(&self) -> usize {
+        self.http.len()
+    }
+
     /// Replaces the extra `serve` flags used by later starts.
     pub fn set_flags(&mut self, extra: &[&str], faults: bool) {
         self.extra = extra.iter().map(|s| s.to_string()).collect();
