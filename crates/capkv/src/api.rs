@@ -44,7 +44,32 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct AppState {
     pub node: Arc<Node>,
     pub prometheus: Option<PrometheusHandle>,
+    /// Data requests (keys, scans, keyspaces) being served: see [`bounded`].
+    pub data_requests: Arc<tokio::sync::Semaphore>,
 }
+
+impl AppState {
+    pub fn new(node: Arc<Node>, prometheus: Option<PrometheusHandle>) -> AppState {
+        AppState {
+            node,
+            prometheus,
+            data_requests: Arc::new(tokio::sync::Semaphore::new(DATA_REQUESTS_MAX)),
+        }
+    }
+}
+
+/// Data requests served at once by a node; more wait (without a thread) for one to
+/// finish, until their deadline. Each may hold a thread while it waits on storage (reads
+/// and writes run off the async workers, in threads from tokio's blocking pool of 512),
+/// so this keeps HTTP, with peer requests ([`crate::node::PEER_REQUESTS_MAX`]), well below
+/// the pool: found by review, 700 reads held by a stalled disk took every thread, and the
+/// node could no longer answer `/healthz` or lift the fault.
+pub const DATA_REQUESTS_MAX: usize = 256;
+
+/// How long after its own deadline a data request still stuck (in a storage call that
+/// does not return) is answered 504 by [`bounded`]: handlers answer at their deadline
+/// themselves unless storage holds them.
+const STUCK_GRACE: Duration = Duration::from_millis(500);
 
 /// An API error on its way out.
 pub struct Failure(pub ApiError);
@@ -1147,17 +1172,75 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     resp
 }
 
+/// The deadline a data request asked for (`timeout_ms`, else the default), read leniently:
+/// a bad value is the handler's to refuse.
+fn asked_deadline(query: Option<&str>) -> Instant {
+    let asked = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| kv.strip_prefix("timeout_ms="))
+        .find_map(|v| v.parse::<u64>().ok())
+        .filter(|ms| (1..=MAX_TIMEOUT_MS).contains(ms))
+        .map_or(DEFAULT_TIMEOUT, Duration::from_millis);
+    Instant::now() + asked
+}
+
+/// Serves a data request within bounds: at most [`DATA_REQUESTS_MAX`] at once (one that
+/// cannot start by its deadline gets 503, not applied), each in its own task, answered by
+/// its deadline even if a storage call holds that task (found by review: with reads held,
+/// a read waited 70 s for its client to give up). A request answered that way may still
+/// take effect once storage moves: 504, as for any request whose outcome is unknown.
+async fn bounded(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let deadline = asked_deadline(req.uri().query());
+    let permit =
+        match tokio::time::timeout_at(deadline.into(), st.data_requests.clone().acquire_owned())
+            .await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                metrics::counter!("capkv_http_requests_shed_total").increment(1);
+                return Failure(ApiError::unavailable(format!(
+                    "{DATA_REQUESTS_MAX} requests are being served and none finished before this \
+                 one's deadline; it was not started"
+                )))
+                .into_response();
+            }
+        };
+    let served = tokio::spawn(async move {
+        let resp = next.run(req).await;
+        drop(permit);
+        resp
+    });
+    match tokio::time::timeout_at((deadline + STUCK_GRACE).into(), served).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => Failure(ApiError::internal(format!(
+            "the request's task failed: {e}"
+        )))
+        .into_response(),
+        Err(_) => Failure(ApiError::timeout(
+            "the request did not finish by its deadline (this node's storage is not \
+             answering); a write may still take effect",
+        ))
+        .into_response(),
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     // Bodies up to the value limit are read; the handler answers anything larger with
     // 413 before it is buffered whole (the limit bounds memory per request).
     let body_limit = state.node.config.max_value_bytes + 1;
-    Router::new()
+    let data = Router::new()
         .route(
             "/v1/kv/{ks}/{*key}",
             put(put_key).get(get_key).delete(delete_key).post(crdt_op),
         )
         .route("/v1/kv/{ks}", get(scan_keys))
         .route("/v1/keyspaces", post(create_keyspace).get(list_keyspaces))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), bounded));
+    // Status, faults and metrics stay outside the bound: they must answer when data
+    // requests are stuck.
+    Router::new()
+        .merge(data)
         .route("/v1/cluster", get(cluster))
         .route(
             "/v1/faults",

@@ -102,6 +102,8 @@ pub struct Node {
     log_state: LogStore,
     /// The size of the current snapshot's file.
     snapshot_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// Peer requests other than Raft's being served (see `handle_peer`).
+    peer_requests: tokio::sync::Semaphore,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +266,7 @@ impl Node {
             ap,
             group_commit,
             engine: watched,
+            peer_requests: tokio::sync::Semaphore::new(PEER_REQUESTS_MAX),
         });
 
         let handler_node = node.clone();
@@ -596,7 +599,23 @@ impl Node {
         self.execute(op, deadline, FORWARD_HOPS).await
     }
 
+    /// Serves a peer's request. Raft's own messages at once; the rest (forwarded client
+    /// requests, ap traffic) at most [`PEER_REQUESTS_MAX`] at a time, the others waiting
+    /// without a thread: each may hold a thread while storage is slow (see
+    /// `api::DATA_REQUESTS_MAX`), and Raft must never wait behind them.
     async fn handle_peer(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
+        if req.is_raft() {
+            return self.serve_peer(from, req).await;
+        }
+        let _permit = self
+            .peer_requests
+            .acquire()
+            .await
+            .expect("the peer request semaphore is never closed");
+        self.serve_peer(from, req).await
+    }
+
+    async fn serve_peer(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
         match req {
             PeerRequest::Ping => PeerResponse::Pong,
             PeerRequest::RaftProbe => PeerResponse::RaftProbe(match self.raft_report().await {
@@ -1189,6 +1208,9 @@ fn background_pause(work: Duration, interval: Duration) -> Duration {
 const SNAPSHOT_LOG_BYTES: u64 = 64 << 20;
 
 const METRICS_PROBE_EVERY: Duration = Duration::from_millis(500);
+
+/// Peer requests other than Raft's served at once (see `Node::handle_peer`).
+pub const PEER_REQUESTS_MAX: usize = 128;
 
 /// How often a node rebuilding lost Raft state says what it waits for.
 const REBUILD_HINT_EVERY: Duration = Duration::from_secs(10);

@@ -89,6 +89,21 @@ pub enum PeerRequest {
     },
 }
 
+impl PeerRequest {
+    /// Whether it is Raft's own traffic (or a ping): served at once, never queued behind
+    /// client work (`Node::handle_peer`).
+    pub fn is_raft(&self) -> bool {
+        matches!(
+            self,
+            PeerRequest::Ping
+                | PeerRequest::RaftProbe
+                | PeerRequest::AppendEntries(_)
+                | PeerRequest::Vote(_)
+                | PeerRequest::InstallSnapshot(_)
+        )
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
     Pong,

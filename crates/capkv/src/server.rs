@@ -54,10 +54,7 @@ pub async fn run(config: NodeConfig) -> Result<(), String> {
     tracing::info!(node = %config.name, http = %config.http_addr, peer = %config.peer_addr,
         data_dir = %config.data_dir.display(), faults = config.enable_faults, "starting");
     let node = Node::start(config, peer).await.map_err(|e| e.to_string())?;
-    let app = router(AppState {
-        node: node.clone(),
-        prometheus,
-    });
+    let app = router(AppState::new(node.clone(), prometheus));
     axum::serve(http, app)
         .with_graceful_shutdown(shutdown_signal())
         .await

@@ -613,3 +613,70 @@ async fn blocked_reads_do_not_stop_heartbeats() {
     let after = client.cluster_of(&url).await.unwrap();
     assert_eq!(after.term, before.term);
 }
+
+/// Found by review: with a node's reads held, 700 concurrent reads took every thread of
+/// its blocking pool; the node stopped answering anything, `/healthz` and `/v1/faults`
+/// included, so the fault could not even be lifted, and a held read waited 70 s for its
+/// client to give up. Now data requests are bounded (the rest wait, threadless, until
+/// their deadline) and each is answered by its deadline whatever storage does; status,
+/// faults and Raft stay outside the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_reads_on_a_stalled_disk_leaves_the_node_in_control() {
+    let c = Cluster::start(3, &[]).await;
+    let target = (c.leader().await + 1) % 3;
+    let url = c.url(target);
+    let client = c.client(target);
+    let before = client.cluster_of(&url).await.unwrap();
+    client
+        .set_fault_request(
+            &url,
+            &FaultRequest {
+                storage_read_stall: true,
+                ..FaultRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let flood: Vec<_> = (0..700)
+        .map(|i| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                let began = std::time::Instant::now();
+                let r = http
+                    .get(format!("{url}/v1/kv/cp/k{i}?consistency=serializable"))
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await;
+                (r.map(|r| r.status().as_u16()), began.elapsed())
+            })
+        })
+        .collect();
+    wait_until_storage_reported(&url).await;
+    for f in flood {
+        let (status, took) = f.await.unwrap();
+        let status = status.expect("a held read got no HTTP answer");
+        assert!(
+            status == 503 || status == 504,
+            "a read on a stalled disk answered {status}"
+        );
+        assert!(
+            took < Duration::from_secs(15),
+            "a read with a 2 s deadline was answered after {took:?}"
+        );
+    }
+    // The node is still in control: it answers, Raft did not move, the fault lifts.
+    let during = client.cluster_of(&url).await.unwrap();
+    assert_eq!(during.term, before.term, "a new term while reads were held");
+    client.clear_faults(&url).await.unwrap();
+    eventually(Duration::from_secs(20), "reads work again", || async {
+        client
+            .get("cp", b"k1", capkv_client::Consistency::Serializable)
+            .await
+            .is_ok()
+    })
+    .await;
+}

@@ -82,7 +82,7 @@ impl StoreBatches {
         object: StoredObject,
         deadline: Instant,
     ) -> Result<(), CopyError> {
-        let bytes = object.0.len() + object.1.len() + crate::cp::encode(&object.2).len();
+        let bytes = object.0.len() + object.1.len() + crate::cp::encoded_len(&object.2);
         let (done, answer) = oneshot::channel();
         let start_sender = {
             let mut queues = self.queues();
@@ -210,6 +210,31 @@ mod tests {
             },
             rx,
         )
+    }
+
+    #[test]
+    fn a_copy_is_measured_as_it_will_be_encoded() {
+        let mut state = ApState::empty(capkv_core::ValueType::Register);
+        assert_eq!(
+            crate::cp::encoded_len(&state),
+            crate::cp::encode(&state).len()
+        );
+        state = state
+            .apply_above(
+                &crate::ap::value::Mutation::Write {
+                    context: Default::default(),
+                    value: Some(vec![7; 1000]),
+                },
+                "n1.a",
+                1,
+                &Default::default(),
+            )
+            .unwrap()
+            .state;
+        assert_eq!(
+            crate::cp::encoded_len(&state),
+            crate::cp::encode(&state).len()
+        );
     }
 
     #[test]

@@ -21,7 +21,10 @@
 //! item 3). openraft needs no durability from `purge`, only that purged entries are never
 //! read and the log has no hole: `purge` makes the entries invisible at once (in memory)
 //! and returns; the purger records and deletes them in the order above. A crash before it
-//! finishes leaves the older, longer log, which is valid.
+//! finishes leaves the older, longer log, which is valid. The exception is a purge past
+//! the end of the log (a snapshot installed): the appends that follow start above the
+//! purged id, so without the record on disk first a crash could leave a hole; that record
+//! is written and fsynced before `purge` returns.
 //! - `truncate` deletes from the *highest* index down, so what is left is always a
 //!   contiguous prefix: a log truncated part of the way is a log not yet truncated, which
 //!   openraft handles like any log whose tail conflicts with the leader's.
@@ -410,7 +413,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> StorageResult<()> {
-        // Recorded and deleted by the purge thread (see the module docs).
+        // A purge past the end of the log (a snapshot installed on a follower that was
+        // behind) is followed by appends above the purged id, with nothing in between:
+        // were the record left to the purge thread, those appends could reach the disk
+        // before it, and a crash would leave a log with a hole (found by review). So it
+        // is recorded, durably, before `purge` returns; it is rare (one per install).
+        let last = self
+            .engine
+            .last_in_range(Tree::Log, &[], None)
+            .map_err(read_err)?
+            .map(|(k, _)| k[..8].try_into().map(u64::from_be_bytes))
+            .transpose()
+            .map_err(read_err)?;
+        if last.is_none_or(|last| log_id.index > last) {
+            // Rule 3 first: the state machine must be durable before the log goes.
+            self.group_commit.sync().await.map_err(write_err)?;
+            let mut record = WriteBatch::new();
+            record.put(Tree::Meta, META_PURGED.to_vec(), encode(&Some(log_id)));
+            self.engine.write(record).map_err(write_err)?;
+            self.group_commit.sync().await.map_err(write_err)?;
+        }
+        // Deleted (and, below the end, recorded) by the purge thread (see the module docs).
         self.purger.ask(log_id).map_err(write_err)
     }
 }
@@ -470,14 +493,18 @@ mod tests {
     }
 
     /// A log of entries 1..=ENTRIES on a fresh memory engine.
+    fn blank(index: u64) -> Entry {
+        Entry {
+            log_id: log_id(index),
+            payload: openraft::EntryPayload::Blank,
+        }
+    }
+
     async fn full_log() -> Arc<MemoryEngine> {
         let engine = Arc::new(MemoryEngine::new());
         let mut batch = WriteBatch::new();
         for i in 1..=ENTRIES {
-            let e = Entry {
-                log_id: log_id(i),
-                payload: openraft::EntryPayload::Blank,
-            };
+            let e = blank(i);
             batch.put(Tree::Log, log_key(i).to_vec(), encode(&e));
         }
         engine.write(batch).unwrap();
@@ -595,6 +622,45 @@ mod tests {
             .range(Tree::Log, &log_key(0), Some(&log_key(701)), 1)
             .unwrap();
         assert!(below.is_empty(), "purged entries remain");
+    }
+
+    /// Found by review: a purge past the end of the log (a snapshot installed on a
+    /// follower that was behind) is followed by appends above the purged id. If its
+    /// record were left to the purge thread (which can fail, or be cut by a crash), the
+    /// log on disk could be 1..10 then 51..55 with no record: a hole. It is recorded
+    /// before `purge` returns, and a record that cannot be written fails the purge.
+    #[tokio::test]
+    async fn a_purge_past_the_end_is_recorded_before_it_returns() {
+        let inner = Arc::new(MemoryEngine::new());
+        let mut batch = WriteBatch::new();
+        for i in 1..=10 {
+            let e = blank(i);
+            batch.put(Tree::Log, log_key(i).to_vec(), encode(&e));
+        }
+        inner.write(batch).unwrap();
+        // Only the record's write is allowed: anything the purge thread writes later
+        // fails, as a crash right after `purge` returned would.
+        let crashing: Arc<dyn Engine> = Arc::new(crate::storage::CrashAfter {
+            inner: inner.clone(),
+            writes_left: 1.into(),
+        });
+        let mut store = LogStore::new(crashing.clone(), GroupCommit::start(crashing));
+        store.purge(log_id(50)).await.unwrap();
+        let mut batch = WriteBatch::new();
+        for i in 51..=55 {
+            let e = blank(i);
+            batch.put(Tree::Log, log_key(i).to_vec(), encode(&e));
+        }
+        inner.write(batch).unwrap();
+        assert_eq!(reopened(inner.clone()).await, (50, 55));
+        // With nothing writable at all, the purge fails instead of leaving a hole.
+        let inner = full_log().await;
+        let crashing: Arc<dyn Engine> = Arc::new(crate::storage::CrashAfter {
+            inner: inner.clone(),
+            writes_left: 0.into(),
+        });
+        let mut store = LogStore::new(crashing.clone(), GroupCommit::start(crashing));
+        assert!(store.purge(log_id(ENTRIES + 10)).await.is_err());
     }
 
     /// #8 item 3: a truncate cut after any of its batches leaves a contiguous log that

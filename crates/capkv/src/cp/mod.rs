@@ -162,6 +162,12 @@ pub const MAGIC: u8 = 0xCA;
 
 /// Serializes a value that is part of our own storage format: [`MAGIC`], [`FORMAT`],
 /// then bincode.
+/// The length [`encode`] would give, without encoding (no allocation).
+pub fn encoded_len<T: Serialize>(value: &T) -> usize {
+    2 + bincode::serialized_size(value).expect("bincode serialization of our own types cannot fail")
+        as usize
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = vec![MAGIC, FORMAT];
     bincode::serialize_into(&mut out, value)

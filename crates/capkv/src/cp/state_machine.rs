@@ -49,7 +49,7 @@ use super::{
     TypeConfig, Written,
 };
 use crate::rpc::PAGE_BYTES_MAX;
-use crate::storage::{prefix_range_after, Engine, ReadView, Tree, WriteBatch};
+use crate::storage::{off_the_workers, prefix_range_after, Engine, ReadView, Tree, WriteBatch};
 
 /// Rows a scan reads from storage at a time.
 const SCAN_CHUNK: usize = 256;
@@ -659,6 +659,50 @@ impl StateMachine {
         Ok(Ok(()))
     }
 
+    /// Applies `entries` (see `RaftStateMachine::apply`): the commands, then the applied
+    /// id, membership and cluster time, in one write batch.
+    fn apply_entries<I>(&mut self, entries: I) -> StorageResult<Vec<Vec<Reply>>>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>>,
+    {
+        let engine = self.engine.clone();
+        let mut txn = Txn::new(engine.as_ref());
+        let mut replies = Vec::new();
+        let started_ms = self.cluster_ms;
+        for entry in entries {
+            self.last_applied = Some(entry.log_id);
+            let mut entry_replies = Vec::new();
+            match &entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(batch) => {
+                    for cmd in &batch.0 {
+                        self.cluster_ms = self.cluster_ms.max(cmd.proposed_at_ms);
+                        let now_ms = self.cluster_ms;
+                        entry_replies.push(self.apply_command(&mut txn, cmd, now_ms)?);
+                    }
+                }
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                }
+            }
+            replies.push(entry_replies);
+        }
+        if self.cluster_ms > started_ms {
+            txn.put(
+                CLUSTER_TIME_KEY.to_vec(),
+                self.cluster_ms.to_be_bytes().to_vec(),
+            );
+            self.expire_idempotency(&mut txn, self.cluster_ms)?;
+        }
+        let mut batch = txn.batch;
+        self.meta_writes(&mut batch);
+        // No fsync here: see rule 3 in the module docs of `cp`.
+        self.engine.write(batch).map_err(write_err)?;
+        metrics::gauge!("capkv_raft_applied_index")
+            .set(self.last_applied.map_or(0, |l| l.index) as f64);
+        Ok(replies)
+    }
+
     /// Applies a command at cluster time `now_ms`, or answers it from its idempotency
     /// record.
     fn apply_command(&mut self, txn: &mut Txn, cmd: &Command, now_ms: u64) -> StorageResult<Reply> {
@@ -789,42 +833,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = openraft::Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let engine = self.engine.clone();
-        let mut txn = Txn::new(engine.as_ref());
-        let mut replies = Vec::new();
-        let started_ms = self.cluster_ms;
-        for entry in entries {
-            self.last_applied = Some(entry.log_id);
-            let mut entry_replies = Vec::new();
-            match &entry.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Normal(batch) => {
-                    for cmd in &batch.0 {
-                        self.cluster_ms = self.cluster_ms.max(cmd.proposed_at_ms);
-                        let now_ms = self.cluster_ms;
-                        entry_replies.push(self.apply_command(&mut txn, cmd, now_ms)?);
-                    }
-                }
-                EntryPayload::Membership(m) => {
-                    self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                }
-            }
-            replies.push(entry_replies);
-        }
-        if self.cluster_ms > started_ms {
-            txn.put(
-                CLUSTER_TIME_KEY.to_vec(),
-                self.cluster_ms.to_be_bytes().to_vec(),
-            );
-            self.expire_idempotency(&mut txn, self.cluster_ms)?;
-        }
-        let mut batch = txn.batch;
-        self.meta_writes(&mut batch);
-        // No fsync here: see rule 3 in the module docs of `cp`.
-        self.engine.write(batch).map_err(write_err)?;
-        metrics::gauge!("capkv_raft_applied_index")
-            .set(self.last_applied.map_or(0, |l| l.index) as f64);
-        Ok(replies)
+        // Every read and the write of a batch of entries in one stretch off the async
+        // workers: each storage call alone would hand the worker's tasks to another thread.
+        off_the_workers(|| self.apply_entries(entries))
     }
 
     async fn get_snapshot_builder(&mut self) -> PreparedSnapshot {

@@ -18,7 +18,7 @@
 //! (cp keys, ap objects and hints, not Raft's own log and records) wait the way a slow
 //! disk does. Tests use them to see what the node does meanwhile.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{Engine, Entry, ReadView, Result, Tree, WriteBatch};
@@ -65,6 +65,34 @@ impl Progress {
     }
 }
 
+/// An injected stall: calls wait while it is closed, asleep (found by review: hundreds of
+/// held calls each polling a flag every 10 ms kept a core busy).
+#[derive(Default)]
+struct Gate {
+    closed: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    fn set_closed(&self, closed: bool) {
+        *self.closed.lock().unwrap_or_else(|p| p.into_inner()) = closed;
+        if !closed {
+            self.opened.notify_all();
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        *self.closed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pass(&self) {
+        let mut closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+        while *closed {
+            closed = self.opened.wait(closed).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 /// The kinds of call, each watched on its own.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -80,8 +108,8 @@ pub struct Watched {
     /// When the fsync in progress started (ms since `base`), or `u64::MAX`: fsyncs come one
     /// at a time from the group commit, and a hung one must show even while writes go on.
     sync_since_ms: AtomicU64,
-    stalled: AtomicBool,
-    reads_stalled: AtomicBool,
+    stalled: Gate,
+    reads_stalled: Gate,
 }
 
 impl Watched {
@@ -92,28 +120,28 @@ impl Watched {
             writes: Progress::default(),
             reads: Progress::default(),
             sync_since_ms: AtomicU64::new(u64::MAX),
-            stalled: AtomicBool::new(false),
-            reads_stalled: AtomicBool::new(false),
+            stalled: Gate::default(),
+            reads_stalled: Gate::default(),
         }
     }
 
     /// Injects (or lifts) a stall of every write and fsync.
     pub fn set_stalled(&self, stalled: bool) {
-        self.stalled.store(stalled, Ordering::SeqCst);
+        self.stalled.set_closed(stalled);
     }
 
     pub fn is_stalled(&self) -> bool {
-        self.stalled.load(Ordering::SeqCst)
+        self.stalled.is_closed()
     }
 
     /// Injects (or lifts) a stall of every read of user data (not of the Raft log or
     /// `meta`).
     pub fn set_reads_stalled(&self, stalled: bool) {
-        self.reads_stalled.store(stalled, Ordering::SeqCst);
+        self.reads_stalled.set_closed(stalled);
     }
 
     pub fn reads_stalled(&self) -> bool {
-        self.reads_stalled.load(Ordering::SeqCst)
+        self.reads_stalled.is_closed()
     }
 
     fn now_ms(&self) -> u64 {
@@ -125,7 +153,7 @@ impl Watched {
     fn watch<T>(
         &self,
         kind: Kind,
-        hold: Option<&AtomicBool>,
+        hold: Option<&Gate>,
         metric: &'static str,
         op: impl FnOnce() -> T,
     ) -> T {
@@ -136,8 +164,8 @@ impl Watched {
         let began = Instant::now();
         progress.start(self.now_ms());
         let result = off_the_workers(|| {
-            while hold.is_some_and(|h| h.load(Ordering::SeqCst)) {
-                std::thread::sleep(Duration::from_millis(10));
+            if let Some(gate) = hold {
+                gate.pass();
             }
             op()
         });
@@ -239,7 +267,7 @@ mod tests {
             .unwrap();
         let got = rt.block_on(async {
             let (tx, rx) = std::sync::mpsc::channel::<()>();
-            let started = Arc::new(AtomicBool::new(false));
+            let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let blocking = started.clone();
             let blocked = tokio::spawn(async move {
                 blocking.store(true, Ordering::SeqCst);
