@@ -528,6 +528,20 @@ async fn a_storage_stall_during_tombstone_collection_does_not_freeze_the_node() 
     .await;
 }
 
+/// Holds every read of user data on the node at `url` (the `storage_read_stall` fault).
+async fn hold_reads(client: &Client, url: &str) {
+    client
+        .set_fault_request(
+            url,
+            &FaultRequest {
+                storage_read_stall: true,
+                ..FaultRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
 /// #9 item 2: a storage call that blocks does not stop the node's heartbeats or its HTTP.
 /// The leader's reads of user data are held (a slow disk) while 16 reads and scans wait
 /// on them, many more than the node has async workers: Raft goes on (the leader and term
@@ -549,16 +563,7 @@ async fn blocked_reads_do_not_stop_heartbeats() {
             .unwrap();
     }
     let before = client.cluster_of(&url).await.unwrap();
-    client
-        .set_fault_request(
-            &url,
-            &FaultRequest {
-                storage_read_stall: true,
-                ..FaultRequest::default()
-            },
-        )
-        .await
-        .unwrap();
+    hold_reads(&client, &url).await;
     let held: Vec<_> = (0..16)
         .map(|i| {
             let client = c.client(leader);
@@ -627,16 +632,7 @@ async fn a_flood_of_reads_on_a_stalled_disk_leaves_the_node_in_control() {
     let url = c.url(target);
     let client = c.client(target);
     let before = client.cluster_of(&url).await.unwrap();
-    client
-        .set_fault_request(
-            &url,
-            &FaultRequest {
-                storage_read_stall: true,
-                ..FaultRequest::default()
-            },
-        )
-        .await
-        .unwrap();
+    hold_reads(&client, &url).await;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
