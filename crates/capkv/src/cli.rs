@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use capkv_client::{
-    Client, ClientError, ClusterInfo, Consistency, FaultRequest, FaultState, KeyspaceSpec, Mode,
-    ValueType, WriteOptions,
+    ApValue, Client, ClientError, ClusterInfo, Consistency, FaultRequest, FaultState, KeyspaceSpec,
+    Mode, ValueType, WriteOptions,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -452,6 +452,16 @@ fn fail(e: ClientError) -> String {
     e.to_string()
 }
 
+/// Whether `keyspace` is an ap keyspace (its reads and writes answer differently: a
+/// context instead of a version, maybe siblings). Unknown names count as cp: the server
+/// then says the keyspace does not exist.
+async fn is_ap(client: &Client, keyspace: &str) -> Result<bool, String> {
+    let specs = client.list_keyspaces_serializable().await.map_err(fail)?;
+    Ok(specs
+        .iter()
+        .any(|s| s.name == keyspace && s.mode == Mode::Ap))
+}
+
 /// Runs a client command; `Err` carries the message to print (the exit status is 1).
 /// Client commands print to stdout; when it is a pipe closed early (`capkv scan ap |
 /// head`), end quietly as Unix tools do instead of panicking on the failed print.
@@ -483,14 +493,40 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
             idempotency_key,
             node,
         } => {
+            let client = node.client();
+            if is_ap(&client, &keyspace).await? {
+                if if_version.is_some() || if_value.is_some() || idempotency_key.is_some() {
+                    return Err(format!(
+                        "'{keyspace}' is an ap keyspace: --if-version, --if-value and \
+                         --idempotency-key apply to cp keyspaces"
+                    ));
+                }
+                // With the context read just before, so the write replaces what is there
+                // (a write without one would stand beside it as a sibling).
+                let seen = client
+                    .ap_get(&keyspace, key.as_bytes(), None)
+                    .await
+                    .map_err(fail)?;
+                client
+                    .ap_put(
+                        &keyspace,
+                        key.as_bytes(),
+                        value.into_bytes(),
+                        seen.context(),
+                        None,
+                    )
+                    .await
+                    .map_err(fail)?;
+                println!("ok");
+                return Ok(());
+            }
             let opts = WriteOptions {
                 if_version,
                 if_value,
                 idempotency_key,
                 timeout_ms: None,
             };
-            let r = node
-                .client()
+            let r = client
                 .put(&keyspace, key.as_bytes(), value.into_bytes(), &opts)
                 .await
                 .map_err(fail)?;
@@ -502,13 +538,30 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
             serializable,
             node,
         } => {
+            let client = node.client();
+            if is_ap(&client, &keyspace).await? {
+                match client
+                    .ap_get(&keyspace, key.as_bytes(), None)
+                    .await
+                    .map_err(fail)?
+                {
+                    ApValue::Absent { .. } => return Err(format!("key '{key}' not found")),
+                    ApValue::Value { value, .. } => print_value(&value),
+                    ApValue::Siblings { values, .. } => {
+                        println!("{} siblings (concurrent writes):", values.len());
+                        for v in &values {
+                            print_value(v);
+                        }
+                    }
+                }
+                return Ok(());
+            }
             let c = if serializable {
                 Consistency::Serializable
             } else {
                 Consistency::Linearizable
             };
-            match node
-                .client()
+            match client
                 .get(&keyspace, key.as_bytes(), c)
                 .await
                 .map_err(fail)?
@@ -523,12 +576,29 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
             if_version,
             node,
         } => {
+            let client = node.client();
+            if is_ap(&client, &keyspace).await? {
+                if if_version.is_some() {
+                    return Err(format!(
+                        "'{keyspace}' is an ap keyspace: --if-version applies to cp keyspaces"
+                    ));
+                }
+                let seen = client
+                    .ap_get(&keyspace, key.as_bytes(), None)
+                    .await
+                    .map_err(fail)?;
+                client
+                    .ap_delete(&keyspace, key.as_bytes(), seen.context())
+                    .await
+                    .map_err(fail)?;
+                println!("deleted");
+                return Ok(());
+            }
             let opts = WriteOptions {
                 if_version,
                 ..Default::default()
             };
-            let r = node
-                .client()
+            let r = client
                 .delete(&keyspace, key.as_bytes(), &opts)
                 .await
                 .map_err(fail)?;

@@ -3,7 +3,7 @@
 
 mod harness;
 
-use capkv_client::{Consistency, ErrorCode, WriteOptions};
+use capkv_client::{Consistency, ErrorCode, KeyspaceSpec, Mode, WriteOptions};
 use harness::Cluster;
 
 async fn call(method: reqwest::Method, url: String, body: Vec<u8>) -> (u16, serde_json::Value) {
@@ -333,4 +333,50 @@ async fn the_cli_ends_quietly_when_its_output_pipe_closes() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     });
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Found by review: `capkv put/get/del` on an ap keyspace (the one `capkv dev` creates)
+/// failed with "error decoding response body": the CLI spoke cp to it. It now asks the
+/// keyspace's mode and uses the ap API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reads_and_writes_ap_keyspaces() {
+    let c = Cluster::start(1, &[]).await;
+    c.client(0)
+        .create_keyspace(&KeyspaceSpec::new("cart", Mode::Ap))
+        .await
+        .unwrap();
+    let url = c.url(0);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_capkv"))
+            .args(args)
+            .args(["--node", &url])
+            .output()
+            .expect("running capkv");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    tokio::task::block_in_place(|| {
+        let (ok, out, err) = run(&["put", "cart", "k", "book"]);
+        assert!(ok, "{out}{err}");
+        let (ok, out, err) = run(&["get", "cart", "k"]);
+        assert!(ok, "{out}{err}");
+        assert_eq!(out.trim(), "book");
+        // A second put replaces the value (it writes with the context it read).
+        let (ok, out, err) = run(&["put", "cart", "k", "lamp"]);
+        assert!(ok, "{out}{err}");
+        let (_, out, _) = run(&["get", "cart", "k"]);
+        assert_eq!(out.trim(), "lamp");
+        let (ok, _, err) = run(&["put", "cart", "k", "x", "--if-version", "1"]);
+        assert!(!ok && err.contains("cp keyspaces"), "{err}");
+        let (ok, out, err) = run(&["del", "cart", "k"]);
+        assert!(ok, "{out}{err}");
+        let (ok, _, err) = run(&["get", "cart", "k"]);
+        assert!(!ok && err.contains("not found"), "{err}");
+        // cp keyspaces as before.
+        let (ok, out, err) = run(&["put", "cp", "k", "v"]);
+        assert!(ok && out.contains("version"), "{out}{err}");
+    });
 }
