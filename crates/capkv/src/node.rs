@@ -999,18 +999,14 @@ impl Node {
                 baseline = appended;
                 continue;
             }
-            let entries = applied.map_or(0, |a| a.index) - snapshot.map_or(0, |s| s.index);
+            let entries = applied
+                .map_or(0, |a| a.index)
+                .saturating_sub(snapshot.map_or(0, |s| s.index));
             let bytes = appended.saturating_sub(baseline);
-            let due = entries >= self.config.snapshot_every || bytes >= SNAPSHOT_LOG_BYTES;
-            // Staggered by node (x1, x1.15, x1.3 the last snapshot's size): every node
-            // reaches the same log position at once, and snapshots written together on
-            // one machine's disk starved it (measured).
-            let stagger = 1.0 + 0.15 * (self.id() % 3) as f64;
             let last = self
                 .snapshot_bytes
                 .load(std::sync::atomic::Ordering::Relaxed);
-            let paid_for = bytes as f64 >= last as f64 * stagger;
-            if due && paid_for && entries > 0 {
+            if snapshot_due(entries, bytes, last, self.config.snapshot_every, self.id()) {
                 tracing::info!(entries, bytes, last, "taking a snapshot");
                 // Counted from now whether or not the trigger takes (one is under way,
                 // or the core stopped): the next try comes after as many bytes again.
@@ -1202,6 +1198,25 @@ fn background_pause(work: Duration, interval: Duration) -> Duration {
     interval.max(work * 9)
 }
 
+/// Whether a node should take a snapshot now (see `Node::snapshot_loop`): `entries`
+/// applied and `bytes` of log appended since the last one, whose file was `last_bytes`.
+/// Due after `snapshot_every` entries or [`SNAPSHOT_LOG_BYTES`], but only once the log
+/// since the last one is as large as it, times a per-node stagger (x1, x1.15, x1.3): every
+/// node reaches the same log position at once, and snapshots written together on one
+/// machine's disk starved it (measured).
+fn snapshot_due(
+    entries: u64,
+    bytes: u64,
+    last_bytes: u64,
+    snapshot_every: u64,
+    id: NodeId,
+) -> bool {
+    let due = entries >= snapshot_every || bytes >= SNAPSHOT_LOG_BYTES;
+    let stagger = 1.0 + 0.15 * (id % 3) as f64;
+    let paid_for = bytes as f64 >= last_bytes as f64 * stagger;
+    due && paid_for && entries > 0
+}
+
 /// Log bytes appended since the last snapshot that make a node take one (besides
 /// `--snapshot-every` entries). 64 MiB: a follower that lags more than this catches up
 /// by snapshot, and the log on disk stays within a few times this.
@@ -1220,3 +1235,28 @@ const CORE_PROBE_EVERY: Duration = Duration::from_millis(100);
 
 /// Most log entries in one AppendEntries message (bounds a frame to this many values).
 pub const MAX_PAYLOAD_ENTRIES: u64 = 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_are_paced_by_entries_log_bytes_and_their_own_size() {
+        let mib = 1 << 20;
+        // Nothing applied: never.
+        assert!(!snapshot_due(0, 10 * SNAPSHOT_LOG_BYTES, 0, 10_000, 1));
+        // By entries, or by log bytes, when the last snapshot was small.
+        assert!(snapshot_due(10_000, mib, 0, 10_000, 1));
+        assert!(!snapshot_due(9_999, mib, 0, 10_000, 1));
+        assert!(snapshot_due(5, SNAPSHOT_LOG_BYTES, 0, 10_000, 1));
+        // Not before the log since the last one is as large as that snapshot...
+        let last = 1024 * mib;
+        assert!(!snapshot_due(50_000, 1000 * mib, last, 10_000, 3));
+        assert!(snapshot_due(50_000, 1024 * mib, last, 10_000, 3));
+        // ...times the node's stagger: n1 x1.15, n2 x1.3, n3 x1.
+        assert!(!snapshot_due(50_000, 1024 * mib, last, 10_000, 1));
+        assert!(snapshot_due(50_000, 1178 * mib, last, 10_000, 1));
+        assert!(!snapshot_due(50_000, 1300 * mib, last, 10_000, 2));
+        assert!(snapshot_due(50_000, 1332 * mib, last, 10_000, 2));
+    }
+}
