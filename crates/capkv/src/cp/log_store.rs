@@ -110,7 +110,7 @@ impl LogStore {
         else {
             return Ok(());
         };
-        let mut high = u64::from_be_bytes(k[..8].try_into().map_err(read_err)?);
+        let mut high = log_index(&k).map_err(read_err)?;
         loop {
             let low = high.saturating_sub(DELETE_CHUNK as u64 - 1).max(first);
             let mut batch = WriteBatch::new();
@@ -124,6 +124,16 @@ impl LogStore {
             high = low - 1;
         }
     }
+}
+
+/// The index a log key names (a key that is not 8 bytes is a corrupt store).
+fn log_index(key: &[u8]) -> crate::storage::Result<u64> {
+    key.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| crate::storage::StorageError::Corrupt {
+            tree: "log",
+            detail: format!("a key of {} bytes, not 8", key.len()),
+        })
 }
 
 fn meta<T: serde::de::DeserializeOwned + 'static>(
@@ -142,18 +152,17 @@ fn meta<T: serde::de::DeserializeOwned + 'static>(
 /// leaves some of them behind, which the next call deletes.
 fn delete_up_to(engine: &dyn Engine, last: u64) -> crate::storage::Result<()> {
     let end = last.checked_add(1).map(log_key);
-    let Some((first, _)) = engine
-        .range(Tree::Log, &log_key(0), end.as_ref().map(|k| &k[..]), 1)?
-        .pop()
-    else {
+    let end = end.as_ref().map(|k| &k[..]);
+    // From the lowest entry left to the highest at or below `last` (a purge past the end
+    // of the log must not write tombstones for indexes that never held an entry).
+    let Some((first, _)) = engine.range(Tree::Log, &log_key(0), end, 1)?.pop() else {
         return Ok(());
     };
-    let mut low = u64::from_be_bytes(first[..8].try_into().map_err(|_| {
-        crate::storage::StorageError::Corrupt {
-            tree: "log",
-            detail: "a key is not 8 bytes".into(),
-        }
-    })?);
+    let Some((top, _)) = engine.last_in_range(Tree::Log, &log_key(0), end)? else {
+        return Ok(());
+    };
+    let mut low = log_index(&first)?;
+    let last = log_index(&top)?;
     while low <= last {
         let high = low.saturating_add(DELETE_CHUNK as u64 - 1).min(last);
         let mut batch = WriteBatch::new();
@@ -422,7 +431,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .engine
             .last_in_range(Tree::Log, &[], None)
             .map_err(read_err)?
-            .map(|(k, _)| k[..8].try_into().map(u64::from_be_bytes))
+            .map(|(k, _)| log_index(&k))
             .transpose()
             .map_err(read_err)?;
         if last.is_none_or(|last| log_id.index > last) {
