@@ -29,9 +29,11 @@ use crate::storage::{
 /// the not-yet-durable state, and its own fsync (which starts after both writes) makes both
 /// durable before it answers, so no answered write depends on a lost one. (Holding the
 /// stripes of a 256-key batch across its fsync stalled every other ap write on the node:
-/// found by review.) A reader may see a write whose fsync has not finished, as it may see
-/// any write in flight; a crash then loses it, unanswered, and the node's next start uses
-/// a new actor id, so no dot is issued twice.
+/// found by review.) For the same reason a write that finds nothing to change still waits
+/// for an fsync before it answers: what it found may not be durable yet. A reader may see
+/// a write whose fsync has not finished, as it may see any write in flight; a crash then
+/// loses it, unanswered, and the node's next start uses a new actor id, so no dot is
+/// issued twice.
 const STRIPES: usize = 64;
 /// Most hints a node holds, by count and by encoded bytes; beyond either it refuses to
 /// hold more (the coordinator tries another fallback; anti-entropy repairs the home
@@ -330,7 +332,6 @@ impl Replica {
         Ok(())
     }
 
-    /// Stores one object (durably: the group-commit fsync) that was `before`.
     /// Writes `obj` as the replica of a key (not yet durable: see `group_commit`).
     fn write_object(
         &self,
@@ -545,8 +546,11 @@ impl Replica {
             Ok::<_, ApiError>((current, next, changed))
         })?;
         drop(guard);
+        // Even when nothing changed: the state found may be another writer's, written
+        // but not yet fsynced (stripes are released before the fsync), and this answer
+        // says the object is stored here.
+        self.group_commit.sync().await.map_err(internal)?;
         if changed {
-            self.group_commit.sync().await.map_err(internal)?;
             self.account(current.as_ref(), Some(&next));
         }
         Ok((next, changed))
@@ -609,9 +613,7 @@ impl Replica {
             Ok::<_, ApiError>(changes)
         })?;
         drop(guards);
-        if changes.is_empty() {
-            return Ok(0);
-        }
+        // Even when nothing changed (see `merge`).
         self.group_commit.sync().await.map_err(internal)?;
         for (before, next, _, _) in changes.values() {
             self.account(before.as_ref(), Some(next));
