@@ -22,6 +22,7 @@ use std::time::Instant;
 use capkv_core::ApiError;
 use tokio::sync::oneshot;
 
+use super::call::{net_err, replica_err, CallError};
 use super::replica::StoredObject;
 use crate::cp::NodeId;
 use crate::rpc::{PeerRequest, PeerResponse, PAGE_BYTES_MAX};
@@ -32,22 +33,11 @@ pub const IN_FLIGHT: usize = 2;
 /// Most objects in one message.
 pub const BATCH_OBJECTS: usize = 256;
 
-/// Why a copy has no good answer, by whether it may have been stored.
-#[derive(Debug, Clone)]
-pub enum CopyError {
-    /// It certainly was not: never sent or never delivered, or refused before any change.
-    NotApplied(ApiError),
-    /// It may have been: delivered (or maybe) and no answer.
-    Unknown(ApiError),
-    /// The peer answered with an error (the coordinator decides what it means).
-    Replica(ApiError),
-}
-
 struct Copy {
     object: StoredObject,
     bytes: usize,
     deadline: Instant,
-    done: oneshot::Sender<Result<(), CopyError>>,
+    done: oneshot::Sender<Result<(), CallError>>,
 }
 
 #[derive(Default)]
@@ -63,7 +53,7 @@ pub struct StoreBatches {
 }
 
 impl StoreBatches {
-    pub fn new(transport: Arc<PeerTransport>) -> Arc<StoreBatches> {
+    pub(super) fn new(transport: Arc<PeerTransport>) -> Arc<StoreBatches> {
         Arc::new(StoreBatches {
             transport,
             queues: Mutex::new(HashMap::new()),
@@ -75,13 +65,14 @@ impl StoreBatches {
     }
 
     /// Stores `object` as `to`'s replica, in the next message to it; answers when that
-    /// message is answered, or at `deadline` (then it may yet be stored).
-    pub async fn store(
+    /// message is answered (the coordinator's rules: `ap::call`), or at `deadline` (then
+    /// it may yet be stored).
+    pub(super) async fn store(
         self: &Arc<Self>,
         to: NodeId,
         object: StoredObject,
         deadline: Instant,
-    ) -> Result<(), CopyError> {
+    ) -> Result<(), CallError> {
         let bytes = object.0.len() + object.1.len() + crate::cp::encoded_len(&object.2);
         let (done, answer) = oneshot::channel();
         let start_sender = {
@@ -104,10 +95,10 @@ impl StoreBatches {
         }
         match tokio::time::timeout_at(deadline.into(), answer).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(CopyError::Unknown(ApiError::internal(
+            Ok(Err(_)) => Err(CallError::Unknown(ApiError::internal(
                 "the copy's sender stopped before answering",
             ))),
-            Err(_) => Err(CopyError::Unknown(ApiError::timeout(format!(
+            Err(_) => Err(CallError::Unknown(ApiError::timeout(format!(
                 "node {to} did not confirm the copy before the deadline"
             )))),
         }
@@ -144,14 +135,11 @@ impl StoreBatches {
                 .await
             {
                 Ok(PeerResponse::ApMerged(Ok(_))) => Ok(()),
-                Ok(PeerResponse::ApMerged(Err(e))) => Err(CopyError::Replica(e)),
-                Ok(_) => Err(CopyError::Unknown(ApiError::internal(format!(
+                Ok(PeerResponse::ApMerged(Err(e))) => Err(replica_err(e)),
+                Ok(_) => Err(CallError::Unknown(ApiError::internal(format!(
                     "node {to} answered ApStoreMany with the wrong message"
                 )))),
-                Err(e) if e.maybe_delivered() => {
-                    Err(CopyError::Unknown(ApiError::timeout(e.to_string())))
-                }
-                Err(e) => Err(CopyError::NotApplied(ApiError::unavailable(e.to_string()))),
+                Err(e) => Err(net_err(e)),
             };
             for done in answers {
                 let _ = done.send(result.clone());
@@ -168,7 +156,7 @@ fn take_batch(waiting: &mut Vec<Copy>, now: Instant) -> Vec<Copy> {
     let mut rest = Vec::new();
     for copy in waiting.drain(..) {
         if copy.deadline <= now {
-            let _ = copy.done.send(Err(CopyError::NotApplied(ApiError::timeout(
+            let _ = copy.done.send(Err(CallError::NotApplied(ApiError::timeout(
                 "the copy's deadline passed before it could be sent",
             ))));
         } else if batch.is_empty()
@@ -194,7 +182,7 @@ mod tests {
         i: usize,
         bytes: usize,
         deadline: Instant,
-    ) -> (Copy, oneshot::Receiver<Result<(), CopyError>>) {
+    ) -> (Copy, oneshot::Receiver<Result<(), CallError>>) {
         let (done, rx) = oneshot::channel();
         let object = (
             "ks".to_string(),
@@ -253,7 +241,7 @@ mod tests {
         assert_eq!(waiting.len(), 9, "the rest waits, the expired one is gone");
         assert!(matches!(
             answers[3].try_recv(),
-            Ok(Err(CopyError::NotApplied(_)))
+            Ok(Err(CallError::NotApplied(_)))
         ));
         // Order is kept: the first batch is the oldest copies.
         assert_eq!(batch[0].object.1, b"k0");

@@ -33,7 +33,8 @@ use tokio::task::JoinSet;
 
 use capkv_core::ValueType;
 
-use super::batch::{CopyError, StoreBatches};
+use super::batch::StoreBatches;
+use super::call::{is_refusal, net_err, replica_err, CallError};
 use super::dvv::Actor;
 use super::merkle::Leaves;
 use super::replica::Replica;
@@ -88,57 +89,6 @@ impl Coordinator {
             clock,
             leaves,
         }
-    }
-}
-
-/// Why a request to a replica has no good answer, by whether it may have taken effect.
-#[derive(Debug)]
-enum CallError {
-    /// It certainly did not: never delivered, or refused before any change.
-    NotApplied(ApiError),
-    /// It may have: delivered (or maybe) and no answer, or failed part way.
-    Unknown(ApiError),
-}
-
-impl std::fmt::Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.error().fmt(f)
-    }
-}
-
-impl CallError {
-    fn error(&self) -> &ApiError {
-        match self {
-            CallError::NotApplied(e) | CallError::Unknown(e) => e,
-        }
-    }
-}
-
-fn net_err(e: crate::net::NetError) -> CallError {
-    if e.maybe_delivered() {
-        CallError::Unknown(ApiError::timeout(e.to_string()))
-    } else {
-        CallError::NotApplied(ApiError::unavailable(e.to_string()))
-    }
-}
-
-/// Whether a replica's refusal would be the same everywhere: the client's answer, not a
-/// reason to try another home.
-fn is_refusal(e: &ApiError) -> bool {
-    matches!(
-        e.code,
-        capkv_core::ErrorCode::BadRequest | capkv_core::ErrorCode::TooLarge
-    )
-}
-
-/// A replica's error: refusals and "unavailable" (it refused before changing anything:
-/// its hint store is full, the write's deadline passed) were not applied; anything else
-/// (storage failed part way) may have been.
-fn replica_err(e: ApiError) -> CallError {
-    if is_refusal(&e) || e.code == capkv_core::ErrorCode::Unavailable {
-        CallError::NotApplied(e)
-    } else {
-        CallError::Unknown(e)
     }
 }
 
@@ -262,12 +212,7 @@ impl Coordinator {
             return self
                 .batches
                 .store(node, (keyspace, key, object), deadline)
-                .await
-                .map_err(|e| match e {
-                    CopyError::NotApplied(e) => CallError::NotApplied(e),
-                    CopyError::Unknown(e) => CallError::Unknown(e),
-                    CopyError::Replica(e) => replica_err(e),
-                });
+                .await;
         };
         let req = PeerRequest::ApHint {
             home,

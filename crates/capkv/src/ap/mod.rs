@@ -6,7 +6,8 @@
 //! [`scan`] merges every reachable node's keys for scans, and [`tombstones`] collects deletes once every copy in the cluster has them.
 
 pub mod anti_entropy;
-pub mod batch;
+mod batch;
+mod call;
 pub mod coordinator;
 pub mod dvv;
 pub mod merkle;
