@@ -357,6 +357,11 @@ pub struct ServeArgs {
     /// with state. Default auto.
     #[arg(long, value_enum)]
     pub initial_cluster_state: Option<InitialClusterState>,
+    /// ap: pause between anti-entropy exchanges, in ms (default 2000, at most 3600000;
+    /// longer after an exchange that took long). 0 turns anti-entropy off, allowed only
+    /// with --enable-faults (tests that need a replica left behind).
+    #[arg(long)]
+    pub anti_entropy_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -424,6 +429,22 @@ impl ServeArgs {
                 )));
             }
             cfg.tombstone_grace = std::time::Duration::from_millis(v);
+        }
+        if let Some(v) = self.anti_entropy_ms.or(file.anti_entropy_ms) {
+            if v == 0 && !cfg.enable_faults {
+                return Err(ConfigError::Invalid(
+                    "--anti-entropy-ms 0 (no anti-entropy) is allowed only on test clusters \
+                     started with --enable-faults: without it a replica that missed writes \
+                     may never get them"
+                        .into(),
+                ));
+            }
+            if v > 3_600_000 {
+                return Err(ConfigError::Invalid(
+                    "--anti-entropy-ms must be at most 3600000 (one hour)".into(),
+                ));
+            }
+            cfg.anti_entropy_interval = (v > 0).then(|| std::time::Duration::from_millis(v));
         }
         if let Some(v) = self.snapshot_every.or(file.snapshot_every) {
             if v == 0 {

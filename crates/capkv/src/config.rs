@@ -108,6 +108,9 @@ pub struct NodeConfig {
     pub tombstone_grace: std::time::Duration,
     /// What a node that starts without Raft state may do (see [`InitialClusterState`]).
     pub initial_cluster_state: InitialClusterState,
+    /// ap: the pause between anti-entropy exchanges (at least; see `Node::anti_entropy_loop`),
+    /// or `None`: no exchanges (test clusters only).
+    pub anti_entropy_interval: Option<std::time::Duration>,
 }
 
 /// The settings a `--config` TOML file may hold (same names as the flags).
@@ -125,6 +128,7 @@ pub struct ConfigFile {
     pub election_timeout_ms: Option<u64>,
     pub tombstone_grace_ms: Option<u64>,
     pub initial_cluster_state: Option<InitialClusterState>,
+    pub anti_entropy_ms: Option<u64>,
 }
 
 impl ConfigFile {
@@ -166,6 +170,7 @@ impl NodeConfig {
             election_timeout_max_ms: 1200,
             tombstone_grace: crate::ap::tombstones::DEFAULT_GRACE,
             initial_cluster_state: InitialClusterState::Auto,
+            anti_entropy_interval: Some(crate::ap::anti_entropy::AE_INTERVAL),
         })
     }
 

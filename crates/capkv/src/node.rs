@@ -707,7 +707,7 @@ impl Node {
                     .await,
             ),
             PeerRequest::ApRead { keyspace, key } => {
-                PeerResponse::ApObject(self.ap.replica.read(&keyspace, &key, &self.ap.nodes()))
+                PeerResponse::ApObject(self.ap.replica.held(&keyspace, &key, &self.ap.nodes()))
             }
             PeerRequest::AeCompare { root, interior } => PeerResponse::AeDiffer(
                 self.ap_specs()
@@ -763,9 +763,13 @@ impl Node {
 
     /// Anti-entropy with one reachable peer after another, one exchange per interval.
     async fn anti_entropy_loop(self: Arc<Self>) {
+        let Some(interval) = self.config.anti_entropy_interval else {
+            tracing::warn!("anti-entropy is off (--anti-entropy-ms 0)");
+            return;
+        };
         let peers = self.peer_ids();
         let mut turn = 0usize;
-        let mut pause = anti_entropy::AE_INTERVAL;
+        let mut pause = interval;
         loop {
             tokio::time::sleep(pause).await;
             if peers.is_empty() {
@@ -781,7 +785,12 @@ impl Node {
                 Ok(specs) => anti_entropy::exchange(&self.ap, &specs, peer).await,
                 Err(e) => Err(e),
             };
-            pause = background_pause(started.elapsed(), anti_entropy::AE_INTERVAL);
+            pause = background_pause(started.elapsed(), interval);
+            if result.is_ok() {
+                if let Err(e) = self.ap.replica.synced_with(peer, &peers) {
+                    tracing::warn!(error = %e, "recording an anti-entropy sync");
+                }
+            }
             match result {
                 Ok(0) => {}
                 Ok(n) => {
@@ -1051,6 +1060,10 @@ impl Node {
                     .set(m.last_log_index.unwrap_or(0) as f64);
                 metrics::gauge!("capkv_raft_applied_index")
                     .set(m.last_applied.map_or(0, |l| l.index) as f64);
+                // Entries up to here are gone from the log: a peer behind it catches up
+                // by snapshot only.
+                metrics::gauge!("capkv_raft_purged_index")
+                    .set(m.purged.map_or(0, |l| l.index) as f64);
                 metrics::gauge!("capkv_raft_is_leader").set(if m.state == ServerState::Leader {
                     1.0
                 } else {

@@ -115,7 +115,8 @@ pub enum PeerResponse {
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
     Forward(Result<ForwardReply, ApiError>),
-    ApObject(Result<Option<ApState>, ApiError>),
+    /// The answer to `ApRead`: what the replica holds of the key.
+    ApObject(Result<crate::ap::replica::Held, ApiError>),
     /// The answer to `ApUpdate`: the new state and a register write's dot.
     ApApplied(Result<Applied, ApiError>),
     ApAck(Result<(), ApiError>),

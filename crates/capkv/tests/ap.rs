@@ -554,6 +554,16 @@ async fn anti_entropy_restores_replicas_that_lost_their_disk() {
         repaired >= 2.0 * keys,
         "n1 and n3 each needed {keys} keys, repaired {repaired}"
     );
+    // Both started empty, so both were rebuilding; each is done once it has finished an
+    // exchange of its own with both peers.
+    for node in [0usize, 2] {
+        eventually(
+            Duration::from_secs(60),
+            "the node that started empty is rebuilt",
+            || async { harness::metric(&c.metrics(node).await, "capkv_ap_rebuilding") == 0.0 },
+        )
+        .await;
+    }
     // Prove each restored node holds every key itself: cut it off and read alone (once
     // its registry, rebuilt through Raft after the wipe, knows the keyspace again).
     for node in [0usize, 2] {
@@ -562,18 +572,7 @@ async fn anti_entropy_restores_replicas_that_lost_their_disk() {
         c.partition(&[&[node], &others]).await;
         c.wait_cut_off(node).await;
         let client = c.client(node);
-        for i in 0..40 {
-            let key = format!("k{i}");
-            let got = client
-                .ap_get("cart", key.as_bytes(), Some(1))
-                .await
-                .unwrap();
-            assert!(
-                matches!(&got, ApValue::Value { value, .. } if value == b"v"),
-                "{key} on n{}: {got:?}",
-                node + 1
-            );
-        }
+        read_all_v(&client, 40, &format!("on n{}", node + 1)).await;
         for i in 0..8 {
             let got = client
                 .ap_get("cart", format!("big{i}").as_bytes(), Some(1))
@@ -587,6 +586,58 @@ async fn anti_entropy_restores_replicas_that_lost_their_disk() {
         }
         c.heal().await;
     }
+}
+
+/// Reads keys `k0`..`k{keys-1}` of `cart` at r=1 through `client`: each must hold `v`.
+async fn read_all_v(client: &Client, keys: usize, through: &str) {
+    for i in 0..keys {
+        let key = format!("k{i}");
+        let got = client
+            .ap_get("cart", key.as_bytes(), Some(1))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&got, ApValue::Value { value, .. } if value == b"v"),
+            "{key} {through}: {got:?}"
+        );
+    }
+}
+
+/// #9 item 5: a node whose disk was lost and wiped is rebuilding until it has synced with
+/// every peer; meanwhile its "absent" is no answer, so an r=1 read through it still finds
+/// every key the others hold (the growth benchmark found 7.5 % of such reads "not found").
+/// Anti-entropy is off here, so nothing restores the node behind the reads' back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_rebuilding_a_lost_disk_does_not_answer_not_found() {
+    let mut c = Cluster::start(3, &["--anti-entropy-ms", "0"]).await;
+    create_ap(&c, "cart").await;
+    const KEYS: usize = 60;
+    for i in 0..KEYS {
+        c.client(i % 3)
+            .ap_put(
+                "cart",
+                format!("k{i}").as_bytes(),
+                b"v".to_vec(),
+                None,
+                Some(3),
+            )
+            .await
+            .unwrap();
+    }
+    c.kill9(2);
+    c.wipe(2);
+    c.restart(2).await;
+    knows_keyspace(&c, 2, "cart").await;
+    assert_eq!(
+        harness::metric(&c.metrics(2).await, "capkv_ap_rebuilding"),
+        1.0,
+        "n3 started with an empty store"
+    );
+    let client = c.client(2);
+    read_all_v(&client, KEYS, "through the rebuilding n3").await;
+    // A key nobody holds is still "not found", at once.
+    let got = client.ap_get("cart", b"never", Some(1)).await.unwrap();
+    assert!(matches!(got, ApValue::Absent { .. }), "{got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

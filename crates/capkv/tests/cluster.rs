@@ -430,34 +430,53 @@ async fn a_follower_killed_in_the_middle_of_a_snapshot_transfer_catches_up_after
     let mut c = Cluster::start(3, &["--snapshot-every", "20"]).await;
     let leader = c.leader().await;
     let victim = (leader + 1) % 3;
+    let victim_last = harness::metric(&c.metrics(victim).await, "capkv_raft_last_log_index");
     c.kill9(victim);
-    // 24 MiB of values: a snapshot of about 24 chunks of 1 MiB.
-    const KEYS: usize = 96;
+    // Values of 256 KiB, written in rounds of 32 (8 MiB) by 4 writers, at least 96 of them
+    // (24 MiB: a snapshot of about 24 chunks of 1 MiB), until every live node has purged
+    // the entries the victim lacks. Then whichever node leads when the victim comes back can
+    // only send it a snapshot: snapshots are paced and staggered per node, and leadership
+    // may move under this load (a CI run once caught up from a log not yet purged).
     let value = vec![b'x'; 256 << 10];
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let client = c.client(leader);
-            let value = value.clone();
-            tokio::spawn(async move {
-                for i in (w..KEYS).step_by(4) {
-                    client
-                        .put(
-                            "cp",
-                            format!("big{i:03}").as_bytes(),
-                            value.clone(),
-                            &WriteOptions::default(),
-                        )
-                        .await
-                        .unwrap();
-                }
+    let purged_everywhere = || async {
+        for i in (0..3).filter(|&i| i != victim) {
+            if harness::metric(&c.metrics(i).await, "capkv_raft_purged_index") <= victim_last {
+                return false;
+            }
+        }
+        true
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut keys = 0;
+    while keys < 96 || !purged_everywhere().await {
+        assert!(
+            Instant::now() < deadline,
+            "the live nodes never purged their logs past the victim's ({keys} keys written)"
+        );
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let client = c.client(leader);
+                let value = value.clone();
+                tokio::spawn(async move {
+                    for i in (keys + w..keys + 32).step_by(4) {
+                        client
+                            .put(
+                                "cp",
+                                format!("big{i:03}").as_bytes(),
+                                value.clone(),
+                                &WriteOptions::default(),
+                            )
+                            .await
+                            .unwrap();
+                    }
+                })
             })
-        })
-        .collect();
-    for w in writers {
-        w.await.unwrap();
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        keys += 32;
     }
-    // The leader's log is purged past what the victim holds once it has a snapshot
-    // (one every 20 entries: the last may miss the last few keys).
     let snapshot_bytes = eventually_some(
         Duration::from_secs(30),
         "the leader holds a snapshot of most keys",
@@ -508,7 +527,7 @@ async fn a_follower_killed_in_the_middle_of_a_snapshot_transfer_catches_up_after
                 c.client(victim)
                     .get(
                         "cp",
-                        format!("big{:03}", KEYS - 1).as_bytes(),
+                        format!("big{:03}", keys - 1).as_bytes(),
                         Consistency::Serializable
                     )
                     .await,
@@ -520,7 +539,7 @@ async fn a_follower_killed_in_the_middle_of_a_snapshot_transfer_catches_up_after
     let metrics = c.metrics(victim).await;
     assert!(harness::metric(&metrics, "capkv_raft_snapshots_installed_total") >= 1.0);
     // Pages of about 4 MiB: 16 of these values each.
-    let mut keys = 0;
+    let mut found = 0;
     let mut after: Option<String> = None;
     loop {
         let (entries, more) = c
@@ -528,14 +547,14 @@ async fn a_follower_killed_in_the_middle_of_a_snapshot_transfer_catches_up_after
             .scan("cp", "big", after.as_deref(), Some(1000))
             .await
             .unwrap();
-        keys += entries.len();
+        found += entries.len();
         after = entries.last().and_then(|e| e.key.clone());
         if !more {
             break;
         }
     }
-    assert_eq!(keys, KEYS);
-    for i in [0, KEYS / 2, KEYS - 1] {
+    assert_eq!(found, keys);
+    for i in [0, keys / 2, keys - 1] {
         let got = c
             .client(victim)
             .get(

@@ -1,8 +1,8 @@
 //! The ap coordinator: any node runs reads and writes for any ap key.
 //!
-//! Write (n, w): the first reachable home replica in the key's preference list issues
-//! the new dot and stores the object; the coordinator then sends the object to the
-//! other homes. A home that is unreachable (or fails) gets a **hint** instead: the
+//! Write (n, w): the coordinator, if it is one of the key's homes, or else the first
+//! reachable home in the key's preference list, issues the new dot and stores the
+//! object; the coordinator then sends the object to the other homes. A home that is unreachable (or fails) gets a **hint** instead: the
 //! object is held by a fallback node (the next reachable nodes on the ring, or the
 //! coordinator itself as the last resort) and handed back when the home is reachable
 //! again. The write succeeds once `w` distinct nodes hold it durably (sloppy quorum).
@@ -37,7 +37,7 @@ use super::batch::StoreBatches;
 use super::call::{is_refusal, net_err, replica_err, CallError};
 use super::dvv::Actor;
 use super::merkle::Leaves;
-use super::replica::Replica;
+use super::replica::{Held, Replica};
 use super::ring::{key_hash, Ring};
 use super::value::{ApState, Applied, Mutation, ReapFloor};
 use crate::clock::WallClock;
@@ -245,10 +245,16 @@ impl Coordinator {
         let homes: Vec<NodeId> = walk.iter().copied().take(n).collect();
         let mut holders: BTreeSet<NodeId> = BTreeSet::new();
 
-        // 1. The first reachable home issues the dot. The next one is asked only if the
-        // last certainly did not apply it (see the module docs: at most once).
+        // 1. A reachable home issues the dot: this node if it is one (as Riak's
+        // coordinators do: no hop to another home and back, measured in
+        // docs/benchmarks.md), else the first in the preference list. The next one is asked
+        // only if the last certainly did not apply it (see the module docs: at most once).
         let mut issued = None;
-        for &h in homes.iter().filter(|h| self.up(**h)) {
+        let issuers = homes
+            .iter()
+            .filter(|h| **h == self.me)
+            .chain(homes.iter().filter(|h| **h != self.me));
+        for &h in issuers.filter(|h| self.up(**h)) {
             match self
                 .update_at(h, keyspace, key, value_type, mutation, deadline)
                 .await
@@ -399,9 +405,9 @@ impl Coordinator {
         keyspace: String,
         key: Vec<u8>,
         deadline: Instant,
-    ) -> Result<Option<ApState>, ApiError> {
+    ) -> Result<Held, ApiError> {
         if node == self.me {
-            return self.replica.read(&keyspace, &key, &self.nodes());
+            return self.replica.held(&keyspace, &key, &self.nodes());
         }
         match self
             .call(node, PeerRequest::ApRead { keyspace, key }, deadline)
@@ -437,16 +443,27 @@ impl Coordinator {
             tasks.spawn(async move { (t, this.read_at(t, ks, k, deadline).await) });
         }
         let mut answers: Vec<(NodeId, Option<ApState>)> = Vec::new();
+        // Replicas rebuilding a lost store that lack the key: not an answer while another
+        // replica may still give one (Riak's `notfound_ok = false`, for them alone).
+        let mut not_yet_rebuilt: Vec<NodeId> = Vec::new();
         while answers.len() < r {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, tasks.join_next()).await {
-                Ok(Some(Ok((node, Ok(obj))))) => answers.push((node, obj)),
+                Ok(Some(Ok((node, Ok(Held::NotYetRebuilt))))) => not_yet_rebuilt.push(node),
+                Ok(Some(Ok((node, Ok(held))))) => answers.push((node, held.object())),
                 Ok(Some(Ok((node, Err(e))))) => {
                     tracing::debug!(node, error = %e, "replica read failed")
                 }
                 Ok(Some(Err(e))) => tracing::warn!(error = %e, "read task failed"),
                 Ok(None) | Err(_) => break,
             }
+        }
+        // Nothing better came: their "absent" is the best answer there is.
+        while answers.len() < r {
+            let Some(node) = not_yet_rebuilt.pop() else {
+                break;
+            };
+            answers.push((node, None));
         }
         if answers.len() < r {
             return Err(ApiError::unavailable(format!(
@@ -465,9 +482,10 @@ impl Coordinator {
         let seen = merged.clone();
         tokio::spawn(async move {
             let mut all = answers;
+            all.extend(not_yet_rebuilt.into_iter().map(|node| (node, None)));
             while let Some(res) = tasks.join_next().await {
-                if let Ok((node, Ok(obj))) = res {
-                    all.push((node, obj));
+                if let Ok((node, Ok(held))) = res {
+                    all.push((node, held.object()));
                 }
             }
             let Some(full) = all
