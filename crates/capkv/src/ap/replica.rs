@@ -567,6 +567,7 @@ impl Replica {
             )
         };
         let k = obj_key(keyspace, key);
+        let coming = self.group_commit.coming();
         let lock = self.stripe(&k).lock();
         let guard = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), lock)
@@ -606,7 +607,10 @@ impl Replica {
         })?;
         // The key is free again before the fsync (see `STRIPES`).
         drop(guard);
-        self.group_commit.sync().await.map_err(internal)?;
+        self.group_commit
+            .sync_coming(coming)
+            .await
+            .map_err(internal)?;
         self.account(existing.as_ref(), Some(&applied.state));
         Ok(applied)
     }
@@ -648,6 +652,7 @@ impl Replica {
     /// local replica changed. The stripes of all the keys are held together, taken in
     /// stripe order so two batches never wait on each other in a cycle.
     pub async fn merge_many(&self, incoming: Vec<StoredObject>) -> Result<u64, ApiError> {
+        let coming = self.group_commit.coming();
         let mut stripes: Vec<usize> = incoming
             .iter()
             .map(|(ks, key, _)| self.stripe_index(&obj_key(ks, key)))
@@ -701,7 +706,10 @@ impl Replica {
         })?;
         drop(guards);
         // Even when nothing changed (see `merge`).
-        self.group_commit.sync().await.map_err(internal)?;
+        self.group_commit
+            .sync_coming(coming)
+            .await
+            .map_err(internal)?;
         for (before, next, _, _) in changes.values() {
             self.account(before.as_ref(), Some(next));
         }
