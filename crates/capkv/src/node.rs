@@ -28,7 +28,7 @@ use openraft::raft::{AppendEntriesResponse, InstallSnapshotResponse};
 use openraft::{ServerState, SnapshotPolicy};
 
 use crate::ap::coordinator::Coordinator;
-use crate::ap::replica::{Replica, OBJECT_BYTES_MAX};
+use crate::ap::replica::{Replica, Update, OBJECT_BYTES_MAX};
 use crate::ap::ring::{Ring, DEFAULT_VNODES};
 use crate::ap::{anti_entropy, tombstones};
 use crate::clock::WallClock;
@@ -674,22 +674,21 @@ impl Node {
                 timeout_ms,
             } => PeerResponse::ApApplied(
                 self.ap
-                    .replica
-                    .update_until(
-                        &keyspace,
-                        &key,
+                    .apply_here(Update {
+                        keyspace,
+                        key,
                         value_type,
-                        &mutation,
-                        &self.ap.actor,
+                        mutation,
+                        actor: self.ap.actor.clone(),
                         now_ms,
                         // Counted from now: the peer's clock is not ours to compare with.
-                        Some(
+                        deadline: Some(
                             Instant::now()
                                 + Duration::from_millis(
                                     timeout_ms.min(capkv_core::validate::MAX_TIMEOUT_MS),
                                 ),
                         ),
-                    )
+                    })
                     .await,
             ),
             PeerRequest::ApStoreMany { objects } => {

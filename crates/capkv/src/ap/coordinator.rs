@@ -36,8 +36,9 @@ use capkv_core::ValueType;
 use super::batch::StoreBatches;
 use super::call::{is_refusal, net_err, replica_err, CallError};
 use super::dvv::Actor;
+use super::local::LocalWrites;
 use super::merkle::Leaves;
-use super::replica::{Held, Replica};
+use super::replica::{Held, Replica, Update};
 use super::ring::{key_hash, Ring};
 use super::value::{ApState, Applied, Mutation, ReapFloor};
 use crate::clock::WallClock;
@@ -63,6 +64,8 @@ pub struct Coordinator {
     pub leaves: Arc<Leaves>,
     /// Replica copies to other nodes, batched per peer.
     batches: Arc<StoreBatches>,
+    /// Client writes this node issues dots for, batched.
+    local: Arc<LocalWrites>,
 }
 
 impl Coordinator {
@@ -84,6 +87,7 @@ impl Coordinator {
             actor,
             ring,
             batches: StoreBatches::new(transport.clone()),
+            local: LocalWrites::new(replica.clone()),
             transport,
             replica,
             clock,
@@ -142,27 +146,24 @@ impl Coordinator {
         deadline: Instant,
     ) -> Result<Applied, CallError> {
         if home == self.me {
-            // In its own task: a write waiting on stalled storage blocks the thread it
-            // runs on, and the answer must still come at the deadline (504: it may yet
-            // be applied, once, when storage moves).
-            let (replica, ks, k, m, actor) = (
-                self.replica.clone(),
-                keyspace.to_owned(),
-                key.to_vec(),
-                mutation.clone(),
-                self.actor.clone(),
-            );
-            let now_ms = self.clock.now_ms();
-            let write = tokio::spawn(async move {
-                replica
-                    .update_until(&ks, &k, value_type, &m, &actor, now_ms, Some(deadline))
-                    .await
+            // Batched with the other writes issued here, in a task of its own: a write
+            // waiting on stalled storage blocks the thread it runs on, and the answer
+            // must still come at the deadline (504: it may yet be applied, once, when
+            // storage moves).
+            let write = self.local.submit(Update {
+                keyspace: keyspace.to_owned(),
+                key: key.to_vec(),
+                value_type,
+                mutation: mutation.clone(),
+                actor: self.actor.clone(),
+                now_ms: self.clock.now_ms(),
+                deadline: Some(deadline),
             });
             return match tokio::time::timeout_at(deadline.into(), write).await {
                 Ok(Ok(r)) => r.map_err(replica_err),
-                Ok(Err(e)) => Err(CallError::Unknown(ApiError::internal(format!(
-                    "the local write task failed: {e}"
-                )))),
+                Ok(Err(_)) => Err(CallError::Unknown(ApiError::internal(
+                    "the local write batch stopped before answering",
+                ))),
                 Err(_) => Err(CallError::Unknown(ApiError::timeout(
                     "the local replica did not finish the write before the deadline",
                 ))),
@@ -185,6 +186,16 @@ impl Coordinator {
                 "wrong reply to ApUpdate",
             ))),
         }
+    }
+
+    /// Applies a write this node issues the dot for, batched with the others
+    /// ([`super::local`]); for a peer's `ApUpdate`, whose coordinator keeps the deadline.
+    pub async fn apply_here(&self, update: Update) -> Result<Applied, ApiError> {
+        self.local.submit(update).await.unwrap_or_else(|_| {
+            Err(ApiError::internal(
+                "the local write batch stopped before answering",
+            ))
+        })
     }
 
     /// Stores `object` on `node`: as its replica if `home` is None, else as a hint for `home`.
