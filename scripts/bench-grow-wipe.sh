@@ -9,6 +9,7 @@
 # `--initial-cluster-state existing` (a replaced disk): it must catch up (cp: by snapshot)
 # while the load goes on. Samples (throughput, latency, RSS, disk, leader changes per node)
 # land in OUT_DIR, with the nodes' logs.
+# BENCH_FLAGS adds flags to `capkv bench` (e.g. BENCH_FLAGS="--w 2").
 set -euo pipefail
 BIN=$(realpath "$1"); MODE=$2; GIB=$3; WIPE_AFTER=$4; OUT=$5
 BASE=${GROW_BASE_PORT:-29600}
@@ -34,7 +35,7 @@ for _ in $(seq 1 60); do
     sleep 1
 done
 "$BIN" bench --node "http://127.0.0.1:$((BASE + 1))" --mode "$MODE" --grow-gib "$GIB" \
-    --value-bytes 16384 --clients 64 --report-every 10 --out "$OUT" > "$OUT/bench.out" 2>&1 &
+    --value-bytes 16384 --clients 64 --report-every 10 --out "$OUT" ${BENCH_FLAGS:-} > "$OUT/bench.out" 2>&1 &
 BENCH=$!
 sleep "$WIPE_AFTER"
 echo "$(date -u +%T) wiping n3" | tee -a "$OUT/bench.out"
