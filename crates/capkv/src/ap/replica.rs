@@ -720,8 +720,12 @@ impl Replica {
         };
         if !accounted.is_empty() {
             if let Err(e) = self.group_commit.sync_coming(coming).await {
+                // The writes may or may not be durable; the refusals stay refusals.
                 let e = internal(e);
-                return updates.iter().map(|_| Err(e.clone())).collect();
+                return answers
+                    .into_iter()
+                    .map(|a| a.and_then(|_| Err(e.clone())))
+                    .collect();
             }
         }
         for (before, after) in &accounted {
