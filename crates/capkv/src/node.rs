@@ -767,6 +767,12 @@ impl Node {
             return;
         };
         let peers = self.peer_ids();
+        if peers.is_empty() {
+            // Alone, there is no one to rebuild from: what it holds is all there is.
+            if let Err(e) = self.ap.replica.synced_with(self.id(), &peers) {
+                tracing::warn!(error = %e, "recording an anti-entropy sync");
+            }
+        }
         let mut turn = 0usize;
         let mut pause = interval;
         loop {

@@ -323,6 +323,13 @@ async fn a_node_whose_storage_stalls_keeps_answering_and_says_why() {
         .create_keyspace(&KeyspaceSpec::new("cart", Mode::Ap))
         .await
         .unwrap();
+    // Rebuilt (it started empty), so only the stall can make it ask another home to issue.
+    eventually(
+        Duration::from_secs(30),
+        "the node to stall has synced with its peers",
+        || async { harness::metric(&c.metrics(stalled).await, "capkv_ap_rebuilding") == 0.0 },
+    )
+    .await;
 
     let s = client
         .set_fault_request(
@@ -367,6 +374,19 @@ async fn a_node_whose_storage_stalls_keeps_answering_and_says_why() {
             assert!(e.to_string().starts_with("504"), "{e}");
         }
     }
+    // Once its storage is known to stall, the node has another home issue the ap writes
+    // it coordinates: they succeed at w=1 (they had all waited on its disk: review).
+    eventually(
+        Duration::from_secs(10),
+        "an ap write through the stalled node succeeds",
+        || async {
+            c.client(stalled)
+                .ap_put("cart", b"through-stalled", b"y".to_vec(), None, None)
+                .await
+                .is_ok()
+        },
+    )
+    .await;
     for _ in 0..5 {
         let (status, body) = health(&url).await.expect("/healthz answers while stalled");
         assert_eq!(status, 503, "{body}");

@@ -51,6 +51,9 @@ use crate::PeerTransport;
 const HANDOFF_BATCH: usize = 64;
 /// Pause between handoff rounds.
 const HANDOFF_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a read that has only "not yet rebuilt" answers waits for a better one before
+/// it takes them as "absent": a few times a loaded round trip.
+const REBUILDING_READ_WAIT: Duration = Duration::from_millis(500);
 
 pub struct Coordinator {
     pub me: NodeId,
@@ -258,14 +261,22 @@ impl Coordinator {
 
         // 1. A reachable home issues the dot: this node if it is one (as Riak's
         // coordinators do: no hop to another home and back, measured in
-        // docs/benchmarks.md), else the first in the preference list. The next one is asked
-        // only if the last certainly did not apply it (see the module docs: at most once).
+        // docs/benchmarks.md), else the first in the preference list. Not this node first
+        // while it rebuilds a lost store (a set remove there would remove nothing it never
+        // saw) or while its storage is stalled (every write would wait for its disk): then
+        // it comes last (found by review). The next one is asked only if the last
+        // certainly did not apply it (see the module docs: at most once).
         let mut issued = None;
-        let issuers = homes
-            .iter()
-            .filter(|h| **h == self.me)
-            .chain(homes.iter().filter(|h| **h != self.me));
-        for &h in issuers.filter(|h| self.up(**h)) {
+        let me_first = !self.replica.rebuilding() && !self.replica.storage_stalled();
+        let mut issuers: Vec<NodeId> = homes.iter().copied().filter(|h| *h != self.me).collect();
+        if homes.contains(&self.me) {
+            if me_first {
+                issuers.insert(0, self.me);
+            } else {
+                issuers.push(self.me);
+            }
+        }
+        for h in issuers.into_iter().filter(|h| self.up(*h)) {
             match self
                 .update_at(h, keyspace, key, value_type, mutation, deadline)
                 .await
@@ -456,11 +467,19 @@ impl Coordinator {
         let mut answers: Vec<(NodeId, Option<ApState>)> = Vec::new();
         // Replicas rebuilding a lost store that lack the key: not an answer while another
         // replica may still give one (Riak's `notfound_ok = false`, for them alone).
+        // They are waited past for a bounded time only: a peer that is paused yet still
+        // counted reachable would otherwise hold every such read to its deadline (review).
         let mut not_yet_rebuilt: Vec<NodeId> = Vec::new();
+        let mut wait_until = deadline;
         while answers.len() < r {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = wait_until.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, tasks.join_next()).await {
-                Ok(Some(Ok((node, Ok(Held::NotYetRebuilt))))) => not_yet_rebuilt.push(node),
+                Ok(Some(Ok((node, Ok(Held::NotYetRebuilt))))) => {
+                    if not_yet_rebuilt.is_empty() {
+                        wait_until = deadline.min(Instant::now() + REBUILDING_READ_WAIT);
+                    }
+                    not_yet_rebuilt.push(node)
+                }
                 Ok(Some(Ok((node, Ok(held))))) => answers.push((node, held.object())),
                 Ok(Some(Ok((node, Err(e))))) => {
                     tracing::debug!(node, error = %e, "replica read failed")

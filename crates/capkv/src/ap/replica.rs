@@ -70,6 +70,11 @@ impl Held {
     }
 }
 
+/// How long a storage call may wait before this node stops issuing ap writes first
+/// ([`Replica::storage_stalled`]): half the default request deadline, and about 4x the
+/// slowest fsync measured under load (docs/benchmarks.md).
+pub const STORAGE_STALLED: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Anti-entropy leaves: ranges of the ring hash (its top byte).
 pub const LEAVES: usize = 256;
 
@@ -195,7 +200,11 @@ pub struct Replica {
     /// then "absent" here proves nothing, and reads do not count it as an answer
     /// ([`Held::NotYetRebuilt`]; with r=1, a rebuilding node answered "not found" for 7.5 %
     /// of the keys it had not got back yet: docs/benchmarks.md).
-    rebuilding: std::sync::Mutex<Option<std::collections::BTreeSet<NodeId>>>,
+    /// Read by every read of a key the replica lacks: an atomic, never behind a lock that a
+    /// storage call holds (a stalled marker delete under a mutex froze a node: review).
+    rebuilding: std::sync::atomic::AtomicBool,
+    /// The peers synced with since the start (meaningful while rebuilding).
+    synced: std::sync::Mutex<std::collections::BTreeSet<NodeId>>,
 }
 
 impl Replica {
@@ -271,36 +280,41 @@ impl Replica {
             floor: Mutex::new(floor),
             leaf_locks: (0..LEAVES).map(|_| std::sync::RwLock::new(())).collect(),
             observer: std::sync::OnceLock::new(),
-            rebuilding: std::sync::Mutex::new(rebuilding.then(Default::default)),
+            rebuilding: std::sync::atomic::AtomicBool::new(rebuilding),
+            synced: std::sync::Mutex::new(Default::default()),
         })
     }
 
-    fn rebuild_state(
-        &self,
-    ) -> std::sync::MutexGuard<'_, Option<std::collections::BTreeSet<NodeId>>> {
-        self.rebuilding.lock().unwrap_or_else(|p| p.into_inner())
+    /// Whether storage has had a call waiting for [`STORAGE_STALLED`] or longer with none
+    /// of its kind finishing: a write issued here would wait for the disk.
+    pub fn storage_stalled(&self) -> bool {
+        self.engine.stall().is_some_and(|d| d >= STORAGE_STALLED)
     }
 
     /// Whether this replica may still lack objects wholesale (see the field).
     pub fn rebuilding(&self) -> bool {
-        self.rebuild_state().is_some()
+        self.rebuilding.load(Ordering::SeqCst)
     }
 
     /// Records that an anti-entropy exchange this node drove with `peer` finished: every
     /// object `peer` held in the ranges they share as it began is now merged here. Once
     /// that is true of every one of `peers`, the replica is rebuilt.
+    /// Called by one task at a time (the anti-entropy loop).
     pub fn synced_with(&self, peer: NodeId, peers: &[NodeId]) -> Result<(), ApiError> {
-        let mut state = self.rebuild_state();
-        let Some(synced) = state.as_mut() else {
+        if !self.rebuilding() {
             return Ok(());
+        }
+        let done = {
+            let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+            synced.insert(peer);
+            peers.iter().all(|p| synced.contains(p))
         };
-        synced.insert(peer);
-        if peers.iter().all(|p| synced.contains(p)) {
+        if done {
             let mut b = WriteBatch::new();
             b.delete(Tree::Meta, REBUILDING_KEY.to_vec());
             // Not synced: should the deletion be lost, the next start rebuilds again.
             self.engine.write(b).map_err(internal)?;
-            *state = None;
+            self.rebuilding.store(false, Ordering::SeqCst);
             metrics::gauge!("capkv_ap_rebuilding").set(0.0);
             tracing::info!("ap replica rebuilt: synced with every peer since it started empty");
         }
@@ -1460,6 +1474,46 @@ mod tests {
             !open().rebuilding(),
             "rebuilt, with objects: complete at start"
         );
+    }
+
+    /// Review: the rebuild's end writes to storage; a stalled disk there must not hold the
+    /// reads that ask whether the replica is rebuilding (they froze every async worker), and
+    /// a stalled replica says so, so the coordinator issues writes elsewhere first.
+    #[test]
+    fn a_stalled_rebuild_end_holds_no_read() {
+        use crate::storage::Watched;
+        let watched = Arc::new(Watched::new(MemoryEngine::new()));
+        let engine: Arc<dyn Engine> = watched.clone();
+        let r = Arc::new(Replica::new(engine.clone(), GroupCommit::start(engine)).unwrap());
+        assert!(r.rebuilding() && !r.storage_stalled());
+        watched.set_stalled(true);
+        let ending = {
+            let r = r.clone();
+            std::thread::spawn(move || r.synced_with(2, &[2]))
+        };
+        // The marker delete waits on the stalled disk; reads answer meanwhile.
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let r = r.clone();
+            std::thread::spawn(move || tx.send(r.held("ks", b"absent", &[])).unwrap());
+        }
+        let held = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a read answers while the rebuild's end waits on the disk")
+            .unwrap();
+        assert_eq!(held, Held::NotYetRebuilt);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !r.storage_stalled() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stall is reported"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        watched.set_stalled(false);
+        ending.join().unwrap().unwrap();
+        assert!(!r.rebuilding());
+        assert_eq!(r.held("ks", b"absent", &[]).unwrap(), Held::Absent);
     }
 
     /// Regression (issue #8 item 12), at a home replica and a second replica: a client

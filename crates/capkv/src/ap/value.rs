@@ -192,11 +192,29 @@ impl ApState {
                         "adding {by} to {now} would leave the range of a 64-bit signed counter"
                     )));
                 }
+                // The actor's own running sum in that direction is a u64 (a dot counter)
+                // that crdts adds to unchecked: +MAX, -MAX, +MAX... stays in range as a
+                // total yet wraps it (found by review). Zero steps read it safely.
+                let steps = by.unsigned_abs();
+                let mine = if *by >= 0 {
+                    c.inc_many(actor.clone(), 0)
+                } else {
+                    c.dec_many(actor.clone(), 0)
+                }
+                .dot
+                .counter;
+                if mine.checked_add(steps).is_none() {
+                    return Err(ApiError::bad_request(format!(
+                        "this node's running sum of {} for the counter would pass 2^64; \
+                         the change was not applied",
+                        if *by >= 0 { "increments" } else { "decrements" }
+                    )));
+                }
                 let mut c = c.clone();
                 let op = if *by >= 0 {
-                    c.inc_many(actor, by.unsigned_abs())
+                    c.inc_many(actor, steps)
                 } else {
-                    c.dec_many(actor, by.unsigned_abs())
+                    c.dec_many(actor, steps)
                 };
                 c.apply(op);
                 ApState::Counter(c)
@@ -371,6 +389,27 @@ fn counter_total(c: &PNCounter<Actor>) -> Result<i128, ApiError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Review: each step keeps the total in range, but one actor's sum of increments
+    /// would pass 2^64 at the third +MAX; refused, never wrapped.
+    #[test]
+    fn an_actors_running_sums_never_wrap() {
+        let mut c = ApState::empty(ValueType::Counter);
+        for (i, by) in [i64::MAX, -i64::MAX, i64::MAX, -i64::MAX]
+            .into_iter()
+            .enumerate()
+        {
+            c = c.apply(&Mutation::Add { by }, "a", i as u64).unwrap();
+        }
+        let err = c
+            .apply(&Mutation::Add { by: i64::MAX }, "a", 9)
+            .unwrap_err();
+        assert_eq!(err.code, capkv_core::ErrorCode::BadRequest);
+        assert_eq!(c.total().unwrap(), 0, "unchanged");
+        // Another actor's sums are its own.
+        let c = c.apply(&Mutation::Add { by: i64::MAX }, "b", 9).unwrap();
+        assert_eq!(c.total().unwrap(), i64::MAX);
+    }
 
     #[test]
     fn a_counter_never_wraps_or_clamps() {
