@@ -442,7 +442,7 @@ async fn set_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
     let generation = adds / (SET_MEMBERS_PER_KEY * u64::from(ctx.keys));
     let key = format!("{}s{generation}-{}", ctx.tag, st.rng.gen_range(0..ctx.keys));
     if st.rng.gen::<f64>() < 0.1 {
-        return read_set(ctx.begin(st, &key, Call::SetRead)).await.0;
+        return read_set(ctx.begin(st, &key, Call::SetRead), None).await.0;
     }
     let member = st.unique();
     let p = ctx.begin(
@@ -459,10 +459,10 @@ async fn set_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
     p.end(&r, |_| None)
 }
 
-async fn read_set(p: Pending<'_>) -> (Outcome, Option<Ret>) {
+async fn read_set(p: Pending<'_>, r: Option<u32>) -> (Outcome, Option<Ret>) {
     let r = p
         .client()
-        .set_members(&p.ctx.keyspace, p.key.as_bytes(), None)
+        .set_members(&p.ctx.keyspace, p.key.as_bytes(), r)
         .await;
     let ret = r.as_ref().ok().map(|m| Ret::Members { members: m.clone() });
     (p.end(&r, |_| ret.clone()), ret)
@@ -472,7 +472,9 @@ async fn read_set(p: Pending<'_>) -> (Outcome, Option<Ret>) {
 async fn counter_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
     let key = ctx.key("c", st.rng.gen_range(0..ctx.keys));
     if st.rng.gen::<f64>() < 0.1 {
-        return read_counter(ctx.begin(st, &key, Call::CounterRead)).await.0;
+        return read_counter(ctx.begin(st, &key, Call::CounterRead), None)
+            .await
+            .0;
     }
     let p = ctx.begin(st, &key, Call::Incr { by: 1 });
     let r = p
@@ -482,10 +484,10 @@ async fn counter_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
     p.end(&r, |_| None)
 }
 
-async fn read_counter(p: Pending<'_>) -> (Outcome, Option<Ret>) {
+async fn read_counter(p: Pending<'_>, r: Option<u32>) -> (Outcome, Option<Ret>) {
     let r = p
         .client()
-        .counter(&p.ctx.keyspace, p.key.as_bytes(), None)
+        .counter(&p.ctx.keyspace, p.key.as_bytes(), r)
         .await;
     let ret = r.as_ref().ok().map(|v| Ret::Counter { value: *v });
     (p.end(&r, |_| ret.clone()), ret)
@@ -501,10 +503,10 @@ fn siblings_of(v: &ApValue) -> Vec<String> {
     values
 }
 
-async fn read_register(p: Pending<'_>) -> (Outcome, Option<ApValue>) {
+async fn read_register(p: Pending<'_>, r: Option<u32>) -> (Outcome, Option<ApValue>) {
     let r = p
         .client()
-        .ap_get(&p.ctx.keyspace, p.key.as_bytes(), None)
+        .ap_get(&p.ctx.keyspace, p.key.as_bytes(), r)
         .await;
     let got = r.as_ref().ok().cloned();
     let outcome = p.end(&r, |v| {
@@ -523,7 +525,7 @@ async fn siblings_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
     let (context, seen) = match st.chained.remove(&key) {
         Some((context, covered)) if st.rng.gen::<f64>() < 0.3 => (Some(context), covered),
         _ => {
-            let (outcome, got) = read_register(ctx.begin(st, &key, Call::ApRead)).await;
+            let (outcome, got) = read_register(ctx.begin(st, &key, Call::ApRead), None).await;
             let Some(got) = got else {
                 return outcome;
             };
@@ -567,36 +569,40 @@ pub async fn final_ap_reads(ctx: &Ctx, limit: Duration) -> bool {
         Workload::Set => ctx.set_keys(ctx.set_adds.load(Ordering::Relaxed)),
         _ => (0..ctx.keys).map(|k| ctx.key(prefix, k)).collect(),
     };
-    let client = u64::MAX; // the checker's own reads: one per node at a time
+    // The checker's own reads: one per node at a time.
+    let client = u64::MAX;
+    // Each node reads every key twice: from every replica (r = the keyspace's n, by default
+    // 3 or the cluster's size) and at r=1. An r=1 read answers with whichever replica
+    // replies first, so right after a heal all nodes could agree on a copy that lacked the
+    // writes one node took alone while cut off (its hints not yet handed off): a false
+    // "lost write" (seen). Agreement of both, on every node, means every replica's writes
+    // are in what any read sees.
+    let every_replica = Some(ctx.clients.len().min(3) as u32);
     loop {
         let mut agree = true;
         for key in &keys {
             let mut answers: Vec<Option<Ret>> = Vec::new();
             for node in 0..ctx.clients.len() {
-                let ret = match ctx.workload {
-                    Workload::Set => {
-                        read_set(ctx.begin_at(client - node as u64, node, key, Call::SetRead))
-                            .await
-                            .1
-                    }
-                    Workload::Counter => {
-                        read_counter(ctx.begin_at(
-                            client - node as u64,
-                            node,
-                            key,
-                            Call::CounterRead,
-                        ))
-                        .await
-                        .1
-                    }
-                    _ => {
-                        let p = ctx.begin_at(client - node as u64, node, key, Call::ApRead);
-                        read_register(p).await.1.map(|g| Ret::Siblings {
-                            values: siblings_of(&g),
-                        })
-                    }
-                };
-                answers.push(ret);
+                for r in [every_replica, None] {
+                    let ret = match ctx.workload {
+                        Workload::Set => {
+                            let p = ctx.begin_at(client - node as u64, node, key, Call::SetRead);
+                            read_set(p, r).await.1
+                        }
+                        Workload::Counter => {
+                            let p =
+                                ctx.begin_at(client - node as u64, node, key, Call::CounterRead);
+                            read_counter(p, r).await.1
+                        }
+                        _ => {
+                            let p = ctx.begin_at(client - node as u64, node, key, Call::ApRead);
+                            read_register(p, r).await.1.map(|g| Ret::Siblings {
+                                values: siblings_of(&g),
+                            })
+                        }
+                    };
+                    answers.push(ret);
+                }
             }
             if answers.iter().any(Option::is_none) || answers.windows(2).any(|w| w[0] != w[1]) {
                 agree = false;
