@@ -1,11 +1,12 @@
 //! The ap coordinator: any node runs reads and writes for any ap key.
 //!
-//! Write (n, w): the coordinator, if it is one of the key's homes, or else the first
-//! reachable home in the key's preference list, issues the new dot and stores the
-//! object; the coordinator then sends the object to the other homes. A home that is unreachable (or fails) gets a **hint** instead: the
-//! object is held by a fallback node (the next reachable nodes on the ring, or the
-//! coordinator itself as the last resort) and handed back when the home is reachable
-//! again. The write succeeds once `w` distinct nodes hold it durably (sloppy quorum).
+//! Write (n, w): the coordinator, if it is one of the key's homes (and neither rebuilding
+//! a lost store nor stalled on storage), or else the first reachable home in the key's
+//! preference list, issues the new dot and stores the object; the coordinator then sends
+//! the object to the other homes. A home that is unreachable (or fails) gets a **hint**
+//! instead: the object is held by a fallback node (the next reachable nodes on the ring,
+//! or the coordinator itself as the last resort) and handed back when the home is
+//! reachable again. The write succeeds once `w` distinct nodes hold it durably (sloppy quorum).
 //! If no home replica is reachable at all, a one-time actor issues the dot, so dots
 //! stay unique without the home's state (see `ap::dvv`).
 //!
