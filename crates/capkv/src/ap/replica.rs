@@ -194,14 +194,14 @@ pub struct Replica {
     /// recomputed leaf never counts a change twice or misses it.
     leaf_locks: Vec<std::sync::RwLock<()>>,
     observer: std::sync::OnceLock<Observer>,
-    /// `Some(peers synced so far)` while this replica may lack objects wholesale: it
+    /// Set while this replica may lack objects wholesale: it
     /// started with an empty store (a new node, or one whose disk was lost and wiped) and
     /// has not yet finished an anti-entropy exchange of its own with every peer. Until
     /// then "absent" here proves nothing, and reads do not count it as an answer
     /// ([`Held::NotYetRebuilt`]; with r=1, a rebuilding node answered "not found" for 7.5 %
-    /// of the keys it had not got back yet: docs/benchmarks.md).
-    /// Read by every read of a key the replica lacks: an atomic, never behind a lock that a
-    /// storage call holds (a stalled marker delete under a mutex froze a node: review).
+    /// of the keys it had not got back yet: docs/benchmarks.md). Read by every read of a
+    /// key the replica lacks: an atomic, never behind a lock that a storage call holds (a
+    /// stalled marker delete under a mutex froze a node: review).
     rebuilding: std::sync::atomic::AtomicBool,
     /// The peers synced with since the start (meaningful while rebuilding).
     synced: std::sync::Mutex<std::collections::BTreeSet<NodeId>>,
