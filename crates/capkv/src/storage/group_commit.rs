@@ -133,14 +133,17 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
 
-    /// An engine whose first sync blocks until the test opens the gate, so the test can
-    /// queue waiters while a sync is in flight.
+    /// An engine that counts its syncs. With a gate, its first sync blocks until the test
+    /// opens the gate, so the test can queue waiters while a sync is in flight.
+    #[derive(Default)]
     struct GatedEngine {
         inner: MemoryEngine,
         syncs: AtomicU64,
-        entered: Mutex<mpsc::Sender<()>>,
-        gate: Mutex<mpsc::Receiver<()>>,
+        gate: Option<Gate>,
     }
+
+    /// Told when the first sync has begun; opened by the test to let it finish.
+    type Gate = (Mutex<mpsc::Sender<()>>, Mutex<mpsc::Receiver<()>>);
 
     impl Engine for GatedEngine {
         fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -170,50 +173,11 @@ mod tests {
             self.inner.read_view(tree)
         }
         fn sync(&self) -> Result<()> {
-            if self.syncs.fetch_add(1, Ordering::SeqCst) == 0 {
-                self.entered.lock().unwrap().send(()).unwrap();
-                self.gate.lock().unwrap().recv().unwrap();
+            let first = self.syncs.fetch_add(1, Ordering::SeqCst) == 0;
+            if let (true, Some((entered, gate))) = (first, &self.gate) {
+                entered.lock().unwrap().send(()).unwrap();
+                gate.lock().unwrap().recv().unwrap();
             }
-            Ok(())
-        }
-    }
-
-    /// An engine that counts its syncs.
-    #[derive(Default)]
-    struct CountingEngine {
-        inner: MemoryEngine,
-        syncs: AtomicU64,
-    }
-
-    impl Engine for CountingEngine {
-        fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
-            self.inner.get(tree, key)
-        }
-        fn range(
-            &self,
-            tree: Tree,
-            start: &[u8],
-            end: Option<&[u8]>,
-            limit: usize,
-        ) -> Result<Vec<Entry>> {
-            self.inner.range(tree, start, end, limit)
-        }
-        fn last_in_range(
-            &self,
-            tree: Tree,
-            start: &[u8],
-            end: Option<&[u8]>,
-        ) -> Result<Option<Entry>> {
-            self.inner.last_in_range(tree, start, end)
-        }
-        fn write(&self, batch: WriteBatch) -> Result<()> {
-            self.inner.write(batch)
-        }
-        fn read_view(&self, tree: Tree) -> Result<Box<dyn crate::storage::ReadView>> {
-            self.inner.read_view(tree)
-        }
-        fn sync(&self) -> Result<()> {
-            self.syncs.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
     }
@@ -221,7 +185,7 @@ mod tests {
     /// A sync waits for a writer on its way, and shares one fsync with it.
     #[tokio::test]
     async fn a_sync_waits_for_a_writer_on_its_way() {
-        let engine = Arc::new(CountingEngine::default());
+        let engine = Arc::new(GatedEngine::default());
         // A gather far longer than the test: only the writer's arrival ends the wait.
         let gc = GroupCommit::start_gathering(engine.clone(), Duration::from_secs(600));
         let on_its_way = gc.coming();
@@ -237,7 +201,7 @@ mod tests {
     /// A writer announced but never coming holds a sync back for the gather time only.
     #[tokio::test]
     async fn a_writer_that_never_comes_delays_a_sync_by_the_gather_time_at_most() {
-        let engine = Arc::new(CountingEngine::default());
+        let engine = Arc::new(GatedEngine::default());
         let gc = GroupCommit::start_gathering(engine.clone(), Duration::from_millis(20));
         let _stuck = gc.coming();
         for _ in 0..3 {
@@ -251,10 +215,8 @@ mod tests {
         let (entered_tx, entered_rx) = mpsc::channel();
         let (gate_tx, gate_rx) = mpsc::channel();
         let engine = Arc::new(GatedEngine {
-            inner: MemoryEngine::new(),
-            syncs: AtomicU64::new(0),
-            entered: Mutex::new(entered_tx),
-            gate: Mutex::new(gate_rx),
+            gate: Some((Mutex::new(entered_tx), Mutex::new(gate_rx))),
+            ..GatedEngine::default()
         });
         let gc = GroupCommit::start(engine.clone());
         let (done_tx, done_rx) = mpsc::channel();
