@@ -1051,13 +1051,6 @@ const STORAGE_STALL: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "healthy"), (status = 503, body = ErrorBody)))]
 async fn healthz(State(st): State<AppState>) -> ApiResult<&'static str> {
-    let metrics = st.node.raft.metrics().borrow().clone();
-    if let Err(fatal) = &metrics.running_state {
-        return Err(ApiError::unavailable(format!("the raft core has stopped: {fatal}")).into());
-    }
-    if metrics.state == openraft::ServerState::Shutdown {
-        return Err(ApiError::unavailable("the raft core is shut down").into());
-    }
     if let Some(stall) = st.node.engine.stall() {
         if stall >= STORAGE_STALL {
             return Err(ApiError::unavailable(format!(
@@ -1066,6 +1059,9 @@ async fn healthz(State(st): State<AppState>) -> ApiResult<&'static str> {
             ))
             .into());
         }
+    }
+    if let Some(why) = st.node.raft_stopped(true).await {
+        return Err(ApiError::unavailable(why).into());
     }
     Ok("ok\n")
 }

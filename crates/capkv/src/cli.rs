@@ -9,7 +9,9 @@ use capkv_client::{
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{parse_cluster, ConfigError, ConfigFile, InitialClusterState, NodeConfig};
+use crate::config::{
+    parse_cluster, ConfigError, ConfigFile, InitialClusterState, NodeConfig, PeerSecurity,
+};
 
 #[derive(Parser)]
 #[command(
@@ -142,6 +144,47 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: FaultCmd,
     },
+    /// Make certificates for a cluster.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CertsCmd {
+    /// Write a cluster CA (ca.pem, ca.key) and a certificate and key per node (n1.pem,
+    /// n1.key, ...) into DIR. An existing CA in DIR is reused and existing node
+    /// certificates are kept, so the same command adds nodes later.
+    Init {
+        dir: PathBuf,
+        /// Node ids, comma-separated, e.g. n1,n2,n3.
+        #[arg(long, required = true, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// More names (DNS names or IP addresses) for every new node certificate, so that
+        /// it can also serve the HTTP API over TLS, e.g. localhost,127.0.0.1.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+    },
+}
+
+/// `capkv certs ...`.
+pub fn run_certs(cmd: CertsCmd) -> Result<(), String> {
+    match cmd {
+        CertsCmd::Init { dir, nodes, hosts } => {
+            let written = crate::net::tls::init_certs(&dir, &nodes, &hosts)?;
+            if written.is_empty() {
+                println!(
+                    "nothing to do: {} already holds every certificate",
+                    dir.display()
+                );
+            }
+            for f in written {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
+        }
+    }
 }
 
 /// A `--nemesis` value: a fault, or `none`.
@@ -335,6 +378,14 @@ pub struct ServeArgs {
     /// Allow /v1/faults (testing only).
     #[arg(long)]
     pub enable_faults: bool,
+    /// Directory of the cluster's certificates (`capkv certs init`): ca.pem and this
+    /// node's <id>.pem and <id>.key. Peer connections use mutual TLS with them.
+    #[arg(long)]
+    pub certs: Option<PathBuf>,
+    /// Peers talk without TLS and are not authenticated: anyone who can reach the peer
+    /// port controls the cluster. Only for trusted networks and tests.
+    #[arg(long, conflicts_with = "certs")]
+    pub insecure_peers: bool,
     /// Largest value accepted, in bytes (default 1 MiB).
     #[arg(long)]
     pub max_value_bytes: Option<usize>,
@@ -389,6 +440,26 @@ impl ServeArgs {
             self.peer.or(file.peer),
         )?;
         cfg.enable_faults = self.enable_faults || file.enable_faults.unwrap_or(false);
+        cfg.peer_security = match (
+            self.certs.or(file.certs),
+            self.insecure_peers || file.insecure_peers.unwrap_or(false),
+        ) {
+            (Some(_), true) => {
+                return Err(ConfigError::Invalid(
+                    "--certs and --insecure-peers exclude each other".into(),
+                ))
+            }
+            (Some(dir), false) => PeerSecurity::Certs(dir),
+            (None, true) => PeerSecurity::Insecure,
+            (None, false) => {
+                return Err(ConfigError::Invalid(
+                    "peers must authenticate each other: give --certs DIR (make one with \
+                     `capkv certs init DIR --nodes n1,n2,n3`), or --insecure-peers to run \
+                     without (anyone who can reach the peer port then controls the cluster)"
+                        .into(),
+                ))
+            }
+        };
         cfg.initial_cluster_state = self
             .initial_cluster_state
             .or(file.initial_cluster_state)
@@ -502,6 +573,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
         | Cmd::Dev { .. }
         | Cmd::Check(_)
         | Cmd::CheckHistory { .. }
+        | Cmd::Certs { .. }
         | Cmd::Bench(_) => {
             unreachable!("handled by main")
         }
@@ -772,6 +844,9 @@ async fn status(client: Client) -> Result<(), String> {
                         peers.join(",")
                     }
                 );
+                if let Some(why) = &v.raft_stopped {
+                    println!("       {why}: it serves no cp request");
+                }
             }
             Err(e) => println!("{:<6} {:<10} {e}", n.id, "down"),
         }
@@ -920,7 +995,10 @@ mod tests {
             "--data-dir",
             "/tmp/unused",
         ];
-        args.extend_from_slice(extra);
+        if !extra.contains(&"--certs") && !extra.contains(&"--no-peer-flag") {
+            args.push("--insecure-peers");
+        }
+        args.extend(extra.iter().filter(|a| **a != "--no-peer-flag"));
         match Cli::try_parse_from(args).unwrap().command {
             Cmd::Serve(a) => a.into_config(),
             _ => unreachable!("parsed a serve command"),
@@ -957,5 +1035,15 @@ mod tests {
         let test = serve(&["--tombstone-grace-ms", "300", "--enable-faults"]).unwrap();
         assert_eq!(test.tombstone_grace.as_millis(), 300);
         assert!(serve(&["--tombstone-grace-ms", "86400001"]).is_err());
+    }
+
+    /// #10: peers authenticate each other unless the operator says otherwise.
+    #[test]
+    fn serve_needs_certs_or_an_explicit_insecure_flag() {
+        let e = serve(&["--no-peer-flag"]).unwrap_err();
+        assert!(e.to_string().contains("--certs"), "{e}");
+        let c = serve(&["--certs", "/etc/capkv"]).unwrap();
+        assert_eq!(c.peer_security, PeerSecurity::Certs("/etc/capkv".into()));
+        assert_eq!(serve(&[]).unwrap().peer_security, PeerSecurity::Insecure);
     }
 }

@@ -111,6 +111,17 @@ pub struct NodeConfig {
     /// ap: the pause between anti-entropy exchanges (at least; see `Node::anti_entropy_loop`),
     /// or `None`: no exchanges (test clusters only).
     pub anti_entropy_interval: Option<std::time::Duration>,
+    /// How peer connections are secured.
+    pub peer_security: PeerSecurity,
+}
+
+/// How a node's peer connections are secured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerSecurity {
+    /// Mutual TLS with the certificates in this directory (`capkv certs init`).
+    Certs(PathBuf),
+    /// No TLS, no authentication (`--insecure-peers`).
+    Insecure,
 }
 
 /// The settings a `--config` TOML file may hold (same names as the flags).
@@ -129,6 +140,8 @@ pub struct ConfigFile {
     pub tombstone_grace_ms: Option<u64>,
     pub initial_cluster_state: Option<InitialClusterState>,
     pub anti_entropy_ms: Option<u64>,
+    pub certs: Option<PathBuf>,
+    pub insecure_peers: Option<bool>,
 }
 
 impl ConfigFile {
@@ -171,6 +184,7 @@ impl NodeConfig {
             tombstone_grace: crate::ap::tombstones::DEFAULT_GRACE,
             initial_cluster_state: InitialClusterState::Auto,
             anti_entropy_interval: Some(crate::ap::anti_entropy::AE_INTERVAL),
+            peer_security: PeerSecurity::Insecure,
         })
     }
 

@@ -1,7 +1,8 @@
 //! `capkv dev`: a local cluster of `capkv serve` child processes in one command.
 //!
 //! Node `n{i}` serves HTTP on `127.0.0.1:{base+i}` and peers on `127.0.0.1:{base+100+i}`,
-//! keeps its data in `{data-dir}/n{i}` and its log in `{data-dir}/n{i}.log`. Faults are
+//! keeps its data in `{data-dir}/n{i}` and its log in `{data-dir}/n{i}.log`. Peers use
+//! mutual TLS with certificates made in `{data-dir}/certs` on first start. Faults are
 //! enabled. The same data dir again resumes the same cluster. Ctrl-C (or SIGTERM) stops
 //! every child with SIGTERM and waits for it; children also die with this process
 //! (Linux parent-death signal), so a killed `dev` leaves no orphans holding ports.
@@ -58,8 +59,15 @@ pub(crate) fn spawn_node(
         .arg("--cluster")
         .arg(cluster)
         .arg("--enable-faults")
-        .args(extra)
-        .stdin(Stdio::null())
+        .args(extra);
+    if !extra.iter().any(|a| a == "--insecure-peers") {
+        // The secure path is the default path: the cluster's CA lives beside its data,
+        // made on first start and reused after.
+        let certs = data_dir.join("certs");
+        crate::net::tls::init_certs(&certs, &[format!("n{i}")], &[])?;
+        cmd.arg("--certs").arg(certs);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(log)
         .stderr(err)
         .kill_on_drop(true);

@@ -24,6 +24,7 @@ pub mod demo;
 pub mod dev;
 #[cfg(test)]
 mod format_tests;
+pub mod limits;
 pub mod net;
 pub mod node;
 pub mod process;

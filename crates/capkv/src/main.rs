@@ -56,6 +56,7 @@ fn main() {
                 std::process::exit(code);
             }
             Cmd::Bench(args) => capkv::bench::run(args).await,
+            Cmd::Certs { cmd } => capkv::cli::run_certs(cmd),
             Cmd::CheckHistory {
                 format,
                 file,

@@ -32,14 +32,15 @@ use crate::ap::replica::{Replica, Update, OBJECT_BYTES_MAX};
 use crate::ap::ring::{Ring, DEFAULT_VNODES};
 use crate::ap::{anti_entropy, tombstones};
 use crate::clock::WallClock;
-use crate::config::{InitialClusterState, NodeConfig};
+use crate::config::{InitialClusterState, NodeConfig, PeerSecurity};
+use crate::cp::guard;
 use crate::cp::log_store::LogStore;
 use crate::cp::lost_state::{LostState, PersistedFloor, Refusal, Report};
 use crate::cp::network::NetworkFactory;
 use crate::cp::proposer::{ProposeError, Proposer, BATCH_BYTES_MAX};
 use crate::cp::state_machine::{Reader, StateMachine};
 use crate::cp::{NodeId, PeerNode, Raft, Written};
-use crate::net::{FaultFilter, NetError};
+use crate::net::{FaultFilter, NetError, PeerTls};
 use crate::rpc::{Forward, ForwardOp, ForwardReply, PeerRequest, PeerResponse};
 use crate::storage::{Engine, FjallEngine, GroupCommit, Tree, Watched, WriteBatch};
 use crate::PeerTransport;
@@ -104,7 +105,14 @@ pub struct Node {
     snapshot_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// Peer requests other than Raft's being served (see `handle_peer`).
     peer_requests: tokio::sync::Semaphore,
+    /// Of those, requests answered by a page (see `handle_peer`).
+    peer_bulk_requests: tokio::sync::Semaphore,
+    /// Every member's id, for checking what peers send (`cp::guard`).
+    member_ids: std::collections::BTreeSet<NodeId>,
 }
+
+/// Largest snapshot chunk a leader sends (openraft's `snapshot_max_chunk_size`).
+const SNAPSHOT_CHUNK_MAX: usize = crate::cp::snapshot::CHUNK_BYTES as usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -114,6 +122,8 @@ pub enum StartError {
     Raft(String),
     #[error("cannot listen on {0}: {1}")]
     Bind(String, std::io::Error),
+    #[error("peer certificates: {0}")]
+    Certs(String),
 }
 
 /// How an attempt on the leader failed.
@@ -164,12 +174,28 @@ impl Node {
         // value and a CAS value of at most max_value_bytes each, a key, names).
         let entry_bytes_max = BATCH_BYTES_MAX + 2 * config.max_value_bytes + 64 * 1024;
         let frame_bytes_max = (MAX_PAYLOAD_ENTRIES as usize + 1) * entry_bytes_max;
-        let transport = Arc::new(PeerTransport::new(
-            config.id,
-            peers,
-            faults.clone(),
-            frame_bytes_max,
-        ));
+        let tls = match &config.peer_security {
+            PeerSecurity::Certs(dir) => {
+                let names = config
+                    .cluster
+                    .iter()
+                    .filter(|m| m.id != config.id)
+                    .map(|m| (m.id, m.name.clone()))
+                    .collect();
+                Some(PeerTls::load(dir, &config.name, &names).map_err(StartError::Certs)?)
+            }
+            PeerSecurity::Insecure => {
+                tracing::warn!(
+                    "--insecure-peers: peer connections are neither encrypted nor \
+                     authenticated; anyone who can reach {} controls this cluster",
+                    config.peer_addr
+                );
+                None
+            }
+        };
+        let transport = Arc::new(
+            PeerTransport::new(config.id, peers, faults.clone(), frame_bytes_max).with_tls(tls),
+        );
 
         let raft_config = openraft::Config {
             cluster_name: "capkv".into(),
@@ -250,6 +276,7 @@ impl Node {
             Some(f) if !unverified => LostState::with_floor(f),
             _ => LostState::new(trusted),
         };
+        let member_ids = config.cluster.iter().map(|m| m.id).collect();
         let node = Arc::new(Node {
             lost,
             log_state,
@@ -267,6 +294,8 @@ impl Node {
             group_commit,
             engine: watched,
             peer_requests: tokio::sync::Semaphore::new(PEER_REQUESTS_MAX),
+            peer_bulk_requests: tokio::sync::Semaphore::new(PEER_BULK_REQUESTS_MAX),
+            member_ids,
         });
 
         let handler_node = node.clone();
@@ -603,10 +632,23 @@ impl Node {
     /// requests, ap traffic) at most [`PEER_REQUESTS_MAX`] at a time, the others waiting
     /// without a thread: each may hold a thread while storage is slow (see
     /// `api::DATA_REQUESTS_MAX`), and Raft must never wait behind them.
+    ///
+    /// Requests whose answer is a page of up to [`crate::rpc::PAGE_BYTES_MAX`] bytes are
+    /// further held to [`PEER_BULK_REQUESTS_MAX`] at a time, so that a peer asking for many
+    /// (and not reading them) cannot make this node build hundreds of pages at once.
     async fn handle_peer(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
         if req.is_raft() {
             return self.serve_peer(from, req).await;
         }
+        let _bulk = match req.is_bulk() {
+            true => Some(
+                self.peer_bulk_requests
+                    .acquire()
+                    .await
+                    .expect("the bulk request semaphore is never closed"),
+            ),
+            false => None,
+        };
         let _permit = self
             .peer_requests
             .acquire()
@@ -623,6 +665,9 @@ impl Node {
                 None => None,
             }),
             PeerRequest::AppendEntries(r) => {
+                if let Err(why) = guard::check_append(from, &r, &self.member_ids) {
+                    return self.refuse_peer(from, "append_entries", why);
+                }
                 PeerResponse::AppendEntries(match self.lost.check_leader(r.vote.leader_id().term) {
                     Ok(()) => {
                         let began = Instant::now();
@@ -636,6 +681,10 @@ impl Node {
                     )),
                     Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
                 })
+            }
+            PeerRequest::Vote(r) if guard::check_vote(from, &r).is_err() => {
+                let why = guard::check_vote(from, &r).unwrap_err();
+                self.refuse_peer(from, "vote", why)
             }
             PeerRequest::Vote(r) => PeerResponse::Vote(match self.lost.check_vote(&r) {
                 Ok(()) => {
@@ -656,6 +705,14 @@ impl Node {
                     })
                 }
             }),
+            PeerRequest::InstallSnapshot(r)
+                if guard::check_snapshot(from, &r, &self.member_ids, SNAPSHOT_CHUNK_MAX)
+                    .is_err() =>
+            {
+                let why = guard::check_snapshot(from, &r, &self.member_ids, SNAPSHOT_CHUNK_MAX)
+                    .unwrap_err();
+                self.refuse_peer(from, "install_snapshot", why)
+            }
             PeerRequest::InstallSnapshot(r) => PeerResponse::InstallSnapshot(
                 match self.lost.check_leader(r.vote.leader_id().term) {
                     Ok(()) => self.raft.install_snapshot(r).await,
@@ -743,10 +800,100 @@ impl Node {
             }
             PeerRequest::Forward(f) => {
                 tracing::debug!(from, op = ?std::mem::discriminant(&f.op), "forwarded request");
+                if let Err(e) = self.check_forwarded(&f.op) {
+                    metrics::counter!("capkv_peer_messages_refused_total", "kind" => "forward")
+                        .increment(1);
+                    tracing::warn!(peer = %self.name_of(from), error = %e.message, "forwarded request refused");
+                    return PeerResponse::Forward(Err(e));
+                }
                 let _in_flight = InFlight::enter(&self.forwards_in_flight);
-                let deadline = Instant::now() + Duration::from_millis(f.timeout_ms);
+                // A peer's deadline is at most a client's.
+                let timeout = f.timeout_ms.min(capkv_core::validate::MAX_TIMEOUT_MS);
+                let deadline = Instant::now() + Duration::from_millis(timeout);
                 PeerResponse::Forward(self.execute(f.op, deadline, f.hops_left).await)
             }
+        }
+    }
+
+    /// Answers a peer's message that [`guard`] refused: never handled, counted, logged.
+    /// The refusal reads as a stopped node to the sender's openraft, which then leaves
+    /// this node alone for a while.
+    fn refuse_peer(&self, from: NodeId, kind: &'static str, why: guard::Refused) -> PeerResponse {
+        metrics::counter!("capkv_peer_messages_refused_total", "kind" => kind).increment(1);
+        tracing::warn!(peer = %self.name_of(from), kind, %why, "peer message refused");
+        let stopped = || RaftError::Fatal(openraft::error::Fatal::Stopped);
+        match kind {
+            "vote" => PeerResponse::Vote(Err(stopped())),
+            "install_snapshot" => PeerResponse::InstallSnapshot(Err(RaftError::Fatal(
+                openraft::error::Fatal::Stopped,
+            ))),
+            _ => PeerResponse::AppendEntries(Err(stopped())),
+        }
+    }
+
+    /// Why the Raft core is not running, if it is not: it stopped on an error or a panic
+    /// (its metrics' sender is gone: a panicked core never reports), it was shut down,
+    /// or, with `probe`, it did not answer within [`RAFT_CORE_ANSWER`].
+    pub async fn raft_stopped(&self, probe: bool) -> Option<String> {
+        let watch = self.raft.metrics();
+        let metrics = watch.borrow().clone();
+        if let Err(fatal) = &metrics.running_state {
+            return Some(format!("the raft core has stopped: {fatal}"));
+        }
+        if watch.has_changed().is_err() {
+            return Some("the raft core has stopped (it panicked)".into());
+        }
+        if metrics.state == openraft::ServerState::Shutdown {
+            return Some("the raft core is shut down".into());
+        }
+        if !probe {
+            return None;
+        }
+        match tokio::time::timeout(RAFT_CORE_ANSWER, self.raft.with_raft_state(|_| ())).await {
+            Ok(Ok(())) => None,
+            Ok(Err(fatal)) => Some(format!("the raft core has stopped: {fatal}")),
+            Err(_) => Some(format!(
+                "the raft core has not answered for {} ms",
+                RAFT_CORE_ANSWER.as_millis()
+            )),
+        }
+    }
+
+    /// A forwarded request gets the checks the HTTP API gives a client's.
+    fn check_forwarded(&self, op: &ForwardOp) -> Result<(), ApiError> {
+        use capkv_core::validate;
+        match op {
+            ForwardOp::Write(c) => guard::check_command(
+                c,
+                self.config.cluster.len() as u32,
+                self.config.max_value_bytes,
+            ),
+            ForwardOp::Get { keyspace, key } => {
+                validate::keyspace_name(keyspace)?;
+                validate::key(key)
+            }
+            ForwardOp::Scan {
+                keyspace,
+                prefix,
+                after,
+                limit,
+            } => {
+                validate::keyspace_name(keyspace)?;
+                if prefix.len() > validate::MAX_KEY_BYTES
+                    || after
+                        .as_ref()
+                        .is_some_and(|a| a.len() > validate::MAX_KEY_BYTES)
+                {
+                    return Err(ApiError::too_large(
+                        "a scan prefix or cursor over the key limit",
+                    ));
+                }
+                if *limit == 0 || *limit > validate::MAX_SCAN_LIMIT {
+                    return Err(ApiError::bad_request("a scan limit out of range"));
+                }
+                Ok(())
+            }
+            ForwardOp::ListKeyspaces => Ok(()),
         }
     }
 
@@ -1132,9 +1279,15 @@ impl Node {
         // Every applied entry is committed: a lower bound when the core does not answer.
         let commit_index = self.commit_index().await.unwrap_or(applied_index);
         let ring = self.ap.ring.ownership();
+        let raft_stopped = self.raft_stopped(false).await;
         ClusterInfo {
             node: self.config.name.clone(),
-            role: role.to_owned(),
+            role: if raft_stopped.is_some() {
+                "stopped"
+            } else {
+                role
+            }
+            .to_owned(),
             leader: m.current_leader.map(|l| self.name_of(l)),
             term: m.current_term,
             applied_index,
@@ -1159,6 +1312,7 @@ impl Node {
                 .into_iter()
                 .map(|id| self.name_of(id))
                 .collect(),
+            raft_stopped,
         }
     }
 }
@@ -1242,8 +1396,16 @@ const SNAPSHOT_LOG_BYTES: u64 = 64 << 20;
 
 const METRICS_PROBE_EVERY: Duration = Duration::from_millis(500);
 
+/// How long the Raft core may take to answer a health probe before the node reports it
+/// as not running (it answers within microseconds unless it is wedged).
+const RAFT_CORE_ANSWER: Duration = Duration::from_secs(2);
+
 /// Peer requests other than Raft's served at once (see `Node::handle_peer`).
 pub const PEER_REQUESTS_MAX: usize = 128;
+
+/// Peer requests answered by a page (scans, anti-entropy fetches) served at once: each
+/// page is up to `rpc::PAGE_BYTES_MAX` (4 MiB) in memory.
+pub const PEER_BULK_REQUESTS_MAX: usize = 8;
 
 /// How often a node rebuilding lost Raft state says what it waits for.
 const REBUILD_HINT_EVERY: Duration = Duration::from_secs(10);

@@ -104,6 +104,21 @@ impl PeerRequest {
     }
 }
 
+impl PeerRequest {
+    /// Whether its answer is a page of up to [`PAGE_BYTES_MAX`] bytes.
+    pub fn is_bulk(&self) -> bool {
+        matches!(
+            self,
+            PeerRequest::ApScan { .. }
+                | PeerRequest::AeFetch { .. }
+                | PeerRequest::Forward(Forward {
+                    op: ForwardOp::Scan { .. },
+                    ..
+                })
+        )
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
     Pong,

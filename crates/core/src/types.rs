@@ -349,6 +349,10 @@ pub struct ClusterInfo {
     pub nodes: Vec<ClusterNode>,
     /// Nodes it is isolated from by fault injection.
     pub isolated_from: Vec<String>,
+    /// Why its Raft core is not running, if it is not (it stopped on an error or a
+    /// panic, or does not answer): it then serves no cp request, and `/healthz` is 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raft_stopped: Option<String>,
 }
 
 /// `POST /v1/faults`: the faults the receiving node should have from now on. One request

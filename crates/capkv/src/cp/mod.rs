@@ -22,6 +22,7 @@
 // boxing it in our helpers would only add conversions at every trait boundary.
 #![allow(clippy::result_large_err)]
 
+pub mod guard;
 pub mod log_store;
 pub mod lost_state;
 pub mod network;

@@ -43,6 +43,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::guard::KEYSPACES_MAX;
 use super::snapshot::{self, SnapshotDir, SnapshotFile};
 use super::{
     decode, encode, Command, Condition, LogId, NodeId, Op, PeerNode, Reply, StorageResult,
@@ -568,7 +569,30 @@ impl StateMachine {
         }
     }
 
+    /// How many keyspaces exist, with those created earlier in the batch being applied.
+    fn keyspace_count(&self, txn: &Txn) -> StorageResult<usize> {
+        let (start, end) = (vec![TAG_SPEC], vec![TAG_SPEC + 1]);
+        let mut names: std::collections::BTreeSet<Vec<u8>> = self
+            .engine
+            .range(Tree::Data, &start, Some(&end), usize::MAX)
+            .map_err(read_err)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        for (k, v) in txn.pending.range(start..end) {
+            match v {
+                Some(_) => names.insert(k.clone()),
+                None => names.remove(k),
+            };
+        }
+        Ok(names.len())
+    }
+
     fn apply_op(&mut self, txn: &mut Txn, op: &Op) -> StorageResult<Reply> {
+        // A command a peer forged or a bug let through changes nothing (#10).
+        if let Err(e) = super::guard::check_op(op) {
+            return Ok(Err(e));
+        }
         match op {
             Op::CreateKeyspace { spec } => {
                 let k = spec_key(&spec.name);
@@ -576,6 +600,12 @@ impl StateMachine {
                     return Ok(Err(ApiError::conflict(format!(
                         "keyspace '{}' already exists",
                         spec.name
+                    ))));
+                }
+                if self.keyspace_count(txn)? >= KEYSPACES_MAX {
+                    crate::limits::hit("keyspaces");
+                    return Ok(Err(ApiError::conflict(format!(
+                        "the cluster already holds {KEYSPACES_MAX} keyspaces, the most it may"
                     ))));
                 }
                 txn.put(

@@ -2,7 +2,8 @@
 //! requests, pings) goes through one [`Transport`], so one switch, the [`FaultFilter`],
 //! partitions all of it at once.
 //!
-//! Wire format: length-delimited frames over TCP, one multiplexed connection per peer.
+//! Wire format: length-delimited frames over TCP (mutual TLS 1.3 unless the node runs with
+//! `--insecure-peers`, see [`tls`]), one multiplexed connection per peer.
 //!
 //! ```text
 //!   frame = len:u32be  kind:u8  id:u64be  body          (len counts kind, id, body)
@@ -20,6 +21,13 @@
 //! response over it; a receiver skips an oversized frame's body unread (a peer that
 //! ignores the limit) and answers or fails that one request. Every await of a call is
 //! under its deadline, the send queue included.
+//!
+//! What a peer can make this node hold is bounded ([`PEER_UNIDENTIFIED_MAX`] connections
+//! that have not yet proven who they are, each reading at most a hello; one inbound
+//! connection per identified peer, the newest; per connection at most
+//! [`INBOUND_IN_FLIGHT_MAX`] requests and about two frame limits of request bytes in
+//! handling, and one frame limit of queued bytes in each direction), and every hit is
+//! counted by [`crate::limits::hit`].
 //!
 //! Failure semantics, which the layers above rely on to tell 503 from 504: an error from
 //! [`Transport::call`] says whether the request may have been delivered
@@ -47,11 +55,20 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::limits;
+
+pub mod tls;
+
+pub use tls::PeerTls;
 
 pub type PeerId = u64;
+
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 
 const KIND_HELLO: u8 = 0;
 const KIND_REQUEST: u8 = 1;
@@ -67,10 +84,16 @@ const RESPONSE_QUEUE_WAIT: Duration = Duration::from_secs(5);
 const SEND_QUEUE_FRAMES: usize = 1024;
 /// Requests one inbound connection may have in flight; more wait to be read.
 const INBOUND_IN_FLIGHT_MAX: usize = 256;
-/// How long a connecting peer has to say who it is.
+/// How long a connecting peer has to finish the TLS handshake and say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Inbound connections that have not yet said (and proven) who they are. Honest peers
+/// hold one connection each, so a small number suffices, and it bounds what strangers can
+/// make this node hold: each such connection buffers at most a hello frame.
+pub const PEER_UNIDENTIFIED_MAX: usize = 64;
 /// Longest a connect attempt may take (a dead peer should fail fast).
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Longest a TLS handshake with a peer may take once connected.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(2000);
 
 /// Why a call failed, and whether the request may have reached the peer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -191,9 +214,99 @@ pub type Handler<Req, Resp> =
 type Pending<Resp> = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Resp, NetError>>>>>;
 
 struct Conn<Resp> {
-    tx: mpsc::Sender<Vec<u8>>,
+    out: Outbox,
     pending: Pending<Resp>,
     closed: Arc<AtomicBool>,
+}
+
+/// Bytes one connection may hold in each of: frames queued to send, replies waiting for
+/// room in that queue, and requests read but not yet answered. A larger frame is still
+/// queued, alone (it takes the whole budget). With one connection per peer, this and
+/// [`INBOUND_IN_FLIGHT_MAX`] bound what a peer that never reads can make a node hold.
+pub const PEER_QUEUE_BYTES: usize = 32 << 20;
+
+/// A frame queued for a connection's writer, with its share of the queue's byte budget.
+struct Queued {
+    frame: Vec<u8>,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// The send side of one connection: at most [`SEND_QUEUE_FRAMES`] frames and one frame
+/// limit of bytes queued (a peer that reads nothing fills it; senders then wait, under
+/// their deadlines).
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::Sender<Queued>,
+    bytes: Arc<Semaphore>,
+    budget: usize,
+    /// Bytes of replies made but waiting for room (see [`Outbox::push_reply`]).
+    waiting: Arc<AtomicU64>,
+}
+
+impl Outbox {
+    fn new(frames: usize, budget: usize) -> (Outbox, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(frames);
+        let bytes = Arc::new(Semaphore::new(budget));
+        let waiting = Arc::default();
+        (
+            Outbox {
+                tx,
+                bytes,
+                budget,
+                waiting,
+            },
+            rx,
+        )
+    }
+
+    /// Queues a reply, waiting at most [`RESPONSE_QUEUE_WAIT`] for room. A reply that
+    /// finds no room waits only while the replies already waiting hold less than the
+    /// budget; past it, or past the wait, it is dropped and its caller times out
+    /// (outcome unknown, which is the truth). False: dropped.
+    async fn push_reply(&self, frame: Vec<u8>) -> bool {
+        let n = frame.len().min(self.budget) as u64;
+        if let Ok(permit) = self.bytes.clone().try_acquire_many_owned(n as u32) {
+            let q = Queued {
+                frame,
+                _bytes: Some(permit),
+            };
+            return tokio::time::timeout(RESPONSE_QUEUE_WAIT, self.tx.send(q))
+                .await
+                .is_ok_and(|r| r.is_ok());
+        }
+        if self.waiting.fetch_add(n, Ordering::AcqRel) + n > self.budget as u64 {
+            self.waiting.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        let queued = tokio::time::timeout(RESPONSE_QUEUE_WAIT, self.push(frame)).await;
+        self.waiting.fetch_sub(n, Ordering::AcqRel);
+        queued.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Waits until at most half the byte budget is queued: a connection whose peer does
+    /// not read its replies stops having requests read.
+    async fn drained(&self) {
+        let half = (self.budget / 2) as u32;
+        let _ = self.bytes.acquire_many(half).await;
+    }
+
+    /// Queues `frame`, waiting for room. Err: the connection is gone.
+    async fn push(&self, frame: Vec<u8>) -> Result<(), ()> {
+        let n = frame.len().min(self.budget) as u32;
+        let permit = self
+            .bytes
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| ())?;
+        self.tx
+            .send(Queued {
+                frame,
+                _bytes: Some(permit),
+            })
+            .await
+            .map_err(|_| ())
+    }
 }
 
 pub struct Transport<Req, Resp> {
@@ -206,6 +319,13 @@ pub struct Transport<Req, Resp> {
     next_id: AtomicU64,
     frame_bytes_max: usize,
     send_queue_frames: usize,
+    /// Mutual TLS, or `None` with `--insecure-peers`.
+    tls: Option<Arc<PeerTls>>,
+    /// Places for inbound connections not yet identified ([`PEER_UNIDENTIFIED_MAX`]).
+    unidentified: Arc<Semaphore>,
+    /// The inbound connection of each identified peer (a serial and its stop signal); a
+    /// newer connection from the same peer replaces it.
+    inbound: Mutex<HashMap<PeerId, (u64, Arc<Notify>)>>,
     _req: PhantomData<fn(Req)>,
 }
 
@@ -273,25 +393,32 @@ async fn read_frame<R: AsyncReadExt + Unpin>(
 /// dropped here times out at its caller: it is reported as maybe delivered, which is
 /// the safe answer). The hello frame always passes: it carries nothing.
 async fn write_loop(
-    mut rx: mpsc::Receiver<Vec<u8>>,
-    w: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Queued>,
+    w: WriteHalf,
     peer: PeerId,
     faults: Arc<FaultFilter>,
 ) -> std::io::Result<()> {
     let mut w = BufWriter::new(w);
     let passes = |f: &[u8]| f[4] == KIND_HELLO || faults.sends_to(peer);
-    while let Some(f) = rx.recv().await {
-        if passes(&f) {
-            w.write_all(&f).await?;
+    while let Some(q) = rx.recv().await {
+        if passes(&q.frame) {
+            w.write_all(&q.frame).await?;
         }
-        while let Ok(f) = rx.try_recv() {
-            if passes(&f) {
-                w.write_all(&f).await?;
+        while let Ok(q) = rx.try_recv() {
+            if passes(&q.frame) {
+                w.write_all(&q.frame).await?;
             }
         }
         w.flush().await?;
     }
+    // A TLS stream is closed with close_notify, so the peer sees a clean end.
+    let _ = w.shutdown().await;
     Ok(())
+}
+
+fn split_plain(stream: TcpStream) -> (ReadHalf, WriteHalf) {
+    let (r, w) = stream.into_split();
+    (Box::new(r), Box::new(w))
 }
 
 impl<Req, Resp> Transport<Req, Resp>
@@ -319,8 +446,23 @@ where
             next_id: AtomicU64::new(1),
             frame_bytes_max,
             send_queue_frames: SEND_QUEUE_FRAMES,
+            tls: None,
+            unidentified: Arc::new(Semaphore::new(PEER_UNIDENTIFIED_MAX)),
+            inbound: Mutex::default(),
             _req: PhantomData,
         }
+    }
+
+    /// Mutual TLS on every connection, both ways.
+    pub fn with_tls(mut self, tls: Option<PeerTls>) -> Self {
+        self.tls = tls.map(Arc::new);
+        self
+    }
+
+    /// Bytes one connection may queue in each direction ([`PEER_QUEUE_BYTES`]; less in
+    /// tests with a small frame limit).
+    fn queue_bytes(&self) -> usize {
+        PEER_QUEUE_BYTES.min(4 * (self.frame_bytes_max + 4 + HEADER_BYTES))
     }
 
     /// A smaller send queue, so tests can fill it.
@@ -355,11 +497,27 @@ where
             .map_err(|_| NetError::Connect(to, format!("connect to {addr} timed out")))?
             .map_err(|e| NetError::Connect(to, format!("{addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
-        let (tx, rx) = mpsc::channel(self.send_queue_frames);
+        let (r, w) = match &self.tls {
+            None => split_plain(stream),
+            Some(tls) => {
+                let name = tls.name(to).ok_or(NetError::UnknownPeer(to))?;
+                let s =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connector().connect(name, stream))
+                        .await
+                        .map_err(|_| {
+                            NetError::Connect(to, format!("TLS handshake with {addr} timed out"))
+                        })?
+                        .map_err(|e| {
+                            NetError::Connect(to, format!("TLS handshake with {addr}: {e}"))
+                        })?;
+                let (r, w) = tokio::io::split(s);
+                (Box::new(r) as ReadHalf, Box::new(w) as WriteHalf)
+            }
+        };
+        let (out, rx) = Outbox::new(self.send_queue_frames, self.queue_bytes());
         let closed = Arc::new(AtomicBool::new(false));
         let pending: Pending<Resp> = Arc::default();
-        tx.send(frame(KIND_HELLO, self.me, &()))
+        out.push(frame(KIND_HELLO, self.me, &()))
             .await
             .map_err(|_| NetError::Connect(to, "writer gone".into()))?;
         {
@@ -424,7 +582,7 @@ where
             });
         }
         let conn = Arc::new(Conn {
-            tx,
+            out,
             pending: pending.clone(),
             closed: closed.clone(),
         });
@@ -472,7 +630,7 @@ where
         // A full send queue waits, but never past the deadline; a frame that found no
         // room was never queued, so it was certainly not delivered.
         let left = timeout.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, conn.tx.send(f)).await {
+        match tokio::time::timeout(left, conn.out.push(f)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
                 forget();
@@ -483,6 +641,7 @@ where
             }
             Err(_) => {
                 forget();
+                limits::hit("peer_send_queue");
                 return Err(NetError::Connect(
                     to,
                     "the send queue stayed full until the deadline".into(),
@@ -515,44 +674,146 @@ where
                     continue;
                 }
             };
+            // Strangers get a bounded number of places; past it, closed at once.
+            let Ok(place) = self.unidentified.clone().try_acquire_owned() else {
+                limits::hit("peer_unidentified_connections");
+                tracing::debug!(%addr, "peer connection refused: too many unidentified");
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let handler = handler.clone();
             tokio::spawn(async move {
-                if let Err(e) = this.serve_connection(stream, handler).await {
+                if let Err(e) = this.serve_connection(stream, place, handler).await {
                     tracing::debug!(%addr, error = %e, "inbound peer connection ended");
                 }
             });
         }
     }
 
+    /// The TLS handshake and the hello, under [`HELLO_TIMEOUT`]: who the connection is
+    /// from, proven by its certificate when TLS is on. Reads nothing past the hello.
+    async fn identify(
+        &self,
+        stream: TcpStream,
+    ) -> std::io::Result<(PeerId, BufReader<ReadHalf>, WriteHalf)> {
+        let (r, w, chain) = match &self.tls {
+            None => {
+                let (r, w) = split_plain(stream);
+                (r, w, None)
+            }
+            Some(tls) => {
+                let s = tls.acceptor().accept(stream).await?;
+                let chain: Vec<_> = s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| c.clone().into_owned())
+                    .collect();
+                let (r, w) = tokio::io::split(s);
+                (
+                    Box::new(r) as ReadHalf,
+                    Box::new(w) as WriteHalf,
+                    Some(chain),
+                )
+            }
+        };
+        let mut r = BufReader::new(r);
+        // A hello has no body: a larger first frame is not a hello.
+        let from = match read_frame(&mut r, HEADER_BYTES).await? {
+            Some(Frame::Whole(KIND_HELLO, id, _)) if self.peers.contains_key(&id) => id,
+            Some(Frame::Whole(KIND_HELLO, id, _)) => {
+                return Err(std::io::Error::other(format!(
+                    "hello from unknown node {id}"
+                )));
+            }
+            _ => return Err(std::io::Error::other("peer did not say hello")),
+        };
+        if let (Some(tls), Some(chain)) = (&self.tls, chain) {
+            if let Err(e) = tls.check_identity(&chain, from) {
+                limits::hit("peer_identity");
+                tracing::warn!(claimed = from, error = %e, "peer connection refused: identity");
+                return Err(std::io::Error::other(format!(
+                    "claims to be node {from}, but {e}"
+                )));
+            }
+        }
+        Ok((from, r, w))
+    }
+
     async fn serve_connection(
         self: Arc<Self>,
         stream: TcpStream,
+        place: OwnedSemaphorePermit,
         handler: Handler<Req, Resp>,
     ) -> std::io::Result<()> {
-        let (r, w) = stream.into_split();
-        let mut r = BufReader::new(r);
-        let from =
-            match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut r, self.frame_bytes_max))
-                .await
-            {
-                Ok(Ok(Some(Frame::Whole(KIND_HELLO, id, _)))) if self.peers.contains_key(&id) => id,
-                Ok(Ok(Some(Frame::Whole(KIND_HELLO, id, _)))) => {
-                    return Err(std::io::Error::other(format!(
-                        "hello from unknown node {id}"
-                    )));
+        let (from, mut r, w) =
+            match tokio::time::timeout(HELLO_TIMEOUT, self.identify(stream)).await {
+                Ok(x) => x?,
+                Err(_) => {
+                    limits::hit("peer_hello_timeout");
+                    return Err(std::io::Error::other("no hello within the timeout"));
                 }
-                _ => return Err(std::io::Error::other("peer did not say hello")),
             };
-        let (tx, rx) = mpsc::channel(self.send_queue_frames);
+        drop(place);
+        // One inbound connection per peer: an honest peer dials once and redials only
+        // when its connection broke, so the newest replaces the rest.
+        let serial = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(Notify::new());
+        if let Some((_, old)) = self
+            .inbound
+            .lock()
+            .expect("inbound lock poisoned")
+            .insert(from, (serial, stop.clone()))
+        {
+            old.notify_one();
+        }
+        let result = self.serve_frames(from, &mut r, w, &stop, handler).await;
+        let mut inbound = self.inbound.lock().expect("inbound lock poisoned");
+        if inbound.get(&from).is_some_and(|(s, _)| *s == serial) {
+            inbound.remove(&from);
+        }
+        result
+    }
+
+    async fn serve_frames(
+        self: &Arc<Self>,
+        from: PeerId,
+        r: &mut BufReader<ReadHalf>,
+        w: WriteHalf,
+        stop: &Notify,
+        handler: Handler<Req, Resp>,
+    ) -> std::io::Result<()> {
+        let (out, rx) = Outbox::new(self.send_queue_frames, self.queue_bytes());
         let faults = self.faults.clone();
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             let _ = write_loop(rx, w, from, faults).await;
         });
+        // A writer blocked on a peer that reads nothing must not outlive the connection.
+        struct AbortOnDrop(tokio::task::JoinHandle<()>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _writer = AbortOnDrop(writer);
         let in_flight = Arc::new(Semaphore::new(INBOUND_IN_FLIGHT_MAX));
+        // Request bytes in handling: read frames wait for earlier ones to be answered.
+        let in_bytes = Arc::new(Semaphore::new(self.queue_bytes()));
         let max = self.frame_bytes_max;
-        while let Some(f) = read_frame(&mut r, max).await? {
+        loop {
+            let f = tokio::select! {
+                f = async {
+                    out.drained().await;
+                    read_frame(r, max).await
+                } => f?,
+                _ = stop.notified() => {
+                    return Err(std::io::Error::other("replaced by a newer connection"));
+                }
+            };
+            let Some(f) = f else { return Ok(()) };
             let (id, body) = match f {
                 Frame::Whole(KIND_REQUEST, id, body) => (id, Some(body)),
                 Frame::Oversized(KIND_REQUEST, id) => (id, None),
@@ -569,51 +830,57 @@ where
             self.contacts.touch(from);
             let Some(body) = body else {
                 // Over the limit: refused unhandled, and the connection goes on.
+                limits::hit("peer_frame_bytes");
                 if self.faults.sends_to(from) {
-                    reply(&tx, frame(KIND_REFUSED, id, &())).await;
+                    reply(&out, frame(KIND_REFUSED, id, &())).await;
                 }
                 continue;
             };
+            let bytes = in_bytes
+                .clone()
+                .acquire_many_owned(body.len().min(self.queue_bytes()) as u32)
+                .await
+                .expect("semaphore never closed");
             let req: Req = bincode::deserialize(&body).map_err(std::io::Error::other)?;
+            drop(body);
             let permit = in_flight
                 .clone()
                 .acquire_owned()
                 .await
                 .expect("semaphore never closed");
-            let (this, handler, tx) = (self.clone(), handler.clone(), tx.clone());
+            let (this, handler, out) = (self.clone(), handler.clone(), out.clone());
             tokio::spawn(async move {
                 let resp = handler(from, req).await;
                 // Isolated or drop_to: the request took effect, the reply is lost, and
                 // the caller times out (maybe delivered), as with a real lost reply.
                 if this.faults.sends_to(from) {
                     let mut f = frame(KIND_RESPONSE, id, &resp);
+                    drop(resp);
                     if frame_len(&f) > this.frame_bytes_max {
                         tracing::warn!(
                             peer = from,
                             bytes = frame_len(&f),
                             "a response over the frame limit was not sent"
                         );
+                        limits::hit("peer_frame_bytes");
                         f = frame(KIND_TOO_LARGE, id, &());
                     }
-                    reply(&tx, f).await;
+                    reply(&out, f).await;
                 }
                 // Held until the reply is queued: a peer that never reads its replies
                 // stops getting requests read, instead of piling replies up here.
-                drop(permit);
+                drop((permit, bytes));
             });
         }
-        Ok(())
     }
 }
 
-/// Queues a reply frame, waiting at most [`RESPONSE_QUEUE_WAIT`] for room; a reply that
-/// finds none is dropped, and its caller times out (outcome unknown, which is true).
-async fn reply(tx: &mpsc::Sender<Vec<u8>>, f: Vec<u8>) {
-    if tokio::time::timeout(RESPONSE_QUEUE_WAIT, tx.send(f))
-        .await
-        .is_err()
-    {
-        tracing::warn!("a reply found the send queue full and was dropped");
+/// Queues a reply frame ([`Outbox::push_reply`]); one that finds no room is dropped and
+/// counted.
+async fn reply(out: &Outbox, f: Vec<u8>) {
+    if !out.push_reply(f).await {
+        limits::hit("peer_reply_queue");
+        tracing::debug!("a reply found the send queue full and was dropped");
     }
 }
 

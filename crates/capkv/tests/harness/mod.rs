@@ -142,6 +142,11 @@ impl Cluster {
             .join(",")
     }
 
+    /// The cluster's CA and node certificates (made as nodes are first started).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
     pub fn data_dir(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("n{}", i + 1))
     }
@@ -154,13 +159,18 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("n{}.log", i + 1)))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_capkv"))
-            .arg("serve")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_capkv"));
+        cmd.arg("serve")
             .args(["--id", &format!("n{}", i + 1)])
             .arg("--data-dir")
             .arg(self.data_dir(i))
             .args(["--cluster", &self.cluster_spec()])
-            .args(&self.extra)
+            .args(&self.extra);
+        if !self.extra.iter().any(|a| a == "--insecure-peers") {
+            capkv::net::tls::init_certs(&self.certs_dir(), &[format!("n{}", i + 1)], &[]).unwrap();
+            cmd.arg("--certs").arg(self.certs_dir());
+        }
+        let child = cmd
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
