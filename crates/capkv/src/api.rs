@@ -18,8 +18,8 @@ use axum::{Json, Router};
 use capkv_core::validate::{self, MAX_SCAN_LIMIT, MAX_TIMEOUT_MS};
 use capkv_core::{
     ApWriteResponse, ApiError, ClusterInfo, Consistency, CounterValue, DeleteResponse, ErrorBody,
-    FaultRequest, FaultState, KeyspaceSpec, Mode, PutResponse, ScanEntry, SetMembers, Sibling,
-    Siblings, ValueType,
+    FaultRequest, FaultState, KeyspaceSpec, Mode, NewUser, PutResponse, ScanEntry, SetMembers,
+    Sibling, Siblings, UserSpec, ValueType,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use utoipa::OpenApi;
@@ -46,6 +46,8 @@ pub struct AppState {
     pub prometheus: Option<PrometheusHandle>,
     /// Data requests (keys, scans, keyspaces) being served: see [`bounded`].
     pub data_requests: Arc<tokio::sync::Semaphore>,
+    /// Token authentication, when on (`crate::auth`).
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl AppState {
@@ -54,7 +56,13 @@ impl AppState {
             node,
             prometheus,
             data_requests: Arc::new(tokio::sync::Semaphore::new(DATA_REQUESTS_MAX)),
+            auth: None,
         }
+    }
+
+    pub fn with_auth(mut self, auth: Option<crate::auth::Auth>) -> AppState {
+        self.auth = auth.map(Arc::new);
+        self
     }
 }
 
@@ -925,6 +933,77 @@ async fn list_keyspaces(
     }
 }
 
+/// Creates a user, or replaces one (with a new token): admin only. The token is in this
+/// answer and nowhere else; the cluster keeps its SHA-256.
+#[utoipa::path(post, path = "/v1/users", tag = "users", request_body = UserSpec,
+    params(("timeout_ms" = Option<u64>, Query)),
+    responses((status = 201, body = NewUser), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
+async fn create_user(
+    State(st): State<AppState>,
+    RawQuery(q): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<NewUser>)> {
+    let params = Params::parse(q, &["timeout_ms"])?;
+    let spec: UserSpec = json_body(body)?;
+    spec.validate()?;
+    if spec.name == "root" {
+        return Err(
+            ApiError::bad_request("'root' is the built-in user of --root-token-file").into(),
+        );
+    }
+    let token = crate::auth::new_token()?;
+    let op = Op::PutUser {
+        spec: spec.clone(),
+        token_sha256: crate::auth::sha256(&token).to_vec(),
+    };
+    st.node
+        .write(command(op, &HeaderMap::new())?, params.deadline()?)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(NewUser {
+            name: spec.name,
+            grants: spec.grants,
+            token,
+        }),
+    ))
+}
+
+/// Lists users and their grants (never their tokens): admin only. Read from this node's
+/// replica.
+#[utoipa::path(get, path = "/v1/users", tag = "users",
+    responses((status = 200, body = Vec<UserSpec>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn list_users(State(st): State<AppState>) -> ApiResult<Json<Vec<UserSpec>>> {
+    Ok(Json(st.node.reader.users()?))
+}
+
+/// Deletes a user; its token stops working on each node as the deletion is applied there.
+#[utoipa::path(delete, path = "/v1/users/{name}", tag = "users",
+    params(("name" = String, Path), ("timeout_ms" = Option<u64>, Query)),
+    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
+async fn delete_user(
+    State(st): State<AppState>,
+    name: Result<Path<String>, PathRejection>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<StatusCode> {
+    let Path(name) = name.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let params = Params::parse(q, &["timeout_ms"])?;
+    validate::keyspace_name(&name)?;
+    match st
+        .node
+        .write(
+            command(Op::DeleteUser { name: name.clone() }, &HeaderMap::new())?,
+            params.deadline()?,
+        )
+        .await?
+    {
+        Written::UserDeleted { deleted: true } => Ok(StatusCode::NO_CONTENT),
+        _ => Err(ApiError::not_found(format!("no user '{name}'")).into()),
+    }
+}
+
 /// This node's view of the cluster: its role, the leader, every node and whether it is reachable.
 #[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = ClusterInfo)))]
 async fn cluster(State(st): State<AppState>) -> Json<ClusterInfo> {
@@ -1098,6 +1177,9 @@ async fn prometheus(State(st): State<AppState>) -> Response {
         clear_faults,
         get_faults,
         crdt_op,
+        create_user,
+        list_users,
+        delete_user,
         healthz,
         prometheus
     ),
@@ -1119,7 +1201,11 @@ async fn prometheus(State(st): State<AppState>) -> Response {
         Siblings,
         CounterValue,
         SetMembers,
-        capkv_core::ValueType
+        capkv_core::ValueType,
+        UserSpec,
+        NewUser,
+        capkv_core::Grant,
+        capkv_core::Role
     ))
 )]
 pub struct ApiDoc;
@@ -1232,6 +1318,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/kv/{ks}", get(scan_keys))
         .route("/v1/keyspaces", post(create_keyspace).get(list_keyspaces))
+        .route("/v1/users", post(create_user).get(list_users))
+        .route("/v1/users/{name}", axum::routing::delete(delete_user))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), bounded));
     // Status, faults and metrics stay outside the bound: they must answer when data
     // requests are stuck.
@@ -1247,6 +1335,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::authorize,
+        ))
         .layer(axum::middleware::from_fn(record_metrics))
         .with_state(state)
 }

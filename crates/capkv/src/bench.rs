@@ -122,6 +122,7 @@ fn error_kind(e: &ClientError) -> String {
         ClientError::Unreachable { .. } => "unreachable".into(),
         ClientError::Lost { .. } => "lost".into(),
         ClientError::Decode(_) => "decode".into(),
+        ClientError::Invalid(_) => "invalid".into(),
     }
 }
 

@@ -10,7 +10,7 @@ use capkv_client::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    parse_cluster, ConfigError, ConfigFile, InitialClusterState, NodeConfig, PeerSecurity,
+    parse_cluster, ConfigError, ConfigFile, HttpTls, InitialClusterState, NodeConfig, PeerSecurity,
 };
 
 #[derive(Parser)]
@@ -26,13 +26,26 @@ pub struct Cli {
 
 #[derive(Args, Clone)]
 pub struct NodeArg {
-    /// Node URL(s) to talk to, comma-separated; the client learns the others from the cluster.
-    #[arg(long, default_value = "http://127.0.0.1:7001")]
+    /// Node URL(s) to talk to, comma-separated; the client learns the others from the
+    /// cluster (https:// for nodes serving TLS).
+    #[arg(long, env = "CAPKV_NODE", default_value = "http://127.0.0.1:7001")]
     pub node: String,
+    /// Bearer token, for nodes with authentication on.
+    #[arg(long, env = "CAPKV_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for https:// nodes, e.g. the cluster's ca.pem.
+    #[arg(long, env = "CAPKV_CACERT")]
+    pub cacert: Option<PathBuf>,
 }
 
 impl NodeArg {
-    fn client(&self) -> Client {
+    fn client(&self) -> Result<Client, String> {
+        let ca_pem = match &self.cacert {
+            Some(p) => {
+                Some(std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
+            }
+            None => None,
+        };
         Client::new(
             self.node
                 .split(',')
@@ -40,7 +53,21 @@ impl NodeArg {
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned),
         )
+        .with_security(capkv_client::Security {
+            token: self.token.clone(),
+            ca_pem,
+        })
+        .map_err(fail)
     }
+}
+
+/// The base URL of a node the cluster describes, in the scheme the client uses.
+fn node_base(client: &Client, http_addr: &str) -> String {
+    let tls = client
+        .endpoints()
+        .first()
+        .is_some_and(|e| e.starts_with("https://"));
+    format!("{}://{http_addr}", if tls { "https" } else { "http" })
 }
 
 #[derive(Subcommand)]
@@ -148,6 +175,36 @@ pub enum Cmd {
     Certs {
         #[command(subcommand)]
         cmd: CertsCmd,
+    },
+    /// Manage users and their tokens (nodes started with --root-token-file).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Create a user (or replace it, with a new token) and print its token.
+    Add {
+        name: String,
+        /// A role: read, readwrite or admin, on every keyspace, or ROLE:KEYSPACE on one.
+        /// Repeat for more.
+        #[arg(long = "role", required = true)]
+        roles: Vec<capkv_core::Grant>,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// List users and their roles.
+    List {
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Delete a user: its token stops working.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        node: NodeArg,
     },
 }
 
@@ -386,6 +443,31 @@ pub struct ServeArgs {
     /// port controls the cluster. Only for trusted networks and tests.
     #[arg(long, conflicts_with = "certs")]
     pub insecure_peers: bool,
+    /// Most HTTP connections open at once (default 1024); one more is answered 503 and
+    /// closed at once.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// How long a client has to send a request's head, in ms; also how long an idle
+    /// keep-alive connection is kept (default 10000).
+    #[arg(long)]
+    pub http_header_timeout_ms: Option<u64>,
+    /// Serve the HTTP API over TLS with this certificate (PEM, chain first)...
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// ...and this private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// With --tls-cert: every client must present a certificate signed by this CA.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Turn authentication on: every request needs a bearer token, and the token in this
+    /// file is the `root` user (admin on everything). `capkv certs init` writes one.
+    #[arg(long)]
+    pub root_token_file: Option<PathBuf>,
+    /// Serve a non-loopback HTTP address without authentication (anyone who can reach it
+    /// can read, write and inject faults).
+    #[arg(long, conflicts_with = "root_token_file")]
+    pub no_auth: bool,
     /// Largest value accepted, in bytes (default 1 MiB).
     #[arg(long)]
     pub max_value_bytes: Option<usize>,
@@ -517,6 +599,54 @@ impl ServeArgs {
             }
             cfg.anti_entropy_interval = (v > 0).then(|| std::time::Duration::from_millis(v));
         }
+        if let Some(v) = self.max_connections.or(file.max_connections) {
+            if !(1..=1_000_000).contains(&v) {
+                return Err(ConfigError::Invalid(
+                    "--max-connections must be between 1 and 1000000".into(),
+                ));
+            }
+            cfg.http_limits.max_connections = v;
+        }
+        if let Some(v) = self.http_header_timeout_ms.or(file.http_header_timeout_ms) {
+            if !(100..=600_000).contains(&v) {
+                return Err(ConfigError::Invalid(
+                    "--http-header-timeout-ms must be between 100 and 600000".into(),
+                ));
+            }
+            cfg.http_limits.header_timeout = std::time::Duration::from_millis(v);
+        }
+        cfg.http_tls = match (
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+            self.tls_client_ca.or(file.tls_client_ca),
+        ) {
+            (Some(cert), Some(key), client_ca) => Some(HttpTls {
+                cert,
+                key,
+                client_ca,
+            }),
+            (None, None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "--tls-cert and --tls-key go together (and --tls-client-ca needs them)".into(),
+                ))
+            }
+        };
+        cfg.root_token_file = self.root_token_file.or(file.root_token_file);
+        let no_auth = self.no_auth || file.no_auth.unwrap_or(false);
+        if cfg.root_token_file.is_some() && no_auth {
+            return Err(ConfigError::Invalid(
+                "--root-token-file and --no-auth exclude each other".into(),
+            ));
+        }
+        if cfg.root_token_file.is_none() && !no_auth && !is_loopback(&cfg.http_addr) {
+            return Err(ConfigError::Invalid(format!(
+                "HTTP address {} is reachable from other machines, and authentication is off: \
+                 give --root-token-file FILE (`capkv certs init` writes one), or --no-auth to \
+                 serve it open anyway",
+                cfg.http_addr
+            )));
+        }
         if let Some(v) = self.snapshot_every.or(file.snapshot_every) {
             if v == 0 {
                 return Err(ConfigError::Invalid(
@@ -527,6 +657,18 @@ impl ServeArgs {
         }
         Ok(cfg)
     }
+}
+
+/// Whether an HTTP listen address only accepts connections from this machine.
+fn is_loopback(addr: &str) -> bool {
+    let host = match addr.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => addr,
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The shortest tombstone grace a production cluster accepts: the longest request
@@ -586,7 +728,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
             idempotency_key,
             node,
         } => {
-            let client = node.client();
+            let client = node.client()?;
             if is_ap(&client, &keyspace).await? {
                 if if_version.is_some() || if_value.is_some() || idempotency_key.is_some() {
                     return Err(format!(
@@ -631,7 +773,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
             serializable,
             node,
         } => {
-            let client = node.client();
+            let client = node.client()?;
             if is_ap(&client, &keyspace).await? {
                 match client
                     .ap_get(&keyspace, key.as_bytes(), None)
@@ -669,7 +811,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
             if_version,
             node,
         } => {
-            let client = node.client();
+            let client = node.client()?;
             if is_ap(&client, &keyspace).await? {
                 if if_version.is_some() {
                     return Err(format!(
@@ -711,7 +853,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
             node,
         } => {
             let (entries, more) = node
-                .client()
+                .client()?
                 .scan(&keyspace, &prefix, None, Some(limit))
                 .await
                 .map_err(fail)?;
@@ -759,7 +901,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
                 TypeArg::Lww => ValueType::Lww,
             });
             let spec = node
-                .client()
+                .client()?
                 .create_keyspace(&KeyspaceSpec {
                     name,
                     mode,
@@ -778,11 +920,11 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
         Cmd::Keyspace {
             cmd: KeyspaceCmd::List { node },
         } => {
-            for ks in node.client().list_keyspaces().await.map_err(fail)? {
+            for ks in node.client()?.list_keyspaces().await.map_err(fail)? {
                 println!("{}", serde_json::to_string(&ks).unwrap_or_default());
             }
         }
-        Cmd::Status { node } => status(node.client()).await?,
+        Cmd::Status { node } => status(node.client()?).await?,
         Cmd::Demo { scenario, node } => {
             let first = node
                 .node
@@ -795,10 +937,10 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
         }
         Cmd::Fault {
             cmd: FaultCmd::Partition { groups, node },
-        } => partition(node.client(), &groups).await?,
+        } => partition(node.client()?, &groups).await?,
         Cmd::Fault {
             cmd: FaultCmd::OneWay { from, to, node },
-        } => one_way(node.client(), &from, &to).await?,
+        } => one_way(node.client()?, &from, &to).await?,
         Cmd::Fault {
             cmd:
                 FaultCmd::Clock {
@@ -806,10 +948,45 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
                     skew_ms,
                     node,
                 },
-        } => clock(node.client(), &node_id, skew_ms).await?,
+        } => clock(node.client()?, &node_id, skew_ms).await?,
         Cmd::Fault {
             cmd: FaultCmd::Heal { node },
-        } => heal(node.client()).await?,
+        } => heal(node.client()?).await?,
+        Cmd::User {
+            cmd: UserCmd::Add { name, roles, node },
+        } => {
+            let user = node
+                .client()?
+                .create_user(&capkv_core::UserSpec {
+                    name,
+                    grants: roles,
+                })
+                .await
+                .map_err(fail)?;
+            eprintln!(
+                "created user '{}'; its token (shown only now; pass it with --token or CAPKV_TOKEN):",
+                user.name
+            );
+            println!("{}", user.token);
+        }
+        Cmd::User {
+            cmd: UserCmd::List { node },
+        } => {
+            for u in node.client()?.list_users().await.map_err(fail)? {
+                let grants: Vec<String> = u
+                    .grants
+                    .iter()
+                    .map(|g| format!("{}:{}", format!("{:?}", g.role).to_lowercase(), g.keyspace))
+                    .collect();
+                println!("{:<20} {}", u.name, grants.join(" "));
+            }
+        }
+        Cmd::User {
+            cmd: UserCmd::Delete { name, node },
+        } => {
+            node.client()?.delete_user(&name).await.map_err(fail)?;
+            println!("deleted user '{name}'");
+        }
     }
     Ok(())
 }
@@ -821,7 +998,7 @@ async fn status(client: Client) -> Result<(), String> {
         "node", "role", "term", "applied", "commit", "leader", "ring"
     );
     for n in &info.nodes {
-        match client.cluster_of(&format!("http://{}", n.http_addr)).await {
+        match client.cluster_of(&node_base(&client, &n.http_addr)).await {
             Ok(v) => {
                 let peers: Vec<&str> = v
                     .nodes
@@ -855,9 +1032,9 @@ async fn status(client: Client) -> Result<(), String> {
 }
 
 /// The HTTP URL of node `id`, as the cluster describes it.
-fn node_url(info: &ClusterInfo, id: &str) -> Result<String, String> {
+fn node_url(client: &Client, info: &ClusterInfo, id: &str) -> Result<String, String> {
     match info.nodes.iter().find(|n| n.id == id) {
-        Some(n) => Ok(format!("http://{}", n.http_addr)),
+        Some(n) => Ok(node_base(client, &n.http_addr)),
         None => Err(format!(
             "unknown node '{id}'; the cluster has {}",
             info.nodes
@@ -896,7 +1073,7 @@ async fn partition(client: Client, groups: &[String]) -> Result<(), String> {
     let groups: Vec<Vec<String>> = groups.iter().map(|g| id_list(g)).collect();
     let mut seen = std::collections::BTreeSet::new();
     for id in groups.iter().flatten() {
-        node_url(&info, id)?;
+        node_url(&client, &info, id)?;
         if !seen.insert(id.clone()) {
             return Err(format!("node '{id}' is in more than one group"));
         }
@@ -912,7 +1089,7 @@ async fn partition(client: Client, groups: &[String]) -> Result<(), String> {
             .flatten()
             .cloned()
             .collect();
-        let url = format!("http://{}", n.http_addr);
+        let url = node_base(&client, &n.http_addr);
         match update_faults(&client, &url, |f| f.isolate_from = others.clone()).await {
             Ok(_) => println!("{}: isolated from {}", n.id, others.join(",")),
             Err(e) => failed.push(format!("{}: {e}", n.id)),
@@ -927,13 +1104,13 @@ async fn partition(client: Client, groups: &[String]) -> Result<(), String> {
 
 async fn one_way(client: Client, from: &str, to: &str) -> Result<(), String> {
     let info = client.cluster().await.map_err(fail)?;
-    let url = node_url(&info, from)?;
+    let url = node_url(&client, &info, from)?;
     let to = id_list(to);
     if to.is_empty() {
         return Err("name at least one node for FROM to drop its messages to".into());
     }
     for id in &to {
-        node_url(&info, id)?;
+        node_url(&client, &info, id)?;
     }
     let state = update_faults(&client, &url, |f| f.drop_to = to)
         .await
@@ -947,7 +1124,7 @@ async fn one_way(client: Client, from: &str, to: &str) -> Result<(), String> {
 
 async fn clock(client: Client, id: &str, skew_ms: i64) -> Result<(), String> {
     let info = client.cluster().await.map_err(fail)?;
-    let url = node_url(&info, id)?;
+    let url = node_url(&client, &info, id)?;
     let state = update_faults(&client, &url, |f| {
         f.clock_skew_ms = (skew_ms != 0).then_some(skew_ms)
     })
@@ -965,7 +1142,7 @@ async fn heal(client: Client) -> Result<(), String> {
     let mut failed = Vec::new();
     for n in &info.nodes {
         match client
-            .set_faults(&format!("http://{}", n.http_addr), Vec::new())
+            .set_faults(&node_base(&client, &n.http_addr), Vec::new())
             .await
         {
             Ok(_) => println!("{}: healed", n.id),
@@ -1045,5 +1222,31 @@ mod tests {
         let c = serve(&["--certs", "/etc/capkv"]).unwrap();
         assert_eq!(c.peer_security, PeerSecurity::Certs("/etc/capkv".into()));
         assert_eq!(serve(&[]).unwrap().peer_security, PeerSecurity::Insecure);
+    }
+
+    /// #10: like Redis's protected mode, a node reachable from other machines does not
+    /// serve without authentication unless told to.
+    #[test]
+    fn a_public_http_address_needs_auth_or_an_explicit_no_auth() {
+        let e = serve(&["--http", "0.0.0.0:7001"]).unwrap_err();
+        assert!(e.to_string().contains("--root-token-file"), "{e}");
+        assert!(serve(&["--http", "10.1.2.3:7001"]).is_err());
+        assert!(serve(&["--http", "0.0.0.0:7001", "--no-auth"]).is_ok());
+        let c = serve(&["--http", "0.0.0.0:7001", "--root-token-file", "/t"]).unwrap();
+        assert_eq!(c.root_token_file, Some("/t".into()));
+        for local in ["127.0.0.1:7001", "[::1]:7001", "localhost:7001"] {
+            assert!(serve(&["--http", local]).is_ok(), "{local}");
+        }
+        let parses = |extra: &[&str]| {
+            let mut args = vec!["capkv", "serve", "--id", "n1", "--insecure-peers"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).is_ok()
+        };
+        assert!(!parses(&["--root-token-file", "/t", "--no-auth"]));
+        assert!(
+            !parses(&["--tls-cert", "/c"]),
+            "a certificate needs its key"
+        );
+        assert!(parses(&["--tls-cert", "/c", "--tls-key", "/k"]));
     }
 }

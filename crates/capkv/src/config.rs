@@ -113,6 +113,21 @@ pub struct NodeConfig {
     pub anti_entropy_interval: Option<std::time::Duration>,
     /// How peer connections are secured.
     pub peer_security: PeerSecurity,
+    /// Bounds on HTTP connections (`--max-connections`, `--http-header-timeout-ms`).
+    pub http_limits: crate::http::HttpLimits,
+    /// TLS on the HTTP API, if on.
+    pub http_tls: Option<HttpTls>,
+    /// The root token's file: authentication is on (see `crate::auth`).
+    pub root_token_file: Option<PathBuf>,
+}
+
+/// TLS for the HTTP API (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Clients must present a certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// How a node's peer connections are secured.
@@ -142,6 +157,13 @@ pub struct ConfigFile {
     pub anti_entropy_ms: Option<u64>,
     pub certs: Option<PathBuf>,
     pub insecure_peers: Option<bool>,
+    pub max_connections: Option<usize>,
+    pub http_header_timeout_ms: Option<u64>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub root_token_file: Option<PathBuf>,
+    pub no_auth: Option<bool>,
 }
 
 impl ConfigFile {
@@ -185,6 +207,9 @@ impl NodeConfig {
             initial_cluster_state: InitialClusterState::Auto,
             anti_entropy_interval: Some(crate::ap::anti_entropy::AE_INTERVAL),
             peer_security: PeerSecurity::Insecure,
+            http_limits: crate::http::HttpLimits::default(),
+            http_tls: None,
+            root_token_file: None,
         })
     }
 

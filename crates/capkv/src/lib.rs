@@ -14,6 +14,7 @@
 
 pub mod ap;
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod check;
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod demo;
 pub mod dev;
 #[cfg(test)]
 mod format_tests;
+pub mod http;
 pub mod limits;
 pub mod net;
 pub mod node;

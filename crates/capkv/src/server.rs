@@ -43,6 +43,25 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// How long a stopping node waits for HTTP requests in flight to finish.
+const HTTP_DRAIN: Duration = Duration::from_secs(30);
+
+/// Raises the soft limit on open files to the hard limit: every connection is a file, and
+/// the connection caps (HTTP and peer) should be what bounds them, not a default 1024.
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit/setrlimit write only to the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 pub async fn run(config: NodeConfig) -> Result<(), String> {
     let prometheus = install_metrics();
     let http = tokio::net::TcpListener::bind(&config.http_addr)
@@ -53,12 +72,22 @@ pub async fn run(config: NodeConfig) -> Result<(), String> {
         .map_err(|e| format!("cannot listen for peers on {}: {e}", config.peer_addr))?;
     tracing::info!(node = %config.name, http = %config.http_addr, peer = %config.peer_addr,
         data_dir = %config.data_dir.display(), faults = config.enable_faults, "starting");
+    raise_open_files_limit();
+    let tls = match &config.http_tls {
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::net::tls::http_server_config(&t.cert, &t.key, t.client_ca.as_deref())
+                .map_err(|e| format!("HTTP TLS: {e}"))?,
+        )),
+        None => None,
+    };
+    let limits = config.http_limits;
+    let auth = match &config.root_token_file {
+        Some(f) => Some(crate::auth::Auth::from_root_token_file(f)?),
+        None => None,
+    };
     let node = Node::start(config, peer).await.map_err(|e| e.to_string())?;
-    let app = router(AppState::new(node.clone(), prometheus));
-    axum::serve(http, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| format!("http server: {e}"))?;
+    let app = router(AppState::new(node.clone(), prometheus).with_auth(auth));
+    crate::http::serve(http, app, tls, limits, shutdown_signal(), HTTP_DRAIN).await;
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())

@@ -469,14 +469,15 @@ async fn a_follower_killed_in_the_middle_of_a_snapshot_transfer_catches_up_after
                 let client = c.client(leader);
                 let value = value.clone();
                 tokio::spawn(async move {
+                    // A long deadline: 13 tests share two cores in a full run, and
+                    // this one is about snapshots, not about write latency.
+                    let opts = WriteOptions {
+                        timeout_ms: Some(30_000),
+                        ..WriteOptions::default()
+                    };
                     for i in (keys + w..keys + 32).step_by(4) {
                         client
-                            .put(
-                                "cp",
-                                format!("big{i:03}").as_bytes(),
-                                value.clone(),
-                                &WriteOptions::default(),
-                            )
+                            .put("cp", format!("big{i:03}").as_bytes(), value.clone(), &opts)
                             .await
                             .unwrap();
                     }

@@ -290,7 +290,14 @@ async fn a_peer_that_never_reads_its_replies_cannot_grow_a_nodes_memory() {
         })
         .unwrap();
     let value = vec![b'x'; 64 << 10];
-    for i in 0..200 {
+    eventually(D, "every node knows keyspace ap", || async {
+        client
+            .ap_put("ap", b"k0000", value.clone(), None, None)
+            .await
+            .is_ok()
+    })
+    .await;
+    for i in 1..200 {
         client
             .ap_put(
                 "ap",
@@ -428,4 +435,269 @@ async fn a_stopped_raft_core_is_reported_by_healthz_and_status() {
     let info = c.client(victim).cluster_of(&c.url(victim)).await.unwrap();
     assert_eq!(info.role, "stopped");
     assert!(info.raft_stopped.is_some());
+}
+
+/// Sends `GET /healthz` on a raw connection and reads the status line.
+async fn raw_health(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(D, s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Slowloris: 300 connections that send half a request head, a byte at a time, are all
+/// closed by the server once the header timeout passes, and the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_closed_within_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::start(1, &["--http-header-timeout-ms", "1000"]).await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(&c.http[0]).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let _ = s
+                .write_all(b"GET /v1/cluster HTTP/1.1\r\nhost: x\r\nx-slow: ")
+                .await;
+            let mut buf = [0u8; 256];
+            loop {
+                // One more byte every 200 ms; the server must close the connection.
+                tokio::select! {
+                    r = s.read(&mut buf) => match r {
+                        Ok(0) | Err(_) => return Instant::now(),
+                        Ok(_) => {} // an error answer (408); then the close
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if s.write_all(b"a").await.is_err() {
+                            return Instant::now();
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let closed = tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .expect("a slowloris connection was still open after 10 s")
+            .unwrap();
+        assert!(closed - started < Duration::from_secs(6));
+    }
+    let m = c.metrics(0).await;
+    let hits = m
+        .lines()
+        .filter(|l| l.starts_with("capkv_limit_hits_total") && l.contains("http_header_timeout"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert!(hits >= 300.0, "{hits} header timeouts counted");
+    still_serves(&c, "k").await;
+}
+
+/// 1000 connections past the cap are refused at once (503 or closed), while a connection
+/// opened before keeps being served, and new ones are once the flood is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_refused_and_the_node_keeps_serving() {
+    use tokio::io::AsyncReadExt;
+    let c = Cluster::start(
+        1,
+        &[
+            "--max-connections",
+            "50",
+            "--http-header-timeout-ms",
+            "60000",
+        ],
+    )
+    .await;
+    let mut kept = tokio::net::TcpStream::connect(&c.http[0]).await.unwrap();
+    assert!(raw_health(&mut kept).await.contains("200"));
+    let mut held = Vec::new();
+    for _ in 0..49 {
+        held.push(tokio::net::TcpStream::connect(&c.http[0]).await.unwrap());
+    }
+    // The cap is full: every further connection is refused.
+    let mut flood = Vec::new();
+    for _ in 0..1000 {
+        let addr = c.http[0].clone();
+        flood.push(tokio::spawn(async move {
+            let mut s = match tokio::net::TcpStream::connect(&addr).await {
+                Ok(s) => s,
+                Err(_) => return (false, true),
+            };
+            let mut buf = Vec::new();
+            match tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await {
+                Ok(_) => (
+                    String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 503"),
+                    true,
+                ),
+                Err(_) => (false, false),
+            }
+        }));
+    }
+    let (mut answered_503, mut ended) = (0, 0);
+    for f in flood {
+        let (is_503, closed) = f.await.unwrap();
+        answered_503 += is_503 as usize;
+        ended += closed as usize;
+    }
+    assert_eq!(
+        ended, 1000,
+        "every refused connection was closed within 5 s"
+    );
+    assert!(answered_503 > 0, "refusals say why");
+    assert!(
+        raw_health(&mut kept).await.contains("200"),
+        "the node serves"
+    );
+    drop(held);
+    // Once the held connections are gone, new ones are served again, and the refusals
+    // were counted.
+    eventually(
+        Duration::from_secs(10),
+        "the node counts 1000 refusals",
+        || async {
+            let Ok(r) = reqwest::get(format!("{}/metrics", c.url(0))).await else {
+                return false;
+            };
+            let m = r.text().await.unwrap_or_default();
+            harness::metric(&m, "capkv_limit_hits_total") >= 1000.0
+        },
+    )
+    .await;
+    still_serves(&c, "k").await;
+}
+
+/// The status a request gets with `token` (or none).
+async fn status_with(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+) -> u16 {
+    let mut req = http.request(method, url).body("v");
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+/// With authentication on: no token is 401, a read-only token cannot write (403) on any
+/// node (users live in the cp registry), admin endpoints need admin, and a deleted
+/// user's token stops working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_roles_are_enforced_on_every_node() {
+    use capkv_core::UserSpec;
+    use reqwest::Method;
+    let c = Cluster::start(3, &["--auth"]).await;
+    let http = c.http_client();
+    let key = |i: usize| format!("{}/v1/kv/cp/k", c.url(i));
+    // No token, a wrong token: 401 everywhere but the probes.
+    assert_eq!(status_with(&http, Method::GET, &key(0), None).await, 401);
+    assert_eq!(
+        status_with(&http, Method::PUT, &key(1), Some("nope")).await,
+        401
+    );
+    let cluster = format!("{}/v1/cluster", c.url(2));
+    assert_eq!(status_with(&http, Method::GET, &cluster, None).await, 401);
+    let health = format!("{}/healthz", c.url(2));
+    assert_eq!(status_with(&http, Method::GET, &health, None).await, 200);
+
+    let root = c.client(0);
+    let reader = root
+        .create_user(&UserSpec {
+            name: "reader".into(),
+            grants: vec!["read:cp".parse().unwrap()],
+        })
+        .await
+        .unwrap();
+    let writer = root
+        .create_user(&UserSpec {
+            name: "writer".into(),
+            grants: vec!["readwrite:cp".parse().unwrap()],
+        })
+        .await
+        .unwrap();
+    assert_ne!(reader.token, writer.token);
+    // Through another node, once the registry entry is applied there.
+    let (r, w) = (reader.token.as_str(), writer.token.as_str());
+    eventually(D, "n3 knows the writer", || async {
+        status_with(&http, Method::PUT, &key(2), Some(w)).await == 200
+    })
+    .await;
+    eventually(D, "n3 knows the reader", || async {
+        status_with(&http, Method::GET, &key(2), Some(r)).await == 200
+    })
+    .await;
+    assert_eq!(status_with(&http, Method::PUT, &key(2), Some(r)).await, 403);
+    assert_eq!(
+        status_with(&http, Method::DELETE, &key(1), Some(r)).await,
+        403
+    );
+    let other = format!("{}/v1/kv/bank/k", c.url(1));
+    assert_eq!(status_with(&http, Method::PUT, &other, Some(w)).await, 403);
+    assert_eq!(status_with(&http, Method::GET, &other, Some(r)).await, 403);
+    let admin_only = [
+        (Method::POST, format!("{}/v1/keyspaces", c.url(0))),
+        (Method::DELETE, format!("{}/v1/faults", c.url(0))),
+        (Method::GET, format!("{}/v1/users", c.url(0))),
+    ];
+    for (m, url) in &admin_only {
+        assert_eq!(
+            status_with(&http, m.clone(), url, Some(w)).await,
+            403,
+            "{url}"
+        );
+    }
+    // The writer's write is there.
+    let read = c
+        .client(0)
+        .get("cp", b"k", Default::default())
+        .await
+        .unwrap();
+    assert_eq!(read.map(|v| v.value), Some(b"v".to_vec()));
+    // Users are listed without tokens; deleting one revokes its token on every node.
+    let users = root.list_users().await.unwrap();
+    assert_eq!(users.len(), 2);
+    root.delete_user("reader").await.unwrap();
+    for i in 0..3 {
+        eventually(D, "the deleted user's token is refused", || async {
+            status_with(&http, Method::GET, &key(i), Some(r)).await == 401
+        })
+        .await;
+    }
+    assert!(matches!(
+        root.delete_user("reader").await,
+        Err(ClientError::Api { status: 404, .. })
+    ));
+}
+
+/// The HTTP API over TLS, with a token: the CLI's client trusts the cluster's CA, learns
+/// the other nodes as https://, and a plain-HTTP request gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_over_tls_serves_only_tls() {
+    let c = Cluster::start(3, &["--auth", "--https"]).await;
+    let client = capkv_client::Client::new([c.url(0)])
+        .with_security(c.security())
+        .unwrap();
+    client
+        .put("cp", b"k", b"v".to_vec(), &WriteOptions::default())
+        .await
+        .unwrap();
+    assert!(client.endpoints().iter().all(|e| e.starts_with("https://")));
+    assert_eq!(client.endpoints().len(), 3);
+    // Plain HTTP to a TLS port: no HTTP answer.
+    let plain = reqwest::get(format!("http://{}/healthz", c.http[1])).await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    // Without the CA, the server is not trusted.
+    let untrusted = capkv_client::Client::new([c.url(0)]);
+    assert!(untrusted.cluster().await.is_err());
 }

@@ -37,6 +37,9 @@ pub enum ClientError {
     /// A node answered with something that is not the API's format.
     #[error("unexpected answer: {0}")]
     Decode(String),
+    /// The client's own settings are unusable (a CA file that is not PEM, ...).
+    #[error("client settings: {0}")]
+    Invalid(String),
 }
 
 impl ClientError {
@@ -100,6 +103,18 @@ pub struct Client {
     http: reqwest::Client,
     endpoints: Mutex<Vec<String>>,
     learned: Mutex<bool>,
+    answer_wait: Duration,
+    security: Security,
+}
+
+/// How a client proves who it is and whom it trusts.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// Sent as `Authorization: Bearer TOKEN` with every request.
+    pub token: Option<String>,
+    /// PEM certificates of the CAs to trust for `https://` nodes (e.g. the cluster's
+    /// `ca.pem`).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// How long a client waits for an answer by default: above the longest server deadline
@@ -140,10 +155,26 @@ impl Client {
             .map(|s| s.into().trim_end_matches('/').to_owned())
             .collect();
         Client {
-            http: Self::http(ANSWER_WAIT_DEFAULT),
+            http: Self::http(ANSWER_WAIT_DEFAULT, &Security::default())
+                .expect("a client without TLS roots or token always builds"),
             endpoints: Mutex::new(endpoints),
             learned: Mutex::new(false),
+            answer_wait: ANSWER_WAIT_DEFAULT,
+            security: Security::default(),
         }
+    }
+
+    /// This client with a bearer token and trusted CAs. Fails on a CA file that is not
+    /// PEM or a token that cannot be a header.
+    pub fn with_security(mut self, security: Security) -> Result<Client> {
+        self.http = Self::http(self.answer_wait, &security)?;
+        self.security = security;
+        Ok(self)
+    }
+
+    /// How this client proves who it is (for tools that make more clients like it).
+    pub fn security(&self) -> &Security {
+        &self.security
     }
 
     /// A client that talks to exactly one node: it never learns other nodes or fails over,
@@ -151,18 +182,38 @@ impl Client {
     /// For tools that must know which node served each request (`capkv check`).
     pub fn pinned(node: &str, answer_wait: Duration) -> Client {
         Client {
-            http: Self::http(answer_wait),
+            http: Self::http(answer_wait, &Security::default())
+                .expect("a client without TLS roots or token always builds"),
             endpoints: Mutex::new(vec![node.trim_end_matches('/').to_owned()]),
             learned: Mutex::new(true),
+            answer_wait,
+            security: Security::default(),
         }
     }
 
-    fn http(answer_wait: Duration) -> reqwest::Client {
-        reqwest::Client::builder()
+    fn http(answer_wait: Duration, security: &Security) -> Result<reqwest::Client> {
+        let invalid =
+            |what: &str, e: &dyn std::fmt::Display| ClientError::Invalid(format!("{what}: {e}"));
+        let mut b = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2).min(answer_wait))
             .timeout(answer_wait)
-            .build()
-            .expect("building the HTTP client")
+            // Below the server's idle keep-alive (10 s by default), so that this client
+            // never sends on a connection the server is closing.
+            .pool_idle_timeout(Duration::from_secs(5));
+        if let Some(pem) = &security.ca_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| invalid("the CA file", &e))?
+            {
+                b = b.add_root_certificate(cert);
+            }
+        }
+        if let Some(token) = &security.token {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|e| invalid("the token", &e))?;
+            v.set_sensitive(true);
+            b = b.default_headers([(reqwest::header::AUTHORIZATION, v)].into_iter().collect());
+        }
+        b.build().map_err(|e| invalid("the HTTP client", &e))
     }
 
     /// The node URLs this client knows, in the order it tries them.
@@ -224,9 +275,14 @@ impl Client {
         let Ok(info) = resp.json::<ClusterInfo>().await else {
             return;
         };
+        let scheme = if base.starts_with("https://") {
+            "https"
+        } else {
+            "http"
+        };
         let mut eps = self.endpoints.lock().expect("endpoints lock");
         for n in info.nodes {
-            let url = format!("http://{}", n.http_addr);
+            let url = format!("{scheme}://{}", n.http_addr);
             if !eps.contains(&url) {
                 eps.push(url);
             }
@@ -632,6 +688,27 @@ impl Client {
                 .await?,
         )
         .await
+    }
+
+    /// Creates (or replaces, with a new token) a user; the answer holds its token.
+    pub async fn create_user(&self, spec: &capkv_core::UserSpec) -> Result<capkv_core::NewUser> {
+        let body = serde_json::to_vec(spec).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let headers = [("content-type", "application/json".to_string())];
+        Self::json(
+            self.request(Method::POST, "/v1/users", Some(body), &headers)
+                .await?,
+        )
+        .await
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<capkv_core::UserSpec>> {
+        Self::json(self.request(Method::GET, "/v1/users", None, &[]).await?).await
+    }
+
+    pub async fn delete_user(&self, name: &str) -> Result<()> {
+        let path = format!("/v1/users/{}", encode_segment(name.as_bytes()));
+        Self::check(self.request(Method::DELETE, &path, None, &[]).await?).await?;
+        Ok(())
     }
 
     /// The cluster as seen by the first node that answers.

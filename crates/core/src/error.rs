@@ -32,6 +32,9 @@ pub enum ErrorCode {
     /// The deadline passed with the outcome unknown: the operation may or may not have
     /// taken effect. 504.
     Timeout,
+    /// No bearer token, or one no user holds, on a node with authentication on. 401.
+    /// (Last: stored replies are bincode, which numbers variants in order.)
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -47,6 +50,7 @@ impl ErrorCode {
             ErrorCode::NotImplemented => 501,
             ErrorCode::Unavailable => 503,
             ErrorCode::Timeout => 504,
+            ErrorCode::Unauthorized => 401,
         }
     }
 
@@ -54,6 +58,7 @@ impl ErrorCode {
     pub fn from_http_status(status: u16) -> ErrorCode {
         match status {
             400 => ErrorCode::BadRequest,
+            401 => ErrorCode::Unauthorized,
             403 => ErrorCode::Forbidden,
             404 => ErrorCode::NotFound,
             409 => ErrorCode::Conflict,
@@ -82,6 +87,7 @@ impl ErrorCode {
             ErrorCode::NotImplemented => "not_implemented",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }
@@ -129,6 +135,12 @@ impl ApiError {
     }
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(ErrorCode::Internal, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::Unauthorized, message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::Forbidden, message)
     }
 }
 

@@ -534,3 +534,104 @@ mod tests {
         assert_eq!(json, r#"{"key":"k","value_base64":"/wA=","version":7}"#);
     }
 }
+
+/// What a user may do with a keyspace. Each role includes the ones before it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read keys, scan, list keyspaces.
+    Read,
+    /// Also write and delete keys.
+    Readwrite,
+    /// Also create keyspaces; on every keyspace (`*`), also manage users and faults.
+    Admin,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "read" => Ok(Role::Read),
+            "readwrite" => Ok(Role::Readwrite),
+            "admin" => Ok(Role::Admin),
+            _ => Err(format!("unknown role '{s}': read, readwrite or admin")),
+        }
+    }
+}
+
+/// The keyspace name a grant uses for "every keyspace".
+pub const ALL_KEYSPACES: &str = "*";
+
+/// A role on one keyspace, or on every keyspace (`*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub role: Role,
+    /// A keyspace name, or `*` (the default) for every keyspace.
+    #[serde(default = "all_keyspaces")]
+    pub keyspace: String,
+}
+
+fn all_keyspaces() -> String {
+    ALL_KEYSPACES.to_owned()
+}
+
+impl std::str::FromStr for Grant {
+    type Err = String;
+    /// `ROLE` (every keyspace) or `ROLE:KEYSPACE`, as `capkv user add --role` takes it.
+    fn from_str(s: &str) -> Result<Grant, String> {
+        let (role, keyspace) = s.split_once(':').unwrap_or((s, ALL_KEYSPACES));
+        Ok(Grant {
+            role: role.parse()?,
+            keyspace: keyspace.to_owned(),
+        })
+    }
+}
+
+/// `POST /v1/users`: a user to create (or replace, with a new token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    pub name: String,
+    pub grants: Vec<Grant>,
+}
+
+/// Most grants one user may hold.
+pub const MAX_GRANTS: usize = 64;
+
+impl UserSpec {
+    /// Checks the name (as a keyspace name) and every grant's keyspace.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate::keyspace_name(&self.name)
+            .map_err(|e| ApiError::bad_request(format!("user {}", e.message)))?;
+        if self.grants.is_empty() || self.grants.len() > MAX_GRANTS {
+            return Err(ApiError::bad_request(format!(
+                "a user needs 1 to {MAX_GRANTS} grants"
+            )));
+        }
+        for g in &self.grants {
+            if g.keyspace != ALL_KEYSPACES {
+                validate::keyspace_name(&g.keyspace)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether these grants allow `role` on `keyspace` (`None`: on every keyspace).
+    pub fn allows(&self, role: Role, keyspace: Option<&str>) -> bool {
+        self.grants.iter().any(|g| {
+            g.role >= role && (g.keyspace == ALL_KEYSPACES || Some(g.keyspace.as_str()) == keyspace)
+        })
+    }
+}
+
+/// The answer to `POST /v1/users`: the user and its bearer token, shown this once (the
+/// cluster keeps only a hash of it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NewUser {
+    pub name: String,
+    pub grants: Vec<Grant>,
+    pub token: String,
+}

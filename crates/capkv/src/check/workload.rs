@@ -128,8 +128,9 @@ fn outcome_of<T>(r: &Result<T, ClientError>) -> (Outcome, Option<u16>, Option<St
             };
             (outcome, Some(*status), Some(error.message.clone()))
         }
-        // Never connected: never delivered.
+        // Never connected (or never sent): never delivered.
         Err(ClientError::Unreachable { last, .. }) => (Outcome::Fail, None, Some(last.clone())),
+        Err(e @ ClientError::Invalid(_)) => (Outcome::Fail, None, Some(e.to_string())),
         Err(e @ (ClientError::Lost { .. } | ClientError::Decode(_))) => {
             (Outcome::Unknown, None, Some(e.to_string()))
         }

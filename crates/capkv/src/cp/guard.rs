@@ -174,6 +174,14 @@ pub fn check_op(op: &Op) -> Result<(), ApiError> {
             }
             Ok(())
         }
+        Op::PutUser { spec, token_sha256 } => {
+            spec.validate()?;
+            if token_sha256.len() != 32 {
+                return Err(ApiError::bad_request("a token hash is 32 bytes"));
+            }
+            Ok(())
+        }
+        Op::DeleteUser { name } => validate::keyspace_name(name),
     }
 }
 
@@ -212,7 +220,7 @@ pub fn check_command(
             condition
         }
         Op::Delete { condition, .. } => condition,
-        Op::CreateKeyspace { .. } => &None,
+        Op::CreateKeyspace { .. } | Op::PutUser { .. } | Op::DeleteUser { .. } => &None,
     };
     match condition {
         Some(Condition::Value(v)) if v.len() > max_value_bytes => {

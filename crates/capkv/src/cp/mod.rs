@@ -32,7 +32,7 @@ pub mod state_machine;
 
 use std::fmt;
 
-use capkv_core::{ApiError, KeyspaceSpec};
+use capkv_core::{ApiError, KeyspaceSpec, UserSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::ap::value::ApState;
@@ -104,6 +104,16 @@ pub enum Op {
     CreateKeyspace {
         spec: KeyspaceSpec,
     },
+    /// Creates or replaces a user: its grants and the SHA-256 of its bearer token (the
+    /// token itself is never stored).
+    PutUser {
+        spec: UserSpec,
+        #[serde(with = "serde_bytes")]
+        token_sha256: Vec<u8>,
+    },
+    DeleteUser {
+        name: String,
+    },
 }
 
 /// A Raft log entry's payload: an operation plus what makes its application
@@ -140,6 +150,10 @@ pub enum Written {
     KeyspaceCreated,
     /// A blank or membership entry: nothing a client asked for.
     Internal,
+    UserSaved,
+    UserDeleted {
+        deleted: bool,
+    },
 }
 
 /// What a client gets back for a [`Command`]: deterministic, so it can be stored for
@@ -261,6 +275,14 @@ mod tests {
                 key: b"k".to_vec(),
                 condition: Some(Condition::Value(b"v".to_vec())),
             },
+            Op::PutUser {
+                spec: UserSpec {
+                    name: "ann".into(),
+                    grants: vec!["read:cp".parse().unwrap()],
+                },
+                token_sha256: vec![7; 32],
+            },
+            Op::DeleteUser { name: "ann".into() },
         ] {
             let cmd = Command {
                 op,

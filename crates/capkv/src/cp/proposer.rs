@@ -142,6 +142,8 @@ fn size_of(cmd: &Command) -> usize {
             condition,
         } => keyspace.len() + key.len() + condition_len(condition),
         super::Op::CreateKeyspace { .. } => 256,
+        super::Op::PutUser { spec, .. } => 256 + spec.grants.len() * 80,
+        super::Op::DeleteUser { name } => name.len(),
     };
     FIXED + op + cmd.idempotency_key.as_ref().map_or(0, String::len)
 }

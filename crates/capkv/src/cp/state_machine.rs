@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use capkv_core::{ApiError, KeyspaceSpec, Mode};
+use capkv_core::{ApiError, KeyspaceSpec, Mode, UserSpec};
 use std::fs::File;
 
 use openraft::storage::RaftStateMachine;
@@ -78,6 +78,10 @@ const TAG_KEY: u8 = b'k';
 const TAG_SPEC: u8 = b's';
 const TAG_IDEM: u8 = b'i';
 const TAG_IDEM_EXPIRY: u8 = b'j';
+/// A user: `u` + name → JSON `UserRecord`.
+const TAG_USER: u8 = b'u';
+/// A bearer token's SHA-256: `h` + hash → the user's name.
+const TAG_TOKEN: u8 = b'h';
 const CLUSTER_TIME_KEY: &[u8] = b"t";
 
 pub fn data_key(keyspace: &str, key: &[u8]) -> Vec<u8> {
@@ -93,6 +97,25 @@ fn spec_key(name: &str) -> Vec<u8> {
     let mut k = vec![TAG_SPEC];
     k.extend_from_slice(name.as_bytes());
     k
+}
+
+fn user_key(name: &str) -> Vec<u8> {
+    let mut k = vec![TAG_USER];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn token_key(sha256: &[u8]) -> Vec<u8> {
+    let mut k = vec![TAG_TOKEN];
+    k.extend_from_slice(sha256);
+    k
+}
+
+/// A stored user.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct UserRecord {
+    spec: UserSpec,
+    token_sha256: Vec<u8>,
 }
 
 fn idem_key(key: &str) -> Vec<u8> {
@@ -229,6 +252,43 @@ impl Reader {
                 .map_err(|e| ApiError::internal(format!("corrupt keyspace record: {e}")))
         })
         .transpose()
+    }
+
+    /// The user holding the bearer token with this SHA-256, if any.
+    pub fn user_by_token(&self, sha256: &[u8]) -> Result<Option<UserSpec>, ApiError> {
+        let Some(name) = self
+            .engine
+            .get(Tree::Data, &token_key(sha256))
+            .map_err(internal)?
+        else {
+            return Ok(None);
+        };
+        let Some(raw) = self
+            .engine
+            .get(Tree::Data, &user_key(&String::from_utf8_lossy(&name)))
+            .map_err(internal)?
+        else {
+            return Ok(None);
+        };
+        let record: UserRecord = serde_json::from_slice(&raw)
+            .map_err(|e| ApiError::internal(format!("corrupt user record: {e}")))?;
+        // The index and the record are written in one batch; check anyway.
+        Ok((record.token_sha256 == sha256).then_some(record.spec))
+    }
+
+    /// Every user, by name.
+    pub fn users(&self) -> Result<Vec<UserSpec>, ApiError> {
+        let rows = self
+            .engine
+            .range(Tree::Data, &[TAG_USER], Some(&[TAG_USER + 1]), usize::MAX)
+            .map_err(internal)?;
+        rows.iter()
+            .map(|(_, v)| {
+                serde_json::from_slice::<UserRecord>(v)
+                    .map(|r| r.spec)
+                    .map_err(|e| ApiError::internal(format!("corrupt user record: {e}")))
+            })
+            .collect()
     }
 
     pub fn keyspaces(&self) -> Result<Vec<KeyspaceSpec>, ApiError> {
@@ -613,6 +673,32 @@ impl StateMachine {
                     serde_json::to_vec(spec).expect("keyspace specs serialize"),
                 );
                 Ok(Ok(Written::KeyspaceCreated))
+            }
+            Op::PutUser { spec, token_sha256 } => {
+                let k = user_key(&spec.name);
+                if let Some(old) = txn.get(&k)? {
+                    if let Ok(old) = serde_json::from_slice::<UserRecord>(&old) {
+                        txn.delete(token_key(&old.token_sha256));
+                    }
+                }
+                let record = UserRecord {
+                    spec: spec.clone(),
+                    token_sha256: token_sha256.clone(),
+                };
+                txn.put(k, serde_json::to_vec(&record).expect("users serialize"));
+                txn.put(token_key(token_sha256), spec.name.as_bytes().to_vec());
+                Ok(Ok(Written::UserSaved))
+            }
+            Op::DeleteUser { name } => {
+                let k = user_key(name);
+                let Some(old) = txn.get(&k)? else {
+                    return Ok(Ok(Written::UserDeleted { deleted: false }));
+                };
+                if let Ok(old) = serde_json::from_slice::<UserRecord>(&old) {
+                    txn.delete(token_key(&old.token_sha256));
+                }
+                txn.delete(k);
+                Ok(Ok(Written::UserDeleted { deleted: true }))
             }
             Op::Put {
                 keyspace,
@@ -1655,7 +1741,7 @@ mod tests {
                         match op {
                             Op::Put { value, .. } => { revision += 1; model.insert(key.clone(), (revision, value)); }
                             Op::Delete { .. } => { if model.remove(&key).is_some() { revision += 1; } }
-                            Op::CreateKeyspace { .. } => unreachable!(),
+                            _ => unreachable!("only puts and deletes are generated"),
                         }
                     }
                 }

@@ -9,6 +9,7 @@
 //!   <node>.pem, .key     one per node: the certificate names the node (DNS name = its id,
 //!                        e.g. `n2`), is signed by the CA, and serves as both the server and
 //!                        the client certificate of the node's peer connections
+//!   root.token           a random token for `serve --root-token-file` (the root user)
 //! ```
 //!
 //! Peer identity: a dialer checks that the peer's certificate names the node it dialed; an
@@ -38,6 +39,8 @@ use super::PeerId;
 const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca.key";
 const CA_NAME: &str = "capkv cluster CA";
+/// The root user's token (`serve --root-token-file`), made with the CA.
+pub const ROOT_TOKEN: &str = "root.token";
 /// How long a certificate made by `certs init` is valid.
 const VALID_YEARS: i32 = 10;
 
@@ -128,6 +131,12 @@ pub fn init_certs(
         written.extend([dir.join(CA_KEY), ca_path(dir)]);
         (key, cert)
     };
+    let token = dir.join(ROOT_TOKEN);
+    if !token.exists() {
+        let t = crate::auth::new_token().map_err(|e| e.message)?;
+        write_new(&token, &format!("{t}\n"), true)?;
+        written.push(token);
+    }
     for node in nodes {
         crate::config::raft_id(node).map_err(|e| e.to_string())?;
         if cert_path(dir, node).exists() {
@@ -301,7 +310,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<String> = ["n1", "n2"].map(String::from).to_vec();
         let first = init_certs(dir.path(), &nodes, &[]).unwrap();
-        assert_eq!(first.len(), 6);
+        assert_eq!(first.len(), 7);
         let ca = std::fs::read(ca_path(dir.path())).unwrap();
         // Again, with one more node: the CA and the existing certificates stay.
         let nodes: Vec<String> = ["n1", "n2", "n3"].map(String::from).to_vec();

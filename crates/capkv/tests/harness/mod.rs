@@ -15,6 +15,11 @@ pub struct Cluster {
     pub peer: Vec<String>,
     children: Vec<Option<Child>>,
     extra: Vec<String>,
+    /// `--auth` given: nodes run with the root token of the certificate directory, and
+    /// this harness's clients use it.
+    auth: bool,
+    /// `--https` given: nodes serve HTTPS with their node certificates.
+    https: bool,
 }
 
 /// Ports the OS says are free right now. Bound all at once so they are distinct.
@@ -88,7 +93,12 @@ impl Cluster {
         if faults {
             extra.push("--enable-faults".into());
         }
+        let auth = extra.iter().any(|a| a == "--auth");
+        let https = extra.iter().any(|a| a == "--https");
+        extra.retain(|a| a != "--auth" && a != "--https");
         let mut c = Cluster {
+            auth,
+            https,
             dir: tempfile::tempdir().unwrap(),
             http: ports[..n]
                 .iter()
@@ -166,9 +176,22 @@ impl Cluster {
             .arg(self.data_dir(i))
             .args(["--cluster", &self.cluster_spec()])
             .args(&self.extra);
+        // Node certificates also name 127.0.0.1, so that they can serve HTTPS.
+        let hosts = ["localhost".to_string(), "127.0.0.1".to_string()];
+        capkv::net::tls::init_certs(&self.certs_dir(), &[format!("n{}", i + 1)], &hosts).unwrap();
         if !self.extra.iter().any(|a| a == "--insecure-peers") {
-            capkv::net::tls::init_certs(&self.certs_dir(), &[format!("n{}", i + 1)], &[]).unwrap();
             cmd.arg("--certs").arg(self.certs_dir());
+        }
+        if self.auth {
+            cmd.arg("--root-token-file")
+                .arg(self.certs_dir().join("root.token"));
+        }
+        if self.https {
+            let name = format!("n{}", i + 1);
+            cmd.arg("--tls-cert")
+                .arg(capkv::net::tls::cert_path(&self.certs_dir(), &name))
+                .arg("--tls-key")
+                .arg(capkv::net::tls::key_path(&self.certs_dir(), &name));
         }
         let child = cmd
             .env("RUST_LOG", "info,openraft=warn")
@@ -222,12 +245,45 @@ impl Cluster {
     }
 
     pub fn url(&self, i: usize) -> String {
-        format!("http://{}", self.http[i])
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.http[i])
+    }
+
+    /// The root token (`--auth` clusters).
+    pub fn root_token(&self) -> Option<String> {
+        self.auth.then(|| {
+            std::fs::read_to_string(self.certs_dir().join("root.token"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+    }
+
+    /// What a client of this cluster needs: the root token, the CA.
+    pub fn security(&self) -> capkv_client::Security {
+        capkv_client::Security {
+            token: self.root_token(),
+            ca_pem: self
+                .https
+                .then(|| std::fs::read(capkv::net::tls::ca_path(&self.certs_dir())).unwrap()),
+        }
+    }
+
+    /// A plain HTTP client that trusts this cluster's CA (no token).
+    pub fn http_client(&self) -> reqwest::Client {
+        let mut b = reqwest::Client::builder();
+        if self.https {
+            let ca = std::fs::read(capkv::net::tls::ca_path(&self.certs_dir())).unwrap();
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap());
+        }
+        b.build().unwrap()
     }
 
     /// A client that talks to node i only (no fail-over), so tests know who served.
     pub fn client(&self, i: usize) -> Client {
         Client::new([self.url(i)])
+            .with_security(self.security())
+            .unwrap()
     }
 
     pub async fn wait_healthy(&self) {
@@ -236,11 +292,13 @@ impl Cluster {
                 continue;
             }
             let url = format!("{}/healthz", self.url(i));
+            let http = self.http_client();
             eventually(
                 Duration::from_secs(20),
                 &format!("n{} serves /healthz", i + 1),
                 || async {
-                    reqwest::get(&url)
+                    http.get(&url)
+                        .send()
                         .await
                         .is_ok_and(|r| r.status().is_success())
                 },
@@ -309,7 +367,9 @@ impl Cluster {
     }
 
     pub async fn metrics(&self, i: usize) -> String {
-        reqwest::get(format!("{}/metrics", self.url(i)))
+        self.http_client()
+            .get(format!("{}/metrics", self.url(i)))
+            .send()
             .await
             .unwrap()
             .text()
