@@ -36,15 +36,22 @@ pub struct NodeArg {
     /// CA certificate (PEM) to trust for https:// nodes, e.g. the cluster's ca.pem.
     #[arg(long, env = "CAPKV_CACERT")]
     pub cacert: Option<PathBuf>,
+    /// Client certificate (PEM), for nodes that require one (serve --tls-client-ca)...
+    #[arg(long, env = "CAPKV_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// ...and its private key (PEM).
+    #[arg(long, env = "CAPKV_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 impl NodeArg {
     fn client(&self) -> Result<Client, String> {
-        let ca_pem = match &self.cacert {
-            Some(p) => {
-                Some(std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?)
-            }
-            None => None,
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let ca_pem = self.cacert.as_ref().map(read).transpose()?;
+        let identity_pem = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some([read(c)?, read(k)?].concat()),
+            _ => None,
         };
         Client::new(
             self.node
@@ -56,6 +63,7 @@ impl NodeArg {
         .with_security(capkv_client::Security {
             token: self.token.clone(),
             ca_pem,
+            identity_pem,
         })
         .map_err(fail)
     }

@@ -701,3 +701,20 @@ async fn the_api_over_tls_serves_only_tls() {
     let untrusted = capkv_client::Client::new([c.url(0)]);
     assert!(untrusted.cluster().await.is_err());
 }
+
+/// `--tls-client-ca`: a client without a certificate signed by the CA gets no answer;
+/// one with it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_can_be_required() {
+    let c = Cluster::start(1, &["--https-client-certs"]).await;
+    let with = c.client(0);
+    with.put("cp", b"k", b"v".to_vec(), &WriteOptions::default())
+        .await
+        .unwrap();
+    let mut security = c.security();
+    security.identity_pem = None;
+    let without = capkv_client::Client::new([c.url(0)])
+        .with_security(security)
+        .unwrap();
+    assert!(without.cluster().await.is_err());
+}

@@ -115,6 +115,9 @@ pub struct Security {
     /// PEM certificates of the CAs to trust for `https://` nodes (e.g. the cluster's
     /// `ca.pem`).
     pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and its private key, PEM, one after the other: for nodes that
+    /// require client certificates (`serve --tls-client-ca`).
+    pub identity_pem: Option<Vec<u8>>,
 }
 
 /// How long a client waits for an answer by default: above the longest server deadline
@@ -206,6 +209,12 @@ impl Client {
             {
                 b = b.add_root_certificate(cert);
             }
+        }
+        if let Some(pem) = &security.identity_pem {
+            b = b.identity(
+                reqwest::Identity::from_pem(pem)
+                    .map_err(|e| invalid("the client certificate", &e))?,
+            );
         }
         if let Some(token) = &security.token {
             let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))

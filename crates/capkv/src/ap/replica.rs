@@ -690,6 +690,7 @@ impl Replica {
                 };
                 let size = encode(&applied.state).len();
                 if size > self.object_bytes_max && size > encode(&base).len() {
+                    crate::limits::hit("ap_object_bytes");
                     answers.push(Err(ApiError::too_large(format!(
                         "this write would make the object {size} bytes; an ap object (all of \
                          a key's values, siblings or set members) is at most {} bytes. \

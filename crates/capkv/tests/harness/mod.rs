@@ -20,6 +20,8 @@ pub struct Cluster {
     auth: bool,
     /// `--https` given: nodes serve HTTPS with their node certificates.
     https: bool,
+    /// `--https-client-certs` given: also require client certificates signed by the CA.
+    client_certs: bool,
 }
 
 /// Ports the OS says are free right now. Bound all at once so they are distinct.
@@ -94,11 +96,13 @@ impl Cluster {
             extra.push("--enable-faults".into());
         }
         let auth = extra.iter().any(|a| a == "--auth");
-        let https = extra.iter().any(|a| a == "--https");
-        extra.retain(|a| a != "--auth" && a != "--https");
+        let client_certs = extra.iter().any(|a| a == "--https-client-certs");
+        let https = client_certs || extra.iter().any(|a| a == "--https");
+        extra.retain(|a| a != "--auth" && a != "--https" && a != "--https-client-certs");
         let mut c = Cluster {
             auth,
             https,
+            client_certs,
             dir: tempfile::tempdir().unwrap(),
             http: ports[..n]
                 .iter()
@@ -192,6 +196,10 @@ impl Cluster {
                 .arg(capkv::net::tls::cert_path(&self.certs_dir(), &name))
                 .arg("--tls-key")
                 .arg(capkv::net::tls::key_path(&self.certs_dir(), &name));
+            if self.client_certs {
+                cmd.arg("--tls-client-ca")
+                    .arg(capkv::net::tls::ca_path(&self.certs_dir()));
+            }
         }
         let child = cmd
             .env("RUST_LOG", "info,openraft=warn")
@@ -266,6 +274,15 @@ impl Cluster {
             ca_pem: self
                 .https
                 .then(|| std::fs::read(capkv::net::tls::ca_path(&self.certs_dir())).unwrap()),
+            // Node certificates are client certificates too.
+            identity_pem: self.client_certs.then(|| {
+                let dir = self.certs_dir();
+                [
+                    std::fs::read(capkv::net::tls::cert_path(&dir, "n1")).unwrap(),
+                    std::fs::read(capkv::net::tls::key_path(&dir, "n1")).unwrap(),
+                ]
+                .concat()
+            }),
         }
     }
 
@@ -275,6 +292,9 @@ impl Cluster {
         if self.https {
             let ca = std::fs::read(capkv::net::tls::ca_path(&self.certs_dir())).unwrap();
             b = b.add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap());
+        }
+        if let Some(pem) = self.security().identity_pem {
+            b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
         }
         b.build().unwrap()
     }
