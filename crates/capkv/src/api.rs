@@ -29,6 +29,7 @@ use crate::ap::dvv::{
     CONTEXT_COUNTER_MAX, CONTEXT_DOTS_MAX,
 };
 use crate::ap::value::{ApState, LwwValue, Mutation};
+use crate::api_doc::*;
 use crate::cp::{Command, Condition, Op, Written};
 use crate::net::PeerFaults;
 use crate::node::Node;
@@ -136,7 +137,12 @@ impl Params {
                 )));
             }
         }
-        Ok(Params { pairs })
+        let params = Params { pairs };
+        // Checked whether or not the handler's path needs them (a serializable read has
+        // no deadline to keep): a malformed value is refused wherever it appears.
+        params.deadline()?;
+        params.consistency()?;
+        Ok(params)
     }
 
     fn get(&self, name: &str) -> Option<&str> {
@@ -380,6 +386,8 @@ async fn ap_write(
     params: &Params,
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
+    // Accepted but not needed (docs/api.md); a malformed one is still refused.
+    idempotency_key(headers)?;
     let context = context_from(headers)?;
     ap_mutate(node, spec, key, Mutation::Write { context, value }, params).await
 }
@@ -611,10 +619,10 @@ async fn not_known_here(
 /// Changes a counter (`{key}/incr`, body `{"by":N}`) or a set (`{key}/add` or
 /// `{key}/remove`, body `{"members":[...]}`) in an ap keyspace.
 #[utoipa::path(post, path = "/v1/kv/{ks}/{key}/{op}", tag = "kv",
-    params(("ks" = String, Path), ("key" = String, Path), ("op" = String, Path, description = "incr, add or remove"),
-        ("w" = Option<u64>, Query), ("timeout_ms" = Option<u64>, Query)),
-    request_body(content = String, description = "{\"by\":N} or {\"members\":[...]}"),
-    responses((status = 200, body = CounterValue), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    params(CrdtPath, CrdtQuery),
+    request_body(content = CrdtBody, description = "incr: {\"by\":N}; add and remove: {\"members\":[...]}"),
+    responses((status = 200, body = CrdtAnswer, description = "the counter's value or the set's members on the replica that applied it"),
+        WriteErrors))]
 async fn crdt_op(
     State(st): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -682,14 +690,10 @@ fn command(op: Op, headers: &HeaderMap) -> Result<Command, ApiError> {
 
 /// Writes a value.
 #[utoipa::path(put, path = "/v1/kv/{ks}/{key}", tag = "kv",
-    params(("ks" = String, Path, description = "keyspace"), ("key" = String, Path, description = "key, 1..=1024 bytes"),
-        ("if_version" = Option<u64>, Query, description = "CAS on the key's version; 0 = only if absent"),
-        ("if_value" = Option<String>, Query, description = "CAS on the current value"),
-        ("timeout_ms" = Option<u64>, Query, description = "deadline, default 2000"),
-        ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key applies once")),
+    params(KeyPath, WriteQuery, WriteHeaders),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 200, body = PutResponse), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
-        (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
+    responses((status = 200, body = WriteAnswer, description = "cp: the key's new version; ap: the write's context (also in X-Capkv-Context)"),
+        WriteErrors))]
 async fn put_key(
     State(st): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -739,13 +743,13 @@ async fn put_key(
 
 /// Reads a value: the body is the value's bytes, `X-Capkv-Version` its version.
 #[utoipa::path(get, path = "/v1/kv/{ks}/{key}", tag = "kv",
-    params(("ks" = String, Path), ("key" = String, Path),
-        ("consistency" = Option<String>, Query, description = "linearizable (default) or serializable"),
-        ("timeout_ms" = Option<u64>, Query)),
-    responses((status = 200, body = Vec<u8>, content_type = "application/octet-stream",
-        headers(("X-Capkv-Version" = u64, description = "the key's version"))),
-        (status = 300, body = Siblings, description = "ap: concurrent values"),
-        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
+    params(KeyPath, ReadQuery),
+    responses((status = 200, description = "the value: its bytes (cp, ap register and lww), or JSON (ap counter and set)",
+            content((Vec<u8> = "application/octet-stream"), (CrdtAnswer = "application/json")),
+            headers(("X-Capkv-Version" = u64, description = "cp: the key's version"),
+                ("X-Capkv-Context" = String, description = "ap: the context to write with"))),
+        (status = 300, body = Siblings, description = "ap: concurrent values, and the context that covers them all"),
+        DataErrors))]
 async fn get_key(
     State(st): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -786,11 +790,9 @@ async fn get_key(
 
 /// Deletes a key (200 whether or not it existed; `deleted` tells).
 #[utoipa::path(delete, path = "/v1/kv/{ks}/{key}", tag = "kv",
-    params(("ks" = String, Path), ("key" = String, Path), ("if_version" = Option<u64>, Query),
-        ("if_value" = Option<String>, Query), ("timeout_ms" = Option<u64>, Query),
-        ("Idempotency-Key" = Option<String>, Header)),
-    responses((status = 200, body = DeleteResponse), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody),
-        (status = 504, body = ErrorBody)))]
+    params(KeyPath, WriteQuery, WriteHeaders),
+    responses((status = 200, body = DeleteAnswer, description = "cp: whether it existed, and the version; ap: the delete's context"),
+        WriteErrors))]
 async fn delete_key(
     State(st): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -824,10 +826,9 @@ async fn delete_key(
 /// Lists keys of a keyspace in key order. `X-Capkv-More: true` when `limit` cut the list;
 /// continue with `after=` the last key returned.
 #[utoipa::path(get, path = "/v1/kv/{ks}", tag = "kv",
-    params(("ks" = String, Path), ("prefix" = Option<String>, Query), ("after" = Option<String>, Query),
-        ("limit" = Option<u64>, Query, description = "default 1000, at most 10000"),
-        ("consistency" = Option<String>, Query), ("timeout_ms" = Option<u64>, Query)),
-    responses((status = 200, body = Vec<ScanEntry>), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    params(KsPath, ScanQuery),
+    responses((status = 200, body = Vec<ScanEntry>, headers(("X-Capkv-More" = bool, description = "true when the page was cut short"))),
+        DataErrors))]
 async fn scan_keys(
     State(st): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -839,6 +840,20 @@ async fn scan_keys(
         &["prefix", "after", "limit", "consistency", "timeout_ms"],
     )?;
     validate::keyspace_name(&ks)?;
+    // A prefix or cursor longer than any key matches nothing; refused like a key (and
+    // as a forwarded scan is refused by the leader).
+    for name in ["prefix", "after"] {
+        if params
+            .get(name)
+            .is_some_and(|v| v.len() > validate::MAX_KEY_BYTES)
+        {
+            return Err(ApiError::too_large(format!(
+                "{name} is longer than the longest key ({} bytes)",
+                validate::MAX_KEY_BYTES
+            ))
+            .into());
+        }
+    }
     let limit = match params.number("limit")? {
         None => 1000,
         Some(n) if (1..=MAX_SCAN_LIMIT as u64).contains(&n) => n as usize,
@@ -874,9 +889,8 @@ async fn scan_keys(
 
 /// Creates a keyspace (201), or 409 if one with that name exists.
 #[utoipa::path(post, path = "/v1/keyspaces", tag = "keyspaces", request_body = KeyspaceSpec,
-    params(("timeout_ms" = Option<u64>, Query), ("Idempotency-Key" = Option<String>, Header)),
-    responses((status = 201, body = KeyspaceSpec), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
-        (status = 503, body = ErrorBody)))]
+    params(TimeoutQuery, IdempotencyHeader),
+    responses((status = 201, body = KeyspaceSpec), WriteErrors))]
 async fn create_keyspace(
     State(st): State<AppState>,
     RawQuery(q): RawQuery,
@@ -912,8 +926,8 @@ async fn create_keyspace(
 
 /// Lists keyspaces (linearizable by default).
 #[utoipa::path(get, path = "/v1/keyspaces", tag = "keyspaces",
-    params(("consistency" = Option<String>, Query), ("timeout_ms" = Option<u64>, Query)),
-    responses((status = 200, body = Vec<KeyspaceSpec>), (status = 503, body = ErrorBody)))]
+    params(ListQuery),
+    responses((status = 200, body = Vec<KeyspaceSpec>), DataErrors))]
 async fn list_keyspaces(
     State(st): State<AppState>,
     RawQuery(q): RawQuery,
@@ -936,9 +950,8 @@ async fn list_keyspaces(
 /// Creates a user, or replaces one (with a new token): admin only. The token is in this
 /// answer and nowhere else; the cluster keeps its SHA-256.
 #[utoipa::path(post, path = "/v1/users", tag = "users", request_body = UserSpec,
-    params(("timeout_ms" = Option<u64>, Query)),
-    responses((status = 201, body = NewUser), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
+    params(TimeoutQuery),
+    responses((status = 201, body = NewUser), WriteErrors))]
 async fn create_user(
     State(st): State<AppState>,
     RawQuery(q): RawQuery,
@@ -947,11 +960,6 @@ async fn create_user(
     let params = Params::parse(q, &["timeout_ms"])?;
     let spec: UserSpec = json_body(body)?;
     spec.validate()?;
-    if spec.name == "root" {
-        return Err(
-            ApiError::bad_request("'root' is the built-in user of --root-token-file").into(),
-        );
-    }
     let token = crate::auth::new_token()?;
     let op = Op::PutUser {
         spec: spec.clone(),
@@ -973,16 +981,15 @@ async fn create_user(
 /// Lists users and their grants (never their tokens): admin only. Read from this node's
 /// replica.
 #[utoipa::path(get, path = "/v1/users", tag = "users",
-    responses((status = 200, body = Vec<UserSpec>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = Vec<UserSpec>), OpsErrors))]
 async fn list_users(State(st): State<AppState>) -> ApiResult<Json<Vec<UserSpec>>> {
     Ok(Json(st.node.reader.users()?))
 }
 
 /// Deletes a user; its token stops working on each node as the deletion is applied there.
 #[utoipa::path(delete, path = "/v1/users/{name}", tag = "users",
-    params(("name" = String, Path), ("timeout_ms" = Option<u64>, Query)),
-    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
+    params(UserPath, TimeoutQuery),
+    responses((status = 204, description = "deleted"), WriteErrors))]
 async fn delete_user(
     State(st): State<AppState>,
     name: Result<Path<String>, PathRejection>,
@@ -1005,7 +1012,7 @@ async fn delete_user(
 }
 
 /// This node's view of the cluster: its role, the leader, every node and whether it is reachable.
-#[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = ClusterInfo)))]
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = ClusterInfo), OpsErrors))]
 async fn cluster(State(st): State<AppState>) -> Json<ClusterInfo> {
     Json(st.node.cluster_info().await)
 }
@@ -1070,7 +1077,7 @@ fn fault_peers(node: &Node, field: &str, names: &[String]) -> Result<BTreeSet<u6
 /// write and fsync of this node is held until the fault is lifted. `storage_read_stall`:
 /// every read of user data (cp keys, ap objects) is held until the fault is lifted.
 #[utoipa::path(post, path = "/v1/faults", tag = "faults", request_body = FaultRequest,
-    responses((status = 200, body = FaultState), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = FaultState), OpsErrors))]
 async fn set_faults(
     State(st): State<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -1104,7 +1111,7 @@ async fn set_faults(
 
 /// Removes every fault on this node (isolation, one-way drops, clock skew, storage stalls).
 #[utoipa::path(delete, path = "/v1/faults", tag = "faults",
-    responses((status = 200, body = FaultState), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = FaultState), OpsErrors))]
 async fn clear_faults(State(st): State<AppState>) -> ApiResult<Json<FaultState>> {
     require_faults(&st.node)?;
     tracing::warn!("fault injection: healed");
@@ -1116,7 +1123,7 @@ async fn clear_faults(State(st): State<AppState>) -> ApiResult<Json<FaultState>>
 }
 
 /// The faults active on this node.
-#[utoipa::path(get, path = "/v1/faults", tag = "faults", responses((status = 200, body = FaultState)))]
+#[utoipa::path(get, path = "/v1/faults", tag = "faults", responses((status = 200, body = FaultState), OpsErrors))]
 async fn get_faults(State(st): State<AppState>) -> Json<FaultState> {
     Json(fault_state(&st.node))
 }
@@ -1128,7 +1135,8 @@ async fn get_faults(State(st): State<AppState>) -> Json<FaultState> {
 /// the node unhealthy.
 const STORAGE_STALL: std::time::Duration = std::time::Duration::from_secs(5);
 
-#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "healthy"), (status = 503, body = ErrorBody)))]
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "healthy", body = String, content_type = "text/plain"),
+    (status = 503, body = ErrorBody, description = "a part of the node has stopped: the reason")))]
 async fn healthz(State(st): State<AppState>) -> ApiResult<&'static str> {
     if let Some(stall) = st.node.engine.stall() {
         if stall >= STORAGE_STALL {
@@ -1146,7 +1154,8 @@ async fn healthz(State(st): State<AppState>) -> ApiResult<&'static str> {
 }
 
 /// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format")))]
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+    (status = 501, body = ErrorBody, description = "a node embedded without the Prometheus recorder")))]
 async fn prometheus(State(st): State<AppState>) -> Response {
     st.node.engine.report_gauges();
     match &st.prometheus {
@@ -1210,8 +1219,34 @@ async fn prometheus(State(st): State<AppState>) -> Response {
 )]
 pub struct ApiDoc;
 
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+/// The API's schema. On a node with authentication on, it also says so: a bearer token
+/// is required everywhere but on the probes (`crate::auth::need`).
+async fn openapi(State(st): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+    let mut doc = ApiDoc::openapi();
+    if st.auth.is_some() {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        let required = vec![SecurityRequirement::new("bearer", Vec::<String>::new())];
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let open = crate::auth::need(&Method::GET, path) == crate::auth::Need::Nothing;
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.security = Some(if open { Vec::new() } else { required.clone() });
+            }
+        }
+    }
+    Json(doc)
 }
 
 async fn fallback(method: Method, uri: axum::http::Uri) -> Failure {

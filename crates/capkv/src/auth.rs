@@ -142,7 +142,8 @@ fn user(st: &AppState, auth: &Auth, req: &Request) -> Result<UserSpec, ApiError>
     // about a token whose hash would match.
     if hash == auth.root_sha256 {
         return Ok(UserSpec {
-            name: "root".into(),
+            // Not a valid user name, so no user can be taken for it.
+            name: "(root token)".into(),
             grants: vec![capkv_core::Grant {
                 role: Role::Admin,
                 keyspace: capkv_core::ALL_KEYSPACES.into(),

@@ -37,11 +37,11 @@ pub struct NodeArg {
     #[arg(long, env = "CAPKV_CACERT")]
     pub cacert: Option<PathBuf>,
     /// Client certificate (PEM), for nodes that require one (serve --tls-client-ca)...
-    #[arg(long, env = "CAPKV_CERT", requires = "key")]
-    pub cert: Option<PathBuf>,
+    #[arg(long, env = "CAPKV_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
     /// ...and its private key (PEM).
-    #[arg(long, env = "CAPKV_KEY", requires = "cert")]
-    pub key: Option<PathBuf>,
+    #[arg(long, env = "CAPKV_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
 impl NodeArg {
@@ -49,7 +49,7 @@ impl NodeArg {
         let read =
             |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
         let ca_pem = self.cacert.as_ref().map(read).transpose()?;
-        let identity_pem = match (&self.cert, &self.key) {
+        let identity_pem = match (&self.client_cert, &self.client_key) {
             (Some(c), Some(k)) => Some([read(c)?, read(k)?].concat()),
             _ => None,
         };
@@ -1256,5 +1256,13 @@ mod tests {
             "a certificate needs its key"
         );
         assert!(parses(&["--tls-cert", "/c", "--tls-key", "/k"]));
+    }
+
+    /// Every command's arguments are well formed (clap checks names, conflicts and
+    /// requirements only when a command is parsed; this parses none).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod ap;
 pub mod api;
+mod api_doc;
 pub mod auth;
 pub mod bench;
 pub mod check;

@@ -35,16 +35,21 @@ pub enum ValueType {
 /// A keyspace as stored in the registry (which lives in the cp Raft group).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 pub struct KeyspaceSpec {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub name: String,
     pub mode: Mode,
-    /// ap only: replicas per key.
+    /// ap only: replicas per key (at most the cluster's size; default 3, or the cluster's
+    /// size if smaller).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<u32>,
-    /// ap only: replies a read waits for.
+    /// ap only: replies a read waits for (at most n; default 1).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 16)]
     pub r: Option<u32>,
-    /// ap only: acknowledgements a write waits for.
+    /// ap only: acknowledgements a write waits for (at most n; default 1).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 16)]
     pub w: Option<u32>,
     /// ap only: the value type (default `register`).
     #[serde(default, rename = "type")]
@@ -571,6 +576,7 @@ pub struct Grant {
     pub role: Role,
     /// A keyspace name, or `*` (the default) for every keyspace.
     #[serde(default = "all_keyspaces")]
+    #[schema(pattern = "^([*]|[A-Za-z0-9_-]{1,64})$")]
     pub keyspace: String,
 }
 
@@ -594,7 +600,9 @@ impl std::str::FromStr for Grant {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserSpec {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub name: String,
+    #[schema(min_items = 1, max_items = 64)]
     pub grants: Vec<Grant>,
 }
 
