@@ -49,6 +49,8 @@ pub struct AppState {
     pub data_requests: Arc<tokio::sync::Semaphore>,
     /// Token authentication, when on (`crate::auth`).
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// Request body bytes being received or held ([`BODY_BYTES_IN_FLIGHT`]).
+    pub body_bytes: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -58,6 +60,7 @@ impl AppState {
             prometheus,
             data_requests: Arc::new(tokio::sync::Semaphore::new(DATA_REQUESTS_MAX)),
             auth: None,
+            body_bytes: Arc::new(tokio::sync::Semaphore::new(BODY_BYTES_IN_FLIGHT)),
         }
     }
 
@@ -895,10 +898,20 @@ async fn create_keyspace(
     State(st): State<AppState>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
+    user: Option<axum::Extension<crate::auth::Authenticated>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<KeyspaceSpec>)> {
     let params = Params::parse(q, &["timeout_ms"])?;
     let mut spec: KeyspaceSpec = json_body(body)?;
+    if let Some(axum::Extension(crate::auth::Authenticated(user))) = user {
+        if !user.allows(capkv_core::Role::Admin, Some(&spec.name)) {
+            return Err(ApiError::forbidden(format!(
+                "user '{}' is not admin on keyspace '{}'",
+                user.name, spec.name
+            ))
+            .into());
+        }
+    }
     // An ap keyspace has as many replicas as asked, at most one per node: the default
     // (3) shrinks to a smaller cluster; an explicit n larger than the cluster is refused
     // (a key cannot have more replicas than nodes, and w=n writes could never succeed).
@@ -1309,6 +1322,14 @@ fn asked_deadline(query: Option<&str>) -> Instant {
 /// take effect once storage moves: 504, as for any request whose outcome is unknown.
 async fn bounded(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let deadline = asked_deadline(req.uri().query());
+    // The body first, by the request's deadline, and without a place: a client that sends
+    // its body slowly (or never) holds its connection and its share of
+    // BODY_BYTES_IN_FLIGHT, never one of the places every request needs (review: 256
+    // bodies that never came took every place for 70 s).
+    let (req, body_bytes) = match receive_body(&st, req, deadline).await {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
     let permit =
         match tokio::time::timeout_at(deadline.into(), st.data_requests.clone().acquire_owned())
             .await
@@ -1325,7 +1346,7 @@ async fn bounded(State(st): State<AppState>, req: Request, next: Next) -> Respon
         };
     let served = tokio::spawn(async move {
         let resp = next.run(req).await;
-        drop(permit);
+        drop((permit, body_bytes));
         resp
     });
     match tokio::time::timeout_at((deadline + STUCK_GRACE).into(), served).await {
@@ -1340,6 +1361,68 @@ async fn bounded(State(st): State<AppState>, req: Request, next: Next) -> Respon
         ))
         .into_response(),
     }
+}
+
+/// Bytes of request bodies being received or held by requests in flight, at most: a
+/// body reserves its declared length (or the value limit, for a chunked one) before it is
+/// read. Far above what 256 requests at the default value limit need; it bounds what slow
+/// or oversized bodies on many connections can make a node hold.
+pub const BODY_BYTES_IN_FLIGHT: usize = 256 << 20;
+
+/// Reads a request's whole body, at most the value limit (+1), by `deadline`, within
+/// [`BODY_BYTES_IN_FLIGHT`]; the request comes back with the body in memory, and the
+/// reservation to hold until it is answered.
+async fn receive_body(
+    st: &AppState,
+    req: Request,
+    deadline: Instant,
+) -> Result<(Request, Option<tokio::sync::OwnedSemaphorePermit>), Failure> {
+    use http_body_util::BodyExt;
+    let limit = st.node.config.max_value_bytes + 1;
+    let (parts, body) = req.into_parts();
+    let expected = axum::body::HttpBody::size_hint(&body);
+    if expected.exact() == Some(0) {
+        return Ok((Request::from_parts(parts, body), None));
+    }
+    let reserve = expected.exact().map_or(limit, |n| (n as usize).min(limit)) as u32;
+    let reserved = tokio::time::timeout_at(
+        deadline.into(),
+        st.body_bytes.clone().acquire_many_owned(reserve),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .ok_or_else(|| {
+        crate::limits::hit("http_body_bytes");
+        Failure(ApiError::unavailable(
+            "too many request bodies are being received; this one was not read",
+        ))
+    })?;
+    let read = http_body_util::Limited::new(body, limit).collect();
+    let bytes = match tokio::time::timeout_at(deadline.into(), read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(Failure(ApiError::too_large(format!(
+                "value is larger than the limit of {} bytes",
+                limit - 1
+            ))))
+        }
+        Ok(Err(e)) => {
+            return Err(Failure(ApiError::bad_request(format!(
+                "cannot read body: {e}"
+            ))))
+        }
+        Err(_) => {
+            crate::limits::hit("http_body_deadline");
+            return Err(Failure(ApiError::bad_request(
+                "the request body did not arrive by the request's deadline; it was not applied",
+            )));
+        }
+    };
+    Ok((
+        Request::from_parts(parts, axum::body::Body::from(bytes)),
+        Some(reserved),
+    ))
 }
 
 pub fn router(state: AppState) -> Router {

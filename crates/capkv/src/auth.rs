@@ -13,7 +13,8 @@
 //!   /healthz, /metrics, /v1/openapi.json        nothing (probes and scrapers)
 //!   GET /v1/kv/KS/..., GET /v1/kv/KS            read on KS
 //!   PUT, DELETE, POST /v1/kv/KS/...             readwrite on KS
-//!   POST /v1/keyspaces, /v1/users, /v1/faults   admin on every keyspace (*)
+//!   POST /v1/keyspaces                          admin on the keyspace it creates
+//!   /v1/users, /v1/faults                       admin on every keyspace (*)
 //!   anything else (/v1/cluster, GET /v1/keyspaces)  any valid token
 //! ```
 //!
@@ -33,9 +34,18 @@ use crate::api::{AppState, Failure};
 /// The shortest root token accepted: 128 bits of a random base64 string.
 const ROOT_TOKEN_MIN_CHARS: usize = 22;
 
+/// Token lookups in storage at once; more wait (without a thread) for one to finish.
+/// A lookup reads the user registry from this node's storage: if storage stalls, each
+/// holds a blocking thread, so without this bound requests with any token (even a bogus
+/// one) took every thread of the pool and wedged the node (review).
+pub const LOOKUPS_MAX: usize = 32;
+/// Longest a request waits to have its token checked: 503 after it (not applied).
+pub const LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The node's authentication settings.
 pub struct Auth {
     root_sha256: [u8; 32],
+    lookups: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Auth {
@@ -53,6 +63,7 @@ impl Auth {
         }
         Ok(Auth {
             root_sha256: sha256(token),
+            lookups: std::sync::Arc::new(tokio::sync::Semaphore::new(LOOKUPS_MAX)),
         })
     }
 }
@@ -78,6 +89,9 @@ pub enum Need {
     Nothing,
     /// Any valid token.
     Anyone,
+    /// Admin on some keyspace: the handler checks it is the one the request names
+    /// (`POST /v1/keyspaces`, whose keyspace is in the body).
+    SomeAdmin,
     /// A role on a keyspace (`None`: on every keyspace).
     Role(Role, Option<String>),
 }
@@ -105,7 +119,7 @@ fn percent_decode(s: &str) -> String {
 pub fn need(method: &Method, path: &str) -> Need {
     match path {
         "/healthz" | "/metrics" | "/v1/openapi.json" => return Need::Nothing,
-        "/v1/keyspaces" if method == Method::POST => return Need::Role(Role::Admin, None),
+        "/v1/keyspaces" if method == Method::POST => return Need::SomeAdmin,
         _ => {}
     }
     if path == "/v1/users" || path.starts_with("/v1/users/") || path.starts_with("/v1/faults") {
@@ -124,18 +138,25 @@ pub fn need(method: &Method, path: &str) -> Need {
 }
 
 /// The user a request's bearer token names, or why there is none.
-fn user(st: &AppState, auth: &Auth, req: &Request) -> Result<UserSpec, ApiError> {
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+async fn user(
+    st: &AppState,
+    auth: &Auth,
+    authorization: Option<header::HeaderValue>,
+) -> Result<UserSpec, ApiError> {
+    let Some(value) = authorization else {
         return Err(ApiError::unauthorized(
             "this node requires a bearer token (Authorization: Bearer TOKEN; capkv: --token \
              or CAPKV_TOKEN)",
         ));
     };
+    // The scheme is case-insensitive (RFC 9110 11.1).
     let token = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::unauthorized("the Authorization header is not 'Bearer TOKEN'"))?;
     let hash = sha256(token);
     // Hashes are compared, not tokens: how long a comparison takes says nothing useful
@@ -150,10 +171,28 @@ fn user(st: &AppState, auth: &Auth, req: &Request) -> Result<UserSpec, ApiError>
             }],
         });
     }
-    st.node
-        .reader
-        .user_by_token(&hash)?
-        .ok_or_else(|| ApiError::unauthorized("no user holds this token"))
+    let busy = || {
+        crate::limits::hit("auth_lookups");
+        ApiError::unavailable(
+            "this node cannot check the token now (its storage is not answering); not applied",
+        )
+    };
+    let place = tokio::time::timeout(LOOKUP_WAIT, auth.lookups.clone().acquire_owned())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(busy)?;
+    let reader = st.node.reader.clone();
+    let lookup = tokio::task::spawn_blocking(move || {
+        let user = reader.user_by_token(&hash);
+        drop(place);
+        user
+    });
+    match tokio::time::timeout(LOOKUP_WAIT, lookup).await {
+        Ok(Ok(user)) => user?.ok_or_else(|| ApiError::unauthorized("no user holds this token")),
+        Ok(Err(e)) => Err(ApiError::internal(format!("token lookup failed: {e}"))),
+        Err(_) => Err(busy()),
+    }
 }
 
 /// The middleware: lets a request through if its token's user may make it.
@@ -165,8 +204,12 @@ pub async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> 
     if need == Need::Nothing {
         return next.run(req).await;
     }
-    let user = match user(&st, &auth, &req) {
+    let authorization = req.headers().get(header::AUTHORIZATION).cloned();
+    let user = match user(&st, &auth, authorization).await {
         Ok(u) => u,
+        Err(e) if e.code != capkv_core::ErrorCode::Unauthorized => {
+            return Failure(e).into_response()
+        }
         Err(e) => {
             metrics::counter!("capkv_auth_refused_total", "status" => "401").increment(1);
             let mut resp = Failure(e).into_response();
@@ -177,6 +220,14 @@ pub async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> 
             return resp;
         }
     };
+    if need == Need::SomeAdmin && !user.grants.iter().any(|g| g.role == Role::Admin) {
+        metrics::counter!("capkv_auth_refused_total", "status" => "403").increment(1);
+        return Failure(ApiError::forbidden(format!(
+            "user '{}' is admin on no keyspace",
+            user.name
+        )))
+        .into_response();
+    }
     if let Need::Role(role, keyspace) = &need {
         if !user.allows(*role, keyspace.as_deref()) {
             metrics::counter!("capkv_auth_refused_total", "status" => "403").increment(1);
@@ -190,8 +241,14 @@ pub async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> 
             .into_response();
         }
     }
+    let mut req = req;
+    req.extensions_mut().insert(Authenticated(user));
     next.run(req).await
 }
+
+/// The user a request was authenticated as (absent when authentication is off).
+#[derive(Clone)]
+pub struct Authenticated(pub UserSpec);
 
 #[cfg(test)]
 mod tests {
@@ -217,10 +274,7 @@ mod tests {
             kv(Method::POST, "/v1/kv/c/k"),
             Need::Role(Role::Readwrite, Some("c".into()))
         );
-        assert_eq!(
-            kv(Method::POST, "/v1/keyspaces"),
-            Need::Role(Role::Admin, None)
-        );
+        assert_eq!(kv(Method::POST, "/v1/keyspaces"), Need::SomeAdmin);
         assert_eq!(kv(Method::GET, "/v1/keyspaces"), Need::Anyone);
         assert_eq!(
             kv(Method::DELETE, "/v1/faults"),

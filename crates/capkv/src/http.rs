@@ -47,6 +47,11 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(70);
 /// Longest a write to a client may make no progress.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head (request line, query string and headers) read: over it, hyper
+/// answers 431 (or 414) and closes. Each connection may buffer this much while its head
+/// arrives, so it bounds the heads of `max_connections` connections (64 MiB at the
+/// default). An `if_value` (in the query string) is thereby bounded to about this size.
+pub const HEAD_BYTES_MAX: usize = 64 << 10;
 /// Connections over the cap that are answered `503` at once; more are closed unanswered
 /// (answering costs a task and a socket for up to a second each).
 const REFUSALS_IN_FLIGHT_MAX: usize = 64;
@@ -173,6 +178,7 @@ async fn serve_io<S>(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        .max_buf_size(HEAD_BYTES_MAX)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let outcome = tokio::select! {

@@ -23,7 +23,8 @@
 //! under its deadline, the send queue included.
 //!
 //! What a peer can make this node hold is bounded ([`PEER_UNIDENTIFIED_MAX`] connections
-//! that have not yet proven who they are, each reading at most a hello; one inbound
+//! that have not yet proven who they are, the oldest closed for a newcomer, each reading
+//! at most a hello; one inbound
 //! connection per identified peer, the newest; per connection at most
 //! [`INBOUND_IN_FLIGHT_MAX`] requests and about two frame limits of request bytes in
 //! handling, and one frame limit of queued bytes in each direction), and every hit is
@@ -86,10 +87,12 @@ const SEND_QUEUE_FRAMES: usize = 1024;
 const INBOUND_IN_FLIGHT_MAX: usize = 256;
 /// How long a connecting peer has to finish the TLS handshake and say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Inbound connections that have not yet said (and proven) who they are. Honest peers
-/// hold one connection each, so a small number suffices, and it bounds what strangers can
-/// make this node hold: each such connection buffers at most a hello frame.
-pub const PEER_UNIDENTIFIED_MAX: usize = 64;
+/// Inbound connections that have not yet said (and proven) who they are. Each holds a
+/// task, a socket and a TLS handshake's state (tens of KiB), never more than a hello. When
+/// all are taken the oldest is closed for the newcomer, so strangers holding connections
+/// open cannot lock honest peers out: to close an honest handshake (milliseconds) before it
+/// completes, an attacker must open this many connections within those milliseconds.
+pub const PEER_UNIDENTIFIED_MAX: usize = 1024;
 /// Longest a connect attempt may take (a dead peer should fail fast).
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Longest a TLS handshake with a peer may take once connected.
@@ -225,6 +228,22 @@ struct Conn<Resp> {
 /// [`INBOUND_IN_FLIGHT_MAX`] bound what a peer that never reads can make a node hold.
 pub const PEER_QUEUE_BYTES: usize = 32 << 20;
 
+/// An unidentified connection's place among [`PEER_UNIDENTIFIED_MAX`]: given back on drop.
+struct StrangerPlace {
+    serial: u64,
+    stop: Arc<Notify>,
+    strangers: Arc<Mutex<std::collections::VecDeque<(u64, Arc<Notify>)>>>,
+}
+
+impl Drop for StrangerPlace {
+    fn drop(&mut self) {
+        self.strangers
+            .lock()
+            .expect("strangers lock poisoned")
+            .retain(|(s, _)| *s != self.serial);
+    }
+}
+
 /// A frame queued for a connection's writer, with its share of the queue's byte budget.
 struct Queued {
     frame: Vec<u8>,
@@ -321,8 +340,9 @@ pub struct Transport<Req, Resp> {
     send_queue_frames: usize,
     /// Mutual TLS, or `None` with `--insecure-peers`.
     tls: Option<Arc<PeerTls>>,
-    /// Places for inbound connections not yet identified ([`PEER_UNIDENTIFIED_MAX`]).
-    unidentified: Arc<Semaphore>,
+    /// Inbound connections not yet identified, oldest first, each with its stop signal
+    /// ([`PEER_UNIDENTIFIED_MAX`]).
+    strangers: Arc<Mutex<std::collections::VecDeque<(u64, Arc<Notify>)>>>,
     /// The inbound connection of each identified peer (a serial and its stop signal); a
     /// newer connection from the same peer replaces it.
     inbound: Mutex<HashMap<PeerId, (u64, Arc<Notify>)>>,
@@ -447,7 +467,7 @@ where
             frame_bytes_max,
             send_queue_frames: SEND_QUEUE_FRAMES,
             tls: None,
-            unidentified: Arc::new(Semaphore::new(PEER_UNIDENTIFIED_MAX)),
+            strangers: Arc::default(),
             inbound: Mutex::default(),
             _req: PhantomData,
         }
@@ -674,12 +694,11 @@ where
                     continue;
                 }
             };
-            // Strangers get a bounded number of places; past it, closed at once.
-            let Ok(place) = self.unidentified.clone().try_acquire_owned() else {
-                limits::hit("peer_unidentified_connections");
-                tracing::debug!(%addr, "peer connection refused: too many unidentified");
-                continue;
-            };
+            // Strangers get a bounded number of places; past it, the oldest stranger is
+            // closed to make room. Refusing the newest instead let anyone who keeps 64
+            // idle connections open lock honest peers out (review); an honest peer
+            // proves itself within milliseconds, so it is never the oldest for long.
+            let place = self.stranger_place();
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let handler = handler.clone();
@@ -688,6 +707,26 @@ where
                     tracing::debug!(%addr, error = %e, "inbound peer connection ended");
                 }
             });
+        }
+    }
+
+    /// Registers a new unidentified connection, closing the oldest one if all places are
+    /// taken. The place is given back when the returned guard is dropped.
+    fn stranger_place(&self) -> StrangerPlace {
+        let serial = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(Notify::new());
+        let mut strangers = self.strangers.lock().expect("strangers lock poisoned");
+        while strangers.len() >= PEER_UNIDENTIFIED_MAX {
+            if let Some((_, oldest)) = strangers.pop_front() {
+                limits::hit("peer_unidentified_connections");
+                oldest.notify_one();
+            }
+        }
+        strangers.push_back((serial, stop.clone()));
+        StrangerPlace {
+            serial,
+            stop,
+            strangers: self.strangers.clone(),
         }
     }
 
@@ -721,16 +760,19 @@ where
             }
         };
         let mut r = BufReader::new(r);
-        // A hello has no body: a larger first frame is not a hello.
-        let from = match read_frame(&mut r, HEADER_BYTES).await? {
-            Some(Frame::Whole(KIND_HELLO, id, _)) if self.peers.contains_key(&id) => id,
-            Some(Frame::Whole(KIND_HELLO, id, _)) => {
-                return Err(std::io::Error::other(format!(
-                    "hello from unknown node {id}"
-                )));
-            }
-            _ => return Err(std::io::Error::other("peer did not say hello")),
-        };
+        // A hello has no body: a first frame of any other length is not read at all.
+        let mut hello = [0u8; 4 + HEADER_BYTES];
+        r.read_exact(&mut hello).await?;
+        let len = u32::from_be_bytes(hello[..4].try_into().expect("4 bytes")) as usize;
+        if len != HEADER_BYTES || hello[4] != KIND_HELLO {
+            return Err(std::io::Error::other("peer did not say hello"));
+        }
+        let from = u64::from_be_bytes(hello[5..].try_into().expect("8 bytes"));
+        if !self.peers.contains_key(&from) {
+            return Err(std::io::Error::other(format!(
+                "hello from unknown node {from}"
+            )));
+        }
         if let (Some(tls), Some(chain)) = (&self.tls, chain) {
             if let Err(e) = tls.check_identity(&chain, from) {
                 limits::hit("peer_identity");
@@ -746,17 +788,22 @@ where
     async fn serve_connection(
         self: Arc<Self>,
         stream: TcpStream,
-        place: OwnedSemaphorePermit,
+        place: StrangerPlace,
         handler: Handler<Req, Resp>,
     ) -> std::io::Result<()> {
-        let (from, mut r, w) =
-            match tokio::time::timeout(HELLO_TIMEOUT, self.identify(stream)).await {
-                Ok(x) => x?,
-                Err(_) => {
-                    limits::hit("peer_hello_timeout");
-                    return Err(std::io::Error::other("no hello within the timeout"));
-                }
-            };
+        let identified = tokio::select! {
+            r = tokio::time::timeout(HELLO_TIMEOUT, self.identify(stream)) => r,
+            _ = place.stop.notified() => {
+                return Err(std::io::Error::other("closed to make room for newer strangers"));
+            }
+        };
+        let (from, mut r, w) = match identified {
+            Ok(x) => x?,
+            Err(_) => {
+                limits::hit("peer_hello_timeout");
+                return Err(std::io::Error::other("no hello within the timeout"));
+            }
+        };
         drop(place);
         // One inbound connection per peer: an honest peer dials once and redials only
         // when its connection broke, so the newest replaces the rest.
