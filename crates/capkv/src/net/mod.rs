@@ -228,11 +228,14 @@ struct Conn<Resp> {
 /// [`INBOUND_IN_FLIGHT_MAX`] bound what a peer that never reads can make a node hold.
 pub const PEER_QUEUE_BYTES: usize = 32 << 20;
 
+/// Unidentified connections, oldest first: a serial and a stop signal each.
+type Strangers = Arc<Mutex<std::collections::VecDeque<(u64, Arc<Notify>)>>>;
+
 /// An unidentified connection's place among [`PEER_UNIDENTIFIED_MAX`]: given back on drop.
 struct StrangerPlace {
     serial: u64,
     stop: Arc<Notify>,
-    strangers: Arc<Mutex<std::collections::VecDeque<(u64, Arc<Notify>)>>>,
+    strangers: Strangers,
 }
 
 impl Drop for StrangerPlace {
@@ -342,7 +345,7 @@ pub struct Transport<Req, Resp> {
     tls: Option<Arc<PeerTls>>,
     /// Inbound connections not yet identified, oldest first, each with its stop signal
     /// ([`PEER_UNIDENTIFIED_MAX`]).
-    strangers: Arc<Mutex<std::collections::VecDeque<(u64, Arc<Notify>)>>>,
+    strangers: Strangers,
     /// The inbound connection of each identified peer (a serial and its stop signal); a
     /// newer connection from the same peer replaces it.
     inbound: Mutex<HashMap<PeerId, (u64, Arc<Notify>)>>,
