@@ -1304,7 +1304,7 @@ async fn record_metrics(req: Request, next: Next) -> Response {
 
 /// The deadline a data request asked for (`timeout_ms`, else the default), read leniently:
 /// a bad value is the handler's to refuse.
-fn asked_deadline(query: Option<&str>) -> Instant {
+pub(crate) fn asked_deadline(query: Option<&str>) -> Instant {
     let asked = query
         .into_iter()
         .flat_map(|q| q.split('&'))
@@ -1363,15 +1363,22 @@ async fn bounded(State(st): State<AppState>, req: Request, next: Next) -> Respon
     }
 }
 
-/// Bytes of request bodies being received or held by requests in flight, at most: a
-/// body reserves its declared length (or the value limit, for a chunked one) before it is
-/// read. Far above what 256 requests at the default value limit need; it bounds what slow
-/// or oversized bodies on many connections can make a node hold.
+/// Bytes of request bodies received and held by requests in flight, at most. Counted as
+/// they arrive (a body that is only announced holds nothing), and never waited for: a
+/// request whose bytes do not fit is answered 503 at once. To hold it all, a client must
+/// really send this much and keep it pending, renewing it every [`BODY_ARRIVAL_MAX`].
 pub const BODY_BYTES_IN_FLIGHT: usize = 256 << 20;
 
-/// Reads a request's whole body, at most the value limit (+1), by `deadline`, within
-/// [`BODY_BYTES_IN_FLIGHT`]; the request comes back with the body in memory, and the
-/// reservation to hold until it is answered.
+/// Longest a request body may take to arrive, whatever the request's deadline (a 1 MiB
+/// value needs 100 KB/s): a client cannot hold received bytes for a minute by choosing a
+/// long `timeout_ms` and never finishing its body (review).
+pub const BODY_ARRIVAL_MAX: Duration = Duration::from_secs(10);
+
+/// Reads a request's whole body, at most the value limit (+1), by `deadline` and within
+/// [`BODY_ARRIVAL_MAX`], counting its bytes against [`BODY_BYTES_IN_FLIGHT`] as they
+/// arrive; the request comes back with the body in memory, and the bytes' reservation to
+/// hold until it is answered. A declared length over the limit is refused before a byte
+/// is read.
 async fn receive_body(
     st: &AppState,
     req: Request,
@@ -1379,49 +1386,66 @@ async fn receive_body(
 ) -> Result<(Request, Option<tokio::sync::OwnedSemaphorePermit>), Failure> {
     use http_body_util::BodyExt;
     let limit = st.node.config.max_value_bytes + 1;
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
     let expected = axum::body::HttpBody::size_hint(&body);
     if expected.exact() == Some(0) {
         return Ok((Request::from_parts(parts, body), None));
     }
-    let reserve = expected.exact().map_or(limit, |n| (n as usize).min(limit)) as u32;
-    let reserved = tokio::time::timeout_at(
-        deadline.into(),
-        st.body_bytes.clone().acquire_many_owned(reserve),
-    )
-    .await
-    .ok()
-    .and_then(Result::ok)
-    .ok_or_else(|| {
-        crate::limits::hit("http_body_bytes");
-        Failure(ApiError::unavailable(
-            "too many request bodies are being received; this one was not read",
-        ))
-    })?;
-    let read = http_body_util::Limited::new(body, limit).collect();
-    let bytes = match tokio::time::timeout_at(deadline.into(), read).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(Failure(ApiError::too_large(format!(
-                "value is larger than the limit of {} bytes",
-                limit - 1
-            ))))
-        }
-        Ok(Err(e)) => {
-            return Err(Failure(ApiError::bad_request(format!(
-                "cannot read body: {e}"
-            ))))
-        }
-        Err(_) => {
-            crate::limits::hit("http_body_deadline");
-            return Err(Failure(ApiError::bad_request(
-                "the request body did not arrive by the request's deadline; it was not applied",
-            )));
-        }
+    let too_large = || {
+        Failure(ApiError::too_large(format!(
+            "value is larger than the limit of {} bytes",
+            limit - 1
+        )))
     };
+    if expected.lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let arrive_by = deadline.min(Instant::now() + BODY_ARRIVAL_MAX);
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut bytes = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout_at(arrive_by.into(), body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(Failure(ApiError::bad_request(format!(
+                    "cannot read body: {e}"
+                ))))
+            }
+            Err(_) => {
+                crate::limits::hit("http_body_deadline");
+                return Err(Failure(ApiError::bad_request(
+                    "the request body did not arrive in time (by the request's deadline, \
+                     and within 10 s); it was not applied",
+                )));
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if bytes.len() + data.len() > limit {
+            return Err(too_large());
+        }
+        let Ok(more) = st
+            .body_bytes
+            .clone()
+            .try_acquire_many_owned(data.len() as u32)
+        else {
+            crate::limits::hit("http_body_bytes");
+            return Err(Failure(ApiError::unavailable(
+                "this node holds as many request body bytes as it may; this request was \
+                 not applied",
+            )));
+        };
+        match held.as_mut() {
+            Some(h) => h.merge(more),
+            None => held = Some(more),
+        }
+        bytes.extend_from_slice(&data);
+    }
     Ok((
         Request::from_parts(parts, axum::body::Body::from(bytes)),
-        Some(reserved),
+        held,
     ))
 }
 

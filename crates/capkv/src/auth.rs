@@ -39,7 +39,8 @@ const ROOT_TOKEN_MIN_CHARS: usize = 22;
 /// holds a blocking thread, so without this bound requests with any token (even a bogus
 /// one) took every thread of the pool and wedged the node (review).
 pub const LOOKUPS_MAX: usize = 32;
-/// Longest a request waits to have its token checked: 503 after it (not applied).
+/// Longest a request waits to have its token checked (or less: its deadline): 503 after it
+/// (not applied).
 pub const LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The node's authentication settings.
@@ -142,6 +143,7 @@ async fn user(
     st: &AppState,
     auth: &Auth,
     authorization: Option<header::HeaderValue>,
+    deadline: std::time::Instant,
 ) -> Result<UserSpec, ApiError> {
     let Some(value) = authorization else {
         return Err(ApiError::unauthorized(
@@ -177,7 +179,8 @@ async fn user(
             "this node cannot check the token now (its storage is not answering); not applied",
         )
     };
-    let place = tokio::time::timeout(LOOKUP_WAIT, auth.lookups.clone().acquire_owned())
+    let deadline = deadline.min(std::time::Instant::now() + LOOKUP_WAIT).into();
+    let place = tokio::time::timeout_at(deadline, auth.lookups.clone().acquire_owned())
         .await
         .ok()
         .and_then(Result::ok)
@@ -188,7 +191,7 @@ async fn user(
         drop(place);
         user
     });
-    match tokio::time::timeout(LOOKUP_WAIT, lookup).await {
+    match tokio::time::timeout_at(deadline, lookup).await {
         Ok(Ok(user)) => user?.ok_or_else(|| ApiError::unauthorized("no user holds this token")),
         Ok(Err(e)) => Err(ApiError::internal(format!("token lookup failed: {e}"))),
         Err(_) => Err(busy()),
@@ -205,7 +208,9 @@ pub async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> 
         return next.run(req).await;
     }
     let authorization = req.headers().get(header::AUTHORIZATION).cloned();
-    let user = match user(&st, &auth, authorization).await {
+    // Within the request's own deadline too (a request never waits past it).
+    let deadline = crate::api::asked_deadline(req.uri().query());
+    let user = match user(&st, &auth, authorization, deadline).await {
         Ok(u) => u,
         Err(e) if e.code != capkv_core::ErrorCode::Unauthorized => {
             return Failure(e).into_response()

@@ -74,6 +74,9 @@ fn main() {
             other => run_client(other).await,
         }
     });
+    // Not the runtime's drop, which waits for every blocking thread: one stuck in a storage
+    // call that never returns (a stalled disk) would keep a stopped node alive forever.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
