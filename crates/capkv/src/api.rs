@@ -625,7 +625,7 @@ async fn not_known_here(
     params(CrdtPath, CrdtQuery),
     request_body(content = CrdtBody, description = "incr: {\"by\":N}; add and remove: {\"members\":[...]}"),
     responses((status = 200, body = CrdtAnswer, description = "the counter's value or the set's members on the replica that applied it"),
-        WriteErrors))]
+        DataErrors, ConflictError))]
 async fn crdt_op(
     State(st): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -696,7 +696,7 @@ fn command(op: Op, headers: &HeaderMap) -> Result<Command, ApiError> {
     params(KeyPath, WriteQuery, WriteHeaders),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, body = WriteAnswer, description = "cp: the key's new version; ap: the write's context (also in X-Capkv-Context)"),
-        WriteErrors))]
+        DataErrors, ConflictError))]
 async fn put_key(
     State(st): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -728,6 +728,8 @@ async fn put_key(
         .await;
     }
     refuse_ap_param(&st.node, &ks, spec.as_ref(), &params, "w").await?;
+    // An ap context means nothing here; a malformed one is still refused.
+    context_from(&headers)?;
     let op = Op::Put {
         keyspace: ks,
         key: key.into_bytes(),
@@ -795,7 +797,7 @@ async fn get_key(
 #[utoipa::path(delete, path = "/v1/kv/{ks}/{key}", tag = "kv",
     params(KeyPath, WriteQuery, WriteHeaders),
     responses((status = 200, body = DeleteAnswer, description = "cp: whether it existed, and the version; ap: the delete's context"),
-        WriteErrors))]
+        DataErrors, ConflictError))]
 async fn delete_key(
     State(st): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -809,6 +811,8 @@ async fn delete_key(
         return ap_write(&st.node, spec, &key, None, &params, &headers).await;
     }
     refuse_ap_param(&st.node, &ks, spec.as_ref(), &params, "w").await?;
+    // An ap context means nothing here; a malformed one is still refused.
+    context_from(&headers)?;
     let op = Op::Delete {
         keyspace: ks,
         key: key.into_bytes(),
@@ -893,7 +897,7 @@ async fn scan_keys(
 /// Creates a keyspace (201), or 409 if one with that name exists.
 #[utoipa::path(post, path = "/v1/keyspaces", tag = "keyspaces", request_body = KeyspaceSpec,
     params(TimeoutQuery, IdempotencyHeader),
-    responses((status = 201, body = KeyspaceSpec), WriteErrors))]
+    responses((status = 201, body = KeyspaceSpec), DataErrors, ConflictError))]
 async fn create_keyspace(
     State(st): State<AppState>,
     RawQuery(q): RawQuery,
@@ -964,7 +968,7 @@ async fn list_keyspaces(
 /// answer and nowhere else; the cluster keeps its SHA-256.
 #[utoipa::path(post, path = "/v1/users", tag = "users", request_body = UserSpec,
     params(TimeoutQuery),
-    responses((status = 201, body = NewUser), WriteErrors))]
+    responses((status = 201, body = NewUser), DataErrors, ConflictError))]
 async fn create_user(
     State(st): State<AppState>,
     RawQuery(q): RawQuery,
@@ -1002,7 +1006,7 @@ async fn list_users(State(st): State<AppState>) -> ApiResult<Json<Vec<UserSpec>>
 /// Deletes a user; its token stops working on each node as the deletion is applied there.
 #[utoipa::path(delete, path = "/v1/users/{name}", tag = "users",
     params(UserPath, TimeoutQuery),
-    responses((status = 204, description = "deleted"), WriteErrors))]
+    responses((status = 204, description = "deleted"), DataErrors, ConflictError))]
 async fn delete_user(
     State(st): State<AppState>,
     name: Result<Path<String>, PathRejection>,

@@ -254,35 +254,13 @@ pub enum DataErrors {
     Timeout(ErrorBody),
 }
 
-/// The errors of a request that writes: those of [`DataErrors`], and a conflict.
+/// The error a write can get beyond [`DataErrors`] (listed beside them).
 #[derive(IntoResponses)]
-pub enum WriteErrors {
-    /// A malformed path, parameter, header or body; a parameter the keyspace's mode does
-    /// not take.
-    #[response(status = 400)]
-    BadRequest(ErrorBody),
-    /// Authentication is on and the request has no valid token.
-    #[response(status = 401)]
-    Unauthorized(ErrorBody),
-    /// The token's user lacks the role.
-    #[response(status = 403)]
-    Forbidden(ErrorBody),
-    /// An unknown keyspace, key or user.
-    #[response(status = 404)]
-    NotFound(ErrorBody),
-    /// A CAS precondition failed; the keyspace exists; too many keyspaces; an
+pub enum ConflictError {
+    /// A CAS precondition failed; the keyspace or user exists; too many keyspaces; an
     /// Idempotency-Key reused for another request.
     #[response(status = 409)]
     Conflict(ErrorBody),
-    /// A key, value or object over its limit.
-    #[response(status = 413)]
-    TooLarge(ErrorBody),
-    /// Not applied: no quorum, no replica, too many requests or connections; retry.
-    #[response(status = 503)]
-    Unavailable(ErrorBody),
-    /// The deadline passed with the outcome unknown: it may still take effect.
-    #[response(status = 504)]
-    Timeout(ErrorBody),
 }
 
 /// The errors of the operations endpoints (cluster, users list, faults).
