@@ -43,6 +43,28 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Connections the kernel may hold for the HTTP listener before it accepts them (capped
+/// by `net.core.somaxconn`). A burst past the connection cap is accepted and refused at
+/// once; with a short queue the rest of the burst would wait in the kernel's SYN-ACK
+/// retries for seconds instead.
+const HTTP_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (the first address it resolves to) with [`HTTP_BACKLOG`].
+async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let addr = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other("the address resolves to nothing"))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(HTTP_BACKLOG)
+}
+
 /// How long a stopping node waits for HTTP requests in flight to finish.
 const HTTP_DRAIN: Duration = Duration::from_secs(30);
 
@@ -64,7 +86,7 @@ fn raise_open_files_limit() {
 
 pub async fn run(config: NodeConfig) -> Result<(), String> {
     let prometheus = install_metrics();
-    let http = tokio::net::TcpListener::bind(&config.http_addr)
+    let http = listen(&config.http_addr)
         .await
         .map_err(|e| format!("cannot listen for HTTP on {}: {e}", config.http_addr))?;
     let peer = tokio::net::TcpListener::bind(&config.peer_addr)
