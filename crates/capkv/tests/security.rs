@@ -19,9 +19,10 @@ use openraft::Vote;
 
 const D: Duration = Duration::from_secs(5);
 
-/// Tests that flood a node (thousands of connections, squatters reconnecting as fast as
-/// they can) take this lock, so that one's load never starves another's node: each is
-/// about what a node does under its own flood, and they share two cores.
+/// Every test here takes this lock, so they run one at a time: several flood a node
+/// (thousands of connections, squatters reconnecting as fast as they can), and one's load
+/// must never starve another's node on a machine of two cores (a CI run saw a handshake
+/// take more than 5 s).
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A peer transport that says it is node `claims`, dialing node 1 of `c`, with the
@@ -68,6 +69,7 @@ async fn still_serves(c: &Cluster, key: &str) {
 /// keeps serving, also after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_vote_with_the_largest_term_changes_nothing() {
+    let _heavy = HEAVY.lock().await;
     let mut c = Cluster::start(3, &[]).await;
     let n2 = attacker(&c, 2, Some("n2"));
     for vote in [
@@ -98,6 +100,7 @@ async fn a_forged_vote_with_the_largest_term_changes_nothing() {
 /// who they are, and the checks still keep the core alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_tls_a_forged_vote_is_still_refused() {
+    let _heavy = HEAVY.lock().await;
     let c = Cluster::start(3, &["--insecure-peers"]).await;
     let stranger = attacker(&c, 2, None);
     let reply = stranger
@@ -116,6 +119,7 @@ async fn without_tls_a_forged_vote_is_still_refused() {
 /// no certificate or one from another CA gets nowhere, and none of them is handled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_must_hold_the_certificate_of_the_node_it_claims_to_be() {
+    let _heavy = HEAVY.lock().await;
     let c = Cluster::start(3, &[]).await;
     let honest = attacker(&c, 2, Some("n2"));
     assert!(matches!(
@@ -126,7 +130,10 @@ async fn a_peer_must_hold_the_certificate_of_the_node_it_claims_to_be() {
     let liar = attacker(&c, 2, Some("n3"));
     let e = liar.call(1, PeerRequest::Ping, D).await.unwrap_err();
     assert!(
-        matches!(e, capkv::net::NetError::Lost(..)),
+        matches!(
+            e,
+            capkv::net::NetError::Lost(..) | capkv::net::NetError::Timeout(..)
+        ),
         "n3's certificate speaking as n2: {e}"
     );
     let identity = |m: &str| {
@@ -135,7 +142,10 @@ async fn a_peer_must_hold_the_certificate_of_the_node_it_claims_to_be() {
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
             .sum::<f64>()
     };
-    assert!(identity(&c.metrics(0).await) >= 1.0);
+    eventually(D, "n1 counts the refusal", || async {
+        identity(&c.metrics(0).await) >= 1.0
+    })
+    .await;
 
     // No certificate at all: the TLS handshake fails; nothing is sent.
     let plain = attacker(&c, 2, None);
@@ -170,6 +180,7 @@ async fn a_peer_must_hold_the_certificate_of_the_node_it_claims_to_be() {
 /// bounded, and the registry is unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_forwarded_write_is_checked_like_a_client_request() {
+    let _heavy = HEAVY.lock().await;
     let c = Cluster::start(3, &[]).await;
     let leader = c.leader().await;
     // The attacker holds the certificate of a node other than the leader.
@@ -391,6 +402,7 @@ async fn a_peer_that_never_reads_its_replies_cannot_grow_a_nodes_memory() {
 /// compromised leader could: a snapshot whose bytes are not a snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_raft_core_is_reported_by_healthz_and_status() {
+    let _heavy = HEAVY.lock().await;
     use openraft::raft::InstallSnapshotRequest;
     use openraft::{CommittedLeaderId, LogId, Membership, SnapshotMeta, StoredMembership};
     let c = Cluster::start(3, &[]).await;
@@ -634,6 +646,7 @@ async fn status_with(
 /// user's token stops working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_roles_are_enforced_on_every_node() {
+    let _heavy = HEAVY.lock().await;
     use capkv_core::UserSpec;
     use reqwest::Method;
     let c = Cluster::start(3, &["--auth"]).await;
@@ -761,6 +774,7 @@ async fn tokens_and_roles_are_enforced_on_every_node() {
 /// the other nodes as https://, and a plain-HTTP request gets nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_over_tls_serves_only_tls() {
+    let _heavy = HEAVY.lock().await;
     let c = Cluster::start(3, &["--auth", "--https"]).await;
     let client = capkv_client::Client::new([c.url(0)])
         .with_security(c.security())
@@ -783,6 +797,7 @@ async fn the_api_over_tls_serves_only_tls() {
 /// one with it is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_can_be_required() {
+    let _heavy = HEAVY.lock().await;
     let c = Cluster::start(1, &["--https-client-certs"]).await;
     let with = c.client(0);
     with.put("cp", b"k", b"v".to_vec(), &WriteOptions::default())
