@@ -658,6 +658,9 @@ impl Node {
     }
 
     async fn serve_peer(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
+        if let Some(refused) = self.refuse_raft_message(from, &req) {
+            return refused;
+        }
         match req {
             PeerRequest::Ping => PeerResponse::Pong,
             PeerRequest::RaftProbe => PeerResponse::RaftProbe(match self.raft_report().await {
@@ -665,9 +668,6 @@ impl Node {
                 None => None,
             }),
             PeerRequest::AppendEntries(r) => {
-                if let Err(why) = guard::check_append(from, &r, &self.member_ids) {
-                    return self.refuse_peer(from, "append_entries", why);
-                }
                 PeerResponse::AppendEntries(match self.lost.check_leader(r.vote.leader_id().term) {
                     Ok(()) => {
                         let began = Instant::now();
@@ -681,10 +681,6 @@ impl Node {
                     )),
                     Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
                 })
-            }
-            PeerRequest::Vote(r) if guard::check_vote(from, &r).is_err() => {
-                let why = guard::check_vote(from, &r).unwrap_err();
-                self.refuse_peer(from, "vote", why)
             }
             PeerRequest::Vote(r) => PeerResponse::Vote(match self.lost.check_vote(&r) {
                 Ok(()) => {
@@ -705,14 +701,6 @@ impl Node {
                     })
                 }
             }),
-            PeerRequest::InstallSnapshot(r)
-                if guard::check_snapshot(from, &r, &self.member_ids, SNAPSHOT_CHUNK_MAX)
-                    .is_err() =>
-            {
-                let why = guard::check_snapshot(from, &r, &self.member_ids, SNAPSHOT_CHUNK_MAX)
-                    .unwrap_err();
-                self.refuse_peer(from, "install_snapshot", why)
-            }
             PeerRequest::InstallSnapshot(r) => PeerResponse::InstallSnapshot(
                 match self.lost.check_leader(r.vote.leader_id().term) {
                     Ok(()) => self.raft.install_snapshot(r).await,
@@ -815,20 +803,33 @@ impl Node {
         }
     }
 
-    /// Answers a peer's message that [`guard`] refused: never handled, counted, logged.
-    /// The refusal reads as a stopped node to the sender's openraft, which then leaves
-    /// this node alone for a while.
-    fn refuse_peer(&self, from: NodeId, kind: &'static str, why: guard::Refused) -> PeerResponse {
+    /// Checks a peer's Raft message with [`guard`]: the answer to one it refuses, which is
+    /// never handled, but counted, logged, and answered as a stopped node would (the
+    /// sender's openraft then leaves this node alone for a while). `None`: it passes.
+    fn refuse_raft_message(&self, from: NodeId, req: &PeerRequest) -> Option<PeerResponse> {
+        use openraft::error::Fatal::Stopped;
+        let (kind, checked, refusal) = match req {
+            PeerRequest::Vote(r) => (
+                "vote",
+                guard::check_vote(from, r),
+                PeerResponse::Vote(Err(RaftError::Fatal(Stopped))),
+            ),
+            PeerRequest::AppendEntries(r) => (
+                "append_entries",
+                guard::check_append(from, r, &self.member_ids),
+                PeerResponse::AppendEntries(Err(RaftError::Fatal(Stopped))),
+            ),
+            PeerRequest::InstallSnapshot(r) => (
+                "install_snapshot",
+                guard::check_snapshot(from, r, &self.member_ids, SNAPSHOT_CHUNK_MAX),
+                PeerResponse::InstallSnapshot(Err(RaftError::Fatal(Stopped))),
+            ),
+            _ => return None,
+        };
+        let why = checked.err()?;
         metrics::counter!("capkv_peer_messages_refused_total", "kind" => kind).increment(1);
         tracing::warn!(peer = %self.name_of(from), kind, %why, "peer message refused");
-        let stopped = || RaftError::Fatal(openraft::error::Fatal::Stopped);
-        match kind {
-            "vote" => PeerResponse::Vote(Err(stopped())),
-            "install_snapshot" => PeerResponse::InstallSnapshot(Err(RaftError::Fatal(
-                openraft::error::Fatal::Stopped,
-            ))),
-            _ => PeerResponse::AppendEntries(Err(stopped())),
-        }
+        Some(refusal)
     }
 
     /// Why the Raft core is not running, if it is not: it stopped on an error or a panic

@@ -70,7 +70,7 @@ const HTTP_DRAIN: Duration = Duration::from_secs(30);
 
 /// Raises the soft limit on open files to the hard limit: every connection is a file, and
 /// the connection caps (HTTP and peer) should be what bounds them, not a default 1024.
-fn raise_open_files_limit() {
+pub fn raise_open_files_limit() {
     // SAFETY: getrlimit/setrlimit write only to the struct we pass.
     unsafe {
         let mut lim = libc::rlimit {

@@ -812,19 +812,9 @@ async fn client_certificates_can_be_required() {
 }
 
 /// Raises this process's open-file limit to its hard limit (tests that hold thousands of
-/// sockets).
+/// sockets), as a node does at start.
 fn more_open_files() {
-    // SAFETY: getrlimit/setrlimit write only to the struct passed.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    capkv::server::raise_open_files_limit();
 }
 
 /// Strangers holding more connections open on every peer port than there are places for

@@ -80,10 +80,15 @@ fn ca_params() -> Result<CertificateParams, String> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    set_validity(&mut p);
+    Ok(p)
+}
+
+/// From the start of last year to [`VALID_YEARS`] from now.
+fn set_validity(p: &mut CertificateParams) {
     let year = current_year();
     p.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
     p.not_after = rcgen::date_time_ymd(year + VALID_YEARS, 1, 1);
-    Ok(p)
 }
 
 /// Writes `contents` to `path`, readable by its owner only when `secret`; never replaces
@@ -151,9 +156,7 @@ pub fn init_certs(
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        let year = current_year();
-        p.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
-        p.not_after = rcgen::date_time_ymd(year + VALID_YEARS, 1, 1);
+        set_validity(&mut p);
         let key = KeyPair::generate().map_err(|e| e.to_string())?;
         let cert = p
             .signed_by(&key, &ca_cert, &ca_key)
