@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::rt::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
@@ -599,7 +601,7 @@ fn not_ap(ks: &str) -> ApiError {
 async fn not_known_here(
     node: &Node,
     ks: &str,
-    deadline: std::time::Instant,
+    deadline: crate::rt::Instant,
     on_cp: ApiError,
 ) -> ApiError {
     let list = match node
@@ -1348,7 +1350,7 @@ async fn bounded(State(st): State<AppState>, req: Request, next: Next) -> Respon
                 .into_response();
             }
         };
-    let served = tokio::spawn(async move {
+    let served = crate::rt::spawn(async move {
         let resp = next.run(req).await;
         drop((permit, body_bytes));
         resp

@@ -143,7 +143,7 @@ async fn user(
     st: &AppState,
     auth: &Auth,
     authorization: Option<header::HeaderValue>,
-    deadline: std::time::Instant,
+    deadline: crate::rt::Instant,
 ) -> Result<UserSpec, ApiError> {
     let Some(value) = authorization else {
         return Err(ApiError::unauthorized(
@@ -179,14 +179,14 @@ async fn user(
             "this node cannot check the token now (its storage is not answering); not applied",
         )
     };
-    let deadline = deadline.min(std::time::Instant::now() + LOOKUP_WAIT).into();
+    let deadline = deadline.min(crate::rt::Instant::now() + LOOKUP_WAIT).into();
     let place = tokio::time::timeout_at(deadline, auth.lookups.clone().acquire_owned())
         .await
         .ok()
         .and_then(Result::ok)
         .ok_or_else(busy)?;
     let reader = st.node.reader.clone();
-    let lookup = tokio::task::spawn_blocking(move || {
+    let lookup = crate::rt::blocking(move || {
         let user = reader.user_by_token(&hash);
         drop(place);
         user

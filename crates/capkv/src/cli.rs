@@ -156,6 +156,9 @@ pub enum Cmd {
     /// Verify a cluster the way Jepsen does: concurrent clients, a nemesis, a recorded
     /// history and a checker. Exit 0 valid, 1 invalid, 2 unknown, 3 the harness failed.
     Check(CheckArgs),
+    /// Simulate a whole cluster in one process on a seeded network and clock: real nodes,
+    /// a nemesis, the checkers; the same seed replays the same run. Exit 0 valid, 1 not.
+    Sim(crate::sim::SimArgs),
     /// Load a cluster and record what it does: throughput, latency percentiles, errors,
     /// leader changes, memory and disk per node (`--grow-gib`: write until every node
     /// holds that much, then read it all back).
@@ -722,6 +725,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), String> {
         Cmd::Serve(_)
         | Cmd::Dev { .. }
         | Cmd::Check(_)
+        | Cmd::Sim(_)
         | Cmd::CheckHistory { .. }
         | Cmd::Certs { .. }
         | Cmd::Bench(_) => {

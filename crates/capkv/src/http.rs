@@ -103,7 +103,7 @@ pub async fn serve(
             limits::hit("http_connections");
             if tls.is_none() {
                 if let Ok(r) = refusals.clone().try_acquire_owned() {
-                    tokio::spawn(async move {
+                    crate::rt::spawn(async move {
                         refuse(stream, limits.max_connections).await;
                         drop(r);
                     });
@@ -113,7 +113,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let (app, tls, stop) = (app.clone(), tls.clone(), stop_rx.clone());
-        tokio::spawn(async move {
+        crate::rt::spawn(async move {
             serve_connection(stream, app, tls, limits, stop).await;
             drop(place);
         });

@@ -32,8 +32,14 @@ pub mod net;
 pub mod node;
 pub mod process;
 pub mod rpc;
+pub mod rt;
 pub mod server;
+pub mod sim;
 pub mod storage;
 
-/// The one transport every node-to-node message goes through.
+/// The TCP transport every node-to-node message of a process goes through.
 pub type PeerTransport = net::Transport<rpc::PeerRequest, rpc::PeerResponse>;
+
+/// The network a node sends its peer messages through: [`PeerTransport`], or the
+/// simulator's.
+pub type PeerNet = dyn net::Peers<rpc::PeerRequest, rpc::PeerResponse>;

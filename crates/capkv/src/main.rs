@@ -26,6 +26,11 @@ fn main() {
         }
         e.exit()
     });
+    let cli = match cli.command {
+        // Each simulated seed builds its own single-threaded runtime.
+        Cmd::Sim(args) => std::process::exit(capkv::sim::main(args)),
+        other => Cli { command: other },
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -20,7 +20,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::rt::Instant;
 
 use capkv_core::{ApiError, ClusterInfo, ClusterNode, ErrorCode};
 use openraft::error::{CheckIsLeaderError, RaftError};
@@ -43,7 +45,7 @@ use crate::cp::{NodeId, PeerNode, Raft, Written};
 use crate::net::{FaultFilter, NetError, PeerTls};
 use crate::rpc::{Forward, ForwardOp, ForwardReply, PeerRequest, PeerResponse};
 use crate::storage::{Engine, FjallEngine, GroupCommit, Tree, Watched, WriteBatch};
-use crate::PeerTransport;
+use crate::{PeerNet, PeerTransport};
 
 /// Counts one request in flight for as long as it lives.
 struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
@@ -81,7 +83,7 @@ pub struct Node {
     pub config: NodeConfig,
     pub raft: Raft,
     pub reader: Reader,
-    pub transport: Arc<PeerTransport>,
+    pub transport: Arc<PeerNet>,
     pub faults: Arc<FaultFilter>,
     /// The node's wall clock: every read of the time of day for a decision goes through
     /// it, so a fault-injected skew (or, later, a simulated clock) reaches all of them.
@@ -109,6 +111,23 @@ pub struct Node {
     peer_bulk_requests: tokio::sync::Semaphore,
     /// Every member's id, for checking what peers send (`cp::guard`).
     member_ids: std::collections::BTreeSet<NodeId>,
+    /// Whether its Raft state could be trusted when it started (see [`Node::assemble`]).
+    trusted: bool,
+}
+
+/// What a node is given from outside: its network, its fault filter and its wall clock.
+pub struct Wiring {
+    pub net: Arc<PeerNet>,
+    pub faults: Arc<FaultFilter>,
+    pub clock: Arc<WallClock>,
+}
+
+/// Largest peer frame: one AppendEntries message of [`MAX_PAYLOAD_ENTRIES`] entries, each a
+/// batch of at most [`BATCH_BYTES_MAX`] bytes, or one larger command alone (a value and a
+/// CAS value of at most `max_value_bytes` each, a key, names).
+pub fn frame_bytes_max(max_value_bytes: usize) -> usize {
+    let entry_bytes_max = BATCH_BYTES_MAX + 2 * max_value_bytes + 64 * 1024;
+    (MAX_PAYLOAD_ENTRIES as usize + 1) * entry_bytes_max
 }
 
 /// Largest snapshot chunk a leader sends (openraft's `snapshot_max_chunk_size`).
@@ -143,37 +162,12 @@ impl Node {
     ) -> Result<Arc<Node>, StartError> {
         let engine = FjallEngine::open(&config.data_dir.join("store"))
             .map_err(|e| StartError::Storage(e.to_string()))?;
-        Node::start_with_engine(config, peer_listener, engine).await
-    }
-
-    pub async fn start_with_engine(
-        config: NodeConfig,
-        peer_listener: tokio::net::TcpListener,
-        engine: impl Engine,
-    ) -> Result<Arc<Node>, StartError> {
-        let watched = Arc::new(Watched::new(engine));
-        let engine: Arc<dyn Engine> = watched.clone();
-        let group_commit = GroupCommit::start(engine.clone());
-        let log_store = LogStore::new(engine.clone(), group_commit.clone());
-        let log_state = log_store.clone();
-        let sm = StateMachine::open(engine.clone(), &config.data_dir.join("snapshots"))
-            .map_err(|e| StartError::Storage(e.to_string()))?;
-        let reader = sm.reader();
-        let snapshot_bytes = sm.snapshot_bytes();
-
-        let faults = Arc::new(FaultFilter::default());
-        let clock = Arc::new(WallClock::system());
         let peers: BTreeMap<NodeId, String> = config
             .cluster
             .iter()
             .filter(|m| m.id != config.id)
             .map(|m| (m.id, m.peer_addr.clone()))
             .collect();
-        // A frame carries at most one AppendEntries message: MAX_PAYLOAD_ENTRIES entries,
-        // each a batch of at most BATCH_BYTES_MAX bytes, or one larger command alone (a
-        // value and a CAS value of at most max_value_bytes each, a key, names).
-        let entry_bytes_max = BATCH_BYTES_MAX + 2 * config.max_value_bytes + 64 * 1024;
-        let frame_bytes_max = (MAX_PAYLOAD_ENTRIES as usize + 1) * entry_bytes_max;
         let tls = match &config.peer_security {
             PeerSecurity::Certs(dir) => {
                 let names = config
@@ -193,9 +187,49 @@ impl Node {
                 None
             }
         };
+        let faults = Arc::new(FaultFilter::default());
         let transport = Arc::new(
-            PeerTransport::new(config.id, peers, faults.clone(), frame_bytes_max).with_tls(tls),
+            PeerTransport::new(
+                config.id,
+                peers,
+                faults.clone(),
+                frame_bytes_max(config.max_value_bytes),
+            )
+            .with_tls(tls),
         );
+        let wiring = Wiring {
+            net: transport.clone(),
+            faults,
+            clock: Arc::new(WallClock::system()),
+        };
+        let node = Node::assemble(config, engine, wiring).await?;
+        crate::rt::spawn(transport.serve(peer_listener, node.peer_handler()));
+        node.run().await?;
+        Ok(node)
+    }
+
+    /// Builds a node on `engine`, talking to its peers through `wiring.net`. Nothing of
+    /// it runs until [`Node::run`]; the network should hand it what peers send through
+    /// [`Node::peer_handler`].
+    pub async fn assemble(
+        config: NodeConfig,
+        engine: impl Engine,
+        wiring: Wiring,
+    ) -> Result<Arc<Node>, StartError> {
+        let Wiring {
+            net: transport,
+            faults,
+            clock,
+        } = wiring;
+        let watched = Arc::new(Watched::new(engine));
+        let engine: Arc<dyn Engine> = watched.clone();
+        let group_commit = GroupCommit::start(engine.clone());
+        let log_store = LogStore::new(engine.clone(), group_commit.clone());
+        let log_state = log_store.clone();
+        let sm = StateMachine::open(engine.clone(), &config.data_dir.join("snapshots"))
+            .map_err(|e| StartError::Storage(e.to_string()))?;
+        let reader = sm.reader();
+        let snapshot_bytes = sm.snapshot_bytes();
 
         let raft_config = openraft::Config {
             cluster_name: "capkv".into(),
@@ -296,32 +330,42 @@ impl Node {
             peer_requests: tokio::sync::Semaphore::new(PEER_REQUESTS_MAX),
             peer_bulk_requests: tokio::sync::Semaphore::new(PEER_BULK_REQUESTS_MAX),
             member_ids,
+            trusted,
         });
 
-        let handler_node = node.clone();
-        let handler: crate::net::Handler<PeerRequest, PeerResponse> = Arc::new(move |from, req| {
-            let node = handler_node.clone();
+        Ok(node)
+    }
+
+    /// What answers the requests peers send this node.
+    pub fn peer_handler(self: &Arc<Self>) -> crate::net::Handler<PeerRequest, PeerResponse> {
+        let node = self.clone();
+        Arc::new(move |from, req| {
+            let node = node.clone();
             Box::pin(async move { node.handle_peer(from, req).await })
-        });
-        tokio::spawn(node.transport.clone().serve(peer_listener, handler));
+        })
+    }
 
-        if trusted {
+    /// Starts the node's work: bootstraps the cluster on first start (or rebuilds a lost
+    /// Raft state), and starts its background loops.
+    pub async fn run(self: &Arc<Self>) -> Result<(), StartError> {
+        let node = self;
+        if node.trusted {
             node.bootstrap().await?;
         } else if node.lost.waiting() {
             // Initialized (which starts an election at once) only if no peer holds a log.
-            tokio::spawn(node.clone().rebuild_lost_state());
+            crate::rt::spawn(node.clone().rebuild_lost_state());
         } else {
             let n = node.clone();
-            tokio::spawn(async move { n.join_after_rebuild().await });
+            crate::rt::spawn(async move { n.join_after_rebuild().await });
         }
-        tokio::spawn(node.clone().ping_loop());
-        tokio::spawn(node.clone().metrics_loop());
-        tokio::spawn(node.clone().core_delay_loop());
-        tokio::spawn(node.clone().snapshot_loop());
-        tokio::spawn(node.ap.clone().handoff_loop());
-        tokio::spawn(node.clone().anti_entropy_loop());
-        tokio::spawn(node.clone().tombstone_loop());
-        Ok(node)
+        crate::rt::spawn(node.clone().ping_loop());
+        crate::rt::spawn(node.clone().metrics_loop());
+        crate::rt::spawn(node.clone().core_delay_loop());
+        crate::rt::spawn(node.clone().snapshot_loop());
+        crate::rt::spawn(node.ap.clone().handoff_loop());
+        crate::rt::spawn(node.clone().anti_entropy_loop());
+        crate::rt::spawn(node.clone().tombstone_loop());
+        Ok(())
     }
 
     /// On first start every node proposes the same initial membership; openraft accepts
@@ -1116,7 +1160,7 @@ impl Node {
     async fn ping_loop(self: Arc<Self>) {
         for id in self.peer_ids() {
             let t = self.transport.clone();
-            tokio::spawn(async move {
+            crate::rt::spawn(async move {
                 let mut tick = tokio::time::interval(PING_INTERVAL);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
@@ -1336,7 +1380,7 @@ fn incarnation(engine: &dyn Engine) -> Result<String, StartError> {
     let id = match kept {
         Some(v) if clean.as_ref() == Some(&v) => String::from_utf8_lossy(&v).into_owned(),
         previous => {
-            let id = format!("{:08x}", rand::random::<u32>());
+            let id = format!("{:08x}", (crate::rt::random_u64() as u32));
             if previous.is_some() {
                 tracing::info!(incarnation = %id, "not stopped cleanly: a new ap actor, so no dot is issued twice");
             }

@@ -23,7 +23,7 @@ fn install_metrics() -> Option<PrometheusHandle> {
         .install_recorder()
         .ok()?;
     let upkeep = handle.clone();
-    tokio::spawn(async move {
+    crate::rt::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
             upkeep.run_upkeep();

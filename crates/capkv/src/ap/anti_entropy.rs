@@ -27,7 +27,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::rt::Instant;
 
 use capkv_core::{ApiError, KeyspaceSpec};
 use serde::{Deserialize, Serialize};

@@ -15,9 +15,9 @@
 //! delivered and no answer came back in time); a copy whose deadline passes while it
 //! waits in the queue is answered "not applied" and never sent.
 
+use crate::rt::Instant;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use capkv_core::ApiError;
 use tokio::sync::oneshot;
@@ -26,7 +26,7 @@ use super::call::{net_err, replica_err, CallError};
 use super::replica::StoredObject;
 use crate::cp::NodeId;
 use crate::rpc::{PeerRequest, PeerResponse, PAGE_BYTES_MAX};
-use crate::PeerTransport;
+use crate::PeerNet;
 
 /// Messages in flight to one peer at once.
 pub const IN_FLIGHT: usize = 2;
@@ -48,12 +48,12 @@ struct Queue {
 }
 
 pub struct StoreBatches {
-    transport: Arc<PeerTransport>,
+    transport: Arc<PeerNet>,
     queues: Mutex<HashMap<NodeId, Queue>>,
 }
 
 impl StoreBatches {
-    pub(super) fn new(transport: Arc<PeerTransport>) -> Arc<StoreBatches> {
+    pub(super) fn new(transport: Arc<PeerNet>) -> Arc<StoreBatches> {
         Arc::new(StoreBatches {
             transport,
             queues: Mutex::new(HashMap::new()),
@@ -91,7 +91,7 @@ impl StoreBatches {
             start
         };
         if start_sender {
-            tokio::spawn(self.clone().send_loop(to));
+            crate::rt::spawn(self.clone().send_loop(to));
         }
         match tokio::time::timeout_at(deadline.into(), answer).await {
             Ok(Ok(result)) => result,

@@ -27,7 +27,9 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::rt::Instant;
 
 use capkv_core::ApiError;
 use tokio::task::JoinSet;
@@ -46,7 +48,7 @@ use crate::clock::WallClock;
 use crate::cp::NodeId;
 use crate::node::REACHABLE_WINDOW;
 use crate::rpc::{PeerRequest, PeerResponse};
-use crate::PeerTransport;
+use crate::PeerNet;
 
 /// Hints sent to a home per round of handoff (backpressure: one round at a time).
 const HANDOFF_BATCH: usize = 64;
@@ -60,7 +62,7 @@ pub struct Coordinator {
     pub me: NodeId,
     pub actor: Actor,
     pub ring: Ring,
-    pub transport: Arc<PeerTransport>,
+    pub transport: Arc<PeerNet>,
     pub replica: Arc<Replica>,
     /// The node's wall clock: HLC stamps of `lww` writes, `written_at_ms` of siblings.
     pub clock: Arc<WallClock>,
@@ -77,7 +79,7 @@ impl Coordinator {
         me: NodeId,
         actor: Actor,
         ring: Ring,
-        transport: Arc<PeerTransport>,
+        transport: Arc<PeerNet>,
         replica: Arc<Replica>,
         clock: Arc<WallClock>,
     ) -> Coordinator {
@@ -307,7 +309,7 @@ impl Coordinator {
                 applied
             }
             None => {
-                let one_time = format!("{}~{:016x}", self.actor, rand::random::<u64>());
+                let one_time = format!("{}~{:016x}", self.actor, crate::rt::random_u64());
                 ApState::empty(value_type).apply_above(
                     mutation,
                     &one_time,
@@ -396,7 +398,7 @@ impl Coordinator {
         }
         // The rest finish in the background; their outcome no longer changes the answer,
         // but a copy that failed is counted (anti-entropy brings that home up to date).
-        tokio::spawn(async move {
+        crate::rt::spawn(async move {
             while let Some(done) = tasks.join_next().await {
                 if let Ok(Err(e)) = done {
                     copy_failed(&e);
@@ -511,7 +513,7 @@ impl Coordinator {
         let this = self.clone();
         let (ks, k) = (keyspace.to_owned(), key.to_vec());
         let seen = merged.clone();
-        tokio::spawn(async move {
+        crate::rt::spawn(async move {
             let mut all = answers;
             all.extend(not_yet_rebuilt.into_iter().map(|node| (node, None)));
             while let Some(res) = tasks.join_next().await {

@@ -67,7 +67,7 @@ impl LocalWrites {
             start
         };
         if start_runner {
-            tokio::spawn(self.clone().run());
+            crate::rt::spawn(self.clone().run());
         }
         answer
     }

@@ -148,7 +148,7 @@ pub struct Update {
     pub actor: String,
     pub now_ms: u64,
     /// Refused unapplied if the batch cannot begin before this.
-    pub deadline: Option<std::time::Instant>,
+    pub deadline: Option<crate::rt::Instant>,
 }
 
 /// One stored object: (keyspace, key, state).
@@ -586,7 +586,7 @@ impl Replica {
         mutation: &Mutation,
         actor: &str,
         now_ms: u64,
-        deadline: Option<std::time::Instant>,
+        deadline: Option<crate::rt::Instant>,
     ) -> Result<Applied, ApiError> {
         let update = Update {
             keyspace: keyspace.to_owned(),
@@ -631,7 +631,7 @@ impl Replica {
         let wait_until = updates
             .iter()
             .map(|u| u.deadline)
-            .try_fold(None, |latest: Option<std::time::Instant>, d| {
+            .try_fold(None, |latest: Option<crate::rt::Instant>, d| {
                 d.map(|d| Some(latest.map_or(d, |l| l.max(d))))
             })
             .flatten();
@@ -660,7 +660,7 @@ impl Replica {
                 .collect();
         }
         let floor = *self.floor.lock().await;
-        let now = std::time::Instant::now();
+        let now = crate::rt::Instant::now();
         // The reads, the changes and the write in one stretch off the async workers: each
         // storage call alone would hand the worker's tasks to another thread (measured:
         // those hand-offs were half the CPU of an ap write).
@@ -1264,7 +1264,7 @@ mod tests {
     async fn a_write_past_its_deadline_is_refused_unapplied() {
         let r = Arc::new(replica());
         let add = Mutation::Add { by: 1 };
-        let gone = std::time::Instant::now();
+        let gone = crate::rt::Instant::now();
         let e = r
             .update_until("c", b"k", ValueType::Counter, &add, "n1.x", 1, Some(gone))
             .await
@@ -1273,7 +1273,7 @@ mod tests {
         assert_eq!(r.read("c", b"k", &[]).unwrap(), None, "nothing stored");
         // The key's stripe is held (a slow write before it) until after the deadline.
         let held = r.stripe(&obj_key("c", b"k")).lock().await;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
+        let deadline = crate::rt::Instant::now() + std::time::Duration::from_millis(50);
         let waiter = {
             let r = r.clone();
             let add = add.clone();
@@ -1295,7 +1295,7 @@ mod tests {
         assert!(waiter.await.unwrap().is_err());
         assert_eq!(r.read("c", b"k", &[]).unwrap(), None, "nothing stored");
         // In time, it applies.
-        let soon = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let soon = crate::rt::Instant::now() + std::time::Duration::from_secs(5);
         r.update_until("c", b"k", ValueType::Counter, &add, "n1.x", 3, Some(soon))
             .await
             .unwrap();

@@ -11,9 +11,9 @@
 //! Like a point read at r=1, a scan answers with what the reachable nodes hold: a key
 //! whose every copy is on unreachable nodes is missing from it until the heal.
 
+use crate::rt::Instant;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use capkv_core::ApiError;
 use tokio::task::JoinSet;

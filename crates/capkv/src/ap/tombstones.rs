@@ -30,7 +30,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::rt::Instant;
 
 use capkv_core::{ApiError, KeyspaceSpec, Mode};
 

@@ -178,12 +178,44 @@ fn delete_up_to(engine: &dyn Engine, last: u64) -> crate::storage::Result<()> {
     Ok(())
 }
 
+/// Where purges are asked for: the purge thread, or a simulated node's purge task.
+enum PurgeTx {
+    Thread(mpsc::Sender<LogId>),
+    Task(tokio::sync::mpsc::UnboundedSender<LogId>),
+}
+
+enum PurgeRx {
+    Thread(mpsc::Receiver<LogId>),
+    Task(tokio::sync::mpsc::UnboundedReceiver<LogId>),
+}
+
+/// The highest of purged ids asked for together, by index.
+fn highest(asked: &[LogId]) -> LogId {
+    asked
+        .iter()
+        .fold(None, |m, id| by_index_max(m, Some(*id)))
+        .expect("at least one purge was asked for")
+}
+
+/// The value of a future whose every await is ready at once (the purge thread's, whose
+/// syncs block instead of waiting).
+fn ready_now<T>(f: impl std::future::Future<Output = T>) -> T {
+    let mut f = std::pin::pin!(f);
+    match f
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => unreachable!("every await of the purge thread is ready"),
+    }
+}
+
 /// Runs purges on a thread of its own (see the module docs). Purges asked for while one
 /// runs are merged: only the highest matters.
 struct Purger {
     /// The highest purged id asked for: entries at or below it are invisible at once.
     asked: Mutex<Option<LogId>>,
-    tx: Mutex<mpsc::Sender<LogId>>,
+    tx: Mutex<PurgeTx>,
     /// Purges asked for and finished (with the last error), for `settled`.
     progress: Mutex<(u64, u64, Option<String>)>,
     finished: Condvar,
@@ -191,40 +223,74 @@ struct Purger {
 
 impl Purger {
     fn start(engine: Arc<dyn Engine>, group_commit: GroupCommit) -> Arc<Purger> {
-        let (tx, rx) = mpsc::channel::<LogId>();
+        let (tx, rx) = if crate::rt::simulated() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (PurgeTx::Task(tx), PurgeRx::Task(rx))
+        } else {
+            let (tx, rx) = mpsc::channel();
+            (PurgeTx::Thread(tx), PurgeRx::Thread(rx))
+        };
         let purger = Arc::new(Purger {
             asked: Mutex::new(None),
             tx: Mutex::new(tx),
             progress: Mutex::new((0, 0, None)),
             finished: Condvar::new(),
         });
-        // The thread holds a weak handle: it ends when the last store is dropped (its
+        // The runner holds a weak handle: it ends when the last store is dropped (its
         // sender with it), after finishing what was asked.
         let weak = Arc::downgrade(&purger);
-        std::thread::Builder::new()
-            .name("capkv-purge".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut id = Some(first);
-                    let mut n = 1;
-                    for later in rx.try_iter() {
-                        id = by_index_max(id, Some(later));
-                        n += 1;
+        match rx {
+            PurgeRx::Thread(rx) => {
+                std::thread::Builder::new()
+                    .name("capkv-purge".into())
+                    .spawn(move || {
+                        while let Ok(first) = rx.recv() {
+                            let asked: Vec<LogId> =
+                                std::iter::once(first).chain(rx.try_iter()).collect();
+                            let sync = || std::future::ready(sync_now(&group_commit));
+                            let result =
+                                ready_now(purge_now(engine.as_ref(), sync, highest(&asked)));
+                            if !Purger::finished(&weak, asked.len(), result) {
+                                return;
+                            }
+                        }
+                    })
+                    .expect("spawning the purge thread");
+            }
+            // A simulated node purges in a task of its own (a thread's timing would make
+            // the run unrepeatable, and a crash must end the purge with the node).
+            PurgeRx::Task(mut rx) => {
+                crate::rt::spawn(async move {
+                    while let Some(first) = rx.recv().await {
+                        let mut asked = vec![first];
+                        while let Ok(later) = rx.try_recv() {
+                            asked.push(later);
+                        }
+                        let sync = || group_commit.sync();
+                        let result = purge_now(engine.as_ref(), sync, highest(&asked)).await;
+                        if !Purger::finished(&weak, asked.len(), result) {
+                            return;
+                        }
                     }
-                    let id = id.unwrap_or(first);
-                    let result = purge_now(engine.as_ref(), &group_commit, id);
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, purged = %id, "purging the Raft log failed; the next purge tries again");
-                    }
-                    let Some(p) = weak.upgrade() else { return };
-                    let mut progress = p.progress.lock().expect("purge progress poisoned");
-                    progress.1 += n;
-                    progress.2 = result.err();
-                    p.finished.notify_all();
-                }
-            })
-            .expect("spawning the purge thread");
+                });
+            }
+        }
         purger
+    }
+
+    /// Records `n` purges finished; false once the store is gone.
+    fn finished(weak: &std::sync::Weak<Purger>, n: usize, result: Result<(), String>) -> bool {
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "purging the Raft log failed; the next purge tries again");
+        }
+        let Some(p) = weak.upgrade() else {
+            return false;
+        };
+        let mut progress = p.progress.lock().expect("purge progress poisoned");
+        progress.1 += n as u64;
+        progress.2 = result.err();
+        p.finished.notify_all();
+        true
     }
 
     fn asked(&self) -> Option<LogId> {
@@ -237,11 +303,12 @@ impl Purger {
             *asked = by_index_max(*asked, Some(id));
         }
         self.progress.lock().expect("purge progress poisoned").0 += 1;
-        self.tx
-            .lock()
-            .expect("purge lock poisoned")
-            .send(id)
-            .map_err(|_| "the purge thread has stopped".to_string())
+        let sent = match &*self.tx.lock().expect("purge lock poisoned") {
+            PurgeTx::Thread(tx) => tx.send(id).is_ok(),
+            PurgeTx::Task(tx) => tx.send(id).is_ok(),
+        };
+        sent.then_some(())
+            .ok_or_else(|| "the purge thread has stopped".to_string())
     }
 
     fn settled(&self) -> Result<(), String> {
@@ -279,10 +346,14 @@ fn sync_now(group_commit: &GroupCommit) -> Result<(), String> {
         .unwrap_or_else(|_| Err("storage is shutting down".into()))
 }
 
-fn purge_now(engine: &dyn Engine, group_commit: &GroupCommit, id: LogId) -> Result<(), String> {
+/// One purge; `sync` waits for an fsync that starts after it is called.
+async fn purge_now<F>(engine: &dyn Engine, sync: impl Fn() -> F, id: LogId) -> Result<(), String>
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
     // Rule 3: the state machine writes without fsync, so make it durable before the log
     // entries that could rebuild it are gone.
-    sync_now(group_commit)?;
+    sync().await?;
     let recorded: Option<LogId> = match engine.get(Tree::Meta, META_PURGED) {
         Ok(Some(raw)) => decode::<Option<LogId>>(&raw).map_err(|e| e.to_string())?,
         Ok(None) => None,
@@ -293,7 +364,7 @@ fn purge_now(engine: &dyn Engine, group_commit: &GroupCommit, id: LogId) -> Resu
         record.put(Tree::Meta, META_PURGED.to_vec(), encode(&Some(id)));
         engine.write(record).map_err(|e| e.to_string())?;
         // Durable before any entry goes, even where a crash keeps no prefix order.
-        sync_now(group_commit)?;
+        sync().await?;
     }
     delete_up_to(engine, id.index).map_err(|e| e.to_string())
 }

@@ -63,7 +63,7 @@ openraft::declare_raft_types!(
         Node = PeerNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = snapshot::SnapshotFile,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = crate::rt::RaftRuntime,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;

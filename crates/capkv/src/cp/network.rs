@@ -19,17 +19,17 @@ use openraft::RPCTypes;
 use super::{NodeId, PeerNode, TypeConfig};
 use crate::net::NetError;
 use crate::rpc::{PeerRequest, PeerResponse};
-use crate::PeerTransport;
+use crate::PeerNet;
 
 pub struct NetworkFactory {
     pub me: NodeId,
-    pub transport: Arc<PeerTransport>,
+    pub transport: Arc<PeerNet>,
 }
 
 pub struct PeerConnection {
     me: NodeId,
     target: NodeId,
-    transport: Arc<PeerTransport>,
+    transport: Arc<PeerNet>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -90,7 +90,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let action = RPCTypes::AppendEntries;
-        let began = std::time::Instant::now();
+        let began = crate::rt::Instant::now();
         let reply = self.call(PeerRequest::AppendEntries(rpc), &option).await;
         metrics::histogram!("capkv_raft_append_rpc_seconds").record(began.elapsed().as_secs_f64());
         match reply {

@@ -20,9 +20,9 @@
 //! The proposer also stamps each batch with the cluster time ([`ClusterClock`]), which
 //! dates idempotency records: the leader stamps, not the node a client happened to call.
 
+use crate::rt::Instant;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use capkv_core::ApiError;
 use openraft::error::{ClientWriteError, RaftError};
@@ -170,7 +170,7 @@ impl Proposer {
         let (tx, rx) = mpsc::channel(QUEUE_MAX);
         let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES_MAX));
         let stopping = Arc::new(AtomicBool::new(false));
-        tokio::spawn(run(
+        crate::rt::spawn(run(
             raft,
             rx,
             in_flight.clone(),
@@ -209,7 +209,7 @@ impl Proposer {
             reply,
             deadline,
         };
-        let deadline = tokio::time::Instant::from_std(deadline);
+        let deadline = deadline;
         match tokio::time::timeout_at(deadline, self.tx.send(pending)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(ProposeError::Stopped("the proposer has stopped".into())),
@@ -337,15 +337,11 @@ async fn run(
             .max()
             .unwrap_or_else(Instant::now)
             + ANSWER_GRACE;
-        tokio::spawn(async move {
+        crate::rt::spawn(async move {
             let (cmds, waiters): (Vec<Command>, Vec<_>) =
                 claimed.into_iter().map(|p| (p.cmd, p.reply)).unzip();
             let n = cmds.len();
-            let answer = tokio::time::timeout_at(
-                tokio::time::Instant::from_std(until),
-                raft.client_write(Batch(cmds)),
-            )
-            .await;
+            let answer = tokio::time::timeout_at(until, raft.client_write(Batch(cmds))).await;
             drop(permit);
             let Ok(result) = answer else {
                 // Every waiter has gone (with 504: these were claimed); free the slot.

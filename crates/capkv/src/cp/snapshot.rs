@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::rt::Instant;
 
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
@@ -128,8 +130,11 @@ pub fn write(view: &dyn ReadView, revision: u64, path: &Path) -> std::io::Result
             synced = w.bytes;
             // And paced: a build shares the disk and the cores with the node's work.
             let due = Duration::from_secs_f64(w.bytes as f64 / WRITE_BYTES_PER_SEC as f64);
+            // (Not in a simulation, whose time does not pass while a build runs.)
             if let Some(ahead) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(ahead);
+                if !crate::rt::simulated() {
+                    std::thread::sleep(ahead);
+                }
             }
         }
     }
@@ -356,7 +361,7 @@ impl SnapshotDir {
     /// review: a rename then replaced the current snapshot's file under its old record).
     pub fn new_name(&self, stem: &str, ext: &str) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        format!("{stem}-{:016x}-{n}.{ext}", rand::random::<u64>())
+        format!("{stem}-{:016x}-{n}.{ext}", crate::rt::random_u64())
     }
 
     /// Makes renames and new files in the directory durable.
@@ -384,7 +389,18 @@ impl SnapshotDir {
 /// with its path, so an install can find the file it was given.
 pub struct SnapshotFile {
     pub path: PathBuf,
-    file: tokio::fs::File,
+    file: FileIo,
+}
+
+/// A snapshot file's I/O: on tokio's blocking pool, or in place in a simulation (see
+/// [`crate::rt::blocking`]: a pool thread's timing would make the run unrepeatable).
+enum FileIo {
+    Pool(tokio::fs::File),
+    InPlace {
+        file: File,
+        /// The outcome of the seek started by `start_seek`.
+        seeked: Option<std::io::Result<u64>>,
+    },
 }
 
 impl SnapshotFile {
@@ -394,21 +410,21 @@ impl SnapshotFile {
 
     /// A file already open (it may since have been removed from the directory).
     pub fn from_std(path: PathBuf, file: File) -> SnapshotFile {
-        SnapshotFile {
-            path,
-            file: tokio::fs::File::from_std(file),
-        }
+        let file = if crate::rt::simulated() {
+            FileIo::InPlace { file, seeked: None }
+        } else {
+            FileIo::Pool(tokio::fs::File::from_std(file))
+        };
+        SnapshotFile { path, file }
     }
 
     pub fn create(path: PathBuf) -> std::io::Result<SnapshotFile> {
-        let file = tokio::fs::File::from_std(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)?,
-        );
-        Ok(SnapshotFile { path, file })
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(SnapshotFile::from_std(path, file))
     }
 }
 
@@ -418,7 +434,14 @@ impl AsyncRead for SnapshotFile {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_read(cx, buf)
+        match &mut self.file {
+            FileIo::Pool(f) => Pin::new(f).poll_read(cx, buf),
+            FileIo::InPlace { file, .. } => {
+                let n = std::io::Read::read(file, buf.initialize_unfilled())?;
+                buf.advance(n);
+                Poll::Ready(Ok(()))
+            }
+        }
     }
 }
 
@@ -428,22 +451,44 @@ impl AsyncWrite for SnapshotFile {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.file).poll_write(cx, buf)
+        match &mut self.file {
+            FileIo::Pool(f) => Pin::new(f).poll_write(cx, buf),
+            FileIo::InPlace { file, .. } => Poll::Ready(std::io::Write::write(file, buf)),
+        }
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_flush(cx)
+        match &mut self.file {
+            FileIo::Pool(f) => Pin::new(f).poll_flush(cx),
+            FileIo::InPlace { file, .. } => Poll::Ready(std::io::Write::flush(file)),
+        }
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_shutdown(cx)
+        match &mut self.file {
+            FileIo::Pool(f) => Pin::new(f).poll_shutdown(cx),
+            FileIo::InPlace { file, .. } => Poll::Ready(std::io::Write::flush(file)),
+        }
     }
 }
 
 impl AsyncSeek for SnapshotFile {
     fn start_seek(mut self: Pin<&mut Self>, position: std::io::SeekFrom) -> std::io::Result<()> {
-        Pin::new(&mut self.file).start_seek(position)
+        match &mut self.file {
+            FileIo::Pool(f) => Pin::new(f).start_seek(position),
+            FileIo::InPlace { file, seeked } => {
+                *seeked = Some(std::io::Seek::seek(file, position));
+                Ok(())
+            }
+        }
     }
     fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
-        Pin::new(&mut self.file).poll_complete(cx)
+        match &mut self.file {
+            FileIo::Pool(f) => Pin::new(f).poll_complete(cx),
+            FileIo::InPlace { file, seeked } => Poll::Ready(
+                seeked
+                    .take()
+                    .unwrap_or_else(|| std::io::Seek::stream_position(file)),
+            ),
+        }
     }
 }
 

@@ -499,7 +499,7 @@ fn snap_err(e: std::io::Error) -> StorageError<NodeId> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> StorageResult<T> + Send + 'static,
 ) -> StorageResult<T> {
-    tokio::task::spawn_blocking(f)
+    crate::rt::blocking(f)
         .await
         .unwrap_or_else(|e| Err(read_err(format!("snapshot task failed: {e}"))))
 }
@@ -1081,7 +1081,7 @@ impl RaftSnapshotBuilder<TypeConfig> for PreparedSnapshot {
             .unwrap_or_else(|| Err(read_err("snapshot builder used twice")))?;
         let (meta, revision, snapshots) =
             (self.meta.clone(), self.revision, self.snapshots.clone());
-        let started = std::time::Instant::now();
+        let started = crate::rt::Instant::now();
         let (file, summary) = blocking(move || {
             let building = snapshots
                 .dir

@@ -52,7 +52,9 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::rt::Instant;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -212,6 +214,34 @@ impl FaultFilter {
 /// Handles one inbound request.
 pub type Handler<Req, Resp> =
     Arc<dyn Fn(PeerId, Req) -> Pin<Box<dyn Future<Output = Resp> + Send>> + Send + Sync>;
+
+/// What a node needs of its network: call a peer, and know whether it could answer.
+/// [`Transport`] (TCP, TLS between peers) is what a process uses; `crate::sim::SimNet`
+/// carries the same messages between nodes of one process on a seeded schedule.
+pub trait Peers<Req, Resp>: Send + Sync + 'static {
+    /// Sends `req` to `to` and waits at most `timeout` for the reply.
+    fn call(&self, to: PeerId, req: Req, timeout: Duration) -> CallFuture<'_, Resp>;
+
+    /// Whether `peer` can answer a request from here (see [`Transport::reachable`]).
+    fn reachable(&self, peer: PeerId, window: Duration) -> bool;
+}
+
+/// The reply of [`Peers::call`], to come.
+pub type CallFuture<'a, Resp> = Pin<Box<dyn Future<Output = Result<Resp, NetError>> + Send + 'a>>;
+
+impl<Req, Resp> Peers<Req, Resp> for Transport<Req, Resp>
+where
+    Req: Serialize + DeserializeOwned + Send + 'static,
+    Resp: Serialize + DeserializeOwned + Send + 'static,
+{
+    fn call(&self, to: PeerId, req: Req, timeout: Duration) -> CallFuture<'_, Resp> {
+        Box::pin(Transport::call(self, to, req, timeout))
+    }
+
+    fn reachable(&self, peer: PeerId, window: Duration) -> bool {
+        Transport::reachable(self, peer, window)
+    }
+}
 
 /// Callers waiting for a reply, by request id.
 type Pending<Resp> = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Resp, NetError>>>>>;
@@ -545,7 +575,7 @@ where
             .map_err(|_| NetError::Connect(to, "writer gone".into()))?;
         {
             let (closed, faults) = (closed.clone(), self.faults.clone());
-            tokio::spawn(async move {
+            crate::rt::spawn(async move {
                 if let Err(e) = write_loop(rx, w, to, faults).await {
                     tracing::debug!(peer = to, error = %e, "peer connection write failed");
                 }
@@ -559,7 +589,7 @@ where
                 self.contacts.clone(),
                 self.frame_bytes_max,
             );
-            tokio::spawn(async move {
+            crate::rt::spawn(async move {
                 let mut r = BufReader::new(r);
                 let end = loop {
                     let (id, outcome) = match read_frame(&mut r, max).await {
@@ -614,12 +644,7 @@ where
     }
 
     /// Sends `req` to `to` and waits at most `timeout` for the reply.
-    pub async fn call(
-        self: &Arc<Self>,
-        to: PeerId,
-        req: Req,
-        timeout: Duration,
-    ) -> Result<Resp, NetError> {
+    pub async fn call(&self, to: PeerId, req: Req, timeout: Duration) -> Result<Resp, NetError> {
         if let Some(refused) = self.faults.refuse_send(to) {
             return Err(refused);
         }
@@ -705,7 +730,7 @@ where
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let handler = handler.clone();
-            tokio::spawn(async move {
+            crate::rt::spawn(async move {
                 if let Err(e) = this.serve_connection(stream, place, handler).await {
                     tracing::debug!(%addr, error = %e, "inbound peer connection ended");
                 }
@@ -838,7 +863,7 @@ where
     ) -> std::io::Result<()> {
         let (out, rx) = Outbox::new(self.send_queue_frames, self.queue_bytes());
         let faults = self.faults.clone();
-        let writer = tokio::spawn(async move {
+        let writer = crate::rt::spawn(async move {
             let _ = write_loop(rx, w, from, faults).await;
         });
         // A writer blocked on a peer that reads nothing must not outlive the connection.
@@ -899,7 +924,7 @@ where
                 .await
                 .expect("semaphore never closed");
             let (this, handler, out) = (self.clone(), handler.clone(), out.clone());
-            tokio::spawn(async move {
+            crate::rt::spawn(async move {
                 let resp = handler(from, req).await;
                 // Isolated or drop_to: the request took effect, the reply is lost, and
                 // the caller times out (maybe delivered), as with a real lost reply.

@@ -32,8 +32,16 @@ pub const GATHER_MAX: Duration = Duration::from_micros(200);
 
 #[derive(Clone)]
 pub struct GroupCommit {
-    tx: mpsc::Sender<Waiter>,
+    tx: Syncer,
     coming: Arc<AtomicUsize>,
+}
+
+/// Where waiters go: the fsync thread, or in a simulation a task of the node (a thread's
+/// timing would make the run unrepeatable, and a crash must end it with the node).
+#[derive(Clone)]
+enum Syncer {
+    Thread(mpsc::Sender<Waiter>),
+    Task(tokio::sync::mpsc::UnboundedSender<Waiter>),
 }
 
 /// A writer on its way to a sync (see [`GroupCommit::coming`]); dropped, it is no longer.
@@ -55,8 +63,16 @@ impl GroupCommit {
 
     /// [`GroupCommit::start`], waiting at most `gather` for writers on their way.
     pub fn start_gathering(engine: Arc<dyn Engine>, gather: Duration) -> GroupCommit {
-        let (tx, rx) = mpsc::channel::<Waiter>();
         let coming = Arc::new(AtomicUsize::new(0));
+        if crate::rt::simulated() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            crate::rt::spawn(simulated_syncs(engine, rx));
+            return GroupCommit {
+                tx: Syncer::Task(tx),
+                coming,
+            };
+        }
+        let (tx, rx) = mpsc::channel::<Waiter>();
         let on_their_way = coming.clone();
         std::thread::Builder::new()
             .name("capkv-fsync".into())
@@ -75,20 +91,14 @@ impl GroupCommit {
                             Err(_) => break,
                         }
                     }
-                    let result = engine.sync().map_err(|e| e.to_string());
-                    metrics::counter!("capkv_storage_fsyncs_total").increment(1);
-                    metrics::counter!("capkv_storage_synced_waiters_total")
-                        .increment(waiters.len() as u64);
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, "fsync failed");
-                    }
-                    for w in waiters {
-                        w(result.clone());
-                    }
+                    sync_for(engine.as_ref(), waiters);
                 }
             })
             .expect("spawning the fsync thread");
-        GroupCommit { tx, coming }
+        GroupCommit {
+            tx: Syncer::Thread(tx),
+            coming,
+        }
     }
 
     /// Says a write that will ask for a sync is on its way: until the returned guard is
@@ -110,7 +120,11 @@ impl GroupCommit {
     /// Runs `done` after a sync that started after this call. If the sync thread is gone
     /// (shutdown), `done` gets an error.
     pub fn after_sync(&self, done: impl FnOnce(Result<(), String>) + Send + 'static) {
-        if let Err(mpsc::SendError(w)) = self.tx.send(Box::new(done)) {
+        let refused = match &self.tx {
+            Syncer::Thread(tx) => tx.send(Box::new(done)).err().map(|e| e.0),
+            Syncer::Task(tx) => tx.send(Box::new(done)).err().map(|e| e.0),
+        };
+        if let Some(w) = refused {
             w(Err("storage is shutting down".into()));
         }
     }
@@ -123,6 +137,36 @@ impl GroupCommit {
         });
         rx.await
             .unwrap_or_else(|_| Err("storage is shutting down".into()))
+    }
+}
+
+/// One fsync, then every waiter it covers is told.
+fn sync_for(engine: &dyn Engine, waiters: Vec<Waiter>) {
+    let result = engine.sync().map_err(|e| e.to_string());
+    metrics::counter!("capkv_storage_fsyncs_total").increment(1);
+    metrics::counter!("capkv_storage_synced_waiters_total").increment(waiters.len() as u64);
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "fsync failed");
+    }
+    for w in waiters {
+        w(result.clone());
+    }
+}
+
+/// The fsync loop of a simulated node: an fsync takes 0.2 to 2 ms of simulated time;
+/// writes made meanwhile are covered by it, and a crash before it ends loses them.
+async fn simulated_syncs(
+    engine: Arc<dyn Engine>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Waiter>,
+) {
+    while let Some(first) = rx.recv().await {
+        let took = Duration::from_micros(200 + crate::rt::random_u64() % 1800);
+        tokio::time::sleep(took).await;
+        let mut waiters = vec![first];
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        sync_for(engine.as_ref(), waiters);
     }
 }
 

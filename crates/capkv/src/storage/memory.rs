@@ -1,10 +1,12 @@
 //! An in-memory engine: ordered maps under one lock. For tests of the layers above
-//! storage; `sync` only counts, since there is nothing to make durable.
+//! storage, and for the simulator (`crate::sim`), which needs the fsync line:
+//! [`MemoryEngine::with_fsync_line`] keeps, beside what reads see, what an fsync has made
+//! durable, so [`MemoryEngine::crash`] can lose exactly what a power cut would.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use std::sync::Arc;
 
@@ -16,11 +18,65 @@ type OrderedMap = BTreeMap<Vec<u8>, Vec<u8>>;
 pub struct MemoryEngine {
     trees: RwLock<BTreeMap<Tree, OrderedMap>>,
     syncs: AtomicU64,
+    /// With the fsync line: what survives a crash.
+    durable: Option<Mutex<Durable>>,
+}
+
+/// The durable side of an engine with the fsync line.
+#[derive(Default)]
+struct Durable {
+    /// The trees as of the last sync.
+    trees: BTreeMap<Tree, OrderedMap>,
+    /// Batches written since, in order: a crash keeps some prefix of them (a journal is
+    /// written in order; how much of it reached the disk before the cut is chance).
+    unsynced: Vec<WriteBatch>,
+}
+
+fn apply(trees: &mut BTreeMap<Tree, OrderedMap>, batch: WriteBatch) {
+    for (tree, key, value) in batch.ops {
+        let t = trees.entry(tree).or_default();
+        match value {
+            Some(v) => {
+                t.insert(key, v);
+            }
+            None => {
+                t.remove(&key);
+            }
+        }
+    }
 }
 
 impl MemoryEngine {
     pub fn new() -> MemoryEngine {
         MemoryEngine::default()
+    }
+
+    /// An engine that tells what was synced from what was only written (see
+    /// [`MemoryEngine::crash`]).
+    pub fn with_fsync_line() -> MemoryEngine {
+        MemoryEngine {
+            durable: Some(Mutex::default()),
+            ..MemoryEngine::default()
+        }
+    }
+
+    /// A crash: everything synced survives, and of the batches written since the last
+    /// sync, the first `keep(n)` of the `n` survive (at most `n`). Returns how many were
+    /// lost. Without the fsync line nothing is lost.
+    pub fn crash(&self, keep: impl FnOnce(usize) -> usize) -> usize {
+        let Some(durable) = &self.durable else {
+            return 0;
+        };
+        let mut trees = self.trees.write().expect("memory engine lock poisoned");
+        let mut d = durable.lock().expect("memory engine lock poisoned");
+        let unsynced = std::mem::take(&mut d.unsynced);
+        let kept = keep(unsynced.len()).min(unsynced.len());
+        let lost = unsynced.len() - kept;
+        for b in unsynced.into_iter().take(kept) {
+            apply(&mut d.trees, b);
+        }
+        *trees = d.trees.clone();
+        lost
     }
 
     /// How many times `sync` was called (tests use it to observe group commit).
@@ -76,22 +132,25 @@ impl Engine for MemoryEngine {
 
     fn write(&self, batch: WriteBatch) -> Result<()> {
         let mut trees = self.trees.write().expect("memory engine lock poisoned");
-        for (tree, key, value) in batch.ops {
-            let t = trees.entry(tree).or_default();
-            match value {
-                Some(v) => {
-                    t.insert(key, v);
-                }
-                None => {
-                    t.remove(&key);
-                }
-            }
+        if let Some(durable) = &self.durable {
+            durable
+                .lock()
+                .expect("memory engine lock poisoned")
+                .unsynced
+                .push(batch.clone());
         }
+        apply(&mut trees, batch);
         Ok(())
     }
 
     fn sync(&self) -> Result<()> {
         self.syncs.fetch_add(1, Ordering::Relaxed);
+        if let Some(durable) = &self.durable {
+            let mut d = durable.lock().expect("memory engine lock poisoned");
+            for b in std::mem::take(&mut d.unsynced) {
+                apply(&mut d.trees, b);
+            }
+        }
         Ok(())
     }
 
@@ -124,5 +183,43 @@ mod tests {
     #[test]
     fn memory_engine_behaves_like_an_engine() {
         super::super::engine_tests::check_engine(&MemoryEngine::new());
+        super::super::engine_tests::check_engine(&MemoryEngine::with_fsync_line());
+    }
+
+    fn put(e: &MemoryEngine, k: &str) {
+        let mut b = WriteBatch::new();
+        b.put(Tree::Data, k.as_bytes().to_vec(), b"v".to_vec());
+        e.write(b).unwrap();
+    }
+
+    fn keys(e: &MemoryEngine) -> Vec<Vec<u8>> {
+        e.range(Tree::Data, b"", None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    #[test]
+    fn a_crash_loses_what_was_not_synced_but_a_prefix_may_survive() {
+        let e = MemoryEngine::with_fsync_line();
+        put(&e, "a");
+        e.sync().unwrap();
+        put(&e, "b");
+        put(&e, "c");
+        put(&e, "d");
+        assert_eq!(keys(&e).len(), 4, "reads see what was written");
+        assert_eq!(e.crash(|n| n - 2), 2, "the last two batches are lost");
+        assert_eq!(keys(&e), vec![b"a".to_vec(), b"b".to_vec()]);
+        // What survived a crash is durable: a second crash keeps it.
+        put(&e, "e");
+        assert_eq!(e.crash(|_| 0), 1);
+        assert_eq!(keys(&e), vec![b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(e.crash(|_| 99), 0, "nothing more to lose");
+        // An engine without the line loses nothing.
+        let plain = MemoryEngine::new();
+        put(&plain, "x");
+        assert_eq!(plain.crash(|_| 0), 0);
+        assert_eq!(keys(&plain).len(), 1);
     }
 }

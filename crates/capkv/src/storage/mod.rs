@@ -207,6 +207,40 @@ mod crash {
     }
 }
 
+/// An engine shared by owners (the simulator keeps a node's disk across its restarts).
+impl<E: Engine + ?Sized> Engine for std::sync::Arc<E> {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        (**self).get(tree, key)
+    }
+    fn range(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>> {
+        (**self).range(tree, start, end, limit)
+    }
+    fn last_in_range(&self, tree: Tree, start: &[u8], end: Option<&[u8]>) -> Result<Option<Entry>> {
+        (**self).last_in_range(tree, start, end)
+    }
+    fn write(&self, batch: WriteBatch) -> Result<()> {
+        (**self).write(batch)
+    }
+    fn sync(&self) -> Result<()> {
+        (**self).sync()
+    }
+    fn read_view(&self, tree: Tree) -> Result<Box<dyn ReadView>> {
+        (**self).read_view(tree)
+    }
+    fn stall(&self) -> Option<std::time::Duration> {
+        (**self).stall()
+    }
+    fn report_gauges(&self) {
+        (**self).report_gauges()
+    }
+}
+
 /// A frozen, ordered view of one tree (see [`Engine::read_view`]).
 pub trait ReadView: Send + Sync + 'static {
     /// The entries with `key >= start`, in key order, read as the iterator goes (one

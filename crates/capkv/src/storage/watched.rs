@@ -19,7 +19,9 @@
 //! disk does. Tests use them to see what the node does meanwhile.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::rt::Instant;
 
 use super::{Engine, Entry, ReadView, Result, Tree, WriteBatch};
 

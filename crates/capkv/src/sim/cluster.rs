@@ -1,0 +1,307 @@
+//! The simulated cluster: real [`Node`]s, each on its own in-memory disk with the fsync
+//! line, attached to the simulated network, with its HTTP API (the real router) called
+//! in process. Each node runs in a [`NodeScope`], so it can be paused, crashed (every
+//! task ended, unsynced writes lost) and restarted on what its disk kept.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use rand::Rng;
+use tower::ServiceExt;
+
+use super::net::Network;
+use super::trace::Trace;
+use crate::api::{router, AppState};
+use crate::clock::WallClock;
+use crate::config::{Member, NodeConfig};
+use crate::cp::NodeId;
+use crate::net::FaultFilter;
+use crate::node::{Node, Wiring};
+use crate::rt::NodeScope;
+use crate::storage::MemoryEngine;
+
+/// The time of day every simulated clock starts from (2027-01-15), before skew.
+const EPOCH_MS: u64 = 1_800_000_000_000;
+
+/// An HTTP answer, read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+/// Why a request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// The node is down: the connection was refused (certainly not applied).
+    Refused,
+    /// The node crashed while handling it, or the client gave up waiting: it may or
+    /// may not have taken effect.
+    Lost(&'static str),
+}
+
+enum Life {
+    Up {
+        scope: Arc<NodeScope>,
+        node: Arc<Node>,
+        app: axum::Router,
+    },
+    Down,
+}
+
+pub struct SimNode {
+    pub id: NodeId,
+    pub name: String,
+    config: NodeConfig,
+    /// The node's disk: kept across crashes and restarts.
+    disk: Arc<MemoryEngine>,
+    /// The machine's clock (its skew outlives a restart of the process).
+    pub clock: Arc<WallClock>,
+    life: Mutex<Life>,
+}
+
+impl SimNode {
+    fn life(&self) -> std::sync::MutexGuard<'_, Life> {
+        self.life.lock().expect("sim node lock poisoned")
+    }
+
+    pub fn is_up(&self) -> bool {
+        matches!(*self.life(), Life::Up { .. })
+    }
+
+    pub fn scope(&self) -> Option<Arc<NodeScope>> {
+        match &*self.life() {
+            Life::Up { scope, .. } => Some(scope.clone()),
+            Life::Down => None,
+        }
+    }
+}
+
+pub struct Cluster {
+    pub nodes: Vec<Arc<SimNode>>,
+    pub net: Arc<Network>,
+    pub trace: Arc<Trace>,
+    dir: PathBuf,
+}
+
+/// Tunings of the simulated nodes: those of `capkv dev`, except anti-entropy, which runs
+/// more often so a short liveness phase can show convergence.
+fn node_config(name: &str, members: &[Member], dir: &std::path::Path) -> NodeConfig {
+    let mut c = NodeConfig::new(
+        name.to_owned(),
+        members.to_vec(),
+        dir.join(name),
+        None,
+        None,
+    )
+    .expect("a member of its own cluster");
+    c.enable_faults = true;
+    c.snapshot_every = 200;
+    c.anti_entropy_interval = Some(Duration::from_millis(1500));
+    c.tombstone_grace = Duration::from_secs(20);
+    c
+}
+
+impl Cluster {
+    /// `size` nodes, n1..nN, none started yet.
+    pub fn new(size: u32, net: Arc<Network>, trace: Arc<Trace>, dir: PathBuf) -> Cluster {
+        let members: Vec<Member> = (1..=size)
+            .map(|i| Member {
+                name: format!("n{i}"),
+                id: u64::from(i),
+                peer_addr: format!("sim:{i}"),
+                http_addr: format!("sim:{i}"),
+            })
+            .collect();
+        // The time of day: EPOCH_MS plus the simulated time since the cluster was made.
+        let origin = crate::rt::Instant::now();
+        let nodes = members
+            .iter()
+            .map(|m| {
+                let clock = Arc::new(WallClock::with_source(move || {
+                    EPOCH_MS + origin.elapsed().as_millis() as u64
+                }));
+                Arc::new(SimNode {
+                    id: m.id,
+                    name: m.name.clone(),
+                    config: node_config(&m.name, &members, &dir),
+                    disk: Arc::new(MemoryEngine::with_fsync_line()),
+                    clock,
+                    life: Mutex::new(Life::Down),
+                })
+            })
+            .collect();
+        Cluster {
+            nodes,
+            net,
+            trace,
+            dir,
+        }
+    }
+
+    pub fn node(&self, i: usize) -> &Arc<SimNode> {
+        &self.nodes[i]
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// Starts node `i` on what its disk holds.
+    pub async fn start(&self, i: usize) -> Result<(), String> {
+        let n = self.nodes[i].clone();
+        if n.is_up() {
+            return Ok(());
+        }
+        self.trace.event(format_args!("start {}", n.name));
+        let scope = NodeScope::new(n.name.clone());
+        let faults = Arc::new(FaultFilter::default());
+        let wiring = Wiring {
+            net: self.net.attach(n.id),
+            faults: faults.clone(),
+            clock: n.clock.clone(),
+        };
+        let (config, disk, net, s) = (
+            n.config.clone(),
+            n.disk.clone(),
+            self.net.clone(),
+            scope.clone(),
+        );
+        let started = scope.spawn(async move {
+            let node = Node::assemble(config, disk, wiring)
+                .await
+                .map_err(|e| e.to_string())?;
+            net.up(node.id(), node.peer_handler(), s, faults);
+            node.run().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(node)
+        });
+        let node = match started.await {
+            Ok(Ok(node)) => node,
+            Ok(Err(e)) => {
+                self.crash_scope(&n, &scope, |_| 0);
+                return Err(format!("{} did not start: {e}", n.name));
+            }
+            Err(e) => return Err(format!("{} did not start: {e}", n.name)),
+        };
+        let app = router(AppState::new(node.clone(), None));
+        *n.life() = Life::Up { scope, node, app };
+        Ok(())
+    }
+
+    fn crash_scope(
+        &self,
+        n: &SimNode,
+        scope: &NodeScope,
+        keep: impl FnOnce(usize) -> usize,
+    ) -> usize {
+        scope.kill();
+        self.net.down(n.id);
+        *n.life() = Life::Down;
+        n.disk.crash(keep)
+    }
+
+    /// Crashes node `i`: every task ends where it is, and of the writes not yet fsynced
+    /// a random prefix survives.
+    pub fn crash(&self, i: usize, rng: &mut impl Rng) {
+        let n = self.nodes[i].clone();
+        let Some(scope) = n.scope() else {
+            return;
+        };
+        let keep_all = rng.gen_bool(0.3);
+        let cut = rng.gen::<f64>();
+        let lost = self.crash_scope(&n, &scope, |unsynced| {
+            if keep_all {
+                unsynced
+            } else {
+                (unsynced as f64 * cut) as usize
+            }
+        });
+        self.trace.event(format_args!(
+            "crash {} (lost {lost} unsynced batches)",
+            n.name
+        ));
+    }
+
+    /// Stops node `i` as SIGTERM does (`Node::shutdown`: drain, stop Raft, fsync), then
+    /// ends its tasks.
+    pub async fn stop(&self, i: usize) {
+        let n = self.nodes[i].clone();
+        let (scope, node) = match &*n.life() {
+            Life::Up { scope, node, .. } => (scope.clone(), node.clone()),
+            Life::Down => return,
+        };
+        // No new requests from here (the listener is closed first in `serve` too).
+        self.net.down(n.id);
+        *n.life() = Life::Down;
+        self.trace.event(format_args!("stop {}", n.name));
+        let _ = scope.spawn(async move { node.shutdown().await }).await;
+        let lost = self.crash_scope(&n, &scope, |unsynced| unsynced);
+        debug_assert_eq!(lost, 0);
+    }
+
+    pub fn pause(&self, i: usize, paused: bool) {
+        if let Some(scope) = self.nodes[i].scope() {
+            self.trace.event(format_args!(
+                "{} {}",
+                if paused { "pause" } else { "resume" },
+                self.nodes[i].name
+            ));
+            scope.pause(paused);
+        }
+    }
+
+    /// Sends one HTTP request to node `i`'s API; gives up after `wait`.
+    pub async fn request(
+        &self,
+        i: usize,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        wait: Duration,
+    ) -> Result<Answer, NoAnswer> {
+        let (scope, app) = match &*self.nodes[i].life() {
+            Life::Up { scope, app, .. } => (scope.clone(), app.clone()),
+            Life::Down => return Err(NoAnswer::Refused),
+        };
+        let mut req = Request::builder().method(method).uri(path);
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(body.map_or_else(Body::empty, Body::from))
+            .expect("a well-formed request");
+        let handled = scope.spawn(async move {
+            let resp = app.oneshot(req).await.expect("the router is infallible");
+            let (parts, body) = resp.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            }
+        });
+        let abort = handled.abort_handle();
+        match tokio::time::timeout(wait, handled).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(NoAnswer::Lost("the node crashed")),
+            Err(_) => {
+                abort.abort(); // the client closes its connection
+                Err(NoAnswer::Lost("no answer in time"))
+            }
+        }
+    }
+
+    /// Removes the snapshot files of every node.
+    pub fn remove_files(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,435 @@
+//! `capkv sim`: deterministic simulation of a whole cluster in one process.
+//!
+//! ```text
+//!   seed ──► one thread: tokio current-thread runtime, paused clock, seeded select! order
+//!             │  rt::simulate_on_this_thread(seed): seeded RNG (openraft's too), no threads
+//!             ├── N real Nodes (Node::assemble), each in its NodeScope, on a MemoryEngine
+//!             │   with the fsync line, attached to the simulated Network
+//!             ├── clients (cp register, ap counter, ap set) through each node's router
+//!             ├── safety phase: the nemesis injects faults for `faults` simulated seconds
+//!             ├── liveness phase: everything healed; every workload must write again
+//!             ├── final reads: ap replicas must converge
+//!             ▼
+//!   capkv-check checkers ──► verdict, and `trace <hash>` of every event
+//! ```
+//!
+//! The same seed gives the same trace, bit for bit, on the same build: every source of
+//! choice is seeded or ordered (see docs/simulation.md for what is and what is not
+//! simulated, and why).
+
+pub mod cluster;
+pub mod nemesis;
+pub mod net;
+pub mod trace;
+pub mod workload;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capkv_check::{Limits, Validity};
+
+use cluster::Cluster;
+use nemesis::{Fault, Nemesis};
+use net::Network;
+use trace::Trace;
+use workload::{Clients, Kind};
+
+use crate::rt::Instant;
+
+/// What one simulated run does.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub seed: u64,
+    pub nodes: u32,
+    /// Simulated length of the safety phase (faults on).
+    pub faults_for: Duration,
+    /// Longest the liveness phase may take to show progress and convergence.
+    pub liveness_within: Duration,
+    /// Clients per workload.
+    pub clients: u32,
+    /// Keys per workload.
+    pub keys: u32,
+    pub faults: Vec<Fault>,
+    /// Keep the trace as text (for `--trace`).
+    pub keep_trace: bool,
+}
+
+impl SimOptions {
+    pub fn new(seed: u64) -> SimOptions {
+        SimOptions {
+            seed,
+            nodes: 3,
+            faults_for: Duration::from_secs(20),
+            liveness_within: Duration::from_secs(40),
+            clients: 2,
+            keys: 3,
+            faults: Fault::ALL.to_vec(),
+            keep_trace: false,
+        }
+    }
+}
+
+/// What one run found.
+#[derive(Debug, Clone)]
+pub struct SimReport {
+    pub seed: u64,
+    /// Every broken promise, in words; empty if the run was valid.
+    pub problems: Vec<String>,
+    pub trace_hash: u64,
+    pub events: u64,
+    pub ops: usize,
+    pub simulated: Duration,
+    pub wall: Duration,
+    /// The trace as text, if kept.
+    pub trace: Option<String>,
+    /// The histories, as JSON lines per workload.
+    pub histories: Vec<(String, String)>,
+}
+
+impl SimReport {
+    pub fn valid(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// `seed 7: VALID trace 1f0c...` (and each problem on its own line).
+    pub fn summary(&self) -> String {
+        let verdict = if self.valid() { "VALID" } else { "INVALID" };
+        let mut s = format!(
+            "seed {}: {verdict} trace {:016x} ({} events, {} ops, {:.1} simulated s, {:.2} wall s)",
+            self.seed,
+            self.trace_hash,
+            self.events,
+            self.ops,
+            self.simulated.as_secs_f64(),
+            self.wall.as_secs_f64()
+        );
+        for p in &self.problems {
+            s.push_str(&format!("\n  {p}"));
+        }
+        if !self.valid() {
+            s.push_str(&format!("\n  replay: capkv sim --seed {}", self.seed));
+        }
+        s
+    }
+}
+
+/// Runs one seed on this thread, in a runtime of its own.
+pub fn run(opts: &SimOptions) -> SimReport {
+    let wall = std::time::Instant::now();
+    crate::rt::simulate_on_this_thread(Some(opts.seed));
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_time().start_paused(true);
+    #[cfg(tokio_unstable)]
+    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(
+        &opts.seed.to_le_bytes(),
+    ));
+    let runtime = builder.build().expect("building the simulation's runtime");
+    let mut report = runtime.block_on(simulate(opts.clone()));
+    // Ends every task still running (nodes, messages in flight) before the next seed.
+    drop(runtime);
+    crate::rt::simulate_on_this_thread(None);
+    report.wall = wall.elapsed();
+    report
+}
+
+/// A directory for the snapshot files of one run, unique in this machine.
+fn run_dir(seed: u64) -> PathBuf {
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "capkv-sim-{}-{seed}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+async fn simulate(opts: SimOptions) -> SimReport {
+    let start = Instant::now();
+    let trace = Arc::new(Trace::new(opts.keep_trace));
+    let frame = crate::node::frame_bytes_max(capkv_core::validate::DEFAULT_MAX_VALUE_BYTES);
+    let net = Network::new(opts.seed ^ 0x6e65_7477_6f72_6b00, trace.clone(), frame);
+    let cluster = Arc::new(Cluster::new(
+        opts.nodes,
+        net,
+        trace.clone(),
+        run_dir(opts.seed),
+    ));
+    let mut problems = Vec::new();
+    let clients = Clients::new(cluster.clone(), opts.keys);
+    let mut nemesis = Nemesis::new(
+        cluster.clone(),
+        opts.seed ^ 0x6e65_6d65_7369_7300,
+        opts.faults.clone(),
+    );
+
+    let setup = async {
+        for i in 0..cluster.nodes.len() {
+            cluster.start(i).await?;
+        }
+        clients
+            .create_keyspaces(Instant::now() + Duration::from_secs(30))
+            .await
+    };
+    if let Err(e) = setup.await {
+        problems.push(format!("setup: {e}"));
+    } else {
+        let mut running = Vec::new();
+        for kind in Kind::ALL {
+            for c in 0..opts.clients {
+                let client = u64::from(c) + 1;
+                let seed = opts.seed ^ (client << 8) ^ (kind as u64) << 4;
+                running.push(tokio::spawn(
+                    clients.clone().client_loop(kind, client, seed),
+                ));
+            }
+        }
+        // Safety phase.
+        nemesis.run(Instant::now() + opts.faults_for).await;
+        // Liveness phase: no fault from here on.
+        nemesis.heal_all().await;
+        let healed_us = trace.now_us();
+        trace.event(format_args!("liveness phase"));
+        let deadline = Instant::now() + opts.liveness_within;
+        let progressed = |k: Kind| clients.last_ok_write_us(k) > healed_us;
+        while !Kind::ALL.into_iter().all(progressed) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for k in Kind::ALL.into_iter().filter(|k| !progressed(*k)) {
+            problems.push(format!(
+                "no progress: {} made no write in the {:?} after every fault healed",
+                k.name(),
+                opts.liveness_within
+            ));
+        }
+        clients.stop.store(true, Ordering::Relaxed);
+        for r in running {
+            let _ = r.await;
+        }
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(20));
+        if !clients.final_reads(left).await {
+            problems.push("ap replicas did not converge after every fault healed".into());
+        }
+    }
+
+    let mut histories = Vec::new();
+    let mut ops = 0;
+    for kind in Kind::ALL {
+        let h = clients.history(kind, opts.seed, &nemesis.events);
+        ops += h.ops.len();
+        let result = capkv_check::check(
+            &h,
+            Limits {
+                time: Duration::from_secs(60),
+                memory_bytes: 512 << 20,
+            },
+        );
+        match result.validity {
+            Validity::Valid => {}
+            v => {
+                problems.push(format!("{} checker: {v:?}", kind.name()));
+                for a in result.anomalies.iter().take(5) {
+                    problems.push(format!("  {} on key {}: {}", a.kind, a.key, a.message));
+                }
+                for u in result.undecided.iter().take(3) {
+                    problems.push(format!("  undecided: {u}"));
+                }
+            }
+        }
+        let mut jsonl = Vec::new();
+        if h.write_jsonl(&mut jsonl).is_ok() {
+            histories.push((
+                kind.name().to_owned(),
+                String::from_utf8_lossy(&jsonl).into_owned(),
+            ));
+        }
+    }
+    cluster.remove_files();
+    let (trace_hash, events) = trace.digest();
+    SimReport {
+        seed: opts.seed,
+        problems,
+        trace_hash,
+        events,
+        ops,
+        simulated: start.elapsed(),
+        wall: Duration::ZERO,
+        trace: trace.lines(),
+        histories,
+    }
+}
+
+/// Runs seeds `first..first + count` on `jobs` threads; `each` sees every report as it
+/// comes (in completion order). Returns the reports in seed order.
+pub fn run_many(
+    base: &SimOptions,
+    first: u64,
+    count: u64,
+    jobs: usize,
+    each: &(dyn Fn(&SimReport) + Sync),
+) -> Vec<SimReport> {
+    let next = AtomicU64::new(first);
+    let reports = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.max(1) {
+            s.spawn(|| loop {
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= first + count {
+                    break;
+                }
+                let mut opts = base.clone();
+                opts.seed = seed;
+                let report = run(&opts);
+                each(&report);
+                reports.lock().expect("reports lock poisoned").push(report);
+            });
+        }
+    });
+    let mut reports = reports.into_inner().expect("reports lock poisoned");
+    reports.sort_by_key(|r| r.seed);
+    reports
+}
+
+/// `capkv sim`: simulate one seed, or many.
+#[derive(Debug, clap::Args)]
+pub struct SimArgs {
+    /// Simulate this seed (prints its verdict and `trace <hash>`).
+    #[arg(long, conflicts_with = "seeds")]
+    pub seed: Option<u64>,
+    /// Simulate this many seeds, from --first on, on --jobs threads; exit 1 if any fails.
+    #[arg(long)]
+    pub seeds: Option<u64>,
+    /// The first seed of --seeds.
+    #[arg(long, default_value_t = 1)]
+    pub first: u64,
+    /// Threads for --seeds (default: one per core).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=7))]
+    pub nodes: u32,
+    /// Simulated seconds of the safety phase (faults on).
+    #[arg(long, default_value_t = 20)]
+    pub faults_secs: u64,
+    /// Simulated seconds the liveness phase may take.
+    #[arg(long, default_value_t = 40)]
+    pub liveness_secs: u64,
+    /// Clients per workload (cp register, ap counter, ap set).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub clients: u32,
+    /// Keys per workload.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub keys: u32,
+    /// The faults to inject (comma-separated): partition, one-way, lossy, crash, restart,
+    /// pause, skew; or none.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "partition,one-way,lossy,crash,restart,pause,skew"
+    )]
+    pub faults: Vec<String>,
+    /// Write the trace of --seed to this file, one event a line.
+    #[arg(long, requires = "seed")]
+    pub trace: Option<PathBuf>,
+    /// For every failing seed, write its report, histories and trace under this directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Runs `capkv sim`; returns the exit code (0: every seed valid, 1: some failed, 3: bad
+/// arguments or files).
+pub fn main(args: SimArgs) -> i32 {
+    let mut faults = Vec::new();
+    for f in args.faults.iter().filter(|f| *f != "none") {
+        match Fault::parse(f) {
+            Some(f) => faults.push(f),
+            None => {
+                eprintln!(
+                    "error: unknown fault {f:?}; known: {}, none",
+                    Fault::ALL.map(Fault::name).join(", ")
+                );
+                return 3;
+            }
+        }
+    }
+    let mut base = SimOptions::new(args.seed.unwrap_or(args.first));
+    base.nodes = args.nodes;
+    base.faults_for = Duration::from_secs(args.faults_secs);
+    base.liveness_within = Duration::from_secs(args.liveness_secs);
+    base.clients = args.clients;
+    base.keys = args.keys;
+    base.faults = faults;
+    base.keep_trace = args.trace.is_some();
+    let write_out = |r: &SimReport| {
+        if let Some(dir) = &args.out {
+            if let Err(e) = write_report(dir, r) {
+                eprintln!("error: writing the report of seed {}: {e}", r.seed);
+            }
+        }
+    };
+    if args.seed.is_some() {
+        base.keep_trace |= args.out.is_some();
+        let report = run(&base);
+        println!("{}", report.summary());
+        if let (Some(file), Some(trace)) = (&args.trace, &report.trace) {
+            if let Err(e) = std::fs::write(file, trace) {
+                eprintln!("error: writing {}: {e}", file.display());
+                return 3;
+            }
+        }
+        if !report.valid() {
+            write_out(&report);
+        }
+        return i32::from(!report.valid());
+    }
+    let count = args.seeds.unwrap_or(1);
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let wall = std::time::Instant::now();
+    let reports = run_many(&base, args.first, count, jobs, &|r| {
+        println!("{}", r.summary());
+        if !r.valid() {
+            // Run again with the trace kept, for the report (same seed, same run).
+            if args.out.is_some() {
+                let mut again = base.clone();
+                again.seed = r.seed;
+                again.keep_trace = true;
+                write_out(&run(&again));
+            }
+        }
+    });
+    let failed: Vec<u64> = reports
+        .iter()
+        .filter(|r| !r.valid())
+        .map(|r| r.seed)
+        .collect();
+    let simulated: f64 = reports.iter().map(|r| r.simulated.as_secs_f64()).sum();
+    let wall = wall.elapsed().as_secs_f64();
+    println!(
+        "{} seeds, {} failed; {simulated:.0} simulated cluster-seconds in {wall:.1} s on {jobs} \
+         threads ({:.0} per wall minute)",
+        reports.len(),
+        failed.len(),
+        simulated / wall * 60.0
+    );
+    if !failed.is_empty() {
+        println!("failing seeds: {failed:?} (replay one: capkv sim --seed S)");
+    }
+    i32::from(!failed.is_empty())
+}
+
+/// Writes a failing seed's report, histories and trace to `dir/seed-S/`.
+fn write_report(dir: &std::path::Path, r: &SimReport) -> std::io::Result<()> {
+    let d = dir.join(format!("seed-{}", r.seed));
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("report.txt"), r.summary() + "\n")?;
+    for (name, jsonl) in &r.histories {
+        std::fs::write(d.join(format!("history-{name}.jsonl")), jsonl)?;
+    }
+    if let Some(t) = &r.trace {
+        std::fs::write(d.join("trace.txt"), t)?;
+    }
+    Ok(())
+}
