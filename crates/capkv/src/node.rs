@@ -412,7 +412,12 @@ impl Node {
     pub async fn shutdown(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::Release);
-        if !self.proposer.drain(SHUTDOWN_DRAIN).await {
+        let drain = if crate::rt::reverted(crate::rt::Revert::StopAnswers503) {
+            Duration::ZERO
+        } else {
+            SHUTDOWN_DRAIN
+        };
+        if !self.proposer.drain(drain).await {
             tracing::warn!("proposals still in flight at shutdown; their clients get 504");
         }
         if let Err(e) = self.raft.shutdown().await {
@@ -1045,9 +1050,9 @@ impl Node {
                 .filter(|p| !matches!(answers.get(p), Some(Some(_))))
             {
                 let (t, p) = (self.transport.clone(), *p);
-                asks.spawn(async move {
+                asks.spawn(crate::rt::scoped(async move {
                     (p, t.call(p, PeerRequest::RaftProbe, REACHABLE_WINDOW).await)
-                });
+                }));
             }
             while let Some(done) = asks.join_next().await {
                 if let Ok((p, Ok(PeerResponse::RaftProbe(r)))) = done {

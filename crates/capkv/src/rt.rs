@@ -36,6 +36,37 @@ thread_local! {
     static SIMULATED: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Fixes of issue 8 ("every promise kept under faults") that a simulation can take back,
+/// one at a time, to show that it finds the bugs they fixed (docs/simulation.md). Each is
+/// off everywhere except on the thread of a simulation run with `capkv sim --revert`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Revert {
+    /// #8 item 1: a proposal Raft dropped as it stopped answers 503 (not applied), and a
+    /// stopping node does not wait for its proposals in flight.
+    StopAnswers503,
+    /// #8 item 2: a proposal openraft never answers (its entry purged by a snapshot
+    /// install) holds its in-flight slot for ever.
+    ProposalsWedge,
+    /// #8 item 3: a purge deletes the entries before it records the purged id.
+    PurgeDeletesFirst,
+    /// #8 item 10: an ap write whose home may have applied it is sent to the next home.
+    ApRetriesMaybeDelivered,
+}
+
+thread_local! {
+    static REVERTED: Cell<Option<Revert>> = const { Cell::new(None) };
+}
+
+/// Takes back one fix on this thread (a simulation's), or none.
+pub fn revert_on_this_thread(fix: Option<Revert>) {
+    REVERTED.with(|r| r.set(fix));
+}
+
+/// Whether this thread runs with `fix` taken back.
+pub fn reverted(fix: Revert) -> bool {
+    REVERTED.with(|r| r.get() == Some(fix))
+}
+
 /// Makes this thread a simulation's: randomness from `seed`, blocking work in place.
 /// `None` returns it to the operating system's randomness.
 pub fn simulate_on_this_thread(seed: Option<u64>) {
@@ -105,6 +136,17 @@ where
     }
 }
 
+/// `fut`, bound to the scope of the task that calls this (if any): for tasks that are not
+/// started with [`spawn`] (a `JoinSet`'s). It is paused with its node, and once the node
+/// is killed it never runs again (it ends when its owner, a task of that node, is
+/// dropped).
+pub fn scoped<F: Future>(fut: F) -> InScope<F> {
+    InScope {
+        scope: current_scope(),
+        fut: Box::pin(fut),
+    }
+}
+
 /// The scope this task runs in, if it belongs to a simulated node.
 pub fn current_scope() -> Option<Arc<NodeScope>> {
     SCOPE.try_with(Arc::clone).ok()
@@ -157,7 +199,7 @@ impl NodeScope {
         F::Output: Send + 'static,
     {
         let handle = tokio::spawn(InScope {
-            scope: self.clone(),
+            scope: Some(self.clone()),
             fut: Box::pin(fut),
         });
         let mut st = self.state();
@@ -213,9 +255,9 @@ impl NodeScope {
     }
 }
 
-/// A future run inside a node's scope.
-struct InScope<F: ?Sized> {
-    scope: Arc<NodeScope>,
+/// A future run inside a node's scope (or in none: then it is simply polled).
+pub struct InScope<F: ?Sized> {
+    scope: Option<Arc<NodeScope>>,
     fut: Pin<Box<F>>,
 }
 
@@ -223,14 +265,21 @@ impl<F: Future + ?Sized> Future for InScope<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(scope) = self.scope.clone() else {
+            return self.fut.as_mut().poll(cx);
+        };
         {
-            let mut st = self.scope.state();
-            if st.paused && !st.killed {
-                st.parked.push(cx.waker().clone());
+            let mut st = scope.state();
+            if st.killed {
+                return Poll::Pending; // a dead node's work never runs again
+            }
+            if st.paused {
+                if !st.parked.iter().any(|w| w.will_wake(cx.waker())) {
+                    st.parked.push(cx.waker().clone());
+                }
                 return Poll::Pending;
             }
         }
-        let scope = self.scope.clone();
         SCOPE.sync_scope(scope, || self.fut.as_mut().poll(cx))
     }
 }

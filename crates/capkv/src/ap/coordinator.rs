@@ -294,6 +294,11 @@ impl Coordinator {
                 Err(CallError::NotApplied(e)) => {
                     tracing::debug!(home = h, error = %e, "home replica did not take the write")
                 }
+                Err(CallError::Unknown(e))
+                    if crate::rt::reverted(crate::rt::Revert::ApRetriesMaybeDelivered) =>
+                {
+                    tracing::debug!(home = h, error = %e, "home replica may have taken the write")
+                }
                 Err(CallError::Unknown(e)) => {
                     return Err(ApiError::timeout(format!(
                         "home replica {h} may have applied the write ({}); it was not sent \
@@ -340,7 +345,7 @@ impl Coordinator {
             let this = self.clone();
             if self.up(h) {
                 let fallback = pick_fallback();
-                tasks.spawn(async move {
+                tasks.spawn(crate::rt::scoped(async move {
                     match this
                         .clone()
                         .store_at(h, None, ks.clone(), k.clone(), obj.clone(), deadline)
@@ -363,14 +368,14 @@ impl Coordinator {
                             }
                         }
                     }
-                });
+                }));
             } else {
                 let fallback = pick_fallback();
-                tasks.spawn(async move {
+                tasks.spawn(crate::rt::scoped(async move {
                     this.store_at(fallback, Some(h), ks, k, obj, deadline)
                         .await
                         .map(|()| fallback)
-                });
+                }));
             }
         }
         // Whether some store may have taken effect without confirming it.
@@ -465,7 +470,9 @@ impl Coordinator {
         for t in targets {
             let this = self.clone();
             let (ks, k) = (keyspace.to_owned(), key.to_vec());
-            tasks.spawn(async move { (t, this.read_at(t, ks, k, deadline).await) });
+            tasks.spawn(crate::rt::scoped(async move {
+                (t, this.read_at(t, ks, k, deadline).await)
+            }));
         }
         let mut answers: Vec<(NodeId, Option<ApState>)> = Vec::new();
         // Replicas rebuilding a lost store that lack the key: not an answer while another

@@ -114,7 +114,9 @@ impl Coordinator {
                 let this = self.clone();
                 let (ks, p, a) = (keyspace.to_owned(), prefix.to_vec(), after.clone());
                 let want = limit - out.len();
-                tasks.spawn(async move { this.scan_at(node, ks, p, a, want, deadline).await });
+                tasks.spawn(crate::rt::scoped(async move {
+                    this.scan_at(node, ks, p, a, want, deadline).await
+                }));
             }
             let mut pages = Vec::new();
             while let Some(joined) = tasks.join_next().await {

@@ -336,7 +336,11 @@ async fn run(
             .map(|p| p.deadline)
             .max()
             .unwrap_or_else(Instant::now)
-            + ANSWER_GRACE;
+            + if crate::rt::reverted(crate::rt::Revert::ProposalsWedge) {
+                std::time::Duration::from_secs(1 << 30)
+            } else {
+                ANSWER_GRACE
+            };
         crate::rt::spawn(async move {
             let (cmds, waiters): (Vec<Command>, Vec<_>) =
                 claimed.into_iter().map(|p| (p.cmd, p.reply)).unzip();
@@ -380,8 +384,14 @@ async fn run(
                             format!("raft stopped after the write was proposed: {f}")
                         }
                     };
+                    let stopped = matches!(e, RaftError::Fatal(_))
+                        && crate::rt::reverted(crate::rt::Revert::StopAnswers503);
                     for w in waiters {
-                        let _ = w.send(Err(ProposeError::Unknown(why.clone())));
+                        let _ = w.send(Err(if stopped {
+                            ProposeError::Stopped(why.clone())
+                        } else {
+                            ProposeError::Unknown(why.clone())
+                        }));
                     }
                 }
             }

@@ -22,7 +22,7 @@ use crate::cp::NodeId;
 use crate::net::FaultFilter;
 use crate::node::{Node, Wiring};
 use crate::rt::NodeScope;
-use crate::storage::MemoryEngine;
+use crate::storage::{MemoryEngine, Tree};
 
 /// The time of day every simulated clock starts from (2027-01-15), before skew.
 const EPOCH_MS: u64 = 1_800_000_000_000;
@@ -84,6 +84,8 @@ impl SimNode {
 
 pub struct Cluster {
     pub nodes: Vec<Arc<SimNode>>,
+    /// Why nodes failed to start, each time one did.
+    failures: Mutex<Vec<String>>,
     pub net: Arc<Network>,
     pub trace: Arc<Trace>,
     dir: PathBuf,
@@ -101,7 +103,7 @@ fn node_config(name: &str, members: &[Member], dir: &std::path::Path) -> NodeCon
     )
     .expect("a member of its own cluster");
     c.enable_faults = true;
-    c.snapshot_every = 200;
+    c.snapshot_every = 50;
     c.anti_entropy_interval = Some(Duration::from_millis(1500));
     c.tombstone_grace = Duration::from_secs(20);
     c
@@ -138,6 +140,7 @@ impl Cluster {
             .collect();
         Cluster {
             nodes,
+            failures: Mutex::default(),
             net,
             trace,
             dir,
@@ -159,6 +162,15 @@ impl Cluster {
             return Ok(());
         }
         self.trace.event(format_args!("start {}", n.name));
+        n.disk.revive();
+        if let Err(e) = crate::cp::log_store::verify(n.disk.as_ref()) {
+            let e = format!("{}'s disk after its crash: {e}", n.name);
+            self.trace.event(format_args!("{e}"));
+            self.failures
+                .lock()
+                .expect("failures lock poisoned")
+                .push(e);
+        }
         let scope = NodeScope::new(n.name.clone());
         let faults = Arc::new(FaultFilter::default());
         let wiring = Wiring {
@@ -180,13 +192,25 @@ impl Cluster {
             node.run().await.map_err(|e| e.to_string())?;
             Ok::<_, String>(node)
         });
+        let failed = |e: String| {
+            let e = format!("{} did not start: {e}", n.name);
+            self.trace.event(format_args!("{e}"));
+            self.failures
+                .lock()
+                .expect("failures lock poisoned")
+                .push(e.clone());
+            e
+        };
         let node = match started.await {
             Ok(Ok(node)) => node,
             Ok(Err(e)) => {
                 self.crash_scope(&n, &scope, |_| 0);
-                return Err(format!("{} did not start: {e}", n.name));
+                return Err(failed(e));
             }
-            Err(e) => return Err(format!("{} did not start: {e}", n.name)),
+            Err(e) => {
+                self.crash_scope(&n, &scope, |_| 0);
+                return Err(failed(e.to_string()));
+            }
         };
         let app = router(AppState::new(node.clone(), None));
         *n.life() = Life::Up { scope, node, app };
@@ -206,11 +230,13 @@ impl Cluster {
     }
 
     /// Crashes node `i`: every task ends where it is, and of the writes not yet fsynced
-    /// a random prefix survives.
+    /// a random prefix survives. (After [`Cluster::crash_after_write`], its tasks have
+    /// ended already; this decides what its disk kept.)
     pub fn crash(&self, i: usize, rng: &mut impl Rng) {
         let n = self.nodes[i].clone();
-        let Some(scope) = n.scope() else {
-            return;
+        let scope = match &*n.life() {
+            Life::Up { scope, .. } => scope.clone(),
+            Life::Down => NodeScope::new(n.name.clone()),
         };
         let keep_all = rng.gen_bool(0.3);
         let cut = rng.gen::<f64>();
@@ -227,16 +253,51 @@ impl Cluster {
         ));
     }
 
-    /// Stops node `i` as SIGTERM does (`Node::shutdown`: drain, stop Raft, fsync), then
-    /// ends its tasks.
+    /// Arms a crash of node `i` right after the `skip + 1`-th storage batch from now that
+    /// writes to `tree` (deletes from it, if `deletes`): a crash between two batches of
+    /// one operation. Its tasks end within that write, before any other task runs, and of
+    /// its unsynced batches the first `keep` (a fraction) survive. False if it is down.
+    pub fn crash_after_write(
+        &self,
+        i: usize,
+        tree: Tree,
+        deletes: bool,
+        skip: u32,
+        keep: f64,
+    ) -> bool {
+        let n = self.nodes[i].clone();
+        let Some(scope) = n.scope() else {
+            return false;
+        };
+        let (net, node, trace) = (self.net.clone(), n.clone(), self.trace.clone());
+        n.disk.crash_after_write(tree, deletes, skip, move || {
+            scope.kill();
+            net.down(node.id);
+            *node.life() = Life::Down;
+            let lost = node.disk.crash(|unsynced| (unsynced as f64 * keep).round() as usize);
+            trace.event(format_args!(
+                "{} died after a write to {tree:?} (deletes {deletes}; lost {lost} unsynced batches)",
+                node.name
+            ));
+        });
+        true
+    }
+
+    /// Takes back the crash point of node `i`; true if it was never reached.
+    pub fn disarm(&self, i: usize) -> bool {
+        self.nodes[i].disk.disarm()
+    }
+
+    /// Stops node `i` as SIGTERM does: it takes no new HTTP request, `Node::shutdown`
+    /// drains proposals, stops Raft and fsyncs while its peers can still reach it, then
+    /// its tasks end.
     pub async fn stop(&self, i: usize) {
         let n = self.nodes[i].clone();
         let (scope, node) = match &*n.life() {
             Life::Up { scope, node, .. } => (scope.clone(), node.clone()),
             Life::Down => return,
         };
-        // No new requests from here (the listener is closed first in `serve` too).
-        self.net.down(n.id);
+        // The HTTP listener closes first (as in `server::run`); the peer port stays open.
         *n.life() = Life::Down;
         self.trace.event(format_args!("stop {}", n.name));
         let _ = scope.spawn(async move { node.shutdown().await }).await;
@@ -291,6 +352,8 @@ impl Cluster {
         });
         let abort = handled.abort_handle();
         match tokio::time::timeout(wait, handled).await {
+            // An answer finished in the instant its node died never left it.
+            Ok(Ok(_)) if scope.is_killed() => Err(NoAnswer::Lost("the node crashed")),
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => Err(NoAnswer::Lost("the node crashed")),
             Err(_) => {
@@ -298,6 +361,14 @@ impl Cluster {
                 Err(NoAnswer::Lost("no answer in time"))
             }
         }
+    }
+
+    /// Every failure to start a node so far.
+    pub fn start_failures(&self) -> Vec<String> {
+        self.failures
+            .lock()
+            .expect("failures lock poisoned")
+            .clone()
     }
 
     /// Removes the snapshot files of every node.

@@ -54,6 +54,8 @@ pub struct SimOptions {
     pub faults: Vec<Fault>,
     /// Keep the trace as text (for `--trace`).
     pub keep_trace: bool,
+    /// A fix of issue 8 taken back for this run (see [`crate::rt::Revert`]).
+    pub revert: Option<crate::rt::Revert>,
 }
 
 impl SimOptions {
@@ -63,10 +65,11 @@ impl SimOptions {
             nodes: 3,
             faults_for: Duration::from_secs(20),
             liveness_within: Duration::from_secs(40),
-            clients: 2,
+            clients: 3,
             keys: 3,
             faults: Fault::ALL.to_vec(),
             keep_trace: false,
+            revert: None,
         }
     }
 }
@@ -86,6 +89,15 @@ pub struct SimReport {
     pub trace: Option<String>,
     /// The histories, as JSON lines per workload.
     pub histories: Vec<(String, String)>,
+    pub revert: Option<crate::rt::Revert>,
+}
+
+/// The command-line name of a fix taken back.
+pub fn revert_name(r: crate::rt::Revert) -> String {
+    use clap::ValueEnum;
+    r.to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
 }
 
 impl SimReport {
@@ -96,8 +108,12 @@ impl SimReport {
     /// `seed 7: VALID trace 1f0c...` (and each problem on its own line).
     pub fn summary(&self) -> String {
         let verdict = if self.valid() { "VALID" } else { "INVALID" };
+        let reverted = self
+            .revert
+            .map(|r| format!(" (reverted: {})", revert_name(r)))
+            .unwrap_or_default();
         let mut s = format!(
-            "seed {}: {verdict} trace {:016x} ({} events, {} ops, {:.1} simulated s, {:.2} wall s)",
+            "seed {}{reverted}: {verdict} trace {:016x} ({} events, {} ops, {:.1} simulated s, {:.2} wall s)",
             self.seed,
             self.trace_hash,
             self.events,
@@ -109,7 +125,14 @@ impl SimReport {
             s.push_str(&format!("\n  {p}"));
         }
         if !self.valid() {
-            s.push_str(&format!("\n  replay: capkv sim --seed {}", self.seed));
+            let revert = self
+                .revert
+                .map(|r| format!(" --revert {}", revert_name(r)))
+                .unwrap_or_default();
+            s.push_str(&format!(
+                "\n  replay: capkv sim --seed {}{revert}",
+                self.seed
+            ));
         }
         s
     }
@@ -119,6 +142,7 @@ impl SimReport {
 pub fn run(opts: &SimOptions) -> SimReport {
     let wall = std::time::Instant::now();
     crate::rt::simulate_on_this_thread(Some(opts.seed));
+    crate::rt::revert_on_this_thread(opts.revert);
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_time().start_paused(true);
     #[cfg(tokio_unstable)]
@@ -130,14 +154,22 @@ pub fn run(opts: &SimOptions) -> SimReport {
     // Ends every task still running (nodes, messages in flight) before the next seed.
     drop(runtime);
     crate::rt::simulate_on_this_thread(None);
+    crate::rt::revert_on_this_thread(None);
     report.wall = wall.elapsed();
     report
 }
 
-/// A directory for the snapshot files of one run, unique in this machine.
+/// A directory for the snapshot files of one run, unique in this machine: in memory
+/// (`/dev/shm`) where there is one, since their fsyncs only cost time here.
 fn run_dir(seed: u64) -> PathBuf {
     static RUNS: AtomicU64 = AtomicU64::new(0);
-    std::env::temp_dir().join(format!(
+    let shm = std::path::Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_owned()
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!(
         "capkv-sim-{}-{seed}-{}",
         std::process::id(),
         RUNS.fetch_add(1, Ordering::Relaxed)
@@ -188,6 +220,9 @@ async fn simulate(opts: SimOptions) -> SimReport {
         nemesis.run(Instant::now() + opts.faults_for).await;
         // Liveness phase: no fault from here on.
         nemesis.heal_all().await;
+        for n in cluster.nodes.iter().filter(|n| !n.is_up()) {
+            problems.push(format!("{} is down after every fault healed", n.name));
+        }
         let healed_us = trace.now_us();
         trace.event(format_args!("liveness phase"));
         let deadline = Instant::now() + opts.liveness_within;
@@ -211,6 +246,31 @@ async fn simulate(opts: SimOptions) -> SimReport {
             .max(Duration::from_secs(20));
         if !clients.final_reads(left).await {
             problems.push("ap replicas did not converge after every fault healed".into());
+        }
+        // A live node serves: every node's health says so once every fault healed.
+        for i in 0..cluster.nodes.len() {
+            let health = cluster
+                .request(
+                    i,
+                    axum::http::Method::GET,
+                    "/healthz",
+                    None,
+                    Duration::from_secs(5),
+                )
+                .await;
+            match health {
+                Ok(a) if a.status.is_success() => {}
+                Ok(a) => problems.push(format!(
+                    "{} is unhealthy after every fault healed: {} {}",
+                    cluster.node(i).name,
+                    a.status,
+                    String::from_utf8_lossy(&a.body)
+                )),
+                Err(e) => problems.push(format!(
+                    "{} does not answer /healthz after every fault healed: {e:?}",
+                    cluster.node(i).name
+                )),
+            }
         }
     }
 
@@ -246,6 +306,7 @@ async fn simulate(opts: SimOptions) -> SimReport {
             ));
         }
     }
+    problems.extend(cluster.start_failures());
     cluster.remove_files();
     let (trace_hash, events) = trace.digest();
     SimReport {
@@ -258,6 +319,7 @@ async fn simulate(opts: SimOptions) -> SimReport {
         wall: Duration::ZERO,
         trace: trace.lines(),
         histories,
+        revert: opts.revert,
     }
 }
 
@@ -316,32 +378,38 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 40)]
     pub liveness_secs: u64,
     /// Clients per workload (cp register, ap counter, ap set).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub clients: u32,
     /// Keys per workload.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub keys: u32,
-    /// The faults to inject (comma-separated): partition, one-way, lossy, crash, restart,
-    /// pause, skew; or none.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "partition,one-way,lossy,crash,restart,pause,skew"
-    )]
-    pub faults: Vec<String>,
+    /// The faults to inject (comma-separated): partition, one-way, lossy, crash,
+    /// crash-at-write, restart, pause, skew; or none. Default: all of them.
+    #[arg(long, value_delimiter = ',')]
+    pub faults: Option<Vec<String>>,
     /// Write the trace of --seed to this file, one event a line.
     #[arg(long, requires = "seed")]
     pub trace: Option<PathBuf>,
     /// For every failing seed, write its report, histories and trace under this directory.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Take back one fix of issue 8, to see the simulator find the bug it fixed.
+    #[arg(long, value_enum)]
+    pub revert: Option<crate::rt::Revert>,
 }
 
 /// Runs `capkv sim`; returns the exit code (0: every seed valid, 1: some failed, 3: bad
 /// arguments or files).
 pub fn main(args: SimArgs) -> i32 {
     let mut faults = Vec::new();
-    for f in args.faults.iter().filter(|f| *f != "none") {
+    let all = Fault::ALL.map(|f| f.name().to_owned()).to_vec();
+    for f in args
+        .faults
+        .as_ref()
+        .unwrap_or(&all)
+        .iter()
+        .filter(|f| *f != "none")
+    {
         match Fault::parse(f) {
             Some(f) => faults.push(f),
             None => {
@@ -361,6 +429,7 @@ pub fn main(args: SimArgs) -> i32 {
     base.keys = args.keys;
     base.faults = faults;
     base.keep_trace = args.trace.is_some();
+    base.revert = args.revert;
     let write_out = |r: &SimReport| {
         if let Some(dir) = &args.out {
             if let Err(e) = write_report(dir, r) {
@@ -415,7 +484,11 @@ pub fn main(args: SimArgs) -> i32 {
         simulated / wall * 60.0
     );
     if !failed.is_empty() {
-        println!("failing seeds: {failed:?} (replay one: capkv sim --seed S)");
+        let revert = base
+            .revert
+            .map(|r| format!(" --revert {}", revert_name(r)))
+            .unwrap_or_default();
+        println!("failing seeds: {failed:?} (replay one: capkv sim --seed S{revert})");
     }
     i32::from(!failed.is_empty())
 }

@@ -15,6 +15,7 @@ use super::cluster::Cluster;
 use super::net::LinkWeather;
 use crate::cp::NodeId;
 use crate::rt::Instant;
+use crate::storage::Tree;
 
 /// The faults the nemesis can inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -27,6 +28,9 @@ pub enum Fault {
     Lossy,
     /// A node crashes (losing what it had not fsynced) and later starts again.
     Crash,
+    /// A node crashes right after a storage batch to a random tree (between two batches
+    /// of one operation), and later starts again.
+    CrashAtWrite,
     /// A node stops gracefully (SIGTERM) and later starts again.
     Restart,
     /// A node stops running for a while (a long GC pause, SIGSTOP), then goes on.
@@ -36,11 +40,12 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 8] = [
         Fault::Partition,
         Fault::OneWay,
         Fault::Lossy,
         Fault::Crash,
+        Fault::CrashAtWrite,
         Fault::Restart,
         Fault::Pause,
         Fault::Skew,
@@ -52,6 +57,7 @@ impl Fault {
             Fault::OneWay => "one-way",
             Fault::Lossy => "lossy",
             Fault::Crash => "crash",
+            Fault::CrashAtWrite => "crash-at-write",
             Fault::Restart => "restart",
             Fault::Pause => "pause",
             Fault::Skew => "skew",
@@ -167,7 +173,8 @@ impl Nemesis {
         match (a.fault, a.node) {
             (Fault::Partition | Fault::OneWay, _) => c.net.heal(),
             (Fault::Lossy, _) => c.net.set_weather(LinkWeather::calm()),
-            (Fault::Crash | Fault::Restart, Some(i)) => {
+            (Fault::CrashAtWrite, Some(i)) if c.disarm(i) => {}
+            (Fault::Crash | Fault::CrashAtWrite | Fault::Restart, Some(i)) => {
                 if let Err(e) = c.start(i).await {
                     c.trace.event(format_args!("restart failed: {e}"));
                 }
@@ -246,6 +253,33 @@ impl Nemesis {
                 c.crash(i, &mut self.rng);
                 let name = c.node(i).name.clone();
                 self.begin(fault, name, Some(i), lasts);
+            }
+            Fault::CrashAtWrite => {
+                let Some(i) = self.free_node() else { return };
+                let tree = *[Tree::Log, Tree::Meta, Tree::Data, Tree::Ap]
+                    .choose(&mut self.rng)
+                    .expect("trees");
+                let deletes = self.rng.gen_bool(if tree == Tree::Log { 0.5 } else { 0.1 });
+                let skip = self.rng.gen_range(0..4);
+                let keep = if self.rng.gen_bool(0.3) {
+                    1.0
+                } else {
+                    self.rng.gen()
+                };
+                if !c.crash_after_write(i, tree, deletes, skip, keep) {
+                    return;
+                }
+                let name = c.node(i).name.clone();
+                let what = if deletes { "deletion from" } else { "write to" };
+                // The crash comes when the point is reached (if it is before the heal);
+                // the heal restarts the node, or disarms the point.
+                let lasts = Duration::from_millis(self.rng.gen_range(1000..8000));
+                self.begin(
+                    fault,
+                    format!("{name} after a {what} {tree:?}"),
+                    Some(i),
+                    lasts,
+                );
             }
             Fault::Restart => {
                 let Some(i) = self.free_node() else { return };

@@ -262,6 +262,10 @@ impl SimNet {
         timeout: Duration,
     ) -> Result<PeerResponse, NetError> {
         let (me, net) = (self.me, self.net.clone());
+        // A node that died in the middle of a poll sends nothing more.
+        if crate::rt::current_scope().is_some_and(|s| s.is_killed()) {
+            return Err(NetError::Lost(to, "this node crashed".into()));
+        }
         let my_faults = net.faults_of(me).unwrap_or_default();
         if my_faults.blocks(to) {
             return Err(NetError::Isolated(to));

@@ -15,6 +15,11 @@ use rand::{Rng, SeedableRng};
 use super::cluster::{Answer, Cluster, NoAnswer};
 use crate::rt::Instant;
 
+/// Members added to one set key before the set workload moves to fresh keys: a set is one
+/// object that every add rewrites and copies, so unbounded sets would measure write
+/// amplification (and slow the simulation) rather than correctness (as in `capkv check`).
+const SET_MEMBERS_PER_KEY: u64 = 100;
+
 /// How long a client waits for an answer before it gives up (outcome unknown): longer
 /// than the server's default deadline (2 s), so the server's own answer comes first.
 const CLIENT_WAIT: Duration = Duration::from_secs(5);
@@ -81,8 +86,10 @@ pub struct Clients {
     recorders: BTreeMap<Kind, Recorder>,
     pub stop: AtomicBool,
     keys: u32,
-    /// Set members added so far (unique values).
+    /// Unique values handed out so far.
     next_value: AtomicU64,
+    /// Adds the set workload has sent.
+    set_adds: AtomicU64,
 }
 
 /// One operation in flight.
@@ -107,6 +114,7 @@ impl Clients {
             stop: AtomicBool::new(false),
             keys,
             next_value: AtomicU64::new(0),
+            set_adds: AtomicU64::new(0),
         })
     }
 
@@ -383,8 +391,18 @@ impl Clients {
         self.end(p, &r, None)
     }
 
+    /// The set keys of generation `g` (see [`SET_MEMBERS_PER_KEY`]).
+    fn set_key(&self, generation: u64, k: u32) -> String {
+        format!("s{generation}-{k}")
+    }
+
+    fn set_generation(&self, adds: u64) -> u64 {
+        adds / (SET_MEMBERS_PER_KEY * u64::from(self.keys))
+    }
+
     async fn set_op(&self, client: u64, node: usize, rng: &mut StdRng) -> Outcome {
-        let key = format!("s{}", rng.gen_range(0..self.keys));
+        let adds = self.set_adds.fetch_add(1, Ordering::Relaxed);
+        let key = self.set_key(self.set_generation(adds), rng.gen_range(0..self.keys));
         if rng.gen::<f64>() < 0.1 {
             return self.ap_read(Kind::Set, client, node, &key).await.0;
         }
@@ -493,10 +511,12 @@ impl Clients {
         }
         loop {
             let mut agree = true;
-            for kind in [Kind::Counter, Kind::Set] {
-                let prefix = if kind == Kind::Counter { "c" } else { "s" };
-                for k in 0..self.keys {
-                    let key = format!("{prefix}{k}");
+            let set_keys = (0..=self.set_generation(self.set_adds.load(Ordering::Relaxed)))
+                .flat_map(|g| (0..self.keys).map(move |k| (g, k)))
+                .map(|(g, k)| (Kind::Set, self.set_key(g, k)));
+            let counter_keys = (0..self.keys).map(|k| (Kind::Counter, format!("c{k}")));
+            for (kind, key) in counter_keys.chain(set_keys).collect::<Vec<_>>() {
+                {
                     let mut answers = Vec::new();
                     for node in 0..nodes {
                         for every in [true, false] {

@@ -30,6 +30,20 @@ struct Durable {
     /// Batches written since, in order: a crash keeps some prefix of them (a journal is
     /// written in order; how much of it reached the disk before the cut is chance).
     unsynced: Vec<WriteBatch>,
+    /// A crash point armed by [`MemoryEngine::crash_after_write`].
+    trip: Option<Trip>,
+    /// The crash point was passed: the process is dead to its disk, nothing more it
+    /// writes or syncs reaches it (until [`MemoryEngine::crash`]).
+    dead: bool,
+}
+
+/// A crash point: right after the `skip + 1`-th write that touches `tree` (that deletes
+/// from it, if `deletes`).
+struct Trip {
+    tree: Tree,
+    deletes: bool,
+    skip: u32,
+    then: Box<dyn FnOnce() + Send>,
 }
 
 fn apply(trees: &mut BTreeMap<Tree, OrderedMap>, batch: WriteBatch) {
@@ -60,9 +74,51 @@ impl MemoryEngine {
         }
     }
 
+    /// Arms a crash point: right after the `skip + 1`-th batch from now that writes to
+    /// `tree` (that deletes from it, if `deletes`: deletions are rarer, and each ends
+    /// or undoes something, so they are points worth dying at), the process is dead to this disk (what it writes or syncs from then on is
+    /// lost) and `then` runs, inside that write (it must not call the engine), to end the
+    /// process's tasks before any other runs. [`MemoryEngine::crash`] then decides what of
+    /// the unsynced writes before the point survived. Without the fsync line, nothing.
+    pub fn crash_after_write(
+        &self,
+        tree: Tree,
+        deletes: bool,
+        skip: u32,
+        then: impl FnOnce() + Send + 'static,
+    ) {
+        if let Some(durable) = &self.durable {
+            durable.lock().expect("memory engine lock poisoned").trip = Some(Trip {
+                tree,
+                deletes,
+                skip,
+                then: Box::new(then),
+            });
+        }
+    }
+
+    /// A new process opens the disk: writes count again.
+    pub fn revive(&self) {
+        if let Some(durable) = &self.durable {
+            durable.lock().expect("memory engine lock poisoned").dead = false;
+        }
+    }
+
+    /// Takes back an armed crash point that was not reached; true if one was.
+    pub fn disarm(&self) -> bool {
+        self.durable.as_ref().is_some_and(|d| {
+            d.lock()
+                .expect("memory engine lock poisoned")
+                .trip
+                .take()
+                .is_some()
+        })
+    }
+
     /// A crash: everything synced survives, and of the batches written since the last
     /// sync, the first `keep(n)` of the `n` survive (at most `n`). Returns how many were
-    /// lost. Without the fsync line nothing is lost.
+    /// lost. Without the fsync line nothing is lost. Until [`MemoryEngine::revive`],
+    /// writes reach no durable state (the dead process may still be finishing a poll).
     pub fn crash(&self, keep: impl FnOnce(usize) -> usize) -> usize {
         let Some(durable) = &self.durable else {
             return 0;
@@ -70,6 +126,9 @@ impl MemoryEngine {
         let mut trees = self.trees.write().expect("memory engine lock poisoned");
         let mut d = durable.lock().expect("memory engine lock poisoned");
         let unsynced = std::mem::take(&mut d.unsynced);
+        d.trip = None;
+        // Dead until revived: what the rest of a dying task writes is lost too.
+        d.dead = true;
         let kept = keep(unsynced.len()).min(unsynced.len());
         let lost = unsynced.len() - kept;
         for b in unsynced.into_iter().take(kept) {
@@ -132,14 +191,32 @@ impl Engine for MemoryEngine {
 
     fn write(&self, batch: WriteBatch) -> Result<()> {
         let mut trees = self.trees.write().expect("memory engine lock poisoned");
+        let mut tripped = None;
         if let Some(durable) = &self.durable {
-            durable
-                .lock()
-                .expect("memory engine lock poisoned")
-                .unsynced
-                .push(batch.clone());
+            let mut d = durable.lock().expect("memory engine lock poisoned");
+            if !d.dead {
+                d.unsynced.push(batch.clone());
+                let hits = |t: &Trip| {
+                    batch
+                        .ops
+                        .iter()
+                        .any(|(tree, _, v)| *tree == t.tree && (!t.deletes || v.is_none()))
+                };
+                match &mut d.trip {
+                    Some(t) if hits(t) && t.skip > 0 => t.skip -= 1,
+                    Some(t) if hits(t) => {
+                        d.dead = true;
+                        tripped = d.trip.take();
+                    }
+                    _ => {}
+                }
+            }
         }
         apply(&mut trees, batch);
+        drop(trees);
+        if let Some(t) = tripped {
+            (t.then)();
+        }
         Ok(())
     }
 
@@ -147,6 +224,9 @@ impl Engine for MemoryEngine {
         self.syncs.fetch_add(1, Ordering::Relaxed);
         if let Some(durable) = &self.durable {
             let mut d = durable.lock().expect("memory engine lock poisoned");
+            if d.dead {
+                return Ok(()); // the process died: its fsync never happened
+            }
             for b in std::mem::take(&mut d.unsynced) {
                 apply(&mut d.trees, b);
             }
@@ -211,11 +291,40 @@ mod tests {
         assert_eq!(keys(&e).len(), 4, "reads see what was written");
         assert_eq!(e.crash(|n| n - 2), 2, "the last two batches are lost");
         assert_eq!(keys(&e), vec![b"a".to_vec(), b"b".to_vec()]);
+        put(&e, "dead");
+        assert_eq!(e.crash(|n| n), 0, "a dead process writes nothing durable");
+        assert_eq!(keys(&e), vec![b"a".to_vec(), b"b".to_vec()]);
+        e.revive();
         // What survived a crash is durable: a second crash keeps it.
         put(&e, "e");
         assert_eq!(e.crash(|_| 0), 1);
         assert_eq!(keys(&e), vec![b"a".to_vec(), b"b".to_vec()]);
+        e.revive();
         assert_eq!(e.crash(|_| 99), 0, "nothing more to lose");
+        e.revive();
+        // A crash point: the process dies right after the second write to Log from now.
+        let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = fired.clone();
+        e.crash_after_write(Tree::Log, false, 1, move || f.store(true, Ordering::SeqCst));
+        let mut log = WriteBatch::new();
+        log.put(Tree::Log, b"l1".to_vec(), b"v".to_vec());
+        e.write(log.clone()).unwrap();
+        put(&e, "f");
+        assert!(!fired.load(Ordering::SeqCst));
+        e.write(log).unwrap();
+        assert!(
+            fired.load(Ordering::SeqCst),
+            "fired by the second Log write"
+        );
+        put(&e, "g"); // after the point: lost whatever happens
+        e.sync().unwrap(); // a dead process's fsync moves nothing
+        assert_eq!(e.crash(|n| n), 0, "kept every batch up to the point");
+        e.revive();
+        assert_eq!(
+            keys(&e),
+            [&b"a"[..], b"b", b"f"].map(<[u8]>::to_vec).to_vec()
+        );
+        assert!(!e.disarm(), "nothing armed any more");
         // An engine without the line loses nothing.
         let plain = MemoryEngine::new();
         put(&plain, "x");
