@@ -1337,9 +1337,7 @@ async fn bounded(State(st): State<AppState>, req: Request, next: Next) -> Respon
         Err(e) => return e.into_response(),
     };
     let permit =
-        match tokio::time::timeout_at(deadline.into(), st.data_requests.clone().acquire_owned())
-            .await
-        {
+        match tokio::time::timeout_at(deadline, st.data_requests.clone().acquire_owned()).await {
             Ok(Ok(permit)) => permit,
             _ => {
                 metrics::counter!("capkv_http_requests_shed_total").increment(1);
@@ -1355,7 +1353,7 @@ async fn bounded(State(st): State<AppState>, req: Request, next: Next) -> Respon
         drop((permit, body_bytes));
         resp
     });
-    match tokio::time::timeout_at((deadline + STUCK_GRACE).into(), served).await {
+    match tokio::time::timeout_at(deadline + STUCK_GRACE, served).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => Failure(ApiError::internal(format!(
             "the request's task failed: {e}"
@@ -1410,7 +1408,7 @@ async fn receive_body(
     let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let mut bytes = Vec::new();
     loop {
-        let frame = match tokio::time::timeout_at(arrive_by.into(), body.frame()).await {
+        let frame = match tokio::time::timeout_at(arrive_by, body.frame()).await {
             Ok(Some(Ok(frame))) => frame,
             Ok(None) => break,
             Ok(Some(Err(e))) => {
@@ -1455,6 +1453,73 @@ async fn receive_body(
     ))
 }
 
+/// The authentication middleware (`crate::auth`): lets a request through if its token's
+/// user may make it.
+pub async fn authorize(
+    State(st): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(auth) = st.auth.clone() else {
+        return next.run(req).await;
+    };
+    let need = crate::auth::need(req.method(), req.uri().path());
+    if need == crate::auth::Need::Nothing {
+        return next.run(req).await;
+    }
+    let authorization = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .cloned();
+    // Within the request's own deadline too (a request never waits past it).
+    let deadline = asked_deadline(req.uri().query());
+    let user = match crate::auth::user(&st.node.reader, &auth, authorization, deadline).await {
+        Ok(u) => u,
+        Err(e) if e.code != capkv_core::ErrorCode::Unauthorized => {
+            return Failure(e).into_response()
+        }
+        Err(e) => {
+            metrics::counter!("capkv_auth_refused_total", "status" => "401").increment(1);
+            let mut resp = Failure(e).into_response();
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::header::HeaderValue::from_static("Bearer realm=\"capkv\""),
+            );
+            return resp;
+        }
+    };
+    if need == crate::auth::Need::SomeAdmin
+        && !user
+            .grants
+            .iter()
+            .any(|g| g.role == capkv_core::Role::Admin)
+    {
+        metrics::counter!("capkv_auth_refused_total", "status" => "403").increment(1);
+        return Failure(ApiError::forbidden(format!(
+            "user '{}' is admin on no keyspace",
+            user.name
+        )))
+        .into_response();
+    }
+    if let crate::auth::Need::Role(role, keyspace) = &need {
+        if !user.allows(*role, keyspace.as_deref()) {
+            metrics::counter!("capkv_auth_refused_total", "status" => "403").increment(1);
+            let on = keyspace
+                .as_deref()
+                .map_or("every keyspace".to_owned(), |k| format!("keyspace '{k}'"));
+            return Failure(ApiError::forbidden(format!(
+                "user '{}' does not hold {role:?} on {on}",
+                user.name
+            )))
+            .into_response();
+        }
+    }
+    let mut req = req;
+    req.extensions_mut()
+        .insert(crate::auth::Authenticated(user));
+    next.run(req).await
+}
+
 pub fn router(state: AppState) -> Router {
     // Bodies up to the value limit are read; the handler answers anything larger with
     // 413 before it is buffered whole (the limit bounds memory per request).
@@ -1485,7 +1550,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::auth::authorize,
+            authorize,
         ))
         .layer(axum::middleware::from_fn(record_metrics))
         .with_state(state)

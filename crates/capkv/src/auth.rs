@@ -22,14 +22,9 @@
 
 use std::path::Path;
 
-use axum::extract::{Request, State};
 use axum::http::{header, Method};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use capkv_core::{ApiError, Role, UserSpec};
 use ring::rand::SecureRandom;
-
-use crate::api::{AppState, Failure};
 
 /// The shortest root token accepted: 128 bits of a random base64 string.
 const ROOT_TOKEN_MIN_CHARS: usize = 22;
@@ -138,9 +133,10 @@ pub fn need(method: &Method, path: &str) -> Need {
     Need::Anyone
 }
 
-/// The user a request's bearer token names, or why there is none.
-async fn user(
-    st: &AppState,
+/// The user a request's bearer token names, or why there is none (`reader` finds users
+/// in the cp state machine).
+pub async fn user(
+    reader: &crate::cp::state_machine::Reader,
     auth: &Auth,
     authorization: Option<header::HeaderValue>,
     deadline: crate::rt::Instant,
@@ -179,13 +175,13 @@ async fn user(
             "this node cannot check the token now (its storage is not answering); not applied",
         )
     };
-    let deadline = deadline.min(crate::rt::Instant::now() + LOOKUP_WAIT).into();
+    let deadline = deadline.min(crate::rt::Instant::now() + LOOKUP_WAIT);
     let place = tokio::time::timeout_at(deadline, auth.lookups.clone().acquire_owned())
         .await
         .ok()
         .and_then(Result::ok)
         .ok_or_else(busy)?;
-    let reader = st.node.reader.clone();
+    let reader = reader.clone();
     let lookup = crate::rt::blocking(move || {
         let user = reader.user_by_token(&hash);
         drop(place);
@@ -196,59 +192,6 @@ async fn user(
         Ok(Err(e)) => Err(ApiError::internal(format!("token lookup failed: {e}"))),
         Err(_) => Err(busy()),
     }
-}
-
-/// The middleware: lets a request through if its token's user may make it.
-pub async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(auth) = st.auth.clone() else {
-        return next.run(req).await;
-    };
-    let need = need(req.method(), req.uri().path());
-    if need == Need::Nothing {
-        return next.run(req).await;
-    }
-    let authorization = req.headers().get(header::AUTHORIZATION).cloned();
-    // Within the request's own deadline too (a request never waits past it).
-    let deadline = crate::api::asked_deadline(req.uri().query());
-    let user = match user(&st, &auth, authorization, deadline).await {
-        Ok(u) => u,
-        Err(e) if e.code != capkv_core::ErrorCode::Unauthorized => {
-            return Failure(e).into_response()
-        }
-        Err(e) => {
-            metrics::counter!("capkv_auth_refused_total", "status" => "401").increment(1);
-            let mut resp = Failure(e).into_response();
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"capkv\""),
-            );
-            return resp;
-        }
-    };
-    if need == Need::SomeAdmin && !user.grants.iter().any(|g| g.role == Role::Admin) {
-        metrics::counter!("capkv_auth_refused_total", "status" => "403").increment(1);
-        return Failure(ApiError::forbidden(format!(
-            "user '{}' is admin on no keyspace",
-            user.name
-        )))
-        .into_response();
-    }
-    if let Need::Role(role, keyspace) = &need {
-        if !user.allows(*role, keyspace.as_deref()) {
-            metrics::counter!("capkv_auth_refused_total", "status" => "403").increment(1);
-            let on = keyspace
-                .as_deref()
-                .map_or("every keyspace".to_owned(), |k| format!("keyspace '{k}'"));
-            return Failure(ApiError::forbidden(format!(
-                "user '{}' does not hold {role:?} on {on}",
-                user.name
-            )))
-            .into_response();
-        }
-    }
-    let mut req = req;
-    req.extensions_mut().insert(Authenticated(user));
-    next.run(req).await
 }
 
 /// The user a request was authenticated as (absent when authentication is off).

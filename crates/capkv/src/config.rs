@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::cluster::NodeId;
 pub use crate::cp::lost_state::InitialClusterState;
-use crate::cp::NodeId;
 
 /// One member of the initial cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]

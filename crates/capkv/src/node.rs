@@ -32,6 +32,7 @@ use openraft::{ServerState, SnapshotPolicy};
 use crate::ap::coordinator::Coordinator;
 use crate::ap::replica::{Replica, Update, OBJECT_BYTES_MAX};
 use crate::ap::ring::{Ring, DEFAULT_VNODES};
+use crate::ap::rpc::{ApRequest, ApResponse};
 use crate::ap::{anti_entropy, tombstones};
 use crate::clock::WallClock;
 use crate::config::{InitialClusterState, NodeConfig, PeerSecurity};
@@ -40,10 +41,11 @@ use crate::cp::log_store::LogStore;
 use crate::cp::lost_state::{LostState, PersistedFloor, Refusal, Report};
 use crate::cp::network::NetworkFactory;
 use crate::cp::proposer::{ProposeError, Proposer, BATCH_BYTES_MAX};
+use crate::cp::rpc::{CpRequest, CpResponse, Forward, ForwardOp, ForwardReply};
 use crate::cp::state_machine::{Reader, StateMachine};
 use crate::cp::{NodeId, PeerNode, Raft, Written};
 use crate::net::{FaultFilter, NetError, PeerTls};
-use crate::rpc::{Forward, ForwardOp, ForwardReply, PeerRequest, PeerResponse};
+use crate::rpc::{PeerRequest, PeerResponse, Side};
 use crate::storage::{Engine, FjallEngine, GroupCommit, Tree, Watched, WriteBatch};
 use crate::{PeerNet, PeerTransport};
 
@@ -66,8 +68,7 @@ impl Drop for InFlight<'_> {
 /// How long a stopping node waits for proposals in flight before it stops Raft.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 
-/// A peer counts as reachable if it was heard from this recently.
-pub const REACHABLE_WINDOW: Duration = Duration::from_millis(1000);
+pub use crate::cluster::REACHABLE_WINDOW;
 /// How often every peer is pinged.
 const PING_INTERVAL: Duration = Duration::from_millis(200);
 /// Pause between attempts while a leader is being elected or moves.
@@ -248,7 +249,7 @@ impl Node {
         .map_err(|e| StartError::Raft(e.to_string()))?;
         let network = NetworkFactory {
             me: config.id,
-            transport: transport.clone(),
+            transport: Arc::new(Side::new(transport.clone())),
         };
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log_store, sm)
             .await
@@ -269,7 +270,7 @@ impl Node {
             config.id,
             format!("{}.{}", config.name, incarnation(engine.as_ref())?),
             Ring::new(config.cluster.iter().map(|m| m.id), DEFAULT_VNODES),
-            transport.clone(),
+            Arc::new(Side::new(transport.clone())),
             replica,
             clock.clone(),
         ));
@@ -442,6 +443,11 @@ impl Node {
         }
     }
 
+    /// Batches of cp writes proposed here and not yet answered.
+    pub fn proposals_in_flight(&self) -> usize {
+        self.proposer.in_flight()
+    }
+
     pub fn id(&self) -> NodeId {
         self.config.id
     }
@@ -531,15 +537,17 @@ impl Node {
                     metrics::counter!("capkv_forwarded_requests_total").increment(1);
                     match self
                         .transport
-                        .call(l, PeerRequest::Forward(fwd), left)
+                        .call(l, PeerRequest::Cp(CpRequest::Forward(fwd)), left)
                         .await
                     {
-                        Ok(PeerResponse::Forward(Ok(reply))) => return Ok(reply),
+                        Ok(PeerResponse::Cp(CpResponse::Forward(Ok(reply)))) => return Ok(reply),
                         // The remote guarantees an unavailable request was not applied.
-                        Ok(PeerResponse::Forward(Err(e))) if e.code == ErrorCode::Unavailable => {
+                        Ok(PeerResponse::Cp(CpResponse::Forward(Err(e))))
+                            if e.code == ErrorCode::Unavailable =>
+                        {
                             last = e
                         }
-                        Ok(PeerResponse::Forward(Err(e))) => return Err(e),
+                        Ok(PeerResponse::Cp(CpResponse::Forward(Err(e)))) => return Err(e),
                         Ok(_) => {
                             return Err(ApiError::internal(
                                 "leader answered with the wrong message type",
@@ -707,17 +715,25 @@ impl Node {
     }
 
     async fn serve_peer(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
+        match req {
+            PeerRequest::Ping => PeerResponse::Pong,
+            PeerRequest::Cp(r) => PeerResponse::Cp(self.serve_cp(from, r).await),
+            PeerRequest::Ap(r) => PeerResponse::Ap(self.serve_ap(from, r).await),
+        }
+    }
+
+    /// Answers a cp message: Raft's (once `cp::guard` passed it), or a forwarded request.
+    async fn serve_cp(&self, from: NodeId, req: CpRequest) -> CpResponse {
         if let Some(refused) = self.refuse_raft_message(from, &req) {
             return refused;
         }
         match req {
-            PeerRequest::Ping => PeerResponse::Pong,
-            PeerRequest::RaftProbe => PeerResponse::RaftProbe(match self.raft_report().await {
+            CpRequest::RaftProbe => CpResponse::RaftProbe(match self.raft_report().await {
                 Some(own) => self.lost.report(own),
                 None => None,
             }),
-            PeerRequest::AppendEntries(r) => {
-                PeerResponse::AppendEntries(match self.lost.check_leader(r.vote.leader_id().term) {
+            CpRequest::AppendEntries(r) => {
+                CpResponse::AppendEntries(match self.lost.check_leader(r.vote.leader_id().term) {
                     Ok(()) => {
                         let began = Instant::now();
                         let reply = self.raft.append_entries(r).await;
@@ -731,7 +747,7 @@ impl Node {
                     Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
                 })
             }
-            PeerRequest::Vote(r) => PeerResponse::Vote(match self.lost.check_vote(&r) {
+            CpRequest::Vote(r) => CpResponse::Vote(match self.lost.check_vote(&r) {
                 Ok(()) => {
                     let began = Instant::now();
                     let reply = self.raft.vote(r).await;
@@ -750,23 +766,48 @@ impl Node {
                     })
                 }
             }),
-            PeerRequest::InstallSnapshot(r) => PeerResponse::InstallSnapshot(
-                match self.lost.check_leader(r.vote.leader_id().term) {
+            CpRequest::InstallSnapshot(r) => {
+                CpResponse::InstallSnapshot(match self.lost.check_leader(r.vote.leader_id().term) {
                     Ok(()) => self.raft.install_snapshot(r).await,
                     Err(Refusal::StaleTerm(term)) => Ok(InstallSnapshotResponse {
                         vote: openraft::Vote::new(term, self.id()),
                     }),
                     Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
-                },
-            ),
-            PeerRequest::ApUpdate {
+                })
+            }
+            CpRequest::Forward(_) if self.stopping.load(std::sync::atomic::Ordering::Acquire) => {
+                CpResponse::Forward(Err(ApiError::unavailable(
+                    "this node is shutting down; the request was not applied",
+                )))
+            }
+            CpRequest::Forward(f) => {
+                tracing::debug!(from, op = ?std::mem::discriminant(&f.op), "forwarded request");
+                if let Err(e) = self.check_forwarded(&f.op) {
+                    metrics::counter!("capkv_peer_messages_refused_total", "kind" => "forward")
+                        .increment(1);
+                    tracing::warn!(peer = %self.name_of(from), error = %e.message, "forwarded request refused");
+                    return CpResponse::Forward(Err(e));
+                }
+                let _in_flight = InFlight::enter(&self.forwards_in_flight);
+                // A peer's deadline is at most a client's.
+                let timeout = f.timeout_ms.min(capkv_core::validate::MAX_TIMEOUT_MS);
+                let deadline = Instant::now() + Duration::from_millis(timeout);
+                CpResponse::Forward(self.execute(f.op, deadline, f.hops_left).await)
+            }
+        }
+    }
+
+    /// Answers an ap message.
+    async fn serve_ap(&self, from: NodeId, req: ApRequest) -> ApResponse {
+        match req {
+            ApRequest::ApUpdate {
                 keyspace,
                 key,
                 value_type,
                 mutation,
                 now_ms,
                 timeout_ms,
-            } => PeerResponse::ApApplied(
+            } => ApResponse::ApApplied(
                 self.ap
                     .apply_here(Update {
                         keyspace,
@@ -785,69 +826,50 @@ impl Node {
                     })
                     .await,
             ),
-            PeerRequest::ApStoreMany { objects } => {
-                PeerResponse::ApMerged(self.ap.replica.merge_many(objects).await)
+            ApRequest::ApStoreMany { objects } => {
+                ApResponse::ApMerged(self.ap.replica.merge_many(objects).await)
             }
-            PeerRequest::ApHint {
+            ApRequest::ApHint {
                 home,
                 keyspace,
                 key,
                 object,
-            } => PeerResponse::ApAck(
+            } => ApResponse::ApAck(
                 self.ap
                     .replica
                     .hold_hint(home, &keyspace, &key, &object)
                     .await,
             ),
-            PeerRequest::ApRead { keyspace, key } => {
-                PeerResponse::ApObject(self.ap.replica.held(&keyspace, &key, &self.ap.nodes()))
+            ApRequest::ApRead { keyspace, key } => {
+                ApResponse::ApObject(self.ap.replica.held(&keyspace, &key, &self.ap.nodes()))
             }
-            PeerRequest::AeCompare { root, interior } => PeerResponse::AeDiffer(
+            ApRequest::AeCompare { root, interior } => ApResponse::AeDiffer(
                 self.ap_specs()
                     .and_then(|specs| anti_entropy::build(&self.ap, &specs, from))
                     .map(|tree| anti_entropy::compare(&tree, root, &interior)),
             ),
-            PeerRequest::AeFetch { leaves, after } => PeerResponse::AeObjects(
+            ApRequest::AeFetch { leaves, after } => ApResponse::AeObjects(
                 self.ap_specs()
                     .and_then(|specs| anti_entropy::build(&self.ap, &specs, from))
                     .and_then(|_| anti_entropy::collect(&self.ap, from, &leaves, after.as_deref())),
             ),
-            PeerRequest::ApScan {
+            ApRequest::ApScan {
                 keyspace,
                 prefix,
                 after,
                 limit,
-            } => PeerResponse::ApScanned(self.ap.replica.scan(
+            } => ApResponse::ApScanned(self.ap.replica.scan(
                 &keyspace,
                 &prefix,
                 after.as_deref(),
                 limit.clamp(1, capkv_core::validate::MAX_SCAN_LIMIT),
                 &self.ap.nodes(),
             )),
-            PeerRequest::ApReapCheck { items } => {
-                PeerResponse::ApReapChecked(tombstones::check(&self.ap, &items))
+            ApRequest::ApReapCheck { items } => {
+                ApResponse::ApReapChecked(tombstones::check(&self.ap, &items))
             }
-            PeerRequest::ApReap { items } => {
-                PeerResponse::ApReaped(tombstones::reap(&self.ap, &items).await)
-            }
-            PeerRequest::Forward(_) if self.stopping.load(std::sync::atomic::Ordering::Acquire) => {
-                PeerResponse::Forward(Err(ApiError::unavailable(
-                    "this node is shutting down; the request was not applied",
-                )))
-            }
-            PeerRequest::Forward(f) => {
-                tracing::debug!(from, op = ?std::mem::discriminant(&f.op), "forwarded request");
-                if let Err(e) = self.check_forwarded(&f.op) {
-                    metrics::counter!("capkv_peer_messages_refused_total", "kind" => "forward")
-                        .increment(1);
-                    tracing::warn!(peer = %self.name_of(from), error = %e.message, "forwarded request refused");
-                    return PeerResponse::Forward(Err(e));
-                }
-                let _in_flight = InFlight::enter(&self.forwards_in_flight);
-                // A peer's deadline is at most a client's.
-                let timeout = f.timeout_ms.min(capkv_core::validate::MAX_TIMEOUT_MS);
-                let deadline = Instant::now() + Duration::from_millis(timeout);
-                PeerResponse::Forward(self.execute(f.op, deadline, f.hops_left).await)
+            ApRequest::ApReap { items } => {
+                ApResponse::ApReaped(tombstones::reap(&self.ap, &items).await)
             }
         }
     }
@@ -855,23 +877,23 @@ impl Node {
     /// Checks a peer's Raft message with [`guard`]: the answer to one it refuses, which is
     /// never handled, but counted, logged, and answered as a stopped node would (the
     /// sender's openraft then leaves this node alone for a while). `None`: it passes.
-    fn refuse_raft_message(&self, from: NodeId, req: &PeerRequest) -> Option<PeerResponse> {
+    fn refuse_raft_message(&self, from: NodeId, req: &CpRequest) -> Option<CpResponse> {
         use openraft::error::Fatal::Stopped;
         let (kind, checked, refusal) = match req {
-            PeerRequest::Vote(r) => (
+            CpRequest::Vote(r) => (
                 "vote",
                 guard::check_vote(from, r),
-                PeerResponse::Vote(Err(RaftError::Fatal(Stopped))),
+                CpResponse::Vote(Err(RaftError::Fatal(Stopped))),
             ),
-            PeerRequest::AppendEntries(r) => (
+            CpRequest::AppendEntries(r) => (
                 "append_entries",
                 guard::check_append(from, r, &self.member_ids),
-                PeerResponse::AppendEntries(Err(RaftError::Fatal(Stopped))),
+                CpResponse::AppendEntries(Err(RaftError::Fatal(Stopped))),
             ),
-            PeerRequest::InstallSnapshot(r) => (
+            CpRequest::InstallSnapshot(r) => (
                 "install_snapshot",
                 guard::check_snapshot(from, r, &self.member_ids, SNAPSHOT_CHUNK_MAX),
-                PeerResponse::InstallSnapshot(Err(RaftError::Fatal(Stopped))),
+                CpResponse::InstallSnapshot(Err(RaftError::Fatal(Stopped))),
             ),
             _ => return None,
         };
@@ -1051,11 +1073,15 @@ impl Node {
             {
                 let (t, p) = (self.transport.clone(), *p);
                 asks.spawn(crate::rt::scoped(async move {
-                    (p, t.call(p, PeerRequest::RaftProbe, REACHABLE_WINDOW).await)
+                    (
+                        p,
+                        t.call(p, PeerRequest::Cp(CpRequest::RaftProbe), REACHABLE_WINDOW)
+                            .await,
+                    )
                 }));
             }
             while let Some(done) = asks.join_next().await {
-                if let Ok((p, Ok(PeerResponse::RaftProbe(r)))) = done {
+                if let Ok((p, Ok(PeerResponse::Cp(CpResponse::RaftProbe(r))))) = done {
                     answers.insert(p, r);
                 }
             }

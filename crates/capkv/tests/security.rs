@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use capkv::ap::rpc::ApRequest;
+use capkv::cp::rpc::{CpRequest, CpResponse, Forward, ForwardOp};
 use capkv::cp::{Command, Op};
 use capkv::net::{FaultFilter, PeerTls};
-use capkv::rpc::{Forward, ForwardOp, PeerRequest, PeerResponse};
+use capkv::rpc::{PeerRequest, PeerResponse};
 use capkv::PeerTransport;
 use capkv_client::{ClientError, ErrorCode, KeyspaceSpec, Mode, WriteOptions};
 use harness::{eventually, metric, Cluster};
@@ -78,11 +80,15 @@ async fn a_forged_vote_with_the_largest_term_changes_nothing() {
         Vote::new(1 << 50, 2),
     ] {
         let reply = n2
-            .call(1, PeerRequest::Vote(VoteRequest::new(vote, None)), D)
+            .call(
+                1,
+                PeerRequest::Cp(CpRequest::Vote(VoteRequest::new(vote, None))),
+                D,
+            )
             .await
             .unwrap();
         assert!(
-            matches!(reply, PeerResponse::Vote(Err(_))),
+            matches!(reply, PeerResponse::Cp(CpResponse::Vote(Err(_)))),
             "{vote:?}: {reply:?}"
         );
     }
@@ -106,12 +112,18 @@ async fn without_tls_a_forged_vote_is_still_refused() {
     let reply = stranger
         .call(
             1,
-            PeerRequest::Vote(VoteRequest::new(Vote::new(u64::MAX, 2), None)),
+            PeerRequest::Cp(CpRequest::Vote(VoteRequest::new(
+                Vote::new(u64::MAX, 2),
+                None,
+            ))),
             D,
         )
         .await
         .unwrap();
-    assert!(matches!(reply, PeerResponse::Vote(Err(_))), "{reply:?}");
+    assert!(
+        matches!(reply, PeerResponse::Cp(CpResponse::Vote(Err(_)))),
+        "{reply:?}"
+    );
     still_serves(&c, "k").await;
 }
 
@@ -199,7 +211,7 @@ async fn a_forged_forwarded_write_is_checked_like_a_client_request() {
     );
     let to = leader as u64 + 1;
     let write = |op: Op, timeout_ms: u64| {
-        PeerRequest::Forward(Forward {
+        PeerRequest::Cp(CpRequest::Forward(Forward {
             op: ForwardOp::Write(Command {
                 op,
                 idempotency_key: None,
@@ -207,7 +219,7 @@ async fn a_forged_forwarded_write_is_checked_like_a_client_request() {
             }),
             timeout_ms,
             hops_left: 0,
-        })
+        }))
     };
     let mut bad_spec = KeyspaceSpec::new("zero", Mode::Ap);
     (bad_spec.n, bad_spec.r, bad_spec.w) = (Some(0), Some(0), Some(0));
@@ -240,7 +252,7 @@ async fn a_forged_forwarded_write_is_checked_like_a_client_request() {
     ];
     for req in attempts {
         match t.call(to, req, D).await.unwrap() {
-            PeerResponse::Forward(Err(e)) => assert!(
+            PeerResponse::Cp(CpResponse::Forward(Err(e))) => assert!(
                 e.code == ErrorCode::BadRequest || e.code == ErrorCode::TooLarge,
                 "{e:?}"
             ),
@@ -260,7 +272,7 @@ async fn a_forged_forwarded_write_is_checked_like_a_client_request() {
     assert!(
         matches!(
             t.call(to, ok, D).await.unwrap(),
-            PeerResponse::Forward(Ok(_))
+            PeerResponse::Cp(CpResponse::Forward(Ok(_)))
         ),
         "a valid forwarded write"
     );
@@ -334,12 +346,12 @@ async fn a_peer_that_never_reads_its_replies_cannot_grow_a_nodes_memory() {
         &BTreeMap::from([(1, "n1".to_string())]),
     )
     .unwrap();
-    let scan = bincode::serialize(&PeerRequest::ApScan {
+    let scan = bincode::serialize(&PeerRequest::Ap(ApRequest::ApScan {
         keyspace: "ap".into(),
         prefix: Vec::new(),
         after: None,
         limit: 10_000,
-    })
+    }))
     .unwrap();
     let frame = |kind: u8, id: u64, body: &[u8]| {
         let mut f = ((9 + body.len()) as u32).to_be_bytes().to_vec();
@@ -441,7 +453,9 @@ async fn a_stopped_raft_core_is_reported_by_healthz_and_status() {
         data: b"not a snapshot".to_vec(),
         done: true,
     };
-    let _ = t.call(vid, PeerRequest::InstallSnapshot(req), D).await;
+    let _ = t
+        .call(vid, PeerRequest::Cp(CpRequest::InstallSnapshot(req)), D)
+        .await;
     let url = format!("{}/healthz", c.url(victim));
     let body = harness::eventually_some(Duration::from_secs(10), "healthz says 503", || async {
         let r = reqwest::get(&url).await.ok()?;

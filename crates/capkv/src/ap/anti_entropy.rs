@@ -37,8 +37,9 @@ use serde::{Deserialize, Serialize};
 use super::coordinator::Coordinator;
 use super::replica::{index_key, leaf_of, obj_key, split_obj_key_ref, StoredObject, LEAVES};
 use super::ring::{hash64, key_hash};
-use crate::cp::NodeId;
-use crate::rpc::{PeerRequest, PeerResponse, PAGE_BYTES_MAX};
+use super::rpc::{ApRequest, ApResponse};
+use crate::cluster::NodeId;
+use crate::cluster::PAGE_BYTES_MAX;
 
 const FANOUT: usize = 16;
 pub const AE_INTERVAL: Duration = Duration::from_secs(2);
@@ -143,7 +144,7 @@ fn collect_page(
                 let Some(state) = c.replica.object(&k)? else {
                     continue;
                 };
-                bytes += k.len() + crate::cp::encode(&state).len();
+                bytes += k.len() + crate::codec::encode(&state).len();
                 objects.push((ks.to_owned(), key.to_vec(), state));
             }
             if !full {
@@ -180,7 +181,7 @@ pub async fn exchange(
     peer: NodeId,
 ) -> Result<u64, ApiError> {
     let deadline = Instant::now() + Duration::from_secs(5);
-    let call = |req: PeerRequest| {
+    let call = |req: ApRequest| {
         let left = deadline.saturating_duration_since(Instant::now());
         let t = c.transport.clone();
         async move {
@@ -191,13 +192,13 @@ pub async fn exchange(
     };
     let mine = build(c, specs, peer)?;
     metrics::counter!("capkv_ap_ae_exchanges_total").increment(1);
-    let differing = match call(PeerRequest::AeCompare {
+    let differing = match call(ApRequest::AeCompare {
         root: mine.root(),
         interior: mine.interior(),
     })
     .await?
     {
-        PeerResponse::AeDiffer(r) => r?,
+        ApResponse::AeDiffer(r) => r?,
         _ => return Err(ApiError::internal("wrong reply to AeCompare")),
     };
     let mut leaves: Vec<u16> = Vec::new();
@@ -223,13 +224,13 @@ pub async fn exchange(
     let mut their_digests: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
     let mut after: Option<Vec<u8>> = None;
     loop {
-        let (theirs, more) = match call(PeerRequest::AeFetch {
+        let (theirs, more) = match call(ApRequest::AeFetch {
             leaves: leaves.clone(),
             after: after.clone(),
         })
         .await?
         {
-            PeerResponse::AeObjects(r) => r?,
+            ApResponse::AeObjects(r) => r?,
             _ => return Err(ApiError::internal("wrong reply to AeFetch")),
         };
         let empty = theirs.is_empty();
@@ -262,8 +263,8 @@ pub async fn exchange(
             })
             .collect();
         if !lacking.is_empty() {
-            match call(PeerRequest::ApStoreMany { objects: lacking }).await? {
-                PeerResponse::ApMerged(r) => count_repairs(r?),
+            match call(ApRequest::ApStoreMany { objects: lacking }).await? {
+                ApResponse::ApMerged(r) => count_repairs(r?),
                 _ => return Err(ApiError::internal("wrong reply to ApStoreMany")),
             }
         }

@@ -24,9 +24,10 @@ use tokio::sync::oneshot;
 
 use super::call::{net_err, replica_err, CallError};
 use super::replica::StoredObject;
-use crate::cp::NodeId;
-use crate::rpc::{PeerRequest, PeerResponse, PAGE_BYTES_MAX};
-use crate::PeerNet;
+use super::rpc::ApNet;
+use super::rpc::{ApRequest, ApResponse};
+use crate::cluster::NodeId;
+use crate::cluster::PAGE_BYTES_MAX;
 
 /// Messages in flight to one peer at once.
 pub const IN_FLIGHT: usize = 2;
@@ -48,12 +49,12 @@ struct Queue {
 }
 
 pub struct StoreBatches {
-    transport: Arc<PeerNet>,
+    transport: Arc<ApNet>,
     queues: Mutex<HashMap<NodeId, Queue>>,
 }
 
 impl StoreBatches {
-    pub(super) fn new(transport: Arc<PeerNet>) -> Arc<StoreBatches> {
+    pub(super) fn new(transport: Arc<ApNet>) -> Arc<StoreBatches> {
         Arc::new(StoreBatches {
             transport,
             queues: Mutex::new(HashMap::new()),
@@ -73,7 +74,7 @@ impl StoreBatches {
         object: StoredObject,
         deadline: Instant,
     ) -> Result<(), CallError> {
-        let bytes = object.0.len() + object.1.len() + crate::cp::encoded_len(&object.2);
+        let bytes = object.0.len() + object.1.len() + crate::codec::encoded_len(&object.2);
         let (done, answer) = oneshot::channel();
         let start_sender = {
             let mut queues = self.queues();
@@ -93,7 +94,7 @@ impl StoreBatches {
         if start_sender {
             crate::rt::spawn(self.clone().send_loop(to));
         }
-        match tokio::time::timeout_at(deadline.into(), answer).await {
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(CallError::Unknown(ApiError::internal(
                 "the copy's sender stopped before answering",
@@ -131,11 +132,11 @@ impl StoreBatches {
             let left = deadline.saturating_duration_since(Instant::now());
             let result = match self
                 .transport
-                .call(to, PeerRequest::ApStoreMany { objects }, left)
+                .call(to, ApRequest::ApStoreMany { objects }, left)
                 .await
             {
-                Ok(PeerResponse::ApMerged(Ok(_))) => Ok(()),
-                Ok(PeerResponse::ApMerged(Err(e))) => Err(replica_err(e)),
+                Ok(ApResponse::ApMerged(Ok(_))) => Ok(()),
+                Ok(ApResponse::ApMerged(Err(e))) => Err(replica_err(e)),
                 Ok(_) => Err(CallError::Unknown(ApiError::internal(format!(
                     "node {to} answered ApStoreMany with the wrong message"
                 )))),
@@ -204,8 +205,8 @@ mod tests {
     fn a_copy_is_measured_as_it_will_be_encoded() {
         let mut state = ApState::empty(capkv_core::ValueType::Register);
         assert_eq!(
-            crate::cp::encoded_len(&state),
-            crate::cp::encode(&state).len()
+            crate::codec::encoded_len(&state),
+            crate::codec::encode(&state).len()
         );
         state = state
             .apply_above(
@@ -220,8 +221,8 @@ mod tests {
             .unwrap()
             .state;
         assert_eq!(
-            crate::cp::encoded_len(&state),
-            crate::cp::encode(&state).len()
+            crate::codec::encoded_len(&state),
+            crate::codec::encode(&state).len()
         );
     }
 

@@ -43,12 +43,12 @@ use super::local::LocalWrites;
 use super::merkle::Leaves;
 use super::replica::{Held, Replica, Update};
 use super::ring::{key_hash, Ring};
+use super::rpc::ApNet;
+use super::rpc::{ApRequest, ApResponse};
 use super::value::{ApState, Applied, Mutation, ReapFloor};
 use crate::clock::WallClock;
-use crate::cp::NodeId;
-use crate::node::REACHABLE_WINDOW;
-use crate::rpc::{PeerRequest, PeerResponse};
-use crate::PeerNet;
+use crate::cluster::NodeId;
+use crate::cluster::REACHABLE_WINDOW;
 
 /// Hints sent to a home per round of handoff (backpressure: one round at a time).
 const HANDOFF_BATCH: usize = 64;
@@ -62,7 +62,7 @@ pub struct Coordinator {
     pub me: NodeId,
     pub actor: Actor,
     pub ring: Ring,
-    pub transport: Arc<PeerNet>,
+    pub transport: Arc<ApNet>,
     pub replica: Arc<Replica>,
     /// The node's wall clock: HLC stamps of `lww` writes, `written_at_ms` of siblings.
     pub clock: Arc<WallClock>,
@@ -79,7 +79,7 @@ impl Coordinator {
         me: NodeId,
         actor: Actor,
         ring: Ring,
-        transport: Arc<PeerNet>,
+        transport: Arc<ApNet>,
         replica: Arc<Replica>,
         clock: Arc<WallClock>,
     ) -> Coordinator {
@@ -123,9 +123,9 @@ impl Coordinator {
     async fn call(
         &self,
         to: NodeId,
-        req: PeerRequest,
+        req: ApRequest,
         deadline: Instant,
-    ) -> Result<PeerResponse, ApiError> {
+    ) -> Result<ApResponse, ApiError> {
         self.call_for_effect(to, req, deadline)
             .await
             .map_err(|e| e.error().clone())
@@ -135,9 +135,9 @@ impl Coordinator {
     async fn call_for_effect(
         &self,
         to: NodeId,
-        req: PeerRequest,
+        req: ApRequest,
         deadline: Instant,
-    ) -> Result<PeerResponse, CallError> {
+    ) -> Result<ApResponse, CallError> {
         let left = deadline.saturating_duration_since(Instant::now());
         self.transport.call(to, req, left).await.map_err(net_err)
     }
@@ -165,7 +165,7 @@ impl Coordinator {
                 now_ms: self.clock.now_ms(),
                 deadline: Some(deadline),
             });
-            return match tokio::time::timeout_at(deadline.into(), write).await {
+            return match tokio::time::timeout_at(deadline, write).await {
                 Ok(Ok(r)) => r.map_err(replica_err),
                 Ok(Err(_)) => Err(CallError::Unknown(ApiError::internal(
                     "the local write batch stopped before answering",
@@ -175,7 +175,7 @@ impl Coordinator {
                 ))),
             };
         }
-        let req = PeerRequest::ApUpdate {
+        let req = ApRequest::ApUpdate {
             keyspace: keyspace.to_owned(),
             key: key.to_vec(),
             value_type,
@@ -186,8 +186,8 @@ impl Coordinator {
                 .as_millis() as u64,
         };
         match self.call_for_effect(home, req, deadline).await? {
-            PeerResponse::ApApplied(Ok(applied)) => Ok(applied),
-            PeerResponse::ApApplied(Err(e)) => Err(replica_err(e)),
+            ApResponse::ApApplied(Ok(applied)) => Ok(applied),
+            ApResponse::ApApplied(Err(e)) => Err(replica_err(e)),
             _ => Err(CallError::Unknown(ApiError::internal(
                 "wrong reply to ApUpdate",
             ))),
@@ -231,14 +231,14 @@ impl Coordinator {
                 .store(node, (keyspace, key, object), deadline)
                 .await;
         };
-        let req = PeerRequest::ApHint {
+        let req = ApRequest::ApHint {
             home,
             keyspace,
             key,
             object,
         };
         match self.call_for_effect(node, req, deadline).await? {
-            PeerResponse::ApAck(r) => r.map_err(replica_err),
+            ApResponse::ApAck(r) => r.map_err(replica_err),
             _ => Err(CallError::Unknown(ApiError::internal(
                 "wrong reply to ApHint",
             ))),
@@ -440,10 +440,10 @@ impl Coordinator {
             return self.replica.held(&keyspace, &key, &self.nodes());
         }
         match self
-            .call(node, PeerRequest::ApRead { keyspace, key }, deadline)
+            .call(node, ApRequest::ApRead { keyspace, key }, deadline)
             .await?
         {
-            PeerResponse::ApObject(r) => r,
+            ApResponse::ApObject(r) => r,
             _ => Err(ApiError::internal("wrong reply to ApRead")),
         }
     }

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use super::replica::{Replica, Update};
 use super::value::Applied;
-use crate::rpc::PAGE_BYTES_MAX;
+use crate::cluster::PAGE_BYTES_MAX;
 
 /// Batches applied at once.
 pub const RUNNERS: usize = 2;
@@ -55,7 +55,7 @@ impl LocalWrites {
         self: &Arc<Self>,
         update: Update,
     ) -> oneshot::Receiver<Result<Applied, ApiError>> {
-        let bytes = update.key.len() + crate::cp::encoded_len(&update.mutation);
+        let bytes = update.key.len() + crate::codec::encoded_len(&update.mutation);
         let (done, answer) = oneshot::channel();
         let start_runner = {
             let mut q = self.queue();

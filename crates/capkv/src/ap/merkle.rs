@@ -21,7 +21,7 @@ use capkv_core::{ApiError, KeyspaceSpec, Mode};
 
 use super::replica::{leaf_of, split_obj_key_ref, Replica, LEAVES};
 use super::ring::{hash64, Ring};
-use crate::cp::NodeId;
+use crate::cluster::NodeId;
 
 /// One object's contribution to its leaf.
 pub fn entry_hash(k: &[u8], digest: u64) -> u64 {
@@ -269,7 +269,7 @@ mod tests {
             b.put(
                 Tree::Ap,
                 crate::ap::replica::obj_key("cart", format!("k{i}").as_bytes()),
-                crate::cp::encode(&state),
+                crate::codec::encode(&state),
             );
         }
         engine.write(b).unwrap();

@@ -17,10 +17,11 @@ use tokio::sync::Mutex;
 
 use capkv_core::ValueType;
 
+use super::page::{merge_pages, Page};
 use super::ring::key_hash;
-use super::scan::{merge_pages, Page};
 use super::value::{ApState, Applied, Mutation, ReapFloor};
-use crate::cp::{decode, encode, NodeId};
+use crate::cluster::NodeId;
+use crate::codec::{decode, encode};
 use crate::storage::{
     off_the_workers, prefix_end, prefix_range_after, Engine, GroupCommit, Tree, WriteBatch,
 };
@@ -643,7 +644,7 @@ impl Replica {
             guards
         };
         let guards = match wait_until {
-            Some(d) => match tokio::time::timeout_at(d.into(), lock_all).await {
+            Some(d) => match tokio::time::timeout_at(d, lock_all).await {
                 Ok(g) => g,
                 Err(_) => return updates.iter().map(|_| Err(late())).collect(),
             },
@@ -948,7 +949,7 @@ impl Replica {
     }
 
     /// Entries of `tree` with `start <= key < end`, in key order: at most `limit`, and
-    /// no more once they pass [`PAGE_BYTES_MAX`](super::scan::PAGE_BYTES_MAX) bytes (read
+    /// no more once they pass [`PAGE_BYTES_MAX`](crate::cluster::PAGE_BYTES_MAX) bytes (read
     /// in small chunks, so large objects never load by the thousand). Also returns
     /// whether more may follow.
     fn range_bounded(
@@ -981,14 +982,14 @@ impl Replica {
             if got < want {
                 return Ok((out, false));
             }
-            if bytes > super::scan::PAGE_BYTES_MAX {
+            if bytes > crate::cluster::PAGE_BYTES_MAX {
                 return Ok((out, true));
             }
         }
     }
 
     /// Objects this replica holds, in key order, starting after `after` (exclusive): at
-    /// most `limit`, and about [`PAGE_BYTES_MAX`](super::scan::PAGE_BYTES_MAX) bytes;
+    /// most `limit`, and about [`PAGE_BYTES_MAX`](crate::cluster::PAGE_BYTES_MAX) bytes;
     /// and whether more may follow.
     pub fn objects(
         &self,
@@ -1017,7 +1018,7 @@ impl Replica {
     /// This node's copies (replica merged with hints for any of `homes`) of the keys of
     /// `keyspace` with `prefix`, after `after`: a page for [`merge_pages`], cut short
     /// (and marked so) at `limit` keys or
-    /// [`PAGE_BYTES_MAX`](super::scan::PAGE_BYTES_MAX) bytes.
+    /// [`PAGE_BYTES_MAX`](crate::cluster::PAGE_BYTES_MAX) bytes.
     pub fn scan(
         &self,
         keyspace: &str,

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::cp::NodeId;
+use crate::cluster::NodeId;
 
 /// Tokens per node. More tokens, better balance; 128 keeps every node within a few
 /// percent of its fair share for small clusters at negligible memory.

@@ -39,8 +39,8 @@ use capkv_core::{ApiError, KeyspaceSpec, Mode};
 use super::coordinator::Coordinator;
 use super::replica::{obj_key, StoredObject};
 use super::ring::key_hash;
-use crate::cp::NodeId;
-use crate::rpc::{PeerRequest, PeerResponse};
+use super::rpc::{ApRequest, ApResponse};
+use crate::cluster::NodeId;
 
 pub const REAP_INTERVAL: Duration = Duration::from_secs(2);
 /// Tombstones checked per round (one message to each node).
@@ -149,13 +149,13 @@ impl Collector {
             let answer = ask(
                 c,
                 node,
-                PeerRequest::ApReapCheck {
+                ApRequest::ApReapCheck {
                     items: candidates.clone(),
                 },
             )
             .await;
             match answer {
-                Ok(PeerResponse::ApReapChecked(Ok(v))) if v.len() == everywhere.len() => {
+                Ok(ApResponse::ApReapChecked(Ok(v))) if v.len() == everywhere.len() => {
                     for (all, yes) in everywhere.iter_mut().zip(v) {
                         *all &= yes;
                     }
@@ -200,13 +200,13 @@ impl Collector {
             match ask(
                 c,
                 node,
-                PeerRequest::ApReap {
+                ApRequest::ApReap {
                     items: ripe.clone(),
                 },
             )
             .await
             {
-                Ok(PeerResponse::ApReaped(Ok(_))) => {}
+                Ok(ApResponse::ApReaped(Ok(_))) => {}
                 // It keeps the tombstones; anti-entropy brings them back and a later
                 // round collects them again.
                 other => {
@@ -219,7 +219,7 @@ impl Collector {
     }
 }
 
-async fn ask(c: &Coordinator, node: NodeId, req: PeerRequest) -> Result<PeerResponse, ApiError> {
+async fn ask(c: &Coordinator, node: NodeId, req: ApRequest) -> Result<ApResponse, ApiError> {
     c.transport
         .call(node, req, Duration::from_secs(5))
         .await
@@ -246,12 +246,12 @@ mod tests {
             1,
             "n1.test".into(),
             Ring::new([1], 16),
-            Arc::new(PeerTransport::new(
+            Arc::new(crate::rpc::Side::new(Arc::new(PeerTransport::new(
                 1,
                 BTreeMap::new(),
                 Arc::new(FaultFilter::default()),
                 1 << 20,
-            )),
+            )))),
             replica,
             Arc::default(),
         ))

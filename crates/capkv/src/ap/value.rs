@@ -293,16 +293,16 @@ impl ApState {
     /// left out). Anti-entropy compares these.
     pub fn digest(&self) -> u64 {
         let bytes = match self {
-            ApState::Register(o) => crate::cp::encode(o),
-            ApState::Lww(v) => crate::cp::encode(v),
-            ApState::Counter(c) => crate::cp::encode(c),
+            ApState::Register(o) => crate::codec::encode(o),
+            ApState::Lww(v) => crate::codec::encode(v),
+            ApState::Counter(c) => crate::codec::encode(c),
             ApState::Set(s) => {
                 let mut members: Vec<(String, Vec<u8>)> = s
                     .iter()
-                    .map(|m| (m.val.clone(), crate::cp::encode(&m.rm_clock)))
+                    .map(|m| (m.val.clone(), crate::codec::encode(&m.rm_clock)))
                     .collect();
                 members.sort();
-                crate::cp::encode(&(crate::cp::encode(&s.clock()), members))
+                crate::codec::encode(&(crate::codec::encode(&s.clock()), members))
             }
         };
         super::ring::hash64(&bytes)
@@ -340,6 +340,16 @@ impl ApState {
 
 /// ap states as storage format 1 wrote them (see `cp::FORMAT`): a register's context was
 /// a plain version vector. Read only, and converted at once.
+impl crate::codec::Stored for ReapFloor {}
+
+/// The one stored type whose shape changed in storage format 2: a format-1 record of it
+/// is read through its format-1 layout and converted (`crate::codec`).
+impl crate::codec::Stored for ApState {
+    fn from_format_1(body: &[u8]) -> Result<ApState, bincode::Error> {
+        bincode::deserialize::<format_1::ApState>(body).map(ApState::from)
+    }
+}
+
 pub(crate) mod format_1 {
     use crdts::{Orswot, PNCounter};
     use serde::Deserialize;

@@ -183,10 +183,7 @@ pub fn verify(engine: &dyn Engine) -> Result<(), String> {
     }
 }
 
-fn meta<T: serde::de::DeserializeOwned + 'static>(
-    engine: &dyn Engine,
-    key: &[u8],
-) -> StorageResult<Option<T>> {
+fn meta<T: crate::codec::Stored>(engine: &dyn Engine, key: &[u8]) -> StorageResult<Option<T>> {
     match engine.get(Tree::Meta, key).map_err(read_err)? {
         None => Ok(None),
         Some(raw) => decode(&raw).map(Some).map_err(read_err),

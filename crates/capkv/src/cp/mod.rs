@@ -27,6 +27,7 @@ pub mod log_store;
 pub mod lost_state;
 pub mod network;
 pub mod proposer;
+pub mod rpc;
 pub mod snapshot;
 pub mod state_machine;
 
@@ -35,10 +36,8 @@ use std::fmt;
 use capkv_core::{ApiError, KeyspaceSpec, UserSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::ap::value::ApState;
-
 /// Raft's node id: the number in a node name such as `n3`.
-pub type NodeId = u64;
+pub use crate::cluster::NodeId;
 
 /// What openraft stores about each member: how to reach it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,70 +159,13 @@ pub enum Written {
 /// idempotent retries.
 pub type Reply = Result<Written, ApiError>;
 
-/// The format of every record [`encode`] writes: Raft log entries, vote, snapshots,
-/// idempotency records, ap objects, hints and the reap floor. bincode has no schema, so
-/// a changed type would silently misread old records; each record starts with
-/// [`MAGIC`] and this byte instead, and a binary meeting a format it does not know
-/// refuses it by name. Raise it whenever a stored type changes shape (and decode the
-/// older format alongside).
-///
-/// - 1: the first.
-/// - 2: an ap register's context names exact dots beside its version vector
-///   (`ap::dvv::Context`). Format-1 records are still read: only [`ApState`] changed shape,
-///   and it is read through its format-1 layout; every other type is unchanged.
-pub const FORMAT: u8 = 2;
-/// First byte of every record, so records from before formats existed are told apart.
-pub const MAGIC: u8 = 0xCA;
+pub use crate::codec::{decode, encode, encoded_len, Stored, FORMAT, MAGIC};
 
-/// Serializes a value that is part of our own storage format: [`MAGIC`], [`FORMAT`],
-/// then bincode.
-/// The length [`encode`] would give, without encoding (no allocation).
-pub fn encoded_len<T: Serialize>(value: &T) -> usize {
-    2 + bincode::serialized_size(value).expect("bincode serialization of our own types cannot fail")
-        as usize
-}
-
-pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![MAGIC, FORMAT];
-    bincode::serialize_into(&mut out, value)
-        .expect("bincode serialization of our own types cannot fail");
-    out
-}
-
-/// Reads a record written by [`encode`], in this format or format 1.
-pub fn decode<T: serde::de::DeserializeOwned + 'static>(bytes: &[u8]) -> Result<T, bincode::Error> {
-    let refuse = |why: String| Err(Box::new(bincode::ErrorKind::Custom(why)));
-    match bytes {
-        [MAGIC, FORMAT, body @ ..] => bincode::deserialize(body),
-        [MAGIC, 1, body @ ..] => decode_format_1(body),
-        [MAGIC, other, ..] => refuse(format!(
-            "record in storage format {other}, but this capkv reads formats 1 to {FORMAT} \
-             (a data directory from a newer capkv?)"
-        )),
-        _ => refuse(
-            "record without a storage format header (a data directory from a capkv before \
-             format 1?)"
-                .to_owned(),
-        ),
-    }
-}
-
-/// A format-1 record: the same bytes as format 2 for every type but [`ApState`] (and no
-/// stored type holds an `ApState` inside another), which is read through its format-1
-/// layout and converted.
-fn decode_format_1<T: serde::de::DeserializeOwned + 'static>(
-    body: &[u8],
-) -> Result<T, bincode::Error> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<ApState>() {
-        let state: ApState =
-            bincode::deserialize::<crate::ap::value::format_1::ApState>(body)?.into();
-        let state: Box<dyn std::any::Any> = Box::new(state);
-        return Ok(*state
-            .downcast::<T>()
-            .expect("T is ApState: their type ids are equal"));
-    }
-    bincode::deserialize(body)
-}
+// openraft's records, stored by the log store and the state machine.
+impl Stored for openraft::Entry<TypeConfig> {}
+impl Stored for openraft::LogId<NodeId> {}
+impl Stored for openraft::Vote<NodeId> {}
+impl Stored for openraft::StoredMembership<NodeId, PeerNode> {}
 
 #[cfg(test)]
 mod tests {

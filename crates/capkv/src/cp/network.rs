@@ -16,20 +16,19 @@ use openraft::raft::{
 };
 use openraft::RPCTypes;
 
+use super::rpc::{CpNet, CpRequest, CpResponse};
 use super::{NodeId, PeerNode, TypeConfig};
 use crate::net::NetError;
-use crate::rpc::{PeerRequest, PeerResponse};
-use crate::PeerNet;
 
 pub struct NetworkFactory {
     pub me: NodeId,
-    pub transport: Arc<PeerNet>,
+    pub transport: Arc<CpNet>,
 }
 
 pub struct PeerConnection {
     me: NodeId,
     target: NodeId,
-    transport: Arc<PeerNet>,
+    transport: Arc<CpNet>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -76,7 +75,7 @@ fn unexpected<E: std::error::Error>(target: NodeId) -> RPCError<NodeId, PeerNode
 }
 
 impl PeerConnection {
-    async fn call(&self, req: PeerRequest, option: &RPCOption) -> Result<PeerResponse, NetError> {
+    async fn call(&self, req: CpRequest, option: &RPCOption) -> Result<CpResponse, NetError> {
         self.transport
             .call(self.target, req, option.hard_ttl())
             .await
@@ -91,10 +90,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let action = RPCTypes::AppendEntries;
         let began = crate::rt::Instant::now();
-        let reply = self.call(PeerRequest::AppendEntries(rpc), &option).await;
+        let reply = self.call(CpRequest::AppendEntries(rpc), &option).await;
         metrics::histogram!("capkv_raft_append_rpc_seconds").record(began.elapsed().as_secs_f64());
         match reply {
-            Ok(PeerResponse::AppendEntries(r)) => {
+            Ok(CpResponse::AppendEntries(r)) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
             Ok(_) => Err(unexpected(self.target)),
@@ -111,8 +110,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         RPCError<NodeId, PeerNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let action = RPCTypes::InstallSnapshot;
-        match self.call(PeerRequest::InstallSnapshot(rpc), &option).await {
-            Ok(PeerResponse::InstallSnapshot(r)) => {
+        match self.call(CpRequest::InstallSnapshot(rpc), &option).await {
+            Ok(CpResponse::InstallSnapshot(r)) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
             Ok(_) => Err(unexpected(self.target)),
@@ -126,8 +125,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let action = RPCTypes::Vote;
-        match self.call(PeerRequest::Vote(rpc), &option).await {
-            Ok(PeerResponse::Vote(r)) => {
+        match self.call(CpRequest::Vote(rpc), &option).await {
+            Ok(CpResponse::Vote(r)) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
             Ok(_) => Err(unexpected(self.target)),

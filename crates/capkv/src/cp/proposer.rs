@@ -192,6 +192,11 @@ impl Proposer {
 
     /// Waits (up to `limit`) until no batch is in flight: used before Raft stops, so
     /// proposals already made get their real answer rather than an unknown one.
+    /// Batches proposed and not yet answered (or given up on, past their grace).
+    pub fn in_flight(&self) -> usize {
+        IN_FLIGHT_BATCHES_MAX - self.in_flight.available_permits()
+    }
+
     pub async fn drain(&self, limit: std::time::Duration) -> bool {
         let all = IN_FLIGHT_BATCHES_MAX as u32;
         tokio::time::timeout(limit, self.in_flight.acquire_many(all))
@@ -209,7 +214,6 @@ impl Proposer {
             reply,
             deadline,
         };
-        let deadline = deadline;
         match tokio::time::timeout_at(deadline, self.tx.send(pending)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(ProposeError::Stopped("the proposer has stopped".into())),

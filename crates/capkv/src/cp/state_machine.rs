@@ -49,7 +49,7 @@ use super::{
     decode, encode, Command, Condition, LogId, NodeId, Op, PeerNode, Reply, StorageResult,
     TypeConfig, Written,
 };
-use crate::rpc::PAGE_BYTES_MAX;
+use crate::cluster::PAGE_BYTES_MAX;
 use crate::storage::{off_the_workers, prefix_range_after, Engine, ReadView, Tree, WriteBatch};
 
 /// Rows a scan reads from storage at a time.
@@ -184,6 +184,11 @@ struct CurrentSnapshot {
     meta: SnapshotMeta<NodeId, PeerNode>,
     file: String,
 }
+
+impl crate::codec::Stored for IdempotencyRecord {}
+impl crate::codec::Stored for SnapshotPayload {}
+impl crate::codec::Stored for StoredSnapshot {}
+impl crate::codec::Stored for CurrentSnapshot {}
 
 /// Counts snapshot installs begun and finished, so a multi-key read can tell that one
 /// overlapped it (an install changes the data tree in several batches).

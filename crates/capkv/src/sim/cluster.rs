@@ -74,6 +74,22 @@ impl SimNode {
         matches!(*self.life(), Life::Up { .. })
     }
 
+    /// The Raft leader this node knows of, if it is up and knows one.
+    pub fn leader(&self) -> Option<NodeId> {
+        match &*self.life() {
+            Life::Up { node, .. } => node.raft.metrics().borrow().current_leader,
+            Life::Down => None,
+        }
+    }
+
+    /// Batches of cp writes proposed at this node and not yet answered (0 if down).
+    pub fn proposals_in_flight(&self) -> usize {
+        match &*self.life() {
+            Life::Up { node, .. } => node.proposals_in_flight(),
+            Life::Down => 0,
+        }
+    }
+
     pub fn scope(&self) -> Option<Arc<NodeScope>> {
         match &*self.life() {
             Life::Up { scope, .. } => Some(scope.clone()),
@@ -149,6 +165,18 @@ impl Cluster {
 
     pub fn node(&self, i: usize) -> &Arc<SimNode> {
         &self.nodes[i]
+    }
+
+    /// The index of the node the up nodes most often name as the Raft leader.
+    pub fn leader(&self) -> Option<usize> {
+        let mut votes: std::collections::BTreeMap<NodeId, usize> = Default::default();
+        for l in self.nodes.iter().filter_map(|n| n.leader()) {
+            *votes.entry(l).or_default() += 1;
+        }
+        let (id, _) = votes
+            .into_iter()
+            .max_by_key(|(id, n)| (*n, std::cmp::Reverse(*id)))?;
+        self.nodes.iter().position(|n| n.id == id)
     }
 
     pub fn names(&self) -> Vec<String> {

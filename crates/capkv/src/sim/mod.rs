@@ -247,6 +247,22 @@ async fn simulate(opts: SimOptions) -> SimReport {
         if !clients.final_reads(left).await {
             problems.push("ap replicas did not converge after every fault healed".into());
         }
+        // Quiet: no client writes any more, so every proposal has been answered by its
+        // deadline (or given up on after its grace); one held for ever holds one of the
+        // proposer's few slots for ever (#8 item 2).
+        let quiet_by = Instant::now() + Duration::from_secs(10);
+        while cluster.nodes.iter().any(|n| n.proposals_in_flight() > 0) && Instant::now() < quiet_by
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for n in cluster.nodes.iter().filter(|n| n.proposals_in_flight() > 0) {
+            problems.push(format!(
+                "{} still waits for {} proposed batches 10 s after the clients stopped: \
+                 proposals nobody answers hold the proposer's slots",
+                n.name,
+                n.proposals_in_flight()
+            ));
+        }
         // A live node serves: every node's health says so once every fault healed.
         for i in 0..cluster.nodes.len() {
             let health = cluster
@@ -324,26 +340,32 @@ async fn simulate(opts: SimOptions) -> SimReport {
 }
 
 /// Runs seeds `first..first + count` on `jobs` threads; `each` sees every report as it
-/// comes (in completion order). Returns the reports in seed order.
+/// comes (in completion order). With `until_failure`, no seed is begun once one failed.
+/// Returns the reports in seed order.
 pub fn run_many(
     base: &SimOptions,
     first: u64,
     count: u64,
     jobs: usize,
+    until_failure: bool,
     each: &(dyn Fn(&SimReport) + Sync),
 ) -> Vec<SimReport> {
     let next = AtomicU64::new(first);
+    let failed = std::sync::atomic::AtomicBool::new(false);
     let reports = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..jobs.max(1) {
             s.spawn(|| loop {
                 let seed = next.fetch_add(1, Ordering::Relaxed);
-                if seed >= first + count {
+                if seed >= first + count || (until_failure && failed.load(Ordering::Relaxed)) {
                     break;
                 }
                 let mut opts = base.clone();
                 opts.seed = seed;
                 let report = run(&opts);
+                if !report.valid() {
+                    failed.store(true, Ordering::Relaxed);
+                }
                 each(&report);
                 reports.lock().expect("reports lock poisoned").push(report);
             });
@@ -366,6 +388,9 @@ pub struct SimArgs {
     /// The first seed of --seeds.
     #[arg(long, default_value_t = 1)]
     pub first: u64,
+    /// With --seeds: begin no seed once one has failed (a search for the first failure).
+    #[arg(long, requires = "seeds")]
+    pub until_failure: bool,
     /// Threads for --seeds (default: one per core).
     #[arg(long)]
     pub jobs: Option<usize>,
@@ -457,7 +482,7 @@ pub fn main(args: SimArgs) -> i32 {
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let wall = std::time::Instant::now();
-    let reports = run_many(&base, args.first, count, jobs, &|r| {
+    let reports = run_many(&base, args.first, count, jobs, args.until_failure, &|r| {
         println!("{}", r.summary());
         if !r.valid() {
             // Run again with the trace kept, for the report (same seed, same run).

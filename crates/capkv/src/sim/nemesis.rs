@@ -192,13 +192,19 @@ impl Nemesis {
             .any(|a| a.fault == fault || (net(a.fault) && net(fault)))
     }
 
-    /// A node no node fault touches now, and that is up.
+    /// A node no node fault touches now, and that is up: half the time the Raft leader
+    /// if it is free (faults of the leader are what cp's promises hinge on, as Jepsen's
+    /// nemeses target primaries), else any.
     fn free_node(&mut self) -> Option<usize> {
         let taken: BTreeSet<usize> = self.active.iter().filter_map(|a| a.node).collect();
         let free: Vec<usize> = (0..self.cluster.nodes.len())
             .filter(|i| !taken.contains(i) && self.cluster.node(*i).is_up())
             .collect();
-        free.choose(&mut self.rng).copied()
+        let leader = self.cluster.leader().filter(|l| free.contains(l));
+        match leader {
+            Some(l) if self.rng.gen_bool(0.5) => Some(l),
+            _ => free.choose(&mut self.rng).copied(),
+        }
     }
 
     async fn inject(&mut self, fault: Fault) {
@@ -211,8 +217,19 @@ impl Nemesis {
             Fault::Partition => {
                 let mut ids = self.ids();
                 ids.shuffle(&mut self.rng);
-                let cut_at = self.rng.gen_range(1..ids.len());
-                let (a, b) = ids.split_at(cut_at);
+                // Half the time the leader alone on one side (its proposals in flight are
+                // then cut off from every follower).
+                if let Some(l) = self.cluster.leader().filter(|_| self.rng.gen_bool(0.5)) {
+                    let id = self.cluster.node(l).id;
+                    ids.retain(|i| *i != id);
+                    ids.insert(0, id);
+                }
+                let cut_at = if ids.len() > 1 && self.rng.gen_bool(0.5) {
+                    1
+                } else {
+                    self.rng.gen_range(1..ids.len().max(2))
+                };
+                let (a, b) = ids.split_at(cut_at.min(ids.len()));
                 let links: Vec<(NodeId, NodeId)> = a
                     .iter()
                     .flat_map(|x| b.iter().flat_map(move |y| [(*x, *y), (*y, *x)]))

@@ -21,6 +21,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::trace::Trace;
+use crate::ap::rpc::ApRequest;
+use crate::cp::rpc::CpRequest;
 use crate::cp::NodeId;
 use crate::net::{CallFuture, FaultFilter, Handler, NetError, Peers};
 use crate::rpc::{PeerRequest, PeerResponse};
@@ -224,27 +226,34 @@ impl Network {
 
 /// Whether a copy of this request may be delivered twice (see the module docs).
 fn may_duplicate(req: &PeerRequest) -> bool {
-    !matches!(req, PeerRequest::ApUpdate { .. } | PeerRequest::Forward(_))
+    !matches!(
+        req,
+        PeerRequest::Ap(ApRequest::ApUpdate { .. }) | PeerRequest::Cp(CpRequest::Forward(_))
+    )
 }
 
 /// A short name for traces.
 pub fn request_kind(req: &PeerRequest) -> &'static str {
     match req {
         PeerRequest::Ping => "ping",
-        PeerRequest::RaftProbe => "raft-probe",
-        PeerRequest::AppendEntries(_) => "append",
-        PeerRequest::Vote(_) => "vote",
-        PeerRequest::InstallSnapshot(_) => "snapshot",
-        PeerRequest::Forward(_) => "forward",
-        PeerRequest::ApUpdate { .. } => "ap-update",
-        PeerRequest::ApHint { .. } => "ap-hint",
-        PeerRequest::AeCompare { .. } => "ae-compare",
-        PeerRequest::AeFetch { .. } => "ae-fetch",
-        PeerRequest::ApScan { .. } => "ap-scan",
-        PeerRequest::ApReapCheck { .. } => "ap-reap-check",
-        PeerRequest::ApReap { .. } => "ap-reap",
-        PeerRequest::ApRead { .. } => "ap-read",
-        PeerRequest::ApStoreMany { .. } => "ap-store",
+        PeerRequest::Cp(c) => match c {
+            CpRequest::RaftProbe => "raft-probe",
+            CpRequest::AppendEntries(_) => "append",
+            CpRequest::Vote(_) => "vote",
+            CpRequest::InstallSnapshot(_) => "snapshot",
+            CpRequest::Forward(_) => "forward",
+        },
+        PeerRequest::Ap(a) => match a {
+            ApRequest::ApUpdate { .. } => "ap-update",
+            ApRequest::ApHint { .. } => "ap-hint",
+            ApRequest::AeCompare { .. } => "ae-compare",
+            ApRequest::AeFetch { .. } => "ae-fetch",
+            ApRequest::ApScan { .. } => "ap-scan",
+            ApRequest::ApReapCheck { .. } => "ap-reap-check",
+            ApRequest::ApReap { .. } => "ap-reap",
+            ApRequest::ApRead { .. } => "ap-read",
+            ApRequest::ApStoreMany { .. } => "ap-store",
+        },
     }
 }
 

@@ -55,7 +55,7 @@ impl Trace {
         let at = self.now_us();
         let mut st = self.state.lock().expect("trace lock poisoned");
         st.events += 1;
-        let _ = write!(Hashing(&mut st.hash), "{at} {what}\n");
+        let _ = writeln!(Hashing(&mut st.hash), "{at} {what}");
         if let Some(lines) = &mut st.lines {
             let _ = writeln!(lines, "{:>12.6} {what}", at as f64 / 1e6);
         }
