@@ -12,9 +12,10 @@ mkdir -p "$OUT"
 echo "== capkv sim: $SEEDS seeds"
 "$BIN" sim --seeds "$SEEDS" --jobs "$JOBS" --out "$OUT/failures" | tail -3
 
-# Each fix taken back must make some seed fail (exit 1) within the stated bound.
+# Each fix taken back must make some seed fail (exit 1) within the stated bound, and fail
+# the way its bug shows (not for another reason).
 found_within() {
-  local revert=$1 bound=$2 code=0
+  local revert=$1 bound=$2 shows=$3 code=0
   echo "== capkv sim --revert $revert: found within $bound seeds?"
   "$BIN" sim --seeds "$bound" --until-failure --jobs "$JOBS" --revert "$revert" > "$OUT/revert-$revert.txt" || code=$?
   tail -2 "$OUT/revert-$revert.txt"
@@ -22,7 +23,12 @@ found_within() {
     echo "FAILED: the simulator did not find the bug of --revert $revert within $bound seeds (exit $code)"
     return 1
   fi
+  if ! grep -q -- "$shows" "$OUT/revert-$revert.txt"; then
+    echo "FAILED: --revert $revert failed, but not with \"$shows\":"
+    grep -A6 INVALID "$OUT/revert-$revert.txt" | head -20
+    return 1
+  fi
 }
-found_within ap-retries-maybe-delivered 10
-found_within stop-answers503 150
-found_within purge-deletes-first 150
+found_within ap-retries-maybe-delivered 10 "double-count"
+found_within stop-answers503 150 "not-linearizable"
+found_within purge-deletes-first 150 "the log has a hole"

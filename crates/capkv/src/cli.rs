@@ -712,7 +712,7 @@ async fn is_ap(client: &Client, keyspace: &str) -> Result<bool, String> {
 /// head`), end quietly as Unix tools do instead of panicking on the failed print.
 /// (Rust ignores SIGPIPE by default; sockets are unaffected either way, as Rust sends
 /// with `MSG_NOSIGNAL`.)
-fn exit_quietly_on_closed_stdout() {
+pub fn exit_quietly_on_closed_stdout() {
     // SAFETY: restores the default action of one signal; no handler code runs in us.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);

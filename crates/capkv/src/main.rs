@@ -28,7 +28,10 @@ fn main() {
     });
     let cli = match cli.command {
         // Each simulated seed builds its own single-threaded runtime.
-        Cmd::Sim(args) => std::process::exit(capkv::sim::main(args)),
+        Cmd::Sim(args) => {
+            capkv::cli::exit_quietly_on_closed_stdout();
+            std::process::exit(capkv::sim::main(args))
+        }
         other => Cli { command: other },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -67,11 +67,33 @@ pub fn reverted(fix: Revert) -> bool {
     REVERTED.with(|r| r.get() == Some(fix))
 }
 
-/// Makes this thread a simulation's: randomness from `seed`, blocking work in place.
-/// `None` returns it to the operating system's randomness.
+thread_local! {
+    /// Panics on a simulation's thread, in any of its tasks (`take_panics`).
+    static PANICS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Makes this thread a simulation's: randomness from `seed`, blocking work in place, and
+/// every panic on it recorded (a panic in a node's task would otherwise only end that
+/// task). `None` returns it to the operating system's randomness.
 pub fn simulate_on_this_thread(seed: Option<u64>) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if SIMULATED.try_with(Cell::get).unwrap_or(false) {
+                let _ = PANICS.try_with(|p| p.borrow_mut().push(info.to_string()));
+            }
+            previous(info);
+        }));
+    });
     SEEDED.with(|r| *r.borrow_mut() = seed.map(rand::rngs::StdRng::seed_from_u64));
     SIMULATED.with(|s| s.set(seed.is_some()));
+    PANICS.with(|p| p.borrow_mut().clear());
+}
+
+/// The panics recorded on this simulation's thread since it began, taken.
+pub fn take_panics() -> Vec<String> {
+    PANICS.with(|p| std::mem::take(&mut *p.borrow_mut()))
 }
 
 /// Whether this thread runs a simulation.

@@ -457,9 +457,18 @@ async fn a_follower_killed_in_the_middle_of_a_snapshot_transfer_catches_up_after
         }
         true
     };
+    // The leader's snapshot must hold most keys too; a snapshot is taken only as entries
+    // arrive, so the writes go on until one does (waiting without writes could wait for a
+    // snapshot that never comes: seen once under load).
+    let big_snapshot = || {
+        snapshot_files(&c, leader)
+            .into_iter()
+            .find(|(name, len)| name.ends_with(".snap") && *len > 16 << 20)
+            .map(|(_, len)| len)
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut keys = 0;
-    while keys < 96 || !purged_everywhere().await {
+    while keys < 96 || !purged_everywhere().await || big_snapshot().is_none() {
         assert!(
             Instant::now() < deadline,
             "the live nodes never purged their logs past the victim's ({keys} keys written)"
@@ -489,17 +498,7 @@ async fn a_follower_killed_in_the_middle_of_a_snapshot_transfer_catches_up_after
         }
         keys += 32;
     }
-    let snapshot_bytes = eventually_some(
-        Duration::from_secs(30),
-        "the leader holds a snapshot of most keys",
-        || async {
-            snapshot_files(&c, leader)
-                .into_iter()
-                .find(|(name, len)| name.ends_with(".snap") && *len > 16 << 20)
-                .map(|(_, len)| len)
-        },
-    )
-    .await;
+    let snapshot_bytes = big_snapshot().expect("the loop ends only with a big snapshot");
     c.spawn(victim);
     // Stopped (SIGSTOP) the moment a part of the snapshot is on its disk, then killed.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -302,11 +302,18 @@ impl Cluster {
             scope.kill();
             net.down(node.id);
             *node.life() = Life::Down;
-            let lost = node.disk.crash(|unsynced| (unsynced as f64 * keep).round() as usize);
-            trace.event(format_args!(
-                "{} died after a write to {tree:?} (deletes {deletes}; lost {lost} unsynced batches)",
-                node.name
-            ));
+            // What the disk kept is settled once the poll the node died in has ended (the
+            // engine refuses its writes meanwhile): by a task of no node, which runs next.
+            tokio::spawn(async move {
+                let lost = node
+                    .disk
+                    .crash(|unsynced| (unsynced as f64 * keep).round() as usize);
+                trace.event(format_args!(
+                    "{} died after a write to {tree:?} (deletes {deletes}; lost {lost} unsynced \
+                     batches)",
+                    node.name
+                ));
+            });
         });
         true
     }

@@ -80,6 +80,8 @@ pub struct SimReport {
     pub seed: u64,
     /// Every broken promise, in words; empty if the run was valid.
     pub problems: Vec<String>,
+    /// What a checker could not decide within its budget (then the verdict is unknown).
+    pub undecided: Vec<String>,
     pub trace_hash: u64,
     pub events: u64,
     pub ops: usize,
@@ -102,12 +104,23 @@ pub fn revert_name(r: crate::rt::Revert) -> String {
 
 impl SimReport {
     pub fn valid(&self) -> bool {
-        self.problems.is_empty()
+        self.problems.is_empty() && self.undecided.is_empty()
+    }
+
+    /// 0 valid, 1 some promise broken, 2 undecided.
+    pub fn exit_code(&self) -> i32 {
+        if !self.problems.is_empty() {
+            1
+        } else if !self.undecided.is_empty() {
+            2
+        } else {
+            0
+        }
     }
 
     /// `seed 7: VALID trace 1f0c...` (and each problem on its own line).
     pub fn summary(&self) -> String {
-        let verdict = if self.valid() { "VALID" } else { "INVALID" };
+        let verdict = ["VALID", "INVALID", "UNKNOWN"][self.exit_code() as usize];
         let reverted = self
             .revert
             .map(|r| format!(" (reverted: {})", revert_name(r)))
@@ -121,7 +134,7 @@ impl SimReport {
             self.simulated.as_secs_f64(),
             self.wall.as_secs_f64()
         );
-        for p in &self.problems {
+        for p in self.problems.iter().chain(&self.undecided) {
             s.push_str(&format!("\n  {p}"));
         }
         if !self.valid() {
@@ -141,6 +154,19 @@ impl SimReport {
 /// Runs one seed on this thread, in a runtime of its own.
 pub fn run(opts: &SimOptions) -> SimReport {
     let wall = std::time::Instant::now();
+    // A loop that never waits on a timer would stop simulated time for good: no run may
+    // take longer than this in wall time.
+    let (finished, watch) = std::sync::mpsc::channel::<()>();
+    let seed = opts.seed;
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(WALL_LIMIT) {
+            eprintln!(
+                "seed {seed}: no verdict after {WALL_LIMIT:?} of wall time (a task that never \
+                 waits?); replay: capkv sim --seed {seed}"
+            );
+            std::process::exit(3);
+        }
+    });
     crate::rt::simulate_on_this_thread(Some(opts.seed));
     crate::rt::revert_on_this_thread(opts.revert);
     let mut builder = tokio::runtime::Builder::new_current_thread();
@@ -150,13 +176,46 @@ pub fn run(opts: &SimOptions) -> SimReport {
         &opts.seed.to_le_bytes(),
     ));
     let runtime = builder.build().expect("building the simulation's runtime");
-    let mut report = runtime.block_on(simulate(opts.clone()));
+    let dir = run_dir(opts.seed);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(simulate(opts.clone(), dir.clone()))
+    }));
     // Ends every task still running (nodes, messages in flight) before the next seed.
     drop(runtime);
+    let _ = std::fs::remove_dir_all(&dir);
+    let panics = crate::rt::take_panics();
     crate::rt::simulate_on_this_thread(None);
     crate::rt::revert_on_this_thread(None);
-    report.wall = wall.elapsed();
+    let mut report = outcome.unwrap_or_else(|_| SimReport::broken(opts));
     report
+        .problems
+        .extend(panics.into_iter().map(|p| format!("a task panicked: {p}")));
+    report.wall = wall.elapsed();
+    drop(finished);
+    report
+}
+
+/// The longest one seed may run in wall time (a debug build runs about 20 times slower
+/// than a release one).
+const WALL_LIMIT: Duration = Duration::from_secs(600);
+
+impl SimReport {
+    /// The report of a run whose harness itself panicked (the panic is added by `run`).
+    fn broken(opts: &SimOptions) -> SimReport {
+        SimReport {
+            seed: opts.seed,
+            problems: vec!["the simulation stopped on a panic".into()],
+            undecided: Vec::new(),
+            trace_hash: 0,
+            events: 0,
+            ops: 0,
+            simulated: Duration::ZERO,
+            wall: Duration::ZERO,
+            trace: None,
+            histories: Vec::new(),
+            revert: opts.revert,
+        }
+    }
 }
 
 /// A directory for the snapshot files of one run, unique in this machine: in memory
@@ -176,17 +235,12 @@ fn run_dir(seed: u64) -> PathBuf {
     ))
 }
 
-async fn simulate(opts: SimOptions) -> SimReport {
+async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
     let start = Instant::now();
     let trace = Arc::new(Trace::new(opts.keep_trace));
     let frame = crate::node::frame_bytes_max(capkv_core::validate::DEFAULT_MAX_VALUE_BYTES);
     let net = Network::new(opts.seed ^ 0x6e65_7477_6f72_6b00, trace.clone(), frame);
-    let cluster = Arc::new(Cluster::new(
-        opts.nodes,
-        net,
-        trace.clone(),
-        run_dir(opts.seed),
-    ));
+    let cluster = Arc::new(Cluster::new(opts.nodes, net, trace.clone(), dir));
     let mut problems = Vec::new();
     let clients = Clients::new(cluster.clone(), opts.keys);
     let mut nemesis = Nemesis::new(
@@ -291,6 +345,7 @@ async fn simulate(opts: SimOptions) -> SimReport {
     }
 
     let mut histories = Vec::new();
+    let mut undecided = Vec::new();
     let mut ops = 0;
     for kind in Kind::ALL {
         let h = clients.history(kind, opts.seed, &nemesis.events);
@@ -304,13 +359,17 @@ async fn simulate(opts: SimOptions) -> SimReport {
         );
         match result.validity {
             Validity::Valid => {}
-            v => {
-                problems.push(format!("{} checker: {v:?}", kind.name()));
+            Validity::Invalid => {
+                problems.push(format!("{} checker: invalid", kind.name()));
                 for a in result.anomalies.iter().take(5) {
                     problems.push(format!("  {} on key {}: {}", a.kind, a.key, a.message));
                 }
+            }
+            // Not decided within the checker's budget (which is wall time): never read
+            // as valid, but not a broken promise either.
+            Validity::Unknown => {
                 for u in result.undecided.iter().take(3) {
-                    problems.push(format!("  undecided: {u}"));
+                    undecided.push(format!("{} checker: {u}", kind.name()));
                 }
             }
         }
@@ -328,6 +387,7 @@ async fn simulate(opts: SimOptions) -> SimReport {
     SimReport {
         seed: opts.seed,
         problems,
+        undecided,
         trace_hash,
         events,
         ops,
@@ -392,15 +452,15 @@ pub struct SimArgs {
     #[arg(long, requires = "seeds")]
     pub until_failure: bool,
     /// Threads for --seeds (default: one per core).
-    #[arg(long)]
-    pub jobs: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub jobs: Option<u64>,
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=7))]
     pub nodes: u32,
     /// Simulated seconds of the safety phase (faults on).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub faults_secs: u64,
     /// Simulated seconds the liveness phase may take.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub liveness_secs: u64,
     /// Clients per workload (cp register, ap counter, ap set).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -423,9 +483,17 @@ pub struct SimArgs {
     pub revert: Option<crate::rt::Revert>,
 }
 
-/// Runs `capkv sim`; returns the exit code (0: every seed valid, 1: some failed, 3: bad
-/// arguments or files).
+/// Runs `capkv sim`; returns the exit code (0: every seed valid, 1: some broke a promise,
+/// 2: none did but some could not be decided, 3: bad arguments or files).
 pub fn main(args: SimArgs) -> i32 {
+    if args.seeds == Some(0) {
+        eprintln!("error: --seeds must be at least 1");
+        return 3;
+    }
+    if args.first.checked_add(args.seeds.unwrap_or(1)).is_none() {
+        eprintln!("error: --first plus --seeds is past the last seed (2^64 - 1)");
+        return 3;
+    }
     let mut faults = Vec::new();
     let all = Fault::ALL.map(|f| f.name().to_owned()).to_vec();
     for f in args
@@ -475,12 +543,13 @@ pub fn main(args: SimArgs) -> i32 {
         if !report.valid() {
             write_out(&report);
         }
-        return i32::from(!report.valid());
+        return report.exit_code();
     }
     let count = args.seeds.unwrap_or(1);
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let jobs = args.jobs.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |j| j as usize,
+    );
     let wall = std::time::Instant::now();
     let reports = run_many(&base, args.first, count, jobs, args.until_failure, &|r| {
         println!("{}", r.summary());
@@ -496,16 +565,22 @@ pub fn main(args: SimArgs) -> i32 {
     });
     let failed: Vec<u64> = reports
         .iter()
-        .filter(|r| !r.valid())
+        .filter(|r| r.exit_code() == 1)
+        .map(|r| r.seed)
+        .collect();
+    let undecided: Vec<u64> = reports
+        .iter()
+        .filter(|r| r.exit_code() == 2)
         .map(|r| r.seed)
         .collect();
     let simulated: f64 = reports.iter().map(|r| r.simulated.as_secs_f64()).sum();
     let wall = wall.elapsed().as_secs_f64();
     println!(
-        "{} seeds, {} failed; {simulated:.0} simulated cluster-seconds in {wall:.1} s on {jobs} \
-         threads ({:.0} per wall minute)",
+        "{} seeds, {} failed, {} undecided; {simulated:.0} simulated cluster-seconds in \
+         {wall:.1} s on {jobs} threads ({:.0} per wall minute)",
         reports.len(),
         failed.len(),
+        undecided.len(),
         simulated / wall * 60.0
     );
     if !failed.is_empty() {
@@ -515,7 +590,11 @@ pub fn main(args: SimArgs) -> i32 {
             .unwrap_or_default();
         println!("failing seeds: {failed:?} (replay one: capkv sim --seed S{revert})");
     }
-    i32::from(!failed.is_empty())
+    if !failed.is_empty() {
+        1
+    } else {
+        2 * i32::from(!undecided.is_empty())
+    }
 }
 
 /// Writes a failing seed's report, histories and trace to `dir/seed-S/`.

@@ -130,9 +130,12 @@ impl Network {
         );
     }
 
-    /// Node `id` is down: what is sent to it is lost.
+    /// Node `id` is down: what is sent to it is lost, and what it heard of its peers is
+    /// forgotten (a restarted process starts hearing from nobody, as the transport does).
     pub fn down(&self, id: NodeId) {
-        self.state().endpoints.remove(&id);
+        let mut st = self.state();
+        st.endpoints.remove(&id);
+        st.heard.retain(|(listener, _), _| *listener != id);
     }
 
     /// Cuts these directed links (from, to), in addition to those cut already.

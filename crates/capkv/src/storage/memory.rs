@@ -10,7 +10,7 @@ use std::sync::{Mutex, RwLock};
 
 use std::sync::Arc;
 
-use super::{Engine, Entry, ReadView, Result, Tree, WriteBatch};
+use super::{Engine, Entry, ReadView, Result, StorageError, Tree, WriteBatch};
 
 type OrderedMap = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -76,9 +76,11 @@ impl MemoryEngine {
 
     /// Arms a crash point: right after the `skip + 1`-th batch from now that writes to
     /// `tree` (that deletes from it, if `deletes`: deletions are rarer, and each ends
-    /// or undoes something, so they are points worth dying at), the process is dead to this disk (what it writes or syncs from then on is
-    /// lost) and `then` runs, inside that write (it must not call the engine), to end the
-    /// process's tasks before any other runs. [`MemoryEngine::crash`] then decides what of
+    /// or undoes something, so they are points worth dying at), the process is dead to
+    /// this disk: what it writes or syncs from then on fails and reaches nothing (so the
+    /// rest of the poll it died in cannot act as if it were durable), and `then` runs,
+    /// inside that write (it must not call the engine), to end the process's tasks before
+    /// any other runs. [`MemoryEngine::crash`] then decides what of
     /// the unsynced writes before the point survived. Without the fsync line, nothing.
     pub fn crash_after_write(
         &self,
@@ -194,22 +196,24 @@ impl Engine for MemoryEngine {
         let mut tripped = None;
         if let Some(durable) = &self.durable {
             let mut d = durable.lock().expect("memory engine lock poisoned");
-            if !d.dead {
-                d.unsynced.push(batch.clone());
-                let hits = |t: &Trip| {
-                    batch
-                        .ops
-                        .iter()
-                        .any(|(tree, _, v)| *tree == t.tree && (!t.deletes || v.is_none()))
-                };
-                match &mut d.trip {
-                    Some(t) if hits(t) && t.skip > 0 => t.skip -= 1,
-                    Some(t) if hits(t) => {
-                        d.dead = true;
-                        tripped = d.trip.take();
-                    }
-                    _ => {}
+            if d.dead {
+                // The process is dead: the rest of the poll it died in reaches nothing.
+                return Err(StorageError::Engine("the process crashed".into()));
+            }
+            d.unsynced.push(batch.clone());
+            let hits = |t: &Trip| {
+                batch
+                    .ops
+                    .iter()
+                    .any(|(tree, _, v)| *tree == t.tree && (!t.deletes || v.is_none()))
+            };
+            match &mut d.trip {
+                Some(t) if hits(t) && t.skip > 0 => t.skip -= 1,
+                Some(t) if hits(t) => {
+                    d.dead = true;
+                    tripped = d.trip.take();
                 }
+                _ => {}
             }
         }
         apply(&mut trees, batch);
@@ -225,7 +229,9 @@ impl Engine for MemoryEngine {
         if let Some(durable) = &self.durable {
             let mut d = durable.lock().expect("memory engine lock poisoned");
             if d.dead {
-                return Ok(()); // the process died: its fsync never happened
+                // The process died: its fsync never happens, and it must not go on as if
+                // its writes were durable (remove the files they replace, answer peers).
+                return Err(StorageError::Engine("the process crashed".into()));
             }
             for b in std::mem::take(&mut d.unsynced) {
                 apply(&mut d.trees, b);
@@ -291,8 +297,11 @@ mod tests {
         assert_eq!(keys(&e).len(), 4, "reads see what was written");
         assert_eq!(e.crash(|n| n - 2), 2, "the last two batches are lost");
         assert_eq!(keys(&e), vec![b"a".to_vec(), b"b".to_vec()]);
-        put(&e, "dead");
-        assert_eq!(e.crash(|n| n), 0, "a dead process writes nothing durable");
+        let mut late = WriteBatch::new();
+        late.put(Tree::Data, b"dead".to_vec(), b"v".to_vec());
+        assert!(e.write(late).is_err(), "a dead process writes nothing");
+        assert!(e.sync().is_err(), "nor syncs");
+        assert_eq!(e.crash(|n| n), 0);
         assert_eq!(keys(&e), vec![b"a".to_vec(), b"b".to_vec()]);
         e.revive();
         // What survived a crash is durable: a second crash keeps it.
@@ -316,8 +325,15 @@ mod tests {
             fired.load(Ordering::SeqCst),
             "fired by the second Log write"
         );
-        put(&e, "g"); // after the point: lost whatever happens
-        e.sync().unwrap(); // a dead process's fsync moves nothing
+        // The rest of the poll it died in: refused, neither seen nor durable.
+        let mut g = WriteBatch::new();
+        g.put(Tree::Data, b"g".to_vec(), b"v".to_vec());
+        assert!(e.write(g).is_err());
+        assert!(
+            e.sync().is_err(),
+            "a dead process's fsync fails: it cannot act on it"
+        );
+        assert!(!keys(&e).contains(&b"g".to_vec()));
         assert_eq!(e.crash(|n| n), 0, "kept every batch up to the point");
         e.revive();
         assert_eq!(
