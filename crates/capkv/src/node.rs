@@ -251,6 +251,13 @@ impl Node {
             me: config.id,
             transport: Arc::new(Side::new(transport.clone())),
         };
+        if log_store
+            .step_down_on_start(config.id)
+            .await
+            .map_err(|e| StartError::Storage(e.to_string()))?
+        {
+            tracing::info!("this node led when it stopped; it starts as a follower");
+        }
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log_store, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use capkv::rt::Revert;
+use capkv::sim::nemesis::Fault;
 use capkv::sim::{run, SimOptions};
 
 /// A short run: 8 simulated seconds of faults (this is a debug build).
@@ -54,4 +55,16 @@ fn the_ap_double_count_is_found_when_its_fix_is_taken_back() {
         "{}",
         r.summary()
     );
+}
+
+/// Found by the simulator: the leader crashed right after a batch of its log, with its last
+/// commit index not yet fsynced; openraft restored it as the leader of its old term, and it
+/// served linearizable reads from before writes it had acknowledged. A node that led now
+/// starts as a follower (`LogStore::step_down_on_start`). Kept as a regression seed.
+#[test]
+fn seed_1030_a_leader_restarted_after_a_crash_serves_no_stale_read() {
+    let mut o = SimOptions::new(1030);
+    o.faults = vec![Fault::CrashAtWrite, Fault::Crash, Fault::Restart];
+    let r = run(&o);
+    assert!(r.valid(), "{}", r.summary());
 }
