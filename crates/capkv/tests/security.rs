@@ -283,9 +283,11 @@ async fn a_forged_forwarded_write_is_checked_like_a_client_request() {
     drop(t);
     let impersonated = claims as usize - 1;
     c.spawn(impersonated);
-    eventually(Duration::from_secs(30), "the stopped node serves again", || {
-        healthy(&c, impersonated)
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the stopped node serves again",
+        || healthy(&c, impersonated),
+    )
     .await;
     let names: Vec<String> = c
         .client(leader)
