@@ -64,10 +64,6 @@ impl Kind {
             Kind::Set => serde_json::json!({"name": self.keyspace(), "mode": "ap", "type": "set"}),
         }
     }
-
-    fn is_ap(self) -> bool {
-        self != Kind::Register
-    }
 }
 
 /// One workload's history as it is recorded.
@@ -560,10 +556,6 @@ impl Clients {
             nemesis: nemesis.to_vec(),
             final_at_us: *rec.final_at_us.lock().expect("recorder lock poisoned"),
         }
-    }
-
-    pub fn is_ap(kind: Kind) -> bool {
-        kind.is_ap()
     }
 }
 
