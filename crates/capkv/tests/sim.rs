@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use capkv::rt::Revert;
 use capkv::sim::nemesis::Fault;
+use capkv::sim::workload::Kind;
 use capkv::sim::{run, SimOptions};
 
 /// A short run: 8 simulated seconds of faults (this is a debug build).
@@ -60,11 +61,14 @@ fn the_ap_double_count_is_found_when_its_fix_is_taken_back() {
 /// Found by the simulator: the leader crashed right after a batch of its log, with its last
 /// commit index not yet fsynced; openraft restored it as the leader of its old term, and it
 /// served linearizable reads from before writes it had acknowledged. A node that led now
-/// starts as a follower (`LogStore::step_down_on_start`). Kept as a regression seed.
+/// starts as a follower (`LogStore::step_down_on_start`). Kept as a regression seed, with
+/// the workloads it ran then: its trace is the bug's, event for event, up to the restart of
+/// that leader (which now sends no append before an election).
 #[test]
 fn seed_1030_a_leader_restarted_after_a_crash_serves_no_stale_read() {
     let mut o = SimOptions::new(1030);
     o.faults = vec![Fault::CrashAtWrite, Fault::Crash, Fault::Restart];
+    o.workloads = vec![Kind::Register, Kind::Counter, Kind::Set];
     let r = run(&o);
     assert!(r.valid(), "{}", r.summary());
 }

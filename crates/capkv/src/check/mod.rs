@@ -21,6 +21,8 @@ mod cluster;
 mod nemesis;
 mod workload;
 
+pub(crate) use workload::page_reads;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

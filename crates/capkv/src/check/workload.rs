@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use capkv_check::{Call, NemesisEvent, Op, Outcome, Record, Ret};
 use capkv_client::{ApValue, Client, ClientError, Consistency, WriteOptions};
+use capkv_core::ScanEntry;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -672,36 +673,28 @@ async fn final_scan(ctx: &Ctx) -> bool {
         let Ok((entries, more)) = r else {
             return false;
         };
-        let found: HashMap<String, (String, u64)> = entries
-            .iter()
-            .filter_map(|e| Some((e.key.clone()?, (e.value.clone()?, e.version?))))
-            .collect();
         let last = entries.last().and_then(|e| e.key.clone());
-        if more && last.is_none() {
-            return false; // a cut page names where it stopped; this one did not
-        }
-        // This page covers (after, last] when more follow, else everything after `after`.
-        while i < tried.len() && (!more || last.as_ref().is_some_and(|l| tried[i] <= *l)) {
-            let key = &tried[i];
+        let Some(reads) = page_reads(&tried, &mut i, &entries, more) else {
+            return false;
+        };
+        for (key, seen) in reads {
             let (id, _) = ctx.recorder.invoke();
-            let seen = found.get(key);
             ctx.recorder.complete(Op {
                 id,
                 client: u64::MAX - node as u64,
                 node: ctx.node_ids[node].clone(),
-                key: key.clone(),
+                key,
                 call: Call::Read,
                 invoke_us,
                 complete_us: Some(complete_us),
                 outcome: Outcome::Ok,
                 ret: Some(Ret::Value {
-                    value: seen.map(|(v, _)| v.clone()),
-                    version: seen.map(|(_, v)| *v),
+                    value: seen.as_ref().map(|(v, _)| v.clone()),
+                    version: seen.map(|(_, v)| v),
                 }),
                 status: None,
                 error: Some("final scan".into()),
             });
-            i += 1;
         }
         if !more {
             break;
@@ -709,4 +702,72 @@ async fn final_scan(ctx: &Ctx) -> bool {
         after = last;
     }
     true
+}
+
+/// The reads one page of a final scan makes of the keys `tried` (sorted), from
+/// `tried[*next]` on, each with the value and version found (None: absent); moves `next`
+/// past them. A page covers `(after, last]` when more follow, else everything after: a
+/// key in its range that it does not list was absent. None if a page cut short does not
+/// name where it stopped.
+pub fn page_reads(
+    tried: &[String],
+    next: &mut usize,
+    entries: &[ScanEntry],
+    more: bool,
+) -> Option<Vec<(String, Option<(String, u64)>)>> {
+    let found: HashMap<&str, (&str, u64)> = entries
+        .iter()
+        .filter_map(|e| Some((e.key.as_deref()?, (e.value.as_deref()?, e.version?))))
+        .collect();
+    let last = entries.last().and_then(|e| e.key.as_deref());
+    if more && last.is_none() {
+        return None;
+    }
+    let mut reads = Vec::new();
+    while *next < tried.len() && (!more || last.is_some_and(|l| tried[*next].as_str() <= l)) {
+        let key = &tried[*next];
+        let seen = found.get(key.as_str()).map(|(v, n)| ((*v).to_owned(), *n));
+        reads.push((key.clone(), seen));
+        *next += 1;
+    }
+    Some(reads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, value: &str, version: u64) -> ScanEntry {
+        ScanEntry {
+            key: Some(key.into()),
+            value: Some(value.into()),
+            version: Some(version),
+            ..ScanEntry::default()
+        }
+    }
+
+    #[test]
+    fn a_page_reads_every_tried_key_in_its_range_absent_or_found() {
+        let tried: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let mut next = 0;
+        let page = [entry("a", "1", 4), entry("c", "2", 5)];
+        let reads = page_reads(&tried, &mut next, &page, true).unwrap();
+        assert_eq!(
+            reads,
+            vec![
+                ("a".into(), Some(("1".into(), 4))),
+                ("b".into(), None),
+                ("c".into(), Some(("2".into(), 5))),
+            ]
+        );
+        assert_eq!(next, 3);
+        // The last page covers everything after: d was absent.
+        let reads = page_reads(&tried, &mut next, &[], false).unwrap();
+        assert_eq!(reads, vec![("d".into(), None)]);
+        assert_eq!(next, 4);
+        // A page cut short that names no key tells nothing.
+        let mut next = 0;
+        assert_eq!(page_reads(&tried, &mut next, &[], true), None);
+        assert_eq!(next, 0);
+    }
 }

@@ -360,6 +360,19 @@ impl Cluster {
         body: Option<Vec<u8>>,
         wait: Duration,
     ) -> Result<Answer, NoAnswer> {
+        self.request_with(i, method, path, body, &[], wait).await
+    }
+
+    /// [`Cluster::request`] with extra headers (`Idempotency-Key`, `X-Capkv-Context`).
+    pub async fn request_with(
+        &self,
+        i: usize,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, String)],
+        wait: Duration,
+    ) -> Result<Answer, NoAnswer> {
         let (scope, app) = match &*self.nodes[i].life() {
             Life::Up { scope, app, .. } => (scope.clone(), app.clone()),
             Life::Down => return Err(NoAnswer::Refused),
@@ -367,6 +380,9 @@ impl Cluster {
         let mut req = Request::builder().method(method).uri(path);
         if body.is_some() {
             req = req.header("content-type", "application/json");
+        }
+        for (name, value) in headers {
+            req = req.header(*name, value.as_str());
         }
         let req = req
             .body(body.map_or_else(Body::empty, Body::from))

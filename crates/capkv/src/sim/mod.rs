@@ -5,7 +5,7 @@
 //!             │  rt::simulate_on_this_thread(seed): seeded RNG (openraft's too), no threads
 //!             ├── N real Nodes (Node::assemble), each in its NodeScope, on a MemoryEngine
 //!             │   with the fsync line, attached to the simulated Network
-//!             ├── clients (cp register, ap counter, ap set) through each node's router
+//!             ├── clients (the workloads of `capkv check`) through each node's router
 //!             ├── safety phase: the nemesis injects faults for `faults` simulated seconds
 //!             ├── liveness phase: everything healed; every workload must write again
 //!             ├── final reads: ap replicas must converge
@@ -39,7 +39,7 @@ use workload::{Clients, Kind};
 use crate::rt::Instant;
 
 /// What one simulated run does.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SimOptions {
     pub seed: u64,
     pub nodes: u32,
@@ -51,6 +51,8 @@ pub struct SimOptions {
     pub clients: u32,
     /// Keys per workload.
     pub keys: u32,
+    /// The workloads the clients run.
+    pub workloads: Vec<Kind>,
     pub faults: Vec<Fault>,
     /// Keep the trace as text (for `--trace`).
     pub keep_trace: bool,
@@ -67,10 +69,55 @@ impl SimOptions {
             liveness_within: Duration::from_secs(40),
             clients: 3,
             keys: 3,
+            workloads: Kind::ALL.to_vec(),
             faults: Fault::ALL.to_vec(),
             keep_trace: false,
             revert: None,
         }
+    }
+}
+
+impl SimOptions {
+    /// The flags of `capkv sim` that give these options, beside `--seed` (defaults left
+    /// out): with them, `capkv sim --seed S` replays the run.
+    pub fn flags(&self) -> String {
+        let d = SimOptions::new(self.seed);
+        let mut f = String::new();
+        if self.nodes != d.nodes {
+            f.push_str(&format!(" --nodes {}", self.nodes));
+        }
+        if self.faults_for != d.faults_for {
+            f.push_str(&format!(" --faults-secs {}", self.faults_for.as_secs()));
+        }
+        if self.liveness_within != d.liveness_within {
+            f.push_str(&format!(
+                " --liveness-secs {}",
+                self.liveness_within.as_secs()
+            ));
+        }
+        if self.clients != d.clients {
+            f.push_str(&format!(" --clients {}", self.clients));
+        }
+        if self.keys != d.keys {
+            f.push_str(&format!(" --keys {}", self.keys));
+        }
+        if self.workloads != d.workloads {
+            let names: Vec<&str> = self.workloads.iter().map(|k| k.name()).collect();
+            f.push_str(&format!(" --workloads {}", names.join(",")));
+        }
+        if self.faults != d.faults {
+            let names: Vec<&str> = self.faults.iter().map(|k| k.name()).collect();
+            let names = if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(",")
+            };
+            f.push_str(&format!(" --faults {names}"));
+        }
+        if let Some(r) = self.revert {
+            f.push_str(&format!(" --revert {}", revert_name(r)));
+        }
+        f
     }
 }
 
@@ -92,6 +139,8 @@ pub struct SimReport {
     /// The histories, as JSON lines per workload.
     pub histories: Vec<(String, String)>,
     pub revert: Option<crate::rt::Revert>,
+    /// The flags that replay it beside `--seed` ([`SimOptions::flags`]).
+    pub flags: String,
 }
 
 /// The command-line name of a fix taken back.
@@ -138,13 +187,9 @@ impl SimReport {
             s.push_str(&format!("\n  {p}"));
         }
         if !self.valid() {
-            let revert = self
-                .revert
-                .map(|r| format!(" --revert {}", revert_name(r)))
-                .unwrap_or_default();
             s.push_str(&format!(
-                "\n  replay: capkv sim --seed {}{revert}",
-                self.seed
+                "\n  replay: capkv sim --seed {}{}",
+                self.seed, self.flags
             ));
         }
         s
@@ -214,6 +259,7 @@ impl SimReport {
             trace: None,
             histories: Vec::new(),
             revert: opts.revert,
+            flags: opts.flags(),
         }
     }
 }
@@ -242,7 +288,7 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
     let net = Network::new(opts.seed ^ 0x6e65_7477_6f72_6b00, trace.clone(), frame);
     let cluster = Arc::new(Cluster::new(opts.nodes, net, trace.clone(), dir));
     let mut problems = Vec::new();
-    let clients = Clients::new(cluster.clone(), opts.keys);
+    let clients = Clients::new(cluster.clone(), opts.keys, &opts.workloads);
     let mut nemesis = Nemesis::new(
         cluster.clone(),
         opts.seed ^ 0x6e65_6d65_7369_7300,
@@ -261,10 +307,10 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
         problems.push(format!("setup: {e}"));
     } else {
         let mut running = Vec::new();
-        for kind in Kind::ALL {
+        for &kind in &opts.workloads {
             for c in 0..opts.clients {
                 let client = u64::from(c) + 1;
-                let seed = opts.seed ^ (client << 8) ^ (kind as u64) << 4;
+                let seed = opts.seed ^ (client << 8) ^ kind.seed_tag() << 4;
                 running.push(tokio::spawn(
                     clients.clone().client_loop(kind, client, seed),
                 ));
@@ -281,10 +327,10 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
         trace.event(format_args!("liveness phase"));
         let deadline = Instant::now() + opts.liveness_within;
         let progressed = |k: Kind| clients.last_ok_write_us(k) > healed_us;
-        while !Kind::ALL.into_iter().all(progressed) && Instant::now() < deadline {
+        while !opts.workloads.iter().all(|k| progressed(*k)) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        for k in Kind::ALL.into_iter().filter(|k| !progressed(*k)) {
+        for &k in opts.workloads.iter().filter(|k| !progressed(**k)) {
             problems.push(format!(
                 "no progress: {} made no write in the {:?} after every fault healed",
                 k.name(),
@@ -347,7 +393,7 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
     let mut histories = Vec::new();
     let mut undecided = Vec::new();
     let mut ops = 0;
-    for kind in Kind::ALL {
+    for &kind in &opts.workloads {
         let h = clients.history(kind, opts.seed, &nemesis.events);
         ops += h.ops.len();
         let result = capkv_check::check(
@@ -396,6 +442,7 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
         trace: trace.lines(),
         histories,
         revert: opts.revert,
+        flags: opts.flags(),
     }
 }
 
@@ -462,12 +509,16 @@ pub struct SimArgs {
     /// Simulated seconds the liveness phase may take.
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub liveness_secs: u64,
-    /// Clients per workload (cp register, ap counter, ap set).
+    /// Clients per workload.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub clients: u32,
     /// Keys per workload.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub keys: u32,
+    /// The workloads to run (comma-separated): register, unique-insert, idempotent,
+    /// counter, set, siblings. Default: all of them.
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Option<Vec<String>>,
     /// The faults to inject (comma-separated): partition, one-way, lossy, crash,
     /// crash-at-write, restart, pause, skew; or none. Default: all of them.
     #[arg(long, value_delimiter = ',')]
@@ -483,16 +534,13 @@ pub struct SimArgs {
     pub revert: Option<crate::rt::Revert>,
 }
 
-/// Runs `capkv sim`; returns the exit code (0: every seed valid, 1: some broke a promise,
-/// 2: none did but some could not be decided, 3: bad arguments or files).
-pub fn main(args: SimArgs) -> i32 {
+/// The options `args` ask for (the first seed's, with --seeds).
+pub fn options(args: &SimArgs) -> Result<SimOptions, String> {
     if args.seeds == Some(0) {
-        eprintln!("error: --seeds must be at least 1");
-        return 3;
+        return Err("--seeds must be at least 1".into());
     }
     if args.first.checked_add(args.seeds.unwrap_or(1)).is_none() {
-        eprintln!("error: --first plus --seeds is past the last seed (2^64 - 1)");
-        return 3;
+        return Err("--first plus --seeds is past the last seed (2^64 - 1)".into());
     }
     let mut faults = Vec::new();
     let all = Fault::ALL.map(|f| f.name().to_owned()).to_vec();
@@ -506,15 +554,34 @@ pub fn main(args: SimArgs) -> i32 {
         match Fault::parse(f) {
             Some(f) => faults.push(f),
             None => {
-                eprintln!(
-                    "error: unknown fault {f:?}; known: {}, none",
+                return Err(format!(
+                    "unknown fault {f:?}; known: {}, none",
                     Fault::ALL.map(Fault::name).join(", ")
-                );
-                return 3;
+                ));
             }
         }
     }
+    let mut workloads = Vec::new();
+    for w in args.workloads.iter().flatten() {
+        match Kind::parse(w) {
+            Some(k) if !workloads.contains(&k) => workloads.push(k),
+            Some(_) => {}
+            None => {
+                return Err(format!(
+                    "unknown workload {w:?}; known: {}",
+                    Kind::ALL.map(Kind::name).join(", ")
+                ));
+            }
+        }
+    }
+    if args.workloads.is_some() && workloads.is_empty() {
+        return Err("--workloads names none".into());
+    }
     let mut base = SimOptions::new(args.seed.unwrap_or(args.first));
+    if !workloads.is_empty() {
+        workloads.sort();
+        base.workloads = workloads;
+    }
     base.nodes = args.nodes;
     base.faults_for = Duration::from_secs(args.faults_secs);
     base.liveness_within = Duration::from_secs(args.liveness_secs);
@@ -523,6 +590,19 @@ pub fn main(args: SimArgs) -> i32 {
     base.faults = faults;
     base.keep_trace = args.trace.is_some();
     base.revert = args.revert;
+    Ok(base)
+}
+
+/// Runs `capkv sim`; returns the exit code (0: every seed valid, 1: some broke a promise,
+/// 2: none did but some could not be decided, 3: bad arguments or files).
+pub fn main(args: SimArgs) -> i32 {
+    let mut base = match options(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 3;
+        }
+    };
     let write_out = |r: &SimReport| {
         if let Some(dir) = &args.out {
             if let Err(e) = write_report(dir, r) {
@@ -584,11 +664,10 @@ pub fn main(args: SimArgs) -> i32 {
         simulated / wall * 60.0
     );
     if !failed.is_empty() {
-        let revert = base
-            .revert
-            .map(|r| format!(" --revert {}", revert_name(r)))
-            .unwrap_or_default();
-        println!("failing seeds: {failed:?} (replay one: capkv sim --seed S{revert})");
+        println!(
+            "failing seeds: {failed:?} (replay one: capkv sim --seed S{})",
+            base.flags()
+        );
     }
     if !failed.is_empty() {
         1
@@ -609,4 +688,59 @@ fn write_report(dir: &std::path::Path, r: &SimReport) -> std::io::Result<()> {
         std::fs::write(d.join("trace.txt"), t)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Cmd};
+    use crate::rt::Revert;
+    use clap::Parser;
+
+    fn parse(line: &str) -> Result<SimOptions, String> {
+        let cli = Cli::try_parse_from(line.split_whitespace()).map_err(|e| e.to_string())?;
+        match cli.command {
+            Cmd::Sim(args) => options(&args),
+            _ => unreachable!("a sim command line"),
+        }
+    }
+
+    #[test]
+    fn the_replay_flags_give_back_the_options_of_the_run() {
+        assert_eq!(SimOptions::new(7).flags(), "");
+        let mut o = SimOptions::new(7);
+        o.nodes = 5;
+        o.faults_for = Duration::from_secs(3);
+        o.liveness_within = Duration::from_secs(9);
+        o.clients = 2;
+        o.keys = 4;
+        o.workloads = vec![Kind::Register, Kind::Siblings];
+        o.faults = vec![Fault::Pause, Fault::Partition];
+        o.revert = Some(Revert::PurgeDeletesFirst);
+        let line = format!("capkv sim --seed 7{}", o.flags());
+        assert_eq!(parse(&line), Ok(o.clone()), "{line}");
+        o.faults.clear();
+        let line = format!("capkv sim --seed 7{}", o.flags());
+        assert!(line.contains("--faults none"), "{line}");
+        assert_eq!(parse(&line), Ok(o), "{line}");
+    }
+
+    #[test]
+    fn workloads_are_named_as_capkv_check_names_them() {
+        for k in Kind::ALL {
+            assert!(capkv_check::WORKLOADS.contains(&k.name()), "{}", k.name());
+            assert_eq!(Kind::parse(k.name()), Some(k));
+        }
+        let o = parse("capkv sim --seed 1 --workloads set,register,set").unwrap();
+        assert_eq!(o.workloads, vec![Kind::Register, Kind::Set]);
+        for bad in [
+            "--workloads bank",
+            "--workloads ,",
+            "--faults fire",
+            "--seeds 0",
+        ] {
+            let err = parse(&format!("capkv sim {bad}")).unwrap_err();
+            assert!(!err.is_empty(), "{bad}");
+        }
+    }
 }
