@@ -704,6 +704,9 @@ async fn final_scan(ctx: &Ctx) -> bool {
     true
 }
 
+/// A key a final scan read, and the value and version it found (None: absent).
+pub type ScanRead = (String, Option<(String, u64)>);
+
 /// The reads one page of a final scan makes of the keys `tried` (sorted), from
 /// `tried[*next]` on, each with the value and version found (None: absent); moves `next`
 /// past them. A page covers `(after, last]` when more follow, else everything after: a
@@ -714,7 +717,7 @@ pub fn page_reads(
     next: &mut usize,
     entries: &[ScanEntry],
     more: bool,
-) -> Option<Vec<(String, Option<(String, u64)>)>> {
+) -> Option<Vec<ScanRead>> {
     let found: HashMap<&str, (&str, u64)> = entries
         .iter()
         .filter_map(|e| Some((e.key.as_deref()?, (e.value.as_deref()?, e.version?))))
