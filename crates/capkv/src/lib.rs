@@ -40,6 +40,7 @@ pub mod dev;
 mod format_tests;
 pub mod http;
 pub mod limits;
+pub mod message;
 pub mod net;
 pub mod node;
 pub mod process;

@@ -25,14 +25,22 @@ use std::time::Duration;
 use crate::rt::Instant;
 
 use capkv_core::{ApiError, ClusterInfo, ClusterNode, ErrorCode};
-use openraft::error::{CheckIsLeaderError, RaftError};
-use openraft::raft::{AppendEntriesResponse, InstallSnapshotResponse};
+use openraft::error::{CheckIsLeaderError, Fatal, InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
 use openraft::{ServerState, SnapshotPolicy};
 
 use crate::ap::coordinator::Coordinator;
+use crate::ap::page::Page;
+use crate::ap::replica::{Held, StoredObject};
 use crate::ap::replica::{Replica, Update, OBJECT_BYTES_MAX};
 use crate::ap::ring::{Ring, DEFAULT_VNODES};
-use crate::ap::rpc::{ApRequest, ApResponse};
+use crate::ap::rpc::{
+    AeCompare, AeFetch, ApHint, ApRead, ApReap, ApReapCheck, ApScan, ApStoreMany, ApUpdate, ServeAp,
+};
+use crate::ap::value::Applied;
 use crate::ap::{anti_entropy, tombstones};
 use crate::clock::WallClock;
 use crate::config::{InitialClusterState, NodeConfig, PeerSecurity};
@@ -41,9 +49,10 @@ use crate::cp::log_store::LogStore;
 use crate::cp::lost_state::{LostState, PersistedFloor, Refusal, Report};
 use crate::cp::network::NetworkFactory;
 use crate::cp::proposer::{ProposeError, Proposer, BATCH_BYTES_MAX};
-use crate::cp::rpc::{CpRequest, CpResponse, Forward, ForwardOp, ForwardReply};
+use crate::cp::rpc::{CpRequest, CpResponse, Forward, ForwardOp, ForwardReply, RaftProbe, ServeCp};
 use crate::cp::state_machine::{Reader, StateMachine};
-use crate::cp::{NodeId, PeerNode, Raft, Written};
+use crate::cp::{NodeId, PeerNode, Raft, TypeConfig, Written};
+use crate::message::ask;
 use crate::net::{FaultFilter, NetError, PeerTls};
 use crate::rpc::{PeerRequest, PeerResponse, Side};
 use crate::storage::{Engine, FjallEngine, GroupCommit, Tree, Watched, WriteBatch};
@@ -542,24 +551,11 @@ impl Node {
                         hops_left: hops_left - 1,
                     };
                     metrics::counter!("capkv_forwarded_requests_total").increment(1);
-                    match self
-                        .transport
-                        .call(l, PeerRequest::Cp(CpRequest::Forward(fwd)), left)
-                        .await
-                    {
-                        Ok(PeerResponse::Cp(CpResponse::Forward(Ok(reply)))) => return Ok(reply),
+                    match ask(&self.cp_net(), l, fwd, left).await {
+                        Ok(Ok(reply)) => return Ok(reply),
                         // The remote guarantees an unavailable request was not applied.
-                        Ok(PeerResponse::Cp(CpResponse::Forward(Err(e))))
-                            if e.code == ErrorCode::Unavailable =>
-                        {
-                            last = e
-                        }
-                        Ok(PeerResponse::Cp(CpResponse::Forward(Err(e)))) => return Err(e),
-                        Ok(_) => {
-                            return Err(ApiError::internal(
-                                "leader answered with the wrong message type",
-                            ))
-                        }
+                        Ok(Err(e)) if e.code == ErrorCode::Unavailable => last = e,
+                        Ok(Err(e)) => return Err(e),
                         Err(e) if e.maybe_delivered() => {
                             return Err(if is_write {
                                 ApiError::timeout(format!(
@@ -724,190 +720,31 @@ impl Node {
     async fn serve_peer(&self, from: NodeId, req: PeerRequest) -> PeerResponse {
         match req {
             PeerRequest::Ping => PeerResponse::Pong,
-            PeerRequest::Cp(r) => PeerResponse::Cp(self.serve_cp(from, r).await),
-            PeerRequest::Ap(r) => PeerResponse::Ap(self.serve_ap(from, r).await),
+            PeerRequest::Cp(r) => PeerResponse::Cp(r.serve(self, from).await),
+            PeerRequest::Ap(r) => PeerResponse::Ap(r.serve(self, from).await),
         }
     }
 
-    /// Answers a cp message: Raft's (once `cp::guard` passed it), or a forwarded request.
-    async fn serve_cp(&self, from: NodeId, req: CpRequest) -> CpResponse {
-        if let Some(refused) = self.refuse_raft_message(from, &req) {
-            return refused;
-        }
-        match req {
-            CpRequest::RaftProbe => CpResponse::RaftProbe(match self.raft_report().await {
-                Some(own) => self.lost.report(own),
-                None => None,
-            }),
-            CpRequest::AppendEntries(r) => {
-                CpResponse::AppendEntries(match self.lost.check_leader(r.vote.leader_id().term) {
-                    Ok(()) => {
-                        let began = Instant::now();
-                        let reply = self.raft.append_entries(r).await;
-                        metrics::histogram!("capkv_raft_append_handle_seconds")
-                            .record(began.elapsed().as_secs_f64());
-                        reply
-                    }
-                    Err(Refusal::StaleTerm(term)) => Ok(AppendEntriesResponse::HigherVote(
-                        openraft::Vote::new(term, self.id()),
-                    )),
-                    Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
-                })
-            }
-            CpRequest::Vote(r) => CpResponse::Vote(match self.lost.check_vote(&r) {
-                Ok(()) => {
-                    let began = Instant::now();
-                    let reply = self.raft.vote(r).await;
-                    let took = began.elapsed();
-                    metrics::histogram!("capkv_raft_vote_handle_seconds")
-                        .record(took.as_secs_f64());
-                    tracing::info!(from = %self.name_of(from), ?took, granted = reply.as_ref().is_ok_and(|v| v.vote_granted), "vote asked");
-                    reply
-                }
-                Err(why) => {
-                    tracing::debug!(?why, candidate = ?r.vote, "vote refused: rebuilding lost state");
-                    Ok(openraft::raft::VoteResponse {
-                        vote: self.raft.metrics().borrow().vote,
-                        vote_granted: false,
-                        last_log_id: None,
-                    })
-                }
-            }),
-            CpRequest::InstallSnapshot(r) => {
-                CpResponse::InstallSnapshot(match self.lost.check_leader(r.vote.leader_id().term) {
-                    Ok(()) => self.raft.install_snapshot(r).await,
-                    Err(Refusal::StaleTerm(term)) => Ok(InstallSnapshotResponse {
-                        vote: openraft::Vote::new(term, self.id()),
-                    }),
-                    Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
-                })
-            }
-            CpRequest::Forward(_) if self.stopping.load(std::sync::atomic::Ordering::Acquire) => {
-                CpResponse::Forward(Err(ApiError::unavailable(
-                    "this node is shutting down; the request was not applied",
-                )))
-            }
-            CpRequest::Forward(f) => {
-                tracing::debug!(from, op = ?std::mem::discriminant(&f.op), "forwarded request");
-                if let Err(e) = self.check_forwarded(&f.op) {
-                    metrics::counter!("capkv_peer_messages_refused_total", "kind" => "forward")
-                        .increment(1);
-                    tracing::warn!(peer = %self.name_of(from), error = %e.message, "forwarded request refused");
-                    return CpResponse::Forward(Err(e));
-                }
-                let _in_flight = InFlight::enter(&self.forwards_in_flight);
-                // A peer's deadline is at most a client's.
-                let timeout = f.timeout_ms.min(capkv_core::validate::MAX_TIMEOUT_MS);
-                let deadline = Instant::now() + Duration::from_millis(timeout);
-                CpResponse::Forward(self.execute(f.op, deadline, f.hops_left).await)
-            }
-        }
-    }
-
-    /// Answers an ap message.
-    async fn serve_ap(&self, from: NodeId, req: ApRequest) -> ApResponse {
-        match req {
-            ApRequest::ApUpdate {
-                keyspace,
-                key,
-                value_type,
-                mutation,
-                now_ms,
-                timeout_ms,
-            } => ApResponse::ApApplied(
-                self.ap
-                    .apply_here(Update {
-                        keyspace,
-                        key,
-                        value_type,
-                        mutation,
-                        actor: self.ap.actor.clone(),
-                        now_ms,
-                        // Counted from now: the peer's clock is not ours to compare with.
-                        deadline: Some(
-                            Instant::now()
-                                + Duration::from_millis(
-                                    timeout_ms.min(capkv_core::validate::MAX_TIMEOUT_MS),
-                                ),
-                        ),
-                    })
-                    .await,
-            ),
-            ApRequest::ApStoreMany { objects } => {
-                ApResponse::ApMerged(self.ap.replica.merge_many(objects).await)
-            }
-            ApRequest::ApHint {
-                home,
-                keyspace,
-                key,
-                object,
-            } => ApResponse::ApAck(
-                self.ap
-                    .replica
-                    .hold_hint(home, &keyspace, &key, &object)
-                    .await,
-            ),
-            ApRequest::ApRead { keyspace, key } => {
-                ApResponse::ApObject(self.ap.replica.held(&keyspace, &key, &self.ap.nodes()))
-            }
-            ApRequest::AeCompare { root, interior } => ApResponse::AeDiffer(
-                self.ap_specs()
-                    .and_then(|specs| anti_entropy::build(&self.ap, &specs, from))
-                    .map(|tree| anti_entropy::compare(&tree, root, &interior)),
-            ),
-            ApRequest::AeFetch { leaves, after } => ApResponse::AeObjects(
-                self.ap_specs()
-                    .and_then(|specs| anti_entropy::build(&self.ap, &specs, from))
-                    .and_then(|_| anti_entropy::collect(&self.ap, from, &leaves, after.as_deref())),
-            ),
-            ApRequest::ApScan {
-                keyspace,
-                prefix,
-                after,
-                limit,
-            } => ApResponse::ApScanned(self.ap.replica.scan(
-                &keyspace,
-                &prefix,
-                after.as_deref(),
-                limit.clamp(1, capkv_core::validate::MAX_SCAN_LIMIT),
-                &self.ap.nodes(),
-            )),
-            ApRequest::ApReapCheck { items } => {
-                ApResponse::ApReapChecked(tombstones::check(&self.ap, &items))
-            }
-            ApRequest::ApReap { items } => {
-                ApResponse::ApReaped(tombstones::reap(&self.ap, &items).await)
-            }
-        }
-    }
-
-    /// Checks a peer's Raft message with [`guard`]: the answer to one it refuses, which is
+    /// Whether a peer's Raft message failed its check by [`guard`]. One that fails is
     /// never handled, but counted, logged, and answered as a stopped node would (the
-    /// sender's openraft then leaves this node alone for a while). `None`: it passes.
-    fn refuse_raft_message(&self, from: NodeId, req: &CpRequest) -> Option<CpResponse> {
-        use openraft::error::Fatal::Stopped;
-        let (kind, checked, refusal) = match req {
-            CpRequest::Vote(r) => (
-                "vote",
-                guard::check_vote(from, r),
-                CpResponse::Vote(Err(RaftError::Fatal(Stopped))),
-            ),
-            CpRequest::AppendEntries(r) => (
-                "append_entries",
-                guard::check_append(from, r, &self.member_ids),
-                CpResponse::AppendEntries(Err(RaftError::Fatal(Stopped))),
-            ),
-            CpRequest::InstallSnapshot(r) => (
-                "install_snapshot",
-                guard::check_snapshot(from, r, &self.member_ids, SNAPSHOT_CHUNK_MAX),
-                CpResponse::InstallSnapshot(Err(RaftError::Fatal(Stopped))),
-            ),
-            _ => return None,
+    /// sender's openraft then leaves this node alone for a while).
+    fn refused(
+        &self,
+        from: NodeId,
+        kind: &'static str,
+        checked: Result<(), guard::Refused>,
+    ) -> bool {
+        let Err(why) = checked else {
+            return false;
         };
-        let why = checked.err()?;
         metrics::counter!("capkv_peer_messages_refused_total", "kind" => kind).increment(1);
         tracing::warn!(peer = %self.name_of(from), kind, %why, "peer message refused");
-        Some(refusal)
+        true
+    }
+
+    /// The peer network as cp sees it.
+    fn cp_net(&self) -> Side<CpRequest, CpResponse> {
+        Side::new(self.transport.clone())
     }
 
     /// Why the Raft core is not running, if it is not: it stopped on an error or a panic
@@ -1078,17 +915,13 @@ impl Node {
                 .iter()
                 .filter(|p| !matches!(answers.get(p), Some(Some(_))))
             {
-                let (t, p) = (self.transport.clone(), *p);
+                let (net, p) = (self.cp_net(), *p);
                 asks.spawn(crate::rt::scoped(async move {
-                    (
-                        p,
-                        t.call(p, PeerRequest::Cp(CpRequest::RaftProbe), REACHABLE_WINDOW)
-                            .await,
-                    )
+                    (p, ask(&net, p, RaftProbe, REACHABLE_WINDOW).await)
                 }));
             }
             while let Some(done) = asks.join_next().await {
-                if let Ok((p, Ok(PeerResponse::Cp(CpResponse::RaftProbe(r))))) = done {
+                if let Ok((p, Ok(r))) = done {
                     answers.insert(p, r);
                 }
             }
@@ -1397,6 +1230,186 @@ impl Node {
                 .collect(),
             raft_stopped,
         }
+    }
+}
+
+/// cp's messages, answered (`cp::rpc`): Raft's once [`guard`] passed them, and forwarded
+/// client requests.
+impl ServeCp for Node {
+    async fn on_raft_probe(&self, _from: NodeId, _m: RaftProbe) -> Option<Report> {
+        match self.raft_report().await {
+            Some(own) => self.lost.report(own),
+            None => None,
+        }
+    }
+
+    async fn on_append_entries(
+        &self,
+        from: NodeId,
+        r: AppendEntriesRequest<TypeConfig>,
+    ) -> Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+        if self.refused(
+            from,
+            "append_entries",
+            guard::check_append(from, &r, &self.member_ids),
+        ) {
+            return Err(RaftError::Fatal(Fatal::Stopped));
+        }
+        match self.lost.check_leader(r.vote.leader_id().term) {
+            Ok(()) => {
+                let began = Instant::now();
+                let reply = self.raft.append_entries(r).await;
+                metrics::histogram!("capkv_raft_append_handle_seconds")
+                    .record(began.elapsed().as_secs_f64());
+                reply
+            }
+            Err(Refusal::StaleTerm(term)) => Ok(AppendEntriesResponse::HigherVote(
+                openraft::Vote::new(term, self.id()),
+            )),
+            Err(_) => Err(RaftError::Fatal(Fatal::Stopped)),
+        }
+    }
+
+    async fn on_vote(
+        &self,
+        from: NodeId,
+        r: VoteRequest<NodeId>,
+    ) -> Result<VoteResponse<NodeId>, RaftError<NodeId>> {
+        if self.refused(from, "vote", guard::check_vote(from, &r)) {
+            return Err(RaftError::Fatal(Fatal::Stopped));
+        }
+        match self.lost.check_vote(&r) {
+            Ok(()) => {
+                let began = Instant::now();
+                let reply = self.raft.vote(r).await;
+                let took = began.elapsed();
+                metrics::histogram!("capkv_raft_vote_handle_seconds").record(took.as_secs_f64());
+                tracing::info!(from = %self.name_of(from), ?took, granted = reply.as_ref().is_ok_and(|v| v.vote_granted), "vote asked");
+                reply
+            }
+            Err(why) => {
+                tracing::debug!(?why, candidate = ?r.vote, "vote refused: rebuilding lost state");
+                Ok(VoteResponse {
+                    vote: self.raft.metrics().borrow().vote,
+                    vote_granted: false,
+                    last_log_id: None,
+                })
+            }
+        }
+    }
+
+    async fn on_install_snapshot(
+        &self,
+        from: NodeId,
+        r: InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        let checked = guard::check_snapshot(from, &r, &self.member_ids, SNAPSHOT_CHUNK_MAX);
+        if self.refused(from, "install_snapshot", checked) {
+            return Err(RaftError::Fatal(Fatal::Stopped));
+        }
+        match self.lost.check_leader(r.vote.leader_id().term) {
+            Ok(()) => self.raft.install_snapshot(r).await,
+            Err(Refusal::StaleTerm(term)) => Ok(InstallSnapshotResponse {
+                vote: openraft::Vote::new(term, self.id()),
+            }),
+            Err(_) => Err(RaftError::Fatal(Fatal::Stopped)),
+        }
+    }
+
+    async fn on_forward(&self, from: NodeId, f: Forward) -> Result<ForwardReply, ApiError> {
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ApiError::unavailable(
+                "this node is shutting down; the request was not applied",
+            ));
+        }
+        tracing::debug!(from, op = ?std::mem::discriminant(&f.op), "forwarded request");
+        if let Err(e) = self.check_forwarded(&f.op) {
+            metrics::counter!("capkv_peer_messages_refused_total", "kind" => "forward")
+                .increment(1);
+            tracing::warn!(peer = %self.name_of(from), error = %e.message, "forwarded request refused");
+            return Err(e);
+        }
+        let _in_flight = InFlight::enter(&self.forwards_in_flight);
+        // A peer's deadline is at most a client's.
+        let timeout = f.timeout_ms.min(capkv_core::validate::MAX_TIMEOUT_MS);
+        let deadline = Instant::now() + Duration::from_millis(timeout);
+        self.execute(f.op, deadline, f.hops_left).await
+    }
+}
+
+/// ap's messages, answered (`ap::rpc`).
+impl ServeAp for Node {
+    async fn on_update(&self, _from: NodeId, m: ApUpdate) -> Result<Applied, ApiError> {
+        self.ap
+            .apply_here(Update {
+                keyspace: m.keyspace,
+                key: m.key,
+                value_type: m.value_type,
+                mutation: m.mutation,
+                actor: self.ap.actor.clone(),
+                now_ms: m.now_ms,
+                // Counted from now: the peer's clock is not ours to compare with.
+                deadline: Some(
+                    Instant::now()
+                        + Duration::from_millis(
+                            m.timeout_ms.min(capkv_core::validate::MAX_TIMEOUT_MS),
+                        ),
+                ),
+            })
+            .await
+    }
+
+    async fn on_store_many(&self, _from: NodeId, m: ApStoreMany) -> Result<u64, ApiError> {
+        self.ap.replica.merge_many(m.objects).await
+    }
+
+    async fn on_hint(&self, _from: NodeId, m: ApHint) -> Result<(), ApiError> {
+        self.ap
+            .replica
+            .hold_hint(m.home, &m.keyspace, &m.key, &m.object)
+            .await
+    }
+
+    async fn on_read(&self, _from: NodeId, m: ApRead) -> Result<Held, ApiError> {
+        self.ap.replica.held(&m.keyspace, &m.key, &self.ap.nodes())
+    }
+
+    async fn on_ae_compare(
+        &self,
+        from: NodeId,
+        m: AeCompare,
+    ) -> Result<Vec<(u16, Vec<u64>)>, ApiError> {
+        self.ap_specs()
+            .and_then(|specs| anti_entropy::build(&self.ap, &specs, from))
+            .map(|tree| anti_entropy::compare(&tree, m.root, &m.interior))
+    }
+
+    async fn on_ae_fetch(
+        &self,
+        from: NodeId,
+        m: AeFetch,
+    ) -> Result<(Vec<StoredObject>, bool), ApiError> {
+        self.ap_specs()
+            .and_then(|specs| anti_entropy::build(&self.ap, &specs, from))
+            .and_then(|_| anti_entropy::collect(&self.ap, from, &m.leaves, m.after.as_deref()))
+    }
+
+    async fn on_scan(&self, _from: NodeId, m: ApScan) -> Result<(Page, bool), ApiError> {
+        self.ap.replica.scan(
+            &m.keyspace,
+            &m.prefix,
+            m.after.as_deref(),
+            m.limit.clamp(1, capkv_core::validate::MAX_SCAN_LIMIT),
+            &self.ap.nodes(),
+        )
+    }
+
+    async fn on_reap_check(&self, _from: NodeId, m: ApReapCheck) -> Result<Vec<bool>, ApiError> {
+        tombstones::check(&self.ap, &m.items)
+    }
+
+    async fn on_reap(&self, _from: NodeId, m: ApReap) -> Result<u64, ApiError> {
+        tombstones::reap(&self.ap, &m.items).await
     }
 }
 

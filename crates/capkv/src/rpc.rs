@@ -1,6 +1,7 @@
 //! The envelope of every message between nodes, carried by the peer network (`net`):
 //! a ping, or a message of one side ([`CpRequest`], [`ApRequest`]), each side owning its
-//! messages. A side sends through a [`Side`], which wraps its requests and takes back
+//! messages, each naming its reply (`message`). A side sends through a [`Side`], which wraps
+//! its requests and takes back
 //! only its own responses, so neither side imports the other (or `node.rs`).
 
 use std::marker::PhantomData;

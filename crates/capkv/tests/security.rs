@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capkv::ap::rpc::ApRequest;
+use capkv::ap::rpc::{ApRequest, ApScan};
 use capkv::cp::rpc::{CpRequest, CpResponse, Forward, ForwardOp};
 use capkv::cp::{Command, Op};
 use capkv::net::{FaultFilter, PeerTls};
@@ -359,12 +359,12 @@ async fn a_peer_that_never_reads_its_replies_cannot_grow_a_nodes_memory() {
         &BTreeMap::from([(1, "n1".to_string())]),
     )
     .unwrap();
-    let scan = bincode::serialize(&PeerRequest::Ap(ApRequest::ApScan {
+    let scan = bincode::serialize(&PeerRequest::Ap(ApRequest::ApScan(ApScan {
         keyspace: "ap".into(),
         prefix: Vec::new(),
         after: None,
         limit: 10_000,
-    }))
+    })))
     .unwrap();
     let frame = |kind: u8, id: u64, body: &[u8]| {
         let mut f = ((9 + body.len()) as u32).to_be_bytes().to_vec();

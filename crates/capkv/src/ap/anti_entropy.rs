@@ -37,9 +37,11 @@ use serde::{Deserialize, Serialize};
 use super::coordinator::Coordinator;
 use super::replica::{index_key, leaf_of, obj_key, split_obj_key_ref, StoredObject, LEAVES};
 use super::ring::{hash64, key_hash};
-use super::rpc::{ApRequest, ApResponse};
+use super::rpc::{AeCompare, AeFetch, ApStoreMany};
 use crate::cluster::NodeId;
 use crate::cluster::PAGE_BYTES_MAX;
+use crate::message::ask;
+use crate::net::NetError;
 
 const FANOUT: usize = 16;
 pub const AE_INTERVAL: Duration = Duration::from_secs(2);
@@ -181,26 +183,18 @@ pub async fn exchange(
     peer: NodeId,
 ) -> Result<u64, ApiError> {
     let deadline = Instant::now() + Duration::from_secs(5);
-    let call = |req: ApRequest| {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let t = c.transport.clone();
-        async move {
-            t.call(peer, req, left)
-                .await
-                .map_err(|e| ApiError::unavailable(e.to_string()))
-        }
-    };
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let unavailable = |e: NetError| ApiError::unavailable(e.to_string());
+    let net = &*c.transport;
     let mine = build(c, specs, peer)?;
     metrics::counter!("capkv_ap_ae_exchanges_total").increment(1);
-    let differing = match call(ApRequest::AeCompare {
+    let compare = AeCompare {
         root: mine.root(),
         interior: mine.interior(),
-    })
-    .await?
-    {
-        ApResponse::AeDiffer(r) => r?,
-        _ => return Err(ApiError::internal("wrong reply to AeCompare")),
     };
+    let differing = ask(net, peer, compare, left())
+        .await
+        .map_err(unavailable)??;
     let mut leaves: Vec<u16> = Vec::new();
     for (i, theirs) in differing {
         for (j, h) in theirs.iter().enumerate() {
@@ -224,15 +218,11 @@ pub async fn exchange(
     let mut their_digests: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
     let mut after: Option<Vec<u8>> = None;
     loop {
-        let (theirs, more) = match call(ApRequest::AeFetch {
+        let fetch = AeFetch {
             leaves: leaves.clone(),
             after: after.clone(),
-        })
-        .await?
-        {
-            ApResponse::AeObjects(r) => r?,
-            _ => return Err(ApiError::internal("wrong reply to AeFetch")),
         };
+        let (theirs, more) = ask(net, peer, fetch, left()).await.map_err(unavailable)??;
         let empty = theirs.is_empty();
         for (ks, key, state) in &theirs {
             let at = position(ks, key);
@@ -263,10 +253,8 @@ pub async fn exchange(
             })
             .collect();
         if !lacking.is_empty() {
-            match call(ApRequest::ApStoreMany { objects: lacking }).await? {
-                ApResponse::ApMerged(r) => count_repairs(r?),
-                _ => return Err(ApiError::internal("wrong reply to ApStoreMany")),
-            }
+            let store = ApStoreMany { objects: lacking };
+            count_repairs(ask(net, peer, store, left()).await.map_err(unavailable)??);
         }
         if !more || empty {
             break;

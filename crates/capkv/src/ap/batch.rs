@@ -25,9 +25,10 @@ use tokio::sync::oneshot;
 use super::call::{net_err, replica_err, CallError};
 use super::replica::StoredObject;
 use super::rpc::ApNet;
-use super::rpc::{ApRequest, ApResponse};
+use super::rpc::ApStoreMany;
 use crate::cluster::NodeId;
 use crate::cluster::PAGE_BYTES_MAX;
+use crate::message::ask;
 
 /// Messages in flight to one peer at once.
 pub const IN_FLIGHT: usize = 2;
@@ -130,16 +131,9 @@ impl StoreBatches {
                 batch.into_iter().map(|c| (c.object, c.done)).unzip();
             metrics::histogram!("capkv_ap_copies_per_message").record(objects.len() as f64);
             let left = deadline.saturating_duration_since(Instant::now());
-            let result = match self
-                .transport
-                .call(to, ApRequest::ApStoreMany { objects }, left)
-                .await
-            {
-                Ok(ApResponse::ApMerged(Ok(_))) => Ok(()),
-                Ok(ApResponse::ApMerged(Err(e))) => Err(replica_err(e)),
-                Ok(_) => Err(CallError::Unknown(ApiError::internal(format!(
-                    "node {to} answered ApStoreMany with the wrong message"
-                )))),
+            let result = match ask(&*self.transport, to, ApStoreMany { objects }, left).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(replica_err(e)),
                 Err(e) => Err(net_err(e)),
             };
             for done in answers {

@@ -44,11 +44,12 @@ use super::merkle::Leaves;
 use super::replica::{Held, Replica, Update};
 use super::ring::{key_hash, Ring};
 use super::rpc::ApNet;
-use super::rpc::{ApRequest, ApResponse};
+use super::rpc::{ApHint, ApRead, ApRequest, ApResponse, ApUpdate};
 use super::value::{ApState, Applied, Mutation, ReapFloor};
 use crate::clock::WallClock;
 use crate::cluster::NodeId;
 use crate::cluster::REACHABLE_WINDOW;
+use crate::message::{ask, Rpc};
 
 /// Hints sent to a home per round of handoff (backpressure: one round at a time).
 const HANDOFF_BATCH: usize = 64;
@@ -120,26 +121,26 @@ impl Coordinator {
         self.ring.nodes().iter().copied().collect()
     }
 
-    async fn call(
+    async fn call<M: Rpc<Request = ApRequest, Response = ApResponse>>(
         &self,
         to: NodeId,
-        req: ApRequest,
+        m: M,
         deadline: Instant,
-    ) -> Result<ApResponse, ApiError> {
-        self.call_for_effect(to, req, deadline)
+    ) -> Result<M::Reply, ApiError> {
+        self.call_for_effect(to, m, deadline)
             .await
             .map_err(|e| e.error().clone())
     }
 
     /// A call whose error says whether the request may have taken effect.
-    async fn call_for_effect(
+    async fn call_for_effect<M: Rpc<Request = ApRequest, Response = ApResponse>>(
         &self,
         to: NodeId,
-        req: ApRequest,
+        m: M,
         deadline: Instant,
-    ) -> Result<ApResponse, CallError> {
+    ) -> Result<M::Reply, CallError> {
         let left = deadline.saturating_duration_since(Instant::now());
-        self.transport.call(to, req, left).await.map_err(net_err)
+        ask(&*self.transport, to, m, left).await.map_err(net_err)
     }
 
     async fn update_at(
@@ -175,7 +176,7 @@ impl Coordinator {
                 ))),
             };
         }
-        let req = ApRequest::ApUpdate {
+        let req = ApUpdate {
             keyspace: keyspace.to_owned(),
             key: key.to_vec(),
             value_type,
@@ -185,13 +186,9 @@ impl Coordinator {
                 .saturating_duration_since(Instant::now())
                 .as_millis() as u64,
         };
-        match self.call_for_effect(home, req, deadline).await? {
-            ApResponse::ApApplied(Ok(applied)) => Ok(applied),
-            ApResponse::ApApplied(Err(e)) => Err(replica_err(e)),
-            _ => Err(CallError::Unknown(ApiError::internal(
-                "wrong reply to ApUpdate",
-            ))),
-        }
+        self.call_for_effect(home, req, deadline)
+            .await?
+            .map_err(replica_err)
     }
 
     /// Applies a write this node issues the dot for, batched with the others
@@ -231,18 +228,15 @@ impl Coordinator {
                 .store(node, (keyspace, key, object), deadline)
                 .await;
         };
-        let req = ApRequest::ApHint {
+        let req = ApHint {
             home,
             keyspace,
             key,
             object,
         };
-        match self.call_for_effect(node, req, deadline).await? {
-            ApResponse::ApAck(r) => r.map_err(replica_err),
-            _ => Err(CallError::Unknown(ApiError::internal(
-                "wrong reply to ApHint",
-            ))),
-        }
+        self.call_for_effect(node, req, deadline)
+            .await?
+            .map_err(replica_err)
     }
 
     /// Coordinates a mutation. Returns the state as stored by the replica that applied it,
@@ -439,13 +433,7 @@ impl Coordinator {
         if node == self.me {
             return self.replica.held(&keyspace, &key, &self.nodes());
         }
-        match self
-            .call(node, ApRequest::ApRead { keyspace, key }, deadline)
-            .await?
-        {
-            ApResponse::ApObject(r) => r,
-            _ => Err(ApiError::internal("wrong reply to ApRead")),
-        }
+        self.call(node, ApRead { keyspace, key }, deadline).await?
     }
 
     /// Coordinates a read: the merged object of the first `r` replicas to answer.

@@ -18,8 +18,9 @@ use capkv_core::ApiError;
 use tokio::task::JoinSet;
 
 use super::coordinator::Coordinator;
-use super::rpc::{ApRequest, ApResponse};
+use super::rpc::ApScan;
 use crate::cluster::NodeId;
+use crate::message::ask;
 
 pub use super::page::{merge_pages, Page};
 
@@ -39,15 +40,14 @@ impl Coordinator {
                 .scan(&keyspace, &prefix, after.as_deref(), limit, &self.nodes());
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        let req = ApRequest::ApScan {
+        let req = ApScan {
             keyspace,
             prefix,
             after,
             limit,
         };
-        match self.transport.call(node, req, left).await {
-            Ok(ApResponse::ApScanned(r)) => r,
-            Ok(_) => Err(ApiError::internal("wrong reply to ApScan")),
+        match ask(&*self.transport, node, req, left).await {
+            Ok(r) => r,
             Err(e) => Err(ApiError::unavailable(e.to_string())),
         }
     }

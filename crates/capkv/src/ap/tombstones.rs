@@ -39,8 +39,9 @@ use capkv_core::{ApiError, KeyspaceSpec, Mode};
 use super::coordinator::Coordinator;
 use super::replica::{obj_key, StoredObject};
 use super::ring::key_hash;
-use super::rpc::{ApRequest, ApResponse};
+use super::rpc::{ApReap, ApReapCheck, ApRequest, ApResponse};
 use crate::cluster::NodeId;
+use crate::message::Rpc;
 
 pub const REAP_INTERVAL: Duration = Duration::from_secs(2);
 /// Tombstones checked per round (one message to each node).
@@ -149,13 +150,13 @@ impl Collector {
             let answer = ask(
                 c,
                 node,
-                ApRequest::ApReapCheck {
+                ApReapCheck {
                     items: candidates.clone(),
                 },
             )
             .await;
             match answer {
-                Ok(ApResponse::ApReapChecked(Ok(v))) if v.len() == everywhere.len() => {
+                Ok(Ok(v)) if v.len() == everywhere.len() => {
                     for (all, yes) in everywhere.iter_mut().zip(v) {
                         *all &= yes;
                     }
@@ -200,13 +201,13 @@ impl Collector {
             match ask(
                 c,
                 node,
-                ApRequest::ApReap {
+                ApReap {
                     items: ripe.clone(),
                 },
             )
             .await
             {
-                Ok(ApResponse::ApReaped(Ok(_))) => {}
+                Ok(Ok(_)) => {}
                 // It keeps the tombstones; anti-entropy brings them back and a later
                 // round collects them again.
                 other => {
@@ -219,9 +220,12 @@ impl Collector {
     }
 }
 
-async fn ask(c: &Coordinator, node: NodeId, req: ApRequest) -> Result<ApResponse, ApiError> {
-    c.transport
-        .call(node, req, Duration::from_secs(5))
+async fn ask<M: Rpc<Request = ApRequest, Response = ApResponse>>(
+    c: &Coordinator,
+    node: NodeId,
+    m: M,
+) -> Result<M::Reply, ApiError> {
+    crate::message::ask(&*c.transport, node, m, Duration::from_secs(5))
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))
 }

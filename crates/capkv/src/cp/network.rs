@@ -18,6 +18,7 @@ use openraft::RPCTypes;
 
 use super::rpc::{CpNet, CpRequest, CpResponse};
 use super::{NodeId, PeerNode, TypeConfig};
+use crate::message::{ask, Rpc};
 use crate::net::NetError;
 
 pub struct NetworkFactory {
@@ -67,18 +68,22 @@ fn rpc_error<E: std::error::Error>(
     }
 }
 
-fn unexpected<E: std::error::Error>(target: NodeId) -> RPCError<NodeId, PeerNode, E> {
-    let e = std::io::Error::other(format!(
-        "node {target} answered with the wrong message type"
-    ));
-    RPCError::Network(NetworkError::new(&e))
-}
-
 impl PeerConnection {
-    async fn call(&self, req: CpRequest, option: &RPCOption) -> Result<CpResponse, NetError> {
-        self.transport
-            .call(self.target, req, option.hard_ttl())
+    /// Sends one of openraft's messages; its reply, or openraft's error for a peer that
+    /// could not answer (or answered another message).
+    async fn ask<M, E>(
+        &self,
+        m: M,
+        action: RPCTypes,
+        option: &RPCOption,
+    ) -> Result<M::Reply, RPCError<NodeId, PeerNode, E>>
+    where
+        M: Rpc<Request = CpRequest, Response = CpResponse>,
+        E: std::error::Error,
+    {
+        ask(&*self.transport, self.target, m, option.hard_ttl())
             .await
+            .map_err(|e| rpc_error(self.me, self.target, action, option, e))
     }
 }
 
@@ -90,15 +95,9 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let action = RPCTypes::AppendEntries;
         let began = crate::rt::Instant::now();
-        let reply = self.call(CpRequest::AppendEntries(rpc), &option).await;
+        let reply = self.ask(rpc, action, &option).await;
         metrics::histogram!("capkv_raft_append_rpc_seconds").record(began.elapsed().as_secs_f64());
-        match reply {
-            Ok(CpResponse::AppendEntries(r)) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
-            Ok(_) => Err(unexpected(self.target)),
-            Err(e) => Err(rpc_error(self.me, self.target, action, &option, e)),
-        }
+        reply?.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     async fn install_snapshot(
@@ -110,13 +109,9 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         RPCError<NodeId, PeerNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let action = RPCTypes::InstallSnapshot;
-        match self.call(CpRequest::InstallSnapshot(rpc), &option).await {
-            Ok(CpResponse::InstallSnapshot(r)) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
-            Ok(_) => Err(unexpected(self.target)),
-            Err(e) => Err(rpc_error(self.me, self.target, action, &option, e)),
-        }
+        self.ask(rpc, action, &option)
+            .await?
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     async fn vote(
@@ -125,12 +120,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let action = RPCTypes::Vote;
-        match self.call(CpRequest::Vote(rpc), &option).await {
-            Ok(CpResponse::Vote(r)) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
-            Ok(_) => Err(unexpected(self.target)),
-            Err(e) => Err(rpc_error(self.me, self.target, action, &option, e)),
-        }
+        self.ask(rpc, action, &option)
+            .await?
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

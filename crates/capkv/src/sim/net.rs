@@ -231,32 +231,16 @@ impl Network {
 fn may_duplicate(req: &PeerRequest) -> bool {
     !matches!(
         req,
-        PeerRequest::Ap(ApRequest::ApUpdate { .. }) | PeerRequest::Cp(CpRequest::Forward(_))
+        PeerRequest::Ap(ApRequest::ApUpdate(_)) | PeerRequest::Cp(CpRequest::Forward(_))
     )
 }
 
-/// A short name for traces.
+/// A short name for traces: the message's.
 pub fn request_kind(req: &PeerRequest) -> &'static str {
     match req {
-        PeerRequest::Ping => "ping",
-        PeerRequest::Cp(c) => match c {
-            CpRequest::RaftProbe => "raft-probe",
-            CpRequest::AppendEntries(_) => "append",
-            CpRequest::Vote(_) => "vote",
-            CpRequest::InstallSnapshot(_) => "snapshot",
-            CpRequest::Forward(_) => "forward",
-        },
-        PeerRequest::Ap(a) => match a {
-            ApRequest::ApUpdate { .. } => "ap-update",
-            ApRequest::ApHint { .. } => "ap-hint",
-            ApRequest::AeCompare { .. } => "ae-compare",
-            ApRequest::AeFetch { .. } => "ae-fetch",
-            ApRequest::ApScan { .. } => "ap-scan",
-            ApRequest::ApReapCheck { .. } => "ap-reap-check",
-            ApRequest::ApReap { .. } => "ap-reap",
-            ApRequest::ApRead { .. } => "ap-read",
-            ApRequest::ApStoreMany { .. } => "ap-store",
-        },
+        PeerRequest::Ping => "Ping",
+        PeerRequest::Cp(c) => c.name(),
+        PeerRequest::Ap(a) => a.name(),
     }
 }
 
