@@ -133,3 +133,89 @@ macro_rules! messages {
 }
 
 pub(crate) use messages;
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+    use crate::net::CallFuture;
+
+    messages! {
+        pub enum TestRequest;
+        pub enum TestResponse;
+        pub trait ServeTest;
+        Echo(Echo) => fn on_echo -> String;
+        Count(Count) => fn on_count -> u64;
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct Echo(String);
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct Count;
+
+    struct Server;
+
+    impl ServeTest for Server {
+        async fn on_echo(&self, _from: NodeId, m: Echo) -> String {
+            m.0
+        }
+
+        async fn on_count(&self, from: NodeId, _m: Count) -> u64 {
+            from
+        }
+    }
+
+    /// A peer that answers with [`Server`] through the generated dispatch; a lying one
+    /// answers an `Echo` with a `Count`'s reply.
+    struct Loopback {
+        lies: bool,
+    }
+
+    impl Peers<TestRequest, TestResponse> for Loopback {
+        fn call(
+            &self,
+            _to: NodeId,
+            req: TestRequest,
+            _t: Duration,
+        ) -> CallFuture<'_, TestResponse> {
+            Box::pin(async move {
+                let reply = req.serve(&Server, 7).await;
+                Ok(match reply {
+                    TestResponse::Echo(_) if self.lies => TestResponse::Count(1),
+                    honest => honest,
+                })
+            })
+        }
+
+        fn reachable(&self, _peer: NodeId, _window: Duration) -> bool {
+            true
+        }
+    }
+
+    const WAIT: Duration = Duration::from_secs(1);
+
+    #[tokio::test]
+    async fn a_message_gets_back_its_own_reply_type() {
+        let net = Loopback { lies: false };
+        let echoed: String = ask(&net, 2, Echo("hi".into()), WAIT).await.unwrap();
+        assert_eq!(echoed, "hi");
+        let counted: u64 = ask(&net, 2, Count, WAIT).await.unwrap();
+        assert_eq!(counted, 7, "the server was told who sent it");
+        assert_eq!(Echo("x".into()).request().name(), "Echo");
+    }
+
+    #[tokio::test]
+    async fn the_reply_to_another_message_fails_the_call_as_lost() {
+        let net = Loopback { lies: true };
+        match ask(&net, 2, Echo("hi".into()), WAIT).await {
+            Err(NetError::Lost(2, why)) => assert!(why.contains("Echo"), "{why}"),
+            other => panic!("a lying peer's reply was taken: {other:?}"),
+        }
+        // Lost, not refused: the request may have been applied.
+        assert!(NetError::Lost(2, String::new()).maybe_delivered());
+    }
+}
