@@ -14,10 +14,12 @@ echo "== capkv sim: $SEEDS seeds"
 
 # Each fix taken back must make some seed fail (exit 1) within the stated bound, and fail
 # the way its bug shows (not for another reason).
+# Extra arguments narrow the search (faults, workloads).
 found_within() {
   local revert=$1 bound=$2 shows=$3 code=0
-  echo "== capkv sim --revert $revert: found within $bound seeds?"
-  "$BIN" sim --seeds "$bound" --until-failure --jobs "$JOBS" --revert "$revert" > "$OUT/revert-$revert.txt" || code=$?
+  shift 3
+  echo "== capkv sim --revert $revert $*: found within $bound seeds?"
+  "$BIN" sim --seeds "$bound" --until-failure --jobs "$JOBS" --revert "$revert" "$@" > "$OUT/revert-$revert.txt" || code=$?
   tail -2 "$OUT/revert-$revert.txt"
   if [ "$code" != 1 ]; then
     echo "FAILED: the simulator did not find the bug of --revert $revert within $bound seeds (exit $code)"
@@ -32,3 +34,4 @@ found_within() {
 found_within ap-retries-maybe-delivered 10 "double-count"
 found_within stop-answers503 150 "not-linearizable"
 found_within purge-deletes-first 150 "the log has a hole"
+found_within proposals-wedge 30 "proposals nobody answers" --faults partition --workloads register,unique-insert,idempotent

@@ -58,6 +58,33 @@ fn the_ap_double_count_is_found_when_its_fix_is_taken_back() {
     );
 }
 
+/// #8 item 2 taken back: a proposal openraft never answers holds its proposer slot for ever.
+/// A leader cut off alone keeps entries it appended just before the cut (their proposals
+/// pending); the majority moves on and purges its log past them; when the cut heals, the old
+/// leader gets a snapshot whose last index is past its own last entry, so openraft purges
+/// those entries without the truncation that would have answered their proposals. Found in
+/// 41 of the first 100 seeds with partitions and the cp workloads (docs/simulation.md); here,
+/// within the first 12.
+#[test]
+fn the_purged_proposal_wedge_is_found_when_its_fix_is_taken_back() {
+    let found = (1..=12).find_map(|seed| {
+        let mut o = SimOptions::new(seed);
+        o.faults = vec![Fault::Partition];
+        o.workloads = vec![Kind::Register, Kind::UniqueInsert, Kind::Idempotent];
+        o.revert = Some(Revert::ProposalsWedge);
+        let r = run(&o);
+        (!r.valid()).then_some(r)
+    });
+    let r = found.expect("no seed of 1..=12 found the wedge");
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.contains("proposals nobody answers")),
+        "{}",
+        r.summary()
+    );
+}
+
 /// Found by the simulator: the leader crashed right after a batch of its log, with its last
 /// commit index not yet fsynced; openraft restored it as the leader of its old term, and it
 /// served linearizable reads from before writes it had acknowledged. A node that led now
