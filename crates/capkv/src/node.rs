@@ -1228,6 +1228,7 @@ impl Node {
                 .into_iter()
                 .map(|id| self.name_of(id))
                 .collect(),
+            hints_held: self.ap.replica.hints_held(),
             raft_stopped,
         }
     }

@@ -354,6 +354,10 @@ pub struct ClusterInfo {
     pub nodes: Vec<ClusterNode>,
     /// Nodes it is isolated from by fault injection.
     pub isolated_from: Vec<String>,
+    /// ap copies it holds for homes it could not reach (hinted handoff), not yet handed
+    /// back. 0 on every node (and ap answers that agree) means the ap replicas converged.
+    #[serde(default)]
+    pub hints_held: u64,
     /// Why its Raft core is not running, if it is not (it stopped on an error or a
     /// panic, or does not answer): it then serves no cp request, and `/healthz` is 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -357,7 +357,7 @@ async fn experiment(
     cluster.revive_all().await?;
     let healer = Nemesis::new(cluster.clone(), recorder.clone(), Vec::new(), 0);
     healer.heal_network().await;
-    let recovery = wait_serving(cluster, &spec).await.err();
+    let mut recovery = wait_serving(cluster, &spec).await.err();
     if let Some(why) = &recovery {
         eprintln!("check: {why}");
     }
@@ -371,7 +371,15 @@ async fn experiment(
     if recovery.is_none() {
         eprintln!("check: final reads");
         if opts.workload.is_cp() {
-            workload::final_cp_reads(&ctx, CONVERGENCE_LIMIT).await;
+            if !workload::final_cp_reads(&ctx, CONVERGENCE_LIMIT).await {
+                // The healed cluster stopped serving: as if it had not recovered.
+                let why = format!(
+                    "some final reads got no answer within {CONVERGENCE_LIMIT:?} of every \
+                     fault healed"
+                );
+                eprintln!("check: {why}");
+                recovery = Some(why);
+            }
         } else if !workload::final_ap_reads(&ctx, CONVERGENCE_LIMIT).await {
             eprintln!("check: the nodes still disagree after {CONVERGENCE_LIMIT:?}");
         }

@@ -581,6 +581,10 @@ pub async fn final_ap_reads(ctx: &Ctx, limit: Duration) -> bool {
     // are in what any read sees.
     let every_replica = Some(ctx.clients.len().min(3) as u32);
     loop {
+        // And agreement is convergence only if no node held a hint while the keys were
+        // read (counted before and after): a write that a node took while it reached none
+        // of its homes is in no answer until handed off (`hints_held`, docs/api.md).
+        let hints_before = hints_held(ctx).await;
         let mut agree = true;
         for key in &keys {
             let mut answers: Vec<Option<Ret>> = Vec::new();
@@ -610,7 +614,7 @@ pub async fn final_ap_reads(ctx: &Ctx, limit: Duration) -> bool {
                 agree = false;
             }
         }
-        if agree {
+        if agree && hints_before == Some(0) && hints_held(ctx).await == Some(0) {
             return true;
         }
         if Instant::now() > deadline {
@@ -620,16 +624,30 @@ pub async fn final_ap_reads(ctx: &Ctx, limit: Duration) -> bool {
     }
 }
 
+/// The hints every node holds, summed; None if a node did not say.
+async fn hints_held(ctx: &Ctx) -> Option<u64> {
+    let mut sum = 0;
+    for c in &ctx.clients {
+        sum += c.cluster().await.ok()?.hints_held;
+    }
+    Some(sum)
+}
+
 /// The final phase of a cp workload: reads every key of the run once, linearizably, so a
 /// write answered as failed that took effect anyway shows. `unique-insert` reads its many
-/// keys with scans; the others read key by key.
-pub async fn final_cp_reads(ctx: &Ctx, limit: Duration) {
+/// keys with scans; the others read key by key. Returns whether every key was read.
+pub async fn final_cp_reads(ctx: &Ctx, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     if ctx.workload == Workload::UniqueInsert {
-        while !final_scan(ctx).await && Instant::now() < deadline {
+        loop {
+            if final_scan(ctx).await {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        return;
     }
     let prefix = if ctx.workload == Workload::Register {
         "r"
@@ -637,18 +655,24 @@ pub async fn final_cp_reads(ctx: &Ctx, limit: Duration) {
         "i"
     };
     let client = u64::MAX;
+    let mut all = true;
     for k in 0..ctx.keys {
         let key = ctx.key(prefix, k);
         // Retry a key until a node answers (the cluster was healed and serves).
         for attempt in 0.. {
             let node = (k as usize + attempt) % ctx.clients.len();
             let p = ctx.begin_at(client - node as u64, node, &key, Call::Read);
-            if read_cp(p).await.0 == Outcome::Ok || Instant::now() > deadline {
+            if read_cp(p).await.0 == Outcome::Ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                all = false;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    all
 }
 
 /// Scans every `unique-insert` key of the run, page by page, and records for each key it

@@ -90,6 +90,14 @@ impl SimNode {
         }
     }
 
+    /// Copies this node holds for unreachable homes (hinted handoff; 0 if down).
+    pub fn hints_held(&self) -> u64 {
+        match &*self.life() {
+            Life::Up { node, .. } => node.ap.replica.hints_held(),
+            Life::Down => 0,
+        }
+    }
+
     pub fn scope(&self) -> Option<Arc<NodeScope>> {
         match &*self.life() {
             Life::Up { scope, .. } => Some(scope.clone()),

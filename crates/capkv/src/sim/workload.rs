@@ -713,8 +713,10 @@ impl Clients {
 
     /// The final phase: every cp key read (`unique-insert`'s by a scan of them all), then
     /// every ap key read from every node (from every replica, and at r = 1) until all
-    /// answers agree or `limit` passes. Returns whether the ap replicas converged.
-    pub async fn final_reads(&self, limit: Duration) -> bool {
+    /// answers agree and no node holds a hint, or `limit` passes. Returns what failed: a cp
+    /// key no node would read (the healed cluster must serve), an unfinished scan, or ap
+    /// replicas that did not converge.
+    pub async fn final_reads(&self, limit: Duration) -> Vec<String> {
         let at = self.now_us();
         for rec in self.recorders.values() {
             *rec.final_at_us.lock().expect("recorder lock poisoned") = Some(at);
@@ -723,23 +725,68 @@ impl Clients {
         let deadline = Instant::now() + limit;
         let kinds = self.kinds();
         let checker = u64::MAX;
+        let mut problems = Vec::new();
         for kind in [Kind::Register, Kind::Idempotent] {
             if !kinds.contains(&kind) {
                 continue;
             }
             let prefix = if kind == Kind::Register { "r" } else { "i" };
             for k in 0..self.keys {
+                let key = format!("{prefix}{k}");
+                // Read at every node; then, until one answers, again (the cluster healed).
+                let mut answered = false;
                 for node in 0..self.nodes() {
-                    let key = format!("{prefix}{k}");
-                    self.cp_read(kind, checker - node as u64, node, &key).await;
+                    answered |= self
+                        .cp_read(kind, checker - node as u64, node, &key)
+                        .await
+                        .0
+                        == Outcome::Ok;
+                }
+                let mut node = 0;
+                while !answered && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    node = (node + 1) % self.nodes();
+                    answered = self
+                        .cp_read(kind, checker - node as u64, node, &key)
+                        .await
+                        .0
+                        == Outcome::Ok;
+                }
+                if !answered {
+                    problems.push(format!(
+                        "{}: no node answered a final read of key {key} within {limit:?} of \
+                         every fault healed",
+                        kind.name()
+                    ));
                 }
             }
         }
         if kinds.contains(&Kind::UniqueInsert) {
-            while !self.final_scan().await && Instant::now() < deadline {
+            let mut scanned = self.final_scan().await;
+            while !scanned && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(200)).await;
+                scanned = self.final_scan().await;
+            }
+            if !scanned {
+                problems.push(format!(
+                    "unique-insert: the final scan of the keys tried did not complete within \
+                     {limit:?} of every fault healed"
+                ));
             }
         }
+        if !self.ap_converged(deadline).await {
+            problems.push(format!(
+                "ap replicas did not converge within {limit:?} of every fault healed"
+            ));
+        }
+        problems
+    }
+
+    /// Reads every ap key at every node, until all answers agree and no hint is left, or
+    /// `deadline`; whether they did.
+    async fn ap_converged(&self, deadline: Instant) -> bool {
+        let kinds = self.kinds();
+        let checker = u64::MAX;
         loop {
             let mut keys: Vec<(Kind, String)> = Vec::new();
             if kinds.contains(&Kind::Counter) {
@@ -754,6 +801,13 @@ impl Clients {
             if kinds.contains(&Kind::Siblings) {
                 keys.extend((0..self.keys).map(|k| (Kind::Siblings, format!("a{k}"))));
             }
+            // Agreement is convergence only if no write waited as a hint while the answers
+            // were read: reads go to the homes, so a write that a node took while it reached
+            // none of them (kept as hints for them, acknowledged at w=1) is in no answer
+            // until handed off. Counted before the reads (a handoff during them may come
+            // after a key was read) and after.
+            let hints_before: Vec<u64> =
+                self.cluster.nodes.iter().map(|n| n.hints_held()).collect();
             let mut agree = true;
             for (kind, key) in keys {
                 let mut answers = Vec::new();
@@ -767,7 +821,13 @@ impl Clients {
                     agree = false;
                 }
             }
-            if agree {
+            let hints: Vec<u64> = self.cluster.nodes.iter().map(|n| n.hints_held()).collect();
+            let hinted: u64 = hints_before.iter().chain(&hints).sum();
+            self.cluster.trace.event(format_args!(
+                "final round: answers {}, hints held before {hints_before:?}, after {hints:?}",
+                if agree { "agree" } else { "differ" }
+            ));
+            if agree && hinted == 0 {
                 return true;
             }
             if Instant::now() > deadline {
