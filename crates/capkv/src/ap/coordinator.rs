@@ -346,6 +346,10 @@ impl Coordinator {
                         .await
                     {
                         Ok(()) => Ok(h),
+                        // A home is never its own fallback: a hint held for itself would
+                        // never be handed off (handoff goes to other nodes), and it adds
+                        // nothing its failed store did not.
+                        Err(e) if fallback == h => Err(e),
                         Err(e) => {
                             tracing::debug!(home = h, error = %e, "replica store failed; hinting");
                             let hinted = this

@@ -380,8 +380,8 @@ async fn experiment(
                 eprintln!("check: {why}");
                 recovery = Some(why);
             }
-        } else if !workload::final_ap_reads(&ctx, CONVERGENCE_LIMIT).await {
-            eprintln!("check: the nodes still disagree after {CONVERGENCE_LIMIT:?}");
+        } else if let Err(why) = workload::final_ap_reads(&ctx, CONVERGENCE_LIMIT).await {
+            eprintln!("check: not converged after {CONVERGENCE_LIMIT:?}: {why}");
         }
     }
     recorder.finish()?;

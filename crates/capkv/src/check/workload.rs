@@ -559,8 +559,9 @@ async fn siblings_op(ctx: &Ctx, st: &mut ClientState) -> Outcome {
 }
 
 /// The final phase of an ap workload: reads every key of the run from every node until all
-/// nodes answer the same for every key, or `limit` passes. Every read is recorded.
-pub async fn final_ap_reads(ctx: &Ctx, limit: Duration) -> bool {
+/// nodes answer the same for every key and no node holds a hint, or `limit` passes (then:
+/// why the last round did not count). Every read is recorded.
+pub async fn final_ap_reads(ctx: &Ctx, limit: Duration) -> Result<(), String> {
     let deadline = Instant::now() + limit;
     let prefix = match ctx.workload {
         Workload::Set => "s",
@@ -614,11 +615,22 @@ pub async fn final_ap_reads(ctx: &Ctx, limit: Duration) -> bool {
                 agree = false;
             }
         }
-        if agree && hints_before == Some(0) && hints_held(ctx).await == Some(0) {
-            return true;
-        }
+        let hints_after = hints_held(ctx).await;
+        let why = match (agree, hints_before, hints_after) {
+            (false, ..) => "the nodes still answer differently".to_owned(),
+            (true, Some(0), Some(0)) => return Ok(()),
+            (true, Some(b), Some(a)) => {
+                format!(
+                    "the answers agree, but {} hinted copies wait for handoff",
+                    b.max(a)
+                )
+            }
+            (true, ..) => "the answers agree, but a node did not say what hints it holds \
+                           (GET /v1/cluster failed)"
+                .to_owned(),
+        };
         if Instant::now() > deadline {
-            return false;
+            return Err(why);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -643,16 +643,15 @@ pub fn main(args: SimArgs) -> i32 {
     );
     let wall = std::time::Instant::now();
     let reports = run_many(&base, args.first, count, jobs, args.until_failure, &|r| {
-        println!("{}", r.summary());
-        if !r.valid() {
+        // Files first: a reader of the summaries that goes away must not lose them.
+        if !r.valid() && args.out.is_some() {
             // Run again with the trace kept, for the report (same seed, same run).
-            if args.out.is_some() {
-                let mut again = base.clone();
-                again.seed = r.seed;
-                again.keep_trace = true;
-                write_out(&run(&again));
-            }
+            let mut again = base.clone();
+            again.seed = r.seed;
+            again.keep_trace = true;
+            write_out(&run(&again));
         }
+        println!("{}", r.summary());
     });
     let failed: Vec<u64> = reports
         .iter()
