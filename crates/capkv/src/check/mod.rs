@@ -21,7 +21,7 @@ mod cluster;
 mod nemesis;
 mod workload;
 
-pub(crate) use workload::page_reads;
+pub(crate) use workload::{page_reads, scan_read_op};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

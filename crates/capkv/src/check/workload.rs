@@ -713,24 +713,11 @@ async fn final_scan(ctx: &Ctx) -> bool {
         let Some(reads) = page_reads(&tried, &mut i, &entries, more) else {
             return false;
         };
-        for (key, seen) in reads {
+        for read in reads {
             let (id, _) = ctx.recorder.invoke();
-            ctx.recorder.complete(Op {
-                id,
-                client: u64::MAX - node as u64,
-                node: ctx.node_ids[node].clone(),
-                key,
-                call: Call::Read,
-                invoke_us,
-                complete_us: Some(complete_us),
-                outcome: Outcome::Ok,
-                ret: Some(Ret::Value {
-                    value: seen.as_ref().map(|(v, _)| v.clone()),
-                    version: seen.map(|(_, v)| v),
-                }),
-                status: None,
-                error: Some("final scan".into()),
-            });
+            let node_id = ctx.node_ids[node].clone();
+            let op = scan_read_op(id, node, node_id, read, (invoke_us, complete_us));
+            ctx.recorder.complete(op);
         }
         if !more {
             break;
@@ -738,6 +725,28 @@ async fn final_scan(ctx: &Ctx) -> bool {
         after = last;
     }
     true
+}
+
+/// The operation a final scan's read of one key is recorded as: a read by the checker's
+/// own client at node number `node` (named `node_id`), during the page's `(invoke, complete)`.
+pub fn scan_read_op(id: u64, node: usize, node_id: String, read: ScanRead, at: (u64, u64)) -> Op {
+    let (key, seen) = read;
+    Op {
+        id,
+        client: u64::MAX - node as u64,
+        node: node_id,
+        key,
+        call: Call::Read,
+        invoke_us: at.0,
+        complete_us: Some(at.1),
+        outcome: Outcome::Ok,
+        ret: Some(Ret::Value {
+            value: seen.as_ref().map(|(v, _)| v.clone()),
+            version: seen.map(|(_, v)| v),
+        }),
+        status: None,
+        error: Some("final scan".into()),
+    }
 }
 
 /// A key a final scan read, and the value and version it found (None: absent).

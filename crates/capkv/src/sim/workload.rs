@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::cluster::{Answer, Cluster, NoAnswer};
-use crate::check::page_reads;
+use crate::check::{page_reads, scan_read_op};
 use crate::rt::Instant;
 
 /// Members added to one set key before the set workload moves to fresh keys: a set is one
@@ -879,23 +879,10 @@ impl Clients {
                 return false;
             };
             let rec = &self.recorders[&Kind::UniqueInsert];
-            for (key, seen) in reads {
-                let op = Op {
-                    id: rec.next_id.fetch_add(1, Ordering::Relaxed),
-                    client: u64::MAX - node as u64,
-                    node: self.cluster.nodes[node].name.clone(),
-                    key,
-                    call: Call::Read,
-                    invoke_us,
-                    complete_us: Some(complete_us),
-                    outcome: Outcome::Ok,
-                    ret: Some(Ret::Value {
-                        value: seen.as_ref().map(|(v, _)| v.clone()),
-                        version: seen.map(|(_, v)| v),
-                    }),
-                    status: None,
-                    error: Some("final scan".into()),
-                };
+            for read in reads {
+                let id = rec.next_id.fetch_add(1, Ordering::Relaxed);
+                let name = self.cluster.nodes[node].name.clone();
+                let op = scan_read_op(id, node, name, read, (invoke_us, complete_us));
                 self.record(Kind::UniqueInsert, op);
             }
             if !more {
